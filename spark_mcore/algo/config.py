@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from spark_mcore.config.loader import ConfigError
+
+
+@dataclass
+class AlgoConfig:
+    """GRPO objective.
+
+    adv_eps: advantage = (r - mean) / (std + adv_eps) within each group.
+    normalize_std: divide by the group std (False = Dr.GRPO-style mean-centering only).
+    clip_eps / clip_eps_high: PPO ratio clip range [1 - clip_eps, 1 + clip_eps_high].
+    kl_coef / kl_estimator: KL(policy || reference) loss term; kl_coef 0 disables the reference.
+    loss_agg: "token_mean" over all response tokens of the batch, or "seq_mean" (mean per
+        sequence, then over sequences).
+    entropy_coef: subtracts entropy_coef * entropy from the loss.
+    filter_zero_variance: drop groups whose rewards are all equal (they carry no signal).
+    """
+
+    adv_eps: float = 1e-9
+    normalize_std: bool = True
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    kl_coef: float = 1e-3
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
+    entropy_coef: float = 0.0
+    filter_zero_variance: bool = False
+
+    def __post_init__(self) -> None:
+        if self.clip_eps <= 0:
+            raise ConfigError("algo.clip_eps must be > 0")
+        if self.kl_coef < 0:
+            raise ConfigError("algo.kl_coef must be >= 0")

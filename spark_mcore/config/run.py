@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spark_mcore.algo.config import AlgoConfig
+from spark_mcore.checkpoint.config import CheckpointConfig
+from spark_mcore.config.loader import build
+from spark_mcore.data.config import DataConfig
+from spark_mcore.distributed.config import ParallelConfig
+from spark_mcore.eval.config import EvalConfig
+from spark_mcore.models.config import ModelConfig
+from spark_mcore.rewards.config import RewardConfig
+from spark_mcore.rollout.config import RolloutConfig
+from spark_mcore.trainer.config import TrainerConfig, WarmStartConfig
+
+
+@dataclass
+class LoggingConfig:
+    """Console and tensorboard output.
+
+    tensorboard: write scalars under <checkpoint.dir>/tb.
+    progress: show tqdm bars per phase.
+    """
+
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    """A whole run: the sections of a YAML file under examples/configs/."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run file (None = the embedded default) and apply `a.b=value` overrides."""
+    return build(RunConfig, path, overrides)

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from spark_mcore.config.loader import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Policy architecture (Qwen2 family: RMSNorm, SwiGLU, RoPE, GQA, QKV bias).
+
+    family: adapter name in the model registry ("qwen2").
+    hf_path: initialise from a Hugging Face checkpoint directory (its config overrides the
+        sizes below); None builds a random model of the sizes below.
+    vocab_size: 0 takes the tokenizer's size.
+    num_query_groups: key/value heads (GQA); must divide num_attention_heads.
+    dtype: parameter dtype of the trainer ("fp32" on CPU; "bf16" on GPU).
+    """
+
+    family: str = "qwen2"
+    hf_path: str | None = None
+    vocab_size: int = 0
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    ffn_hidden_size: int = 384
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    qkv_bias: bool = True
+    init_std: float = 0.02
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"model.num_query_groups={self.num_query_groups} must divide "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError("model.hidden_size must be divisible by model.num_attention_heads")

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from spark_mcore.config.loader import ConfigError
+
+
+@dataclass
+class TrainerConfig:
+    """Megatron actor optimisation.
+
+    steps: policy (RL) steps.
+    lr / min_lr_ratio / warmup_ratio: cosine schedule from lr to lr*min_lr_ratio after a
+        linear warmup over warmup_ratio*steps.
+    micro_batch_size: sequences per forward/backward (gradient accumulation up to the batch).
+    updates_per_step: optimizer steps per policy step (the batch is split into this many).
+    seed: model init and sampling seed.
+    """
+
+    steps: int = 30
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    micro_batch_size: int = 64
+    updates_per_step: int = 1
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ConfigError("trainer.steps must be >= 0")
+        if self.lr <= 0:
+            raise ConfigError("trainer.lr must be > 0")
+        if self.micro_batch_size < 1 or self.updates_per_step < 1:
+            raise ConfigError("trainer.micro_batch_size and trainer.updates_per_step must be >= 1")
+
+
+@dataclass
+class WarmStartConfig:
+    """Supervised warm start on worked solutions before RL (the tiny demo has no pretrained
+    model to download). steps 0 skips it."""
+
+    steps: int = 0
+    lr: float = 1e-3
+    batch_size: int = 64
+    warmup_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1:
+            raise ConfigError("warmstart.steps must be >= 0 and warmstart.batch_size >= 1")

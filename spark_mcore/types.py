@@ -1,0 +1,115 @@
+"""Records that pass between the boxes of the data-flow diagram.
+
+They are plain dataclasses so that they can be validated at boundaries and serialised to
+msgpack-friendly dicts (`to_dict` / `from_dict`) without pickle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+RewardKind = Literal["pointwise", "pairwise", "reflection"]
+
+
+@dataclass
+class Prompt:
+    """One problem to solve.
+
+    `task` names the verifier that scores responses (see `spark_mcore.rewards`): "math",
+    "exact", "choice" or "judge". `answer` is the reference the verifier compares against.
+    `images` are file paths or URLs for vision-language prompts.
+    """
+
+    id: str
+    messages: list[dict[str, str]]
+    answer: str
+    task: str = "math"
+    images: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Prompt":
+        return cls(**d)
+
+
+@dataclass
+class Completion:
+    """One generated response. `logprobs` are the engine's (informational only: the trainer
+    recomputes old/ref log-probs itself). `finish_reason` is "stop" or "length"."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None = None
+    finish_reason: str = "stop"
+
+
+@dataclass
+class Rollout:
+    """A completion of a prompt with its verified reward and the policy version that made it."""
+
+    prompt: Prompt
+    prompt_ids: list[int]
+    completion: Completion
+    reward: float = 0.0
+    policy_version: int = 0
+
+    @property
+    def correct(self) -> bool:
+        return self.reward > 0.5
+
+
+@dataclass
+class RolloutGroup:
+    """The n rollouts of one prompt (the GRPO group)."""
+
+    prompt: Prompt
+    rollouts: list[Rollout]
+
+    @property
+    def rewards(self) -> list[float]:
+        return [r.reward for r in self.rollouts]
+
+
+@dataclass
+class RewardSample:
+    """A reward-model task recycled from a verified policy group (SPARK).
+
+    `prompt.task` selects the verifier ("judge" for pointwise/pairwise, "math" for reflection)
+    and `prompt.answer` holds `label`, which never appears in the prompt text.
+    """
+
+    kind: RewardKind
+    prompt: Prompt
+    source_prompt_id: str
+    label: str
+
+
+@dataclass
+class TrainBatch:
+    """Packed, right-padded tensors for one optimizer step.
+
+    Shapes: B sequences, T = longest prompt+response length.
+      tokens         [B, T] long   prompt + response token ids (pad = 0)
+      loss_mask      [B, T] float  1 on response tokens that are *predicted*, aligned with tokens
+      advantages     [B]    float  per-sequence advantage (broadcast over its tokens)
+      old_logprobs   [B, T] float  log p_old(tokens[t] | tokens[<t]); 0 where loss_mask == 0
+      ref_logprobs   [B, T] float  same under the frozen reference; None when KL is off
+    Position t of the log-prob tensors scores token t (the first position is never in the mask).
+    """
+
+    tokens: torch.Tensor
+    loss_mask: torch.Tensor
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    kinds: list[str] = field(default_factory=list)
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.tokens.shape[0])
