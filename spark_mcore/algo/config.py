@@ -18,6 +18,8 @@ class AlgoConfig:
         sequence, then over sequences).
     entropy_coef: subtracts entropy_coef * entropy from the loss.
     filter_zero_variance: drop groups whose rewards are all equal (they carry no signal).
+    logprob_chunk_tokens: tokens per chunk when computing log-probs / entropy from logits
+        (`spark_mcore.algo.logprobs`); None picks ~64 MiB of fp32 per chunk.
     """
 
     adv_eps: float = 1e-9
@@ -29,9 +31,16 @@ class AlgoConfig:
     loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
     entropy_coef: float = 0.0
     filter_zero_variance: bool = False
+    logprob_chunk_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.clip_eps <= 0:
             raise ConfigError("algo.clip_eps must be > 0")
         if self.kl_coef < 0:
             raise ConfigError("algo.kl_coef must be >= 0")
+        if self.clip_eps_high is not None and self.clip_eps_high <= 0:
+            raise ConfigError("algo.clip_eps_high must be > 0, or null to reuse algo.clip_eps")
+        if self.adv_eps < 0:
+            raise ConfigError("algo.adv_eps must be >= 0 (e.g. 1e-9)")
+        if self.logprob_chunk_tokens is not None and self.logprob_chunk_tokens < 1:
+            raise ConfigError("algo.logprob_chunk_tokens must be >= 1, or null for automatic")

@@ -12,6 +12,7 @@ from spark_mcore.eval.config import EvalConfig
 from spark_mcore.models.config import ModelConfig
 from spark_mcore.rewards.config import RewardConfig
 from spark_mcore.rollout.config import RolloutConfig
+from spark_mcore.spark.config import SparkConfig
 from spark_mcore.trainer.config import TrainerConfig, WarmStartConfig
 
 
@@ -36,6 +37,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

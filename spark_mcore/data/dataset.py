@@ -1,0 +1,163 @@
+"""Prompt sources (builtin tasks or dataset files) and a resumable, shuffling batch loader."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Collection, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import PreTrainedTokenizerBase
+
+from spark_mcore.data.arith import arith_problems, worked_solution
+from spark_mcore.data.jsonl import DatasetError, load_prompt_file
+from spark_mcore.types import Prompt
+
+if TYPE_CHECKING:  # a runtime import would close the cycle data.config -> config -> config.run -> data.config
+    from spark_mcore.data.config import DataConfig
+
+BUILTIN_PREFIX = "builtin:"
+# A builtin task makes the prompts of one split from the data config.
+BuiltinTask = Callable[["DataConfig", str], list[Prompt]]
+_BUILTINS: dict[str, BuiltinTask] = {}
+
+
+def register_builtin(name: str) -> Callable[[BuiltinTask], BuiltinTask]:
+    def deco(fn: BuiltinTask) -> BuiltinTask:
+        if name in _BUILTINS:
+            raise ValueError(f"builtin task '{name}' is registered twice")
+        _BUILTINS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_builtin("arith")
+def _arith(cfg: DataConfig, split: str) -> list[Prompt]:
+    size = cfg.train_size if split == "train" else cfg.test_size
+    try:
+        return arith_problems(list(cfg.levels), split, size, cfg.seed)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise DatasetError(str(e)) from e
+
+
+def _builtin(source: str, cfg: DataConfig, split: str, key: str) -> list[Prompt]:
+    name = source[len(BUILTIN_PREFIX) :]
+    if name not in _BUILTINS:
+        raise DatasetError(
+            f"{key}: no builtin task '{name}'. Fix: use one of {', '.join(BUILTIN_PREFIX + n for n in sorted(_BUILTINS))} or a file path"
+        )
+    return _BUILTINS[name](cfg, split)
+
+
+def load_prompts(
+    cfg: DataConfig,
+    split: str,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    known_tasks: Collection[str] | None = None,
+) -> list[Prompt]:
+    """Prompts of `split` ("train" or "test").
+
+    train: `cfg.source`. test: `cfg.eval_source` if set, else the test split of a builtin
+    source (a file source then needs eval_source). Builtin sizes come from train_size /
+    test_size; file rows are checked against `cfg.max_prompt_tokens` when a tokenizer is given.
+    """
+    if split not in ("train", "test"):
+        raise DatasetError(f"split must be 'train' or 'test', got {split!r}")
+    source, key = cfg.source, "data.source"
+    if split == "test" and cfg.eval_source is not None:
+        source, key = cfg.eval_source, "data.eval_source"
+    if source.startswith(BUILTIN_PREFIX):
+        return _builtin(source, cfg, split, key)
+    if split == "test" and key == "data.source":
+        raise DatasetError(
+            "data.eval_source is not set and data.source is a file, so there is no held-out split. Fix: set data.eval_source to a held-out file"
+        )
+    return load_prompt_file(
+        Path(source),
+        on_bad_row=cfg.on_bad_row,
+        tokenizer=tokenizer,
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        known_tasks=known_tasks,
+    )
+
+
+def sft_examples(prompts: list[Prompt]) -> list[tuple[Prompt, str]]:
+    """Pairs each builtin arith prompt with its worked solution (SFT warm-up data)."""
+    try:
+        return [(p, worked_solution(p)) for p in prompts]
+    except ValueError as e:
+        raise DatasetError(f"sft_examples: {e}") from e
+
+
+class PromptLoader:
+    """Endless batches of `batch_size` prompts, reshuffled every epoch.
+
+    Epoch e visits the prompts in a permutation fixed by (seed, e); a batch that crosses the
+    end of an epoch continues with the next epoch's order, so every batch is full and each
+    epoch sees every prompt exactly once. `state_dict()` (epoch, position) resumes with
+    exactly the batch that would have come next.
+    """
+
+    def __init__(self, prompts: list[Prompt], batch_size: int, seed: int = 0) -> None:
+        if not prompts:
+            raise DatasetError("PromptLoader got no prompts. Fix: check data.source")
+        if batch_size < 1:
+            raise DatasetError(f"data.prompts_per_step must be >= 1, got {batch_size}")
+        self.prompts = prompts
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(len(self.prompts)))
+        random.Random(f"prompt-loader:{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def __iter__(self) -> Iterator[list[Prompt]]:
+        return self
+
+    def __next__(self) -> list[Prompt]:
+        batch: list[Prompt] = []
+        while len(batch) < self.batch_size:
+            if self.position == len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._permutation(self.epoch)
+            take = min(self.batch_size - len(batch), len(self._order) - self.position)
+            batch.extend(self.prompts[i] for i in self._order[self.position : self.position + take])
+            self.position += take
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_prompts": len(self.prompts),
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores the position; the seed and dataset size must match the saved run's."""
+        for key in ("epoch", "position", "seed", "num_prompts"):
+            if not isinstance(state.get(key), int):
+                raise DatasetError(
+                    f"loader state: '{key}' missing or not an integer; the checkpoint's data state is damaged"
+                )
+        if state["seed"] != self.seed or state["num_prompts"] != len(self.prompts):
+            raise DatasetError(
+                f"loader state was saved with seed={state['seed']}, {state['num_prompts']} prompts; this run has seed={self.seed}, "
+                f"{len(self.prompts)} prompts. Fix: resume with the same data.seed and data source"
+            )
+        if not 0 <= state["position"] <= len(self.prompts) or state["epoch"] < 0:
+            raise DatasetError(
+                f"loader state: epoch {state['epoch']} / position {state['position']} out of range"
+            )
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)
+
+
+__all__ = ["BUILTIN_PREFIX", "register_builtin", "load_prompts", "sft_examples", "PromptLoader"]

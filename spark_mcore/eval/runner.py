@@ -1,0 +1,49 @@
+"""Greedy held-out accuracy of a policy served by any rollout engine."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from spark_mcore.eval.config import EvalConfig
+from spark_mcore.rollout.base import RolloutEngine, SamplingParams
+from spark_mcore.rollout.groups import generate_groups, score_groups
+from spark_mcore.types import Prompt
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    num_prompts: int
+    mean_response_tokens: float
+    truncated_fraction: float
+    samples: list[dict[str, object]] = field(default_factory=list)
+
+    def write(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
+
+
+def evaluate_accuracy(engine: RolloutEngine, prompts: list[Prompt], encode: Callable[[Prompt], list[int]],
+                      stop_ids: list[int], score: Callable[[list[tuple[str, str, str]]], list[float]],
+                      cfg: EvalConfig) -> EvalResult:
+    """Greedy-decodes every prompt once and scores it with the prompt's verifier."""
+    if cfg.limit:
+        prompts = prompts[: cfg.limit]
+    if not prompts:
+        raise ValueError("evaluation set is empty: check data.eval_source / data.test_size")
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, stop_token_ids=stop_ids)
+    groups = generate_groups(engine, prompts, encode, params)
+    score_groups(groups, score)
+    rollouts = [g.rollouts[0] for g in groups]
+    n = len(rollouts)
+    return EvalResult(
+        accuracy=sum(r.reward for r in rollouts) / n,
+        num_prompts=n,
+        mean_response_tokens=sum(len(r.completion.token_ids) for r in rollouts) / n,
+        truncated_fraction=sum(r.completion.finish_reason == "length" for r in rollouts) / n,
+        samples=[{"id": r.prompt.id, "answer": r.prompt.answer, "response": r.completion.text,
+                  "reward": r.reward} for r in rollouts],
+    )

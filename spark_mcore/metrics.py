@@ -1,0 +1,52 @@
+"""Step metrics: phase timers, a one-line console summary, tensorboard scalars."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from spark_mcore.config.run import LoggingConfig
+
+
+class MetricsLogger:
+    """Collects scalars for one step, prints a summary line and writes tensorboard events."""
+
+    def __init__(self, cfg: LoggingConfig, run_dir: str | Path, enabled: bool = True) -> None:
+        self.cfg = cfg
+        self.enabled = enabled
+        self.writer = None
+        if cfg.tensorboard and enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+        self.current: dict[str, float] = {}
+
+    @contextmanager
+    def timer(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.current[f"time/{phase}"] = self.current.get(f"time/{phase}", 0.0) + time.perf_counter() - start
+
+    def update(self, values: dict[str, float], prefix: str = "") -> None:
+        for k, v in values.items():
+            self.current[f"{prefix}{k}"] = float(v)
+
+    def flush(self, step: int, header: str, keys: list[str]) -> dict[str, float]:
+        """Writes all current scalars at `step`, prints `keys` on one line, and resets."""
+        values, self.current = self.current, {}
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        if self.enabled:
+            parts = [f"{k.split('/')[-1]}={values[k]:.4g}" for k in keys if k in values]
+            print(f"{header} " + " ".join(parts), flush=True)
+        return values
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,81 @@
+"""Builds the boxes of the data-flow diagram from a RunConfig, each from its own config section."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from spark_mcore.config.loader import to_dict
+from spark_mcore.config.run import RunConfig
+from spark_mcore.data.chat import encode_prompt, stop_token_ids
+from spark_mcore.data.dataset import PromptLoader, load_prompts
+from spark_mcore.data.tokenizer import get_tokenizer
+from spark_mcore.distributed.parallel import ParallelState, init_distributed
+from spark_mcore.metrics import MetricsLogger
+from spark_mcore.rewards import VerifierPool, registered_verifiers
+from spark_mcore.rollout.base import RolloutEngine, build_engine
+from spark_mcore.trainer.actor import MegatronActor
+from spark_mcore.types import Prompt
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    run_dir: Path
+    pstate: ParallelState
+    tokenizer: object
+    encode: Callable[[Prompt], list[int]]
+    stop_ids: list[int]
+    actor: MegatronActor
+    engine: RolloutEngine
+    pool: VerifierPool
+    logger: MetricsLogger
+    loader: PromptLoader
+    test_prompts: list[Prompt]
+
+    def close(self) -> None:
+        self.pool.close()
+        self.logger.close()
+        self.engine.shutdown()
+
+
+def build_engine_for(cfg: RunConfig, actor: MegatronActor, tokenizer: object) -> RolloutEngine:
+    hf_cfg = actor.hf_config(tokenizer)
+    engine = build_engine(cfg.rollout.engine, hf_config=hf_cfg,
+                          decode=partial(tokenizer.decode, skip_special_tokens=True),
+                          pad_token_id=tokenizer.pad_token_id or 0, dtype=_DTYPES[cfg.model.dtype],
+                          batch_size=cfg.rollout.batch_size)
+    engine.update_weights(actor.export_hf(), version=0)
+    return engine
+
+
+def build_run(cfg: RunConfig) -> Run:
+    run_dir = Path(cfg.checkpoint.dir)
+    pstate = init_distributed(cfg.parallel, seed=cfg.trainer.seed)
+    main = pstate.rank == 0
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    tokenizer = get_tokenizer(cfg.data, run_dir)
+    vocab = cfg.model.vocab_size or len(tokenizer)
+    if vocab < len(tokenizer):
+        raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)}); set 0")
+    train_prompts = load_prompts(cfg.data, "train", tokenizer, known_tasks=registered_verifiers())
+    test_prompts = load_prompts(cfg.data, "test", tokenizer, known_tasks=registered_verifiers())
+    actor = MegatronActor(cfg.model, cfg.trainer, cfg.algo, pstate, vocab)
+    engine = build_engine_for(cfg, actor, tokenizer)
+    return Run(
+        cfg=cfg, run_dir=run_dir, pstate=pstate, tokenizer=tokenizer,
+        encode=partial(encode_prompt, tokenizer), stop_ids=stop_token_ids(tokenizer),
+        actor=actor, engine=engine, pool=VerifierPool(cfg.reward),
+        logger=MetricsLogger(cfg.logging, run_dir, enabled=main),
+        loader=PromptLoader(train_prompts, cfg.data.prompts_per_step, seed=cfg.data.seed),
+        test_prompts=test_prompts,
+    )

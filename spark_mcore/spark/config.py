@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from spark_mcore.config.loader import ConfigError
+
+
+@dataclass
+class SparkConfig:
+    """SPARK: recycle verified policy groups into reward-model tasks for the same model.
+
+    enabled: False trains plain GRPO (the baseline); nothing is recycled.
+    schedule: "alternate" = once the cache holds `reward_batch_size` samples, the step after a
+        policy step is a reward step that trains only on cached reward samples (≈1:1, the
+        public recipe); "mixed" = every step is a policy step and cached reward samples join
+        its batch, `mixed_ratio` of them per policy prompt.
+    mixed_ratio: in "mixed", reward prompts added per policy prompt (0.5 with 16 prompts per
+        step adds up to 8 reward prompts; fewer when the cache holds fewer).
+    pointwise_prob_mixed: a group with both right and wrong responses becomes a pointwise
+        task with this probability (on a right or a wrong response, 50/50), else pairwise.
+    judge_per_prompt / reflection_per_prompt: caps per recycle call (one policy step), as a
+        fraction of the step's groups: at most ceil(fraction * groups) judge (pointwise +
+        pairwise) and reflection samples. 0.5 gives the recipe's 32 + 32 per 64 prompts.
+        Each group yields at most one judge and one reflection sample, hence the range [0, 1].
+    content_mode: what a task shows of a response: "answer" = its final boxed answer only,
+        "cot" = the full response, "both" = either, 50/50 per sample.
+    reward_batch_size: prompts per reward step (each sampled rollout.n times); 0 = the same
+        as data.prompts_per_step.
+    cache_max: reward samples kept waiting; the oldest are dropped (and counted) beyond it.
+    max_shown_chars: longest response text shown in a task; a longer one keeps its last
+        characters (where the final answer is) after a "..." marker. 0 = no limit.
+    seed: template and sample selection; recycling is deterministic for (seed, step).
+    """
+
+    enabled: bool = False
+    schedule: Literal["alternate", "mixed"] = "alternate"
+    mixed_ratio: float = 0.5
+    pointwise_prob_mixed: float = 0.3
+    judge_per_prompt: float = 0.5
+    reflection_per_prompt: float = 0.5
+    content_mode: Literal["answer", "cot", "both"] = "both"
+    reward_batch_size: int = 0
+    cache_max: int = 4096
+    max_shown_chars: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("alternate", "mixed"):
+            raise ConfigError(f"spark.schedule: {self.schedule!r} is not one of 'alternate', 'mixed'")
+        if self.content_mode not in ("answer", "cot", "both"):
+            raise ConfigError(
+                f"spark.content_mode: {self.content_mode!r} is not one of 'answer', 'cot', 'both'"
+            )
+        if not 0.0 < self.mixed_ratio <= 4.0:
+            raise ConfigError(
+                f"spark.mixed_ratio must be in (0, 4] reward prompts per policy prompt, got {self.mixed_ratio}"
+            )
+        for name in ("pointwise_prob_mixed", "judge_per_prompt", "reflection_per_prompt"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"spark.{name} must be in [0, 1], got {value}")
+        if self.reward_batch_size < 0:
+            raise ConfigError("spark.reward_batch_size must be >= 0 (0 = data.prompts_per_step)")
+        if self.cache_max < 1:
+            raise ConfigError("spark.cache_max must be >= 1 (and at least the reward batch size)")
+        if self.max_shown_chars < 0:
+            raise ConfigError("spark.max_shown_chars must be >= 0 (0 = no limit)")
+
+    def resolve_reward_batch_size(self, prompts_per_step: int) -> int:
+        """Prompts per reward step; checks that the cache can ever hold that many."""
+        if prompts_per_step < 1:
+            raise ConfigError("data.prompts_per_step must be >= 1")
+        size = self.reward_batch_size or prompts_per_step
+        if self.cache_max < size:
+            raise ConfigError(
+                f"spark.cache_max ({self.cache_max}) is smaller than the reward batch ({size}): "
+                "raise spark.cache_max or lower spark.reward_batch_size"
+            )
+        return size
+
+    def caps(self, num_groups: int) -> tuple[int, int]:
+        """(max judge samples, max reflection samples) for a step with `num_groups` groups."""
+
+        def cap(fraction: float) -> int:
+            # the small epsilon keeps 0.5 * 64 at 32 despite float rounding
+            return min(num_groups, math.ceil(fraction * num_groups - 1e-9))
+
+        return cap(self.judge_per_prompt), cap(self.reflection_per_prompt)

@@ -1,0 +1,87 @@
+"""Turning verified rollouts into padded training tensors and splitting them into micro-batches."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Iterator
+
+import torch
+
+from spark_mcore.types import Rollout, RolloutGroup, TrainBatch
+
+
+def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int = 0,
+                   pad_to_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pads prompt+response pairs.
+
+    Returns tokens [B, T] long and loss_mask [B, T] float, 1.0 exactly on response positions.
+    T is the longest pair rounded up to `pad_to_multiple` (pipeline parallelism needs one T).
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    width = max(lengths, default=1)
+    width = -(-width // pad_to_multiple) * pad_to_multiple
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        tokens[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        mask[i, len(p): len(p) + len(r)] = 1.0
+    return tokens, mask
+
+
+def rollouts_to_batch(rollouts: list[Rollout], advantages: torch.Tensor, pad_id: int = 0,
+                      pad_to_multiple: int = 1) -> TrainBatch:
+    """advantages [N] aligns with `rollouts`; kinds record the task kind for per-kind metrics."""
+    tokens, mask = pack_sequences([r.prompt_ids for r in rollouts],
+                                  [r.completion.token_ids for r in rollouts], pad_id, pad_to_multiple)
+    kinds = [str(r.prompt.meta.get("kind", "policy")) for r in rollouts]
+    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=advantages.float(), kinds=kinds)
+
+
+def select(batch: TrainBatch, index: torch.Tensor | slice) -> TrainBatch:
+    """Rows `index` of every per-sequence tensor of the batch."""
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[index]
+
+    kinds = batch.kinds
+    if kinds:
+        rows = range(batch.num_sequences)[index] if isinstance(index, slice) else index.tolist()
+        kinds = [batch.kinds[i] for i in rows]
+    return replace(batch, tokens=batch.tokens[index], loss_mask=batch.loss_mask[index],
+                   advantages=batch.advantages[index], old_logprobs=pick(batch.old_logprobs),
+                   ref_logprobs=pick(batch.ref_logprobs), kinds=kinds)
+
+
+def micro_batches(batch: TrainBatch, micro_batch_size: int) -> Iterator[TrainBatch]:
+    for start in range(0, batch.num_sequences, micro_batch_size):
+        yield select(batch, slice(start, start + micro_batch_size))
+
+
+def split_for_updates(batch: TrainBatch, updates: int) -> list[TrainBatch]:
+    """Splits a policy step's batch into `updates` contiguous mini-batches of near-equal size."""
+    n = batch.num_sequences
+    bounds = [round(i * n / updates) for i in range(updates + 1)]
+    return [select(batch, slice(a, b)) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def groups_to_batch(groups: list[RolloutGroup], eps: float, normalize_std: bool,
+                    filter_zero_variance: bool, pad_id: int = 0) -> tuple[TrainBatch | None, dict[str, float]]:
+    """GRPO batch from verified groups: group-normalised advantages per rollout.
+
+    With `filter_zero_variance`, groups whose rewards are all equal are dropped (their advantages
+    are 0, so they only dilute the token mean). Returns (None, stats) when nothing is left.
+    """
+    from spark_mcore.algo.advantages import grpo_advantages, zero_variance_groups
+
+    rollouts = [r for g in groups for r in g.rollouts]
+    rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
+    group_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g.rollouts], dtype=torch.long)
+    flat = zero_variance_groups(rewards, group_ids)
+    stats = {"zero_variance_groups": float(len(set(group_ids[flat].tolist()))) if len(rollouts) else 0.0}
+    adv = grpo_advantages(rewards, group_ids, eps=eps, normalize_std=normalize_std)
+    keep = ~flat if filter_zero_variance else torch.ones_like(flat)
+    if not bool(keep.any()):
+        return None, stats
+    kept = [r for r, k in zip(rollouts, keep.tolist()) if k]
+    return rollouts_to_batch(kept, adv[keep], pad_id=pad_id), stats

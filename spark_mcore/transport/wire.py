@@ -1,0 +1,190 @@
+"""Pickle-free wire format for ZeroMQ multipart messages.
+
+A message is a list of frames:
+  frame 0      msgpack map {"v": SCHEMA_VERSION, "type": str, "meta": map,
+                            "tensors": [[name, dtype, shape, frame_index], ...]}
+  frame 1..N   raw bytes of one tensor each: C-contiguous, little-endian, in the order of the
+               tensor table (frame_index i + 1 holds table entry i).
+bfloat16 travels as its int16 bit pattern (numpy has no bf16) and is viewed back on decode.
+Nothing is unpickled: msgpack yields only plain containers, and tensor frames are reinterpreted
+as numbers after their byte length has been checked against shape x dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+import torch
+
+SCHEMA_VERSION = 1
+
+# wire name -> (torch dtype, little-endian numpy dtype used for the bytes)
+_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
+    "float64": (torch.float64, np.dtype("<f8")),
+    "float32": (torch.float32, np.dtype("<f4")),
+    "float16": (torch.float16, np.dtype("<f2")),
+    "bfloat16": (torch.bfloat16, np.dtype("<i2")),
+    "int64": (torch.int64, np.dtype("<i8")),
+    "int32": (torch.int32, np.dtype("<i4")),
+    "int16": (torch.int16, np.dtype("<i2")),
+    "int8": (torch.int8, np.dtype("i1")),
+    "uint8": (torch.uint8, np.dtype("u1")),
+    "bool": (torch.bool, np.dtype("?")),
+}
+_TORCH_TO_WIRE = {tdt: name for name, (tdt, _) in _DTYPES.items()}
+# Bound on one header so that a hostile frame 0 cannot make msgpack allocate without limit.
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+
+Frame = bytes | bytearray | memoryview
+
+
+class WireError(ValueError):
+    """A message does not follow the wire format; the text names the offending field."""
+
+
+def supported_dtypes() -> list[str]:
+    return sorted(_DTYPES)
+
+
+def _tensor_frame(name: str, t: torch.Tensor) -> tuple[list[Any], memoryview]:
+    """Table entry and zero-copy byte view of tensor `t` (any shape, supported dtype)."""
+    if not isinstance(t, torch.Tensor):
+        raise WireError(f"tensors['{name}']: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _TORCH_TO_WIRE:
+        raise WireError(
+            f"tensors['{name}'].dtype: {t.dtype} is not supported on the wire; "
+            f"cast to one of {supported_dtypes()}"
+        )
+    wire_dtype = _TORCH_TO_WIRE[t.dtype]
+    cpu = t.detach().to("cpu").contiguous()
+    if cpu.dtype == torch.bfloat16:
+        cpu = cpu.view(torch.int16)
+    arr = cpu.numpy()
+    np_dtype = _DTYPES[wire_dtype][1]
+    if arr.dtype != np_dtype:  # only on big-endian hosts: swap to the wire byte order
+        arr = arr.astype(np_dtype)
+    return [name, wire_dtype, list(t.shape), -1], memoryview(np.ascontiguousarray(arr).reshape(-1)).cast("B")
+
+
+def encode(msg_type: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> list[Frame]:
+    """Serialise one message to ZeroMQ frames (see the module docstring for the layout).
+
+    `meta` must hold only msgpack types (None, bool, int, float, str, bytes, list, dict).
+    Tensor frames are zero-copy views of CPU tensors: send them before mutating the tensors.
+    """
+    if not isinstance(msg_type, str) or not msg_type:
+        raise WireError(f"msg_type: expected a non-empty string, got {msg_type!r}")
+    if not isinstance(meta, dict):
+        raise WireError(f"meta: expected a dict, got {type(meta).__name__}")
+    table: list[list[Any]] = []
+    frames: list[Frame] = []
+    for i, (name, t) in enumerate((tensors or {}).items()):
+        if not isinstance(name, str) or not name:
+            raise WireError(f"tensors: names must be non-empty strings, got {name!r}")
+        entry, view = _tensor_frame(name, t)
+        entry[3] = i + 1
+        table.append(entry)
+        frames.append(view)
+    header = {"v": SCHEMA_VERSION, "type": msg_type, "meta": meta, "tensors": table}
+    try:
+        packed = msgpack.packb(header, use_bin_type=True)
+    except (TypeError, ValueError) as e:
+        raise WireError(f"meta: not msgpack-serialisable ({e}); use plain dict/list/str/int/float/bool/None") from e
+    return [packed, *frames]
+
+
+def _as_buffer(frame: Any, index: int) -> memoryview:
+    if isinstance(frame, (bytes, bytearray, memoryview)):
+        return memoryview(frame).cast("B") if isinstance(frame, memoryview) else memoryview(frame)
+    buf = getattr(frame, "buffer", None)  # zmq.Frame from recv_multipart(copy=False)
+    if buf is not None:
+        return memoryview(buf).cast("B")
+    raise WireError(f"frames[{index}]: expected bytes or a zmq.Frame, got {type(frame).__name__}")
+
+
+def _check_header(header: Any) -> tuple[str, dict[str, Any], list[Any]]:
+    if not isinstance(header, dict):
+        raise WireError(f"header: expected a msgpack map, got {type(header).__name__}")
+    version = header.get("v")
+    if version != SCHEMA_VERSION:
+        raise WireError(
+            f"header.v: schema version {version!r} is not supported (this build speaks {SCHEMA_VERSION}); "
+            "run producer and consumer from the same spark_mcore release"
+        )
+    msg_type, meta, table = header.get("type"), header.get("meta"), header.get("tensors")
+    if not isinstance(msg_type, str) or not msg_type:
+        raise WireError(f"header.type: expected a non-empty string, got {msg_type!r}")
+    if not isinstance(meta, dict):
+        raise WireError(f"header.meta: expected a map, got {type(meta).__name__}")
+    if not isinstance(table, list):
+        raise WireError(f"header.tensors: expected a list, got {type(table).__name__}")
+    return msg_type, meta, table
+
+
+def _decode_tensor(entry: Any, i: int, frames: Sequence[Any], used: set[int]) -> tuple[str, torch.Tensor]:
+    where = f"header.tensors[{i}]"
+    if not isinstance(entry, list) or len(entry) != 4:
+        raise WireError(f"{where}: expected [name, dtype, shape, frame_index], got {entry!r}")
+    name, dtype, shape, index = entry
+    if not isinstance(name, str) or not name:
+        raise WireError(f"{where}.name: expected a non-empty string, got {name!r}")
+    if dtype not in _DTYPES:
+        raise WireError(f"{where}.dtype: unknown dtype {dtype!r} for '{name}'; known: {supported_dtypes()}")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise WireError(f"{where}.shape: expected a list of non-negative ints for '{name}', got {shape!r}")
+    if not isinstance(index, int) or isinstance(index, bool) or not 1 <= index < len(frames):
+        raise WireError(
+            f"{where}.frame_index: {index!r} for '{name}' points outside the {len(frames)} frames received "
+            "(missing tensor frame?)"
+        )
+    if index in used:
+        raise WireError(f"{where}.frame_index: frame {index} is claimed by two tensors")
+    used.add(index)
+    torch_dtype, np_dtype = _DTYPES[dtype]
+    buf = _as_buffer(frames[index], index)
+    expected = math.prod(shape) * np_dtype.itemsize
+    if buf.nbytes != expected:
+        raise WireError(
+            f"{where}: frame {index} of '{name}' has {buf.nbytes} bytes, but shape {shape} x {dtype} needs {expected}"
+        )
+    # One copy out of the frame so that the tensor owns writable memory independent of ZeroMQ.
+    arr = np.frombuffer(buf, dtype=np_dtype).astype(np_dtype.newbyteorder("="), copy=True).reshape(shape)
+    t = torch.from_numpy(arr)
+    return name, (t.view(torch.bfloat16) if torch_dtype == torch.bfloat16 else t)
+
+
+def decode(frames: Sequence[Any]) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+    """Parse and validate frames from `encode`; returns (msg_type, meta, tensors).
+
+    Raises WireError naming the field for: an unknown schema version, a malformed header,
+    an unknown dtype, a missing or extra frame, or a frame whose byte length differs from
+    shape x dtype.
+    """
+    if not isinstance(frames, (list, tuple)) or not frames:
+        raise WireError("frames: expected a non-empty list of frames (frame 0 = msgpack header)")
+    head = _as_buffer(frames[0], 0)
+    if head.nbytes > MAX_HEADER_BYTES:
+        raise WireError(f"frames[0]: header of {head.nbytes} bytes exceeds the {MAX_HEADER_BYTES} byte limit")
+    try:
+        header = msgpack.unpackb(head, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated exception types on bad input
+        raise WireError(f"frames[0]: not a valid msgpack header ({type(e).__name__}: {e})") from e
+    msg_type, meta, table = _check_header(header)
+    if len(frames) != 1 + len(table):
+        raise WireError(
+            f"frames: header lists {len(table)} tensors but {len(frames) - 1} tensor frames arrived"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    used: set[int] = set()
+    for i, entry in enumerate(table):
+        name, t = _decode_tensor(entry, i, frames, used)
+        if name in tensors:
+            raise WireError(f"header.tensors[{i}].name: duplicate tensor name '{name}'")
+        tensors[name] = t
+    return msg_type, meta, tensors
+
+
+__all__ = ["SCHEMA_VERSION", "WireError", "encode", "decode", "supported_dtypes"]

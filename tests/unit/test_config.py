@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+
+from spark_mcore.config.loader import ConfigError
+from spark_mcore.config.run import RunConfig, load_run_config
+
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples" / "configs").glob("*.yaml"))
+
+
+def test_defaults_and_overrides() -> None:
+    cfg = load_run_config(None, ["trainer.lr=1e-5", "rollout.n=4", "data.levels=[1, 3]", "algo.clip_eps_high=0.28"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.trainer.lr == 1e-5
+    assert cfg.rollout.n == 4
+    assert cfg.data.levels == [1, 3]
+    assert cfg.algo.clip_eps_high == 0.28
+    assert cfg.algo.clip_eps == 0.2  # untouched default
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_configs_load(path: Path) -> None:
+    load_run_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.lrr=1e-5", "unknown config key 'trainer.lrr' in override 'trainer.lrr'. Did you mean 'lr'?"),
+        ("trainr.lr=1e-5", "Did you mean 'trainer'?"),
+        ("rollout.n=abc", "rollout.n: expected an integer, got str 'abc'"),
+        ("rollout.n=2.5", "rollout.n: expected an integer"),
+        ("algo.kl_estimator=k5", "algo.kl_estimator: 'k5' is not one of 'k1', 'k2', 'k3'"),
+        ("model.num_query_groups=3", "model.num_query_groups=3 must divide model.num_attention_heads=4"),
+        ("logging.tensorboard=maybe", "logging.tensorboard: expected true/false"),
+        ("data.levels=3", "data.levels: expected a list"),
+        ("trainer.lr", "must look like section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_run_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_unknown_key_in_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("trainer:\n  steps: 3\n  micro_batch: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'trainer.micro_batch'.*'micro_batch_size'"):
+        load_run_config(path)
+
+
+def test_yaml_type_error_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("rollout:\n  temperature: hot\n")
+    with pytest.raises(ConfigError, match="rollout.temperature: expected a number"):
+        load_run_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config(tmp_path / "nope.yaml")
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_run_config(path)
