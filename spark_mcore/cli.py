@@ -47,6 +47,17 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="data.* overrides for builtin tasks, e.g. --set data.levels=[1]")
+    p.add_argument("--self-reflect", action="store_true",
+                   help="solve, let the model judge its answer and revise rejected ones; report accuracy "
+                        "before/after and judge rejection rates (replaces the plain greedy run)")
+    p.add_argument("--rounds", type=int, default=2, help="self-reflection rounds (judge + revise)")
+    p.add_argument("--reward-bench", metavar="FILE.jsonl|builtin:arith",
+                   help="judge accuracy: pairwise rows question/chosen/rejected (both orders) and "
+                        "pointwise rows question/response/label; builtin:arith builds a held-out set "
+                        "from the arith test split (right vs wrong worked solutions)")
+    p.add_argument("--view", choices=["cot", "answer"], default="cot",
+                   help="what judge prompts show of a response: the full solution or the boxed answer")
+    p.add_argument("--seed", type=int, default=0, help="template choice and the builtin judge set")
 
 
 @command("eval", _eval_args)

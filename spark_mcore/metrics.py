@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,12 +12,14 @@ from spark_mcore.config.run import LoggingConfig
 
 
 class MetricsLogger:
-    """Collects scalars for one step, prints a summary line and writes tensorboard events."""
+    """Collects scalars for one step, prints a summary line, appends them to
+    `<run_dir>/metrics.jsonl` and writes tensorboard events."""
 
     def __init__(self, cfg: LoggingConfig, run_dir: str | Path, enabled: bool = True) -> None:
         self.cfg = cfg
         self.enabled = enabled
         self.writer = None
+        self.jsonl = Path(run_dir) / "metrics.jsonl" if enabled else None
         if cfg.tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -38,6 +41,9 @@ class MetricsLogger:
     def flush(self, step: int, header: str, keys: list[str]) -> dict[str, float]:
         """Writes all current scalars at `step`, prints `keys` on one line, and resets."""
         values, self.current = self.current, {}
+        if self.jsonl is not None:
+            with self.jsonl.open("a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from spark_mcore.config.loader import to_dict
+from spark_mcore.config.loader import ConfigError, to_dict
 from spark_mcore.config.run import RunConfig
 from spark_mcore.data.chat import encode_prompt, stop_token_ids
 from spark_mcore.data.dataset import PromptLoader, load_prompts
@@ -19,6 +19,7 @@ from spark_mcore.distributed.parallel import ParallelState, init_distributed
 from spark_mcore.metrics import MetricsLogger
 from spark_mcore.rewards import VerifierPool, registered_verifiers
 from spark_mcore.rollout.base import RolloutEngine, build_engine
+from spark_mcore.spark.templates import corpus_texts
 from spark_mcore.trainer.actor import MegatronActor
 from spark_mcore.types import Prompt
 
@@ -56,6 +57,21 @@ def build_engine_for(cfg: RunConfig, actor: MegatronActor, tokenizer: object) ->
     return engine
 
 
+def load_hf_weights(actor: MegatronActor, hf_path: str) -> None:
+    """Initialises the actor from the safetensors of an HF directory (e.g. the `hf/` export of
+    an earlier run), through the family adapter. The model.* sizes must match the checkpoint."""
+    from spark_mcore.checkpoint.hf_io import SafetensorsReader
+
+    with SafetensorsReader(hf_path) as reader:  # validates the directory and its files
+        state = {name: reader.get(name) for name in reader.names()}
+    try:
+        actor.adapter.load_hf_state(actor.unwrapped, state)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"model.hf_path={hf_path}: its weights do not fit the model built from the "
+                          f"model.* settings ({e}). Fix: set model.* (and data.tokenizer) to those of "
+                          "the checkpoint") from e
+
+
 def build_run(cfg: RunConfig) -> Run:
     run_dir = Path(cfg.checkpoint.dir)
     pstate = init_distributed(cfg.parallel, seed=cfg.trainer.seed)
@@ -63,13 +79,15 @@ def build_run(cfg: RunConfig) -> Run:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    tokenizer = get_tokenizer(cfg.data, run_dir)
+    tokenizer = get_tokenizer(cfg.data, run_dir, extra_corpus=corpus_texts())
     vocab = cfg.model.vocab_size or len(tokenizer)
     if vocab < len(tokenizer):
         raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)}); set 0")
     train_prompts = load_prompts(cfg.data, "train", tokenizer, known_tasks=registered_verifiers())
     test_prompts = load_prompts(cfg.data, "test", tokenizer, known_tasks=registered_verifiers())
     actor = MegatronActor(cfg.model, cfg.trainer, cfg.algo, pstate, vocab)
+    if cfg.model.hf_path:
+        load_hf_weights(actor, cfg.model.hf_path)
     engine = build_engine_for(cfg, actor, tokenizer)
     return Run(
         cfg=cfg, run_dir=run_dir, pstate=pstate, tokenizer=tokenizer,

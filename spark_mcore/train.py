@@ -1,8 +1,10 @@
-"""The training loop: GRPO on verified rollouts, read top to bottom as the algorithm.
+"""The training loop: GRPO on verified rollouts, with SPARK's recycled reward tasks.
 
-    warm start (SFT) -> eval -> for each policy step:
+    warm start (SFT) -> eval -> until `trainer.steps` policy steps are done:
+        plan the step (policy | reward | policy + mixed-in reward tasks)
         generate n responses per prompt -> verify -> group-normalised advantages
         -> old/ref log-probs -> GRPO update on the Megatron actor -> push weights to the engine
+        -> recycle the policy groups into pointwise / pairwise / reflection tasks (SPARK)
     -> eval -> save (dist checkpoint + HF export)
 """
 
@@ -13,19 +15,21 @@ import time
 
 from tqdm import tqdm
 
-from spark_mcore.checkpoint.io import export_hf, save_checkpoint
+from spark_mcore.checkpoint.io import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from spark_mcore.config.run import RunConfig
 from spark_mcore.distributed.parallel import destroy_distributed
 from spark_mcore.eval.runner import EvalResult, evaluate_accuracy
 from spark_mcore.rollout.base import SamplingParams
 from spark_mcore.rollout.groups import generate_groups, score_groups
 from spark_mcore.runtime import Run, build_run
+from spark_mcore.spark.loop import SparkState, kind_metrics
 from spark_mcore.trainer.batching import groups_to_batch
 from spark_mcore.trainer.warmstart import warm_start
+from spark_mcore.types import Prompt, RolloutGroup
 
-SUMMARY_KEYS = ["rollout/reward_mean", "rollout/accuracy", "rollout/response_len", "train/pg_loss",
-                "train/kl", "train/entropy", "train/clip_frac", "train/grad_norm", "rollout/tokens_per_s",
-                "time/rollout", "time/train"]
+SUMMARY_KEYS = ["rollout/reward_mean", "rollout/accuracy", "rollout/judge_accuracy", "rollout/reflection_success",
+                "rollout/response_len", "train/pg_loss", "train/kl", "train/entropy", "train/grad_norm",
+                "spark/cache_size", "rollout/tokens_per_s", "time/rollout", "time/train"]
 
 
 def evaluate(run: Run) -> EvalResult:
@@ -33,23 +37,30 @@ def evaluate(run: Run) -> EvalResult:
                              run.cfg.eval)
 
 
-def policy_step(run: Run, step: int, params: SamplingParams) -> dict[str, float]:
-    """One GRPO step; returns its metrics (also written to the logger)."""
-    log, cfg = run.logger, run.cfg
-    prompts = next(run.loader)
+def rollout(run: Run, prompts: list[Prompt], params: SamplingParams) -> list[RolloutGroup]:
+    """Generate and verify; logs reward, per-kind reward, lengths and throughput."""
+    log = run.logger
     with log.timer("rollout"):
         groups = generate_groups(run.engine, prompts, run.encode, params)
     with log.timer("verify"):
         score_groups(groups, run.pool.score)
     rollouts = [r for g in groups for r in g.rollouts]
+    policy = [r for r in rollouts if "spark_kind" not in r.prompt.meta] or rollouts
     gen_tokens = sum(len(r.completion.token_ids) for r in rollouts)
     log.update({"reward_mean": sum(r.reward for r in rollouts) / len(rollouts),
-                "accuracy": sum(r.correct for r in rollouts) / len(rollouts),
+                "accuracy": sum(r.correct for r in policy) / len(policy),
                 "response_len": gen_tokens / len(rollouts),
                 "truncated": sum(r.completion.finish_reason == "length" for r in rollouts) / len(rollouts),
-                "tokens_per_s": gen_tokens / max(log.current["time/rollout"], 1e-9)}, prefix="rollout/")
-    batch, stats = groups_to_batch(groups, cfg.algo.adv_eps, cfg.algo.normalize_std,
-                                   cfg.algo.filter_zero_variance, pad_id=run.tokenizer.pad_token_id or 0)
+                "tokens_per_s": gen_tokens / max(log.current["time/rollout"], 1e-9),
+                **kind_metrics(rollouts)}, prefix="rollout/")
+    return groups
+
+
+def update(run: Run, groups: list[RolloutGroup], version: int) -> None:
+    """One GRPO update of the actor on `groups`, then the new weights go to the engine."""
+    algo, log = run.cfg.algo, run.logger
+    batch, stats = groups_to_batch(groups, algo.adv_eps, algo.normalize_std, algo.filter_zero_variance,
+                                   pad_id=run.tokenizer.pad_token_id or 0)
     log.update(stats, prefix="rollout/")
     if batch is not None:
         with log.timer("train"):
@@ -58,47 +69,82 @@ def policy_step(run: Run, step: int, params: SamplingParams) -> dict[str, float]
                 batch.ref_logprobs = run.actor.compute_logprobs(batch, reference=True)
             log.update(run.actor.train_step(batch), prefix="train/")
     with log.timer("sync"):
-        run.engine.update_weights(run.actor.export_hf(), version=step + 1)
-    return log.flush(step, f"[step {step + 1}/{cfg.trainer.steps}]", SUMMARY_KEYS)
+        run.engine.update_weights(run.actor.export_hf(), version=version)
+
+
+def prepare(run: Run, spark: SparkState) -> tuple[int, int, dict[str, EvalResult]]:
+    """Resumes from the newest checkpoint in the run directory, or warm-starts and evaluates.
+    Returns (iteration, policy steps done, results so far)."""
+    cfg = run.cfg
+    updates = spark.total_updates(cfg.trainer.steps)
+    ckpt = latest_checkpoint(run.run_dir) if cfg.checkpoint.resume else None
+    if ckpt is None and cfg.warmstart.steps:
+        start = time.perf_counter()
+        warm_start(run.actor, run.loader.prompts, run.tokenizer, run.encode, cfg.warmstart, cfg.data.seed,
+                   cfg.logging.progress and run.pstate.rank == 0)
+        print(f"warm start: {cfg.warmstart.steps} SFT steps in {time.perf_counter() - start:.1f}s")
+    run.actor.setup_optimizer(cfg.trainer.lr, updates, math.ceil(cfg.trainer.warmup_ratio * updates))
+    run.actor.snapshot_reference()
+    if ckpt is None:
+        run.engine.update_weights(run.actor.export_hf(), version=0)
+        results = {"start": evaluate(run)}
+        results["start"].write(run.run_dir / "eval_start.json")
+        print(f"held-out accuracy before RL: {results['start'].accuracy:.3f}", flush=True)
+        return 0, 0, results
+    state = load_checkpoint(run, ckpt)
+    run.loader.load_state_dict(state["loader"])
+    spark.load_state_dict(state["spark"])
+    run.engine.update_weights(run.actor.export_hf(), version=state["iteration"])
+    print(f"resumed from {ckpt} (policy step {state['policy_steps']}/{cfg.trainer.steps})", flush=True)
+    start_file = run.run_dir / "eval_start.json"
+    return state["iteration"], state["policy_steps"], ({"start": EvalResult.read(start_file)}
+                                                      if start_file.is_file() else {})
 
 
 def train(cfg: RunConfig) -> dict[str, EvalResult]:
     """Runs the whole job; returns held-out results after the warm start and after RL."""
     run = build_run(cfg)
     try:
-        results: dict[str, EvalResult] = {}
-        progress = cfg.logging.progress and run.pstate.rank == 0
-        if cfg.warmstart.steps:
-            start = time.perf_counter()
-            warm_start(run.actor, run.loader.prompts, run.tokenizer, run.encode, cfg.warmstart,
-                       cfg.data.seed, progress)
-            run.engine.update_weights(run.actor.export_hf(), version=0)
-            print(f"warm start: {cfg.warmstart.steps} SFT steps in {time.perf_counter() - start:.1f}s")
-        results["start"] = evaluate(run)
-        print(f"held-out accuracy before RL: {results['start'].accuracy:.3f}", flush=True)
-        warmup = math.ceil(cfg.trainer.warmup_ratio * cfg.trainer.steps)
-        run.actor.setup_optimizer(cfg.trainer.lr, cfg.trainer.steps, warmup)
-        run.actor.snapshot_reference()
+        spark = SparkState(cfg.spark, cfg.data.prompts_per_step)
+        it, policy_steps, results = prepare(run, spark)
         params = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=run.stop_ids)
-        for step in tqdm(range(cfg.trainer.steps), desc="GRPO", disable=not progress, dynamic_ncols=True):
-            params.seed = cfg.trainer.seed * 100003 + step
-            policy_step(run, step, params)
+        bar = tqdm(total=cfg.trainer.steps, initial=policy_steps, desc="RL policy steps",
+                   disable=not (cfg.logging.progress and run.pstate.rank == 0), dynamic_ncols=True)
+        while policy_steps < cfg.trainer.steps:
+            plan, reward_prompts = spark.plan()
+            prompts = (next(run.loader) if plan.kind == "policy" else []) + reward_prompts
+            params.seed = cfg.trainer.seed * 100003 + it  # sampling is a function of the iteration
+            groups = rollout(run, prompts, params)
+            update(run, groups, version=it + 1)
+            run.logger.update(spark.after_step(plan, groups, policy_steps))
+            policy_steps, it = policy_steps + (plan.kind == "policy"), it + 1
+            bar.update(plan.kind == "policy")
+            run.logger.flush(it, f"[{plan.kind} step {it}, policy {policy_steps}/{cfg.trainer.steps}]",
+                             SUMMARY_KEYS)
+            interval = cfg.checkpoint.save_interval
+            if plan.kind == "policy" and interval and policy_steps % interval == 0 and policy_steps < cfg.trainer.steps:
+                save_checkpoint(run, it, trainer_state(run, spark, it, policy_steps))
+        bar.close()
         results["rl"] = evaluate(run)
-        save_checkpoint(run, step=cfg.trainer.steps)
+        save_checkpoint(run, it, trainer_state(run, spark, it, policy_steps))
         if cfg.checkpoint.export_hf:
             export_hf(run, run.run_dir / "hf")
         print_results_table(results)
-        for name, res in results.items():
-            res.write(run.run_dir / f"eval_{name}.json")
+        results["rl"].write(run.run_dir / "eval_rl.json")
         return results
     finally:
         run.close()
         destroy_distributed()
 
 
+def trainer_state(run: Run, spark: SparkState, it: int, policy_steps: int) -> dict[str, object]:
+    return {"iteration": it, "policy_steps": policy_steps, "loader": run.loader.state_dict(),
+            "spark": spark.state_dict()}
+
+
 def print_results_table(results: dict[str, EvalResult]) -> None:
-    labels = {"start": "after SFT warm start", "rl": "after GRPO"}
+    labels = {"start": "after SFT warm start", "rl": "after RL"}
     print("\n| model | held-out accuracy (greedy) | mean response tokens |\n|---|---|---|")
     for name, res in results.items():
         print(f"| {labels.get(name, name)} | {res.accuracy:.3f} ({res.num_prompts} prompts) | "

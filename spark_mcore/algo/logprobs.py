@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -213,6 +214,7 @@ class _LogprobFn(torch.autograd.Function):
         return torch.where(valid, (target - big_m) - log_s, 0.0).view(labels.shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple:  # type: ignore[override]
         logits, local, in_shard, valid, big_m, log_s = ctx.saved_tensors  # type: ignore[attr-defined]
         chunk, temperature = ctx.chunk, ctx.temperature  # type: ignore[attr-defined]
@@ -248,6 +250,7 @@ class _EntropyFn(torch.autograd.Function):
         return ent.view(logits.shape[:2])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple:  # type: ignore[override]
         logits, big_m, log_s, ent = ctx.saved_tensors  # type: ignore[attr-defined]
         chunk, temperature = ctx.chunk, ctx.temperature  # type: ignore[attr-defined]

@@ -11,9 +11,11 @@ class CheckpointConfig:
     save_interval: save every N policy steps (0 = only at the end).
     keep_last: checkpoints kept; older ones are deleted after a successful save.
     export_hf: also write a Hugging Face directory (safetensors + config + tokenizer) at the end.
+    resume: continue from the newest complete checkpoint in `dir` when there is one.
     """
 
     dir: str = "runs/tiny"
     save_interval: int = 0
     keep_last: int = 2
     export_hf: bool = True
+    resume: bool = True

@@ -1,12 +1,14 @@
-"""`spark-mcore eval`: greedy accuracy of an exported (HF-format) checkpoint."""
+"""`spark-mcore eval`: greedy accuracy of an exported (HF-format) checkpoint, and with
+`--self-reflect` / `--reward-bench` the model as its own judge (see eval/judge_eval.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from spark_mcore.config.loader import ConfigError, apply_overrides, from_dict
 from spark_mcore.data.chat import encode_prompt, stop_token_ids
@@ -14,10 +16,23 @@ from spark_mcore.data.config import DataConfig
 from spark_mcore.data.dataset import load_prompts
 from spark_mcore.data.tokenizer import load_tokenizer
 from spark_mcore.eval.config import EvalConfig
+from spark_mcore.eval.judge_eval import (
+    BUILTIN_ARITH,
+    arith_judge_set,
+    judge_eval,
+    judge_table,
+    load_reward_bench,
+    self_reflect_dict,
+    self_reflect_eval,
+    self_reflect_table,
+)
 from spark_mcore.eval.runner import evaluate_accuracy
 from spark_mcore.rewards import VerifierPool, registered_verifiers
 from spark_mcore.rewards.config import RewardConfig
+from spark_mcore.rollout.base import SamplingParams
 from spark_mcore.rollout.hf_engine import HFEngine
+from spark_mcore.spark.judging import EncodeFn
+from spark_mcore.types import Prompt
 
 
 def resolve_hf_dir(path: str) -> tuple[Path, Path | None]:
@@ -31,12 +46,13 @@ def resolve_hf_dir(path: str) -> tuple[Path, Path | None]:
                       f"directory with an hf/ export. Fix: pass <checkpoint.dir> of a finished run")
 
 
-def _data_config(args: argparse.Namespace, run_dir: Path | None) -> DataConfig:
+def eval_data_config(data: str, overrides: list[str], run_dir: Path | None) -> DataConfig:
+    """The run's data section (when `run_dir` has one) with `data` as the source, plus overrides."""
     tree: dict = {}
     if run_dir is not None and (run_dir / "config.json").is_file():
         tree = dict(json.loads((run_dir / "config.json").read_text()).get("data", {}))
-    tree.update({"source": args.data, "eval_source": None if args.data.startswith("builtin:") else args.data})
-    return from_dict(_EvalData, apply_overrides({"data": tree}, args.overrides, _EvalData)).data
+    tree.update({"source": data, "eval_source": None if data.startswith("builtin:") else data})
+    return from_dict(_EvalData, apply_overrides({"data": tree}, overrides, _EvalData)).data
 
 
 @dataclass
@@ -46,19 +62,83 @@ class _EvalData:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    hf_dir, run_dir = resolve_hf_dir(args.checkpoint)
+@dataclass
+class EvalModel:
+    """An exported checkpoint served by the HF engine, with its tokenizer's encode/stop ids."""
+
+    hf_dir: Path
+    run_dir: Path | None
+    tokenizer: Any
+    engine: HFEngine
+    encode: EncodeFn
+    stop_ids: list[int]
+
+    def params(self, max_new_tokens: int) -> SamplingParams:
+        """Greedy decoding with this tokenizer's stop tokens."""
+        return SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=self.stop_ids)
+
+
+def open_model(checkpoint: str) -> EvalModel:
+    hf_dir, run_dir = resolve_hf_dir(checkpoint)
     tokenizer = load_tokenizer(hf_dir)
-    data_cfg = _data_config(args, run_dir)
-    prompts = load_prompts(data_cfg, args.split, tokenizer, known_tasks=registered_verifiers())
     engine = HFEngine.from_pretrained(str(hf_dir), partial(tokenizer.decode, skip_special_tokens=True),
                                       pad_token_id=tokenizer.pad_token_id or 0)
+    return EvalModel(hf_dir, run_dir, tokenizer, engine, partial(encode_prompt, tokenizer),
+                     stop_token_ids(tokenizer))
+
+
+def _greedy(model: EvalModel, prompts: list[Prompt], args: argparse.Namespace) -> dict[str, Any]:
     with VerifierPool(RewardConfig()) as pool:
-        result = evaluate_accuracy(engine, prompts, partial(encode_prompt, tokenizer), stop_token_ids(tokenizer),
-                                   pool.score, EvalConfig(max_new_tokens=args.max_new_tokens, limit=args.limit))
+        result = evaluate_accuracy(model.engine, prompts, model.encode, model.stop_ids, pool.score,
+                                   EvalConfig(max_new_tokens=args.max_new_tokens, limit=args.limit))
     print(f"accuracy={result.accuracy:.4f} on {result.num_prompts} prompts ({args.data}, split={args.split}); "
           f"mean response tokens {result.mean_response_tokens:.1f}")
+    return asdict(result)
+
+
+def _self_reflect(model: EvalModel, prompts: list[Prompt], args: argparse.Namespace) -> dict[str, Any]:
+    chosen = prompts[: args.limit] if args.limit else prompts
+    res = self_reflect_eval(model.engine, model.encode, chosen, model.params(args.max_new_tokens),
+                            rounds=args.rounds, view=args.view, seed=args.seed)
+    print(f"\nself-reflection ({args.rounds} rounds, {args.view} view):\n{self_reflect_table(res)}")
+    return self_reflect_dict(res)
+
+
+def _reward_bench(model: EvalModel, args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        if args.reward_bench == BUILTIN_ARITH:
+            data_cfg = eval_data_config(BUILTIN_ARITH, args.overrides, model.run_dir)
+            rows = arith_judge_set(load_prompts(data_cfg, "test"), seed=args.seed, limit=args.limit)
+        else:
+            rows = load_reward_bench(args.reward_bench, limit=args.limit)
+    except ValueError as e:  # bad rows or an empty set: a usage error, reported without a traceback
+        raise ConfigError(str(e)) from e
+    res = judge_eval(model.engine, model.encode, rows, model.params(args.max_new_tokens), view=args.view,
+                     seed=args.seed)
+    print(f"\nreward benchmark {args.reward_bench} ({args.view} view):\n{judge_table(res)}")
+    return res.to_dict()
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    for name in ("limit", "rounds", "max_new_tokens"):
+        if getattr(args, name, 0) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
+    model = open_model(args.checkpoint)
+    self_reflect, bench = getattr(args, "self_reflect", False), getattr(args, "reward_bench", None)
+    report: dict[str, Any] = {"checkpoint": str(model.hf_dir)}
+    if self_reflect or not bench:
+        data_cfg = eval_data_config(args.data, args.overrides, model.run_dir)
+        prompts = load_prompts(data_cfg, args.split, model.tokenizer, known_tasks=registered_verifiers())
+        if self_reflect:
+            report["self_reflect"] = _self_reflect(model, prompts, args)
+        else:
+            report["greedy"] = _greedy(model, prompts, args)
+    if bench:
+        report["reward_bench"] = _reward_bench(model, args)
     if args.out:
-        result.write(args.out)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        # the plain greedy run keeps its original format (an EvalResult)
+        out = report["greedy"] if set(report) == {"checkpoint", "greedy"} else report
+        Path(args.out).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.out}")
     return 0

@@ -21,6 +21,10 @@ class EvalResult:
     truncated_fraction: float
     samples: list[dict[str, object]] = field(default_factory=list)
 
+    @classmethod
+    def read(cls, path: str | Path) -> "EvalResult":
+        return cls(**json.loads(Path(path).read_text()))
+
     def write(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(asdict(self), indent=2))

@@ -14,7 +14,9 @@ _BOX_OPEN = re.compile(r"\\(?:boxed|fbox|box)\s*\{")
 # Backslash escapes first so that `\{` and `\}` inside an answer (sets) do not count as braces.
 _BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)
 # Text-style wrappers whose content is the answer: `\text{Yes}` -> `Yes`. Innermost first.
-_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|texttt|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+_TEXT_WRAPPER = re.compile(
+    r"\\(?:text|textbf|textit|textrm|texttt|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}"
+)
 _LEFT_RIGHT = re.compile(r"\\(?:left|right)(?![A-Za-z])")
 _SPACING = re.compile(r"\\[,!;: ]|\\(?:quad|qquad|displaystyle)(?![A-Za-z])|~")
 _THOUSANDS_INT = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+")
@@ -33,7 +35,7 @@ def extract_boxed(text: object) -> str | None:
     if not isinstance(text, str):
         return None
     last = None
-    for last in _BOX_OPEN.finditer(text):
+    for last in _BOX_OPEN.finditer(text):  # noqa: B007  (keep the final match)
         pass
     if last is None:
         return None

@@ -28,10 +28,11 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -307,7 +308,10 @@ class SGLangClient:
         self._pool = ThreadPoolExecutor(max_workers=max(4, len(self.handles)), thread_name_prefix="sglang-ctl")
 
     def live(self) -> list[ServerHandle]:
-        return [h for h in self.handles if h.index not in self.dead and h.alive()]
+        for h in self.handles:
+            if h.index not in self.dead and not h.alive():
+                self._mark_dead(h, SGLangError(f"process exited with code {h.process.returncode}"))
+        return [h for h in self.handles if h.index not in self.dead]
 
     def _mark_dead(self, handle: ServerHandle, error: BaseException) -> None:
         if handle.index not in self.dead:
@@ -326,14 +330,15 @@ class SGLangClient:
                  image_data: Sequence[list[str]] | None = None) -> list[list[Completion]]:
         """For each prompt, params.n completions in sample order (see sglang_payloads)."""
         requests = P.expand_requests(prompt_ids, params.n, image_data)
+        P.build_sampling_params(params)  # validate here, in the caller's thread
         if not requests:
             return []
         size = self.config.chunk_size
         chunks = [requests[k:k + size] for k in range(0, len(requests), size)]
         results = self._run_chunks(chunks, params)
         out: list[list[Completion]] = [[] for _ in prompt_ids]
-        for chunk, comps in zip(chunks, results):
-            for req, comp in zip(chunk, comps):
+        for chunk, comps in zip(chunks, results, strict=True):
+            for req, comp in zip(chunk, comps, strict=True):
                 out[req.prompt_index].append(comp)
         return out
 
@@ -362,16 +367,10 @@ class SGLangClient:
         return [state.results[i] for i in range(len(chunks))]
 
     def _worker(self, handle: ServerHandle, chunks: list[list[P.SampleRequest]], params: SamplingParams,
-                state: "_ChunkQueue") -> None:
+                state: _ChunkQueue) -> None:
         while handle.index not in self.dead and (idx := state.take()) is not None:
-            chunk = chunks[idx]
-            body = P.build_generate_payload(chunk, params)
-
-            def call() -> list[Completion]:
-                return P.parse_generate_response(
-                    http_json(handle.url, "/generate", body, self.config.request_timeout_s), len(chunk))
             try:
-                state.complete(idx, self._retry(handle, call))
+                state.complete(idx, self._serve_chunk(handle, chunks[idx], params))
             except (TransientHTTPError, P.SGLangAbortedError) as e:
                 if handle.index >= 0:
                     self._mark_dead(handle, e)
@@ -383,6 +382,12 @@ class SGLangClient:
             except Exception as e:  # a bug must not leave the other workers waiting on this chunk
                 state.fail(e)
                 return
+
+    def _serve_chunk(self, handle: ServerHandle, chunk: list[P.SampleRequest], params: SamplingParams
+                     ) -> list[Completion]:
+        body = P.build_generate_payload(chunk, params)
+        return self._retry(handle, lambda: P.parse_generate_response(
+            http_json(handle.url, "/generate", body, self.config.request_timeout_s), len(chunk)))
 
     # control ----------------------------------------------------------------------------------
 
@@ -422,6 +427,10 @@ class SGLangClient:
                                   group_name: str = P.DEFAULT_GROUP_NAME, backend: str = "nccl") -> PendingCalls:
         """Asks every server to join the weight-update group and returns at once: the trainer
         must join as rank 0 (world size from `weight_group_layout`) before `.wait()` can finish."""
+        self.live()  # marks exited processes dead
+        if self.dead:  # every rank of the group must join, or NCCL init hangs
+            raise SGLangError("cannot form the weight-update group with dead servers; restart them first:\n"
+                              + "\n".join(self.dead.values()))
         world, offsets = weight_group_layout(len(self.handles), self.config.gpus_per_server)
         return self._call_all("/init_weights_update_group", lambda k, h: P.build_init_weights_update_group_payload(
             master_address, master_port, offsets[h.index], world, group_name, backend))

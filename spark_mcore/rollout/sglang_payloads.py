@@ -15,8 +15,9 @@ gives every sample its own seed, and lets a failed chunk be re-sent sample by sa
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 

@@ -42,13 +42,27 @@ class TrainerConfig:
 @dataclass
 class WarmStartConfig:
     """Supervised warm start on worked solutions before RL (the tiny demo has no pretrained
-    model to download). steps 0 skips it."""
+    model to download). steps 0 skips it.
+
+    judge_fraction: share of the SFT examples that are SPARK-format reward tasks (pointwise,
+        pairwise, reflection, with balanced labels; `spark_mcore.spark.warmstart_data`) built
+        from right and wrong worked solutions of the training prompts, so that a model trained
+        from scratch can follow judge prompts a little before RL, as a pretrained one does.
+        Keep it small (0.2-0.3) so that RL on the judge tasks still has room to improve.
+        Needs builtin arith prompts; 0 trains on worked solutions only.
+    """
 
     steps: int = 0
     lr: float = 1e-3
     batch_size: int = 64
     warmup_steps: int = 20
+    judge_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
             raise ConfigError("warmstart.steps must be >= 0 and warmstart.batch_size >= 1")
+        if not 0.0 <= self.judge_fraction < 1.0:
+            raise ConfigError(
+                f"warmstart.judge_fraction must be in [0, 1) (a share of the SFT examples), "
+                f"got {self.judge_fraction}"
+            )

@@ -24,8 +24,9 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import zmq
 
@@ -236,7 +237,7 @@ class RolloutConsumer:
             self._sock.close(linger=0)
             self._ctx.term()
 
-    def __enter__(self) -> "RolloutConsumer":
+    def __enter__(self) -> RolloutConsumer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -347,7 +348,7 @@ class RolloutProducer:
         self._sock.close(linger=0)
         self._ctx.term()
 
-    def __enter__(self) -> "RolloutProducer":
+    def __enter__(self) -> RolloutProducer:
         return self
 
     def __exit__(self, *exc: object) -> None:

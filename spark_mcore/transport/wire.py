@@ -13,7 +13,8 @@ as numbers after their byte length has been checked against shape x dtype.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import msgpack
 import numpy as np

@@ -11,9 +11,10 @@ import importlib.util
 import json
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -154,7 +155,7 @@ PROMPTS = [[1, 2], [3], [4, 5, 6], [7], [8, 9]]
 
 def _check_results(out: list[list[Any]], n: int, seed: int | None = None) -> None:
     assert len(out) == len(PROMPTS)
-    for i, (prompt, comps) in enumerate(zip(PROMPTS, out)):
+    for i, (prompt, comps) in enumerate(zip(PROMPTS, out, strict=True)):
         assert len(comps) == n
         for j, c in enumerate(comps):
             s = 0 if seed is None else seed + i * n + j
@@ -238,6 +239,9 @@ def test_control_calls_reach_every_server_with_rank_offsets(servers: list[FakeSG
     servers[1].control_success = False
     with pytest.raises(SGLangRequestError, match=rf"sglang server 1 at {servers[1].url}: .*HTTP 400"):
         client.continue_generation()
+    client.dead[1] = "server 1: gone"
+    with pytest.raises(SGLangError, match="cannot form the weight-update group with dead servers"):
+        client.init_weights_update_group("10.1.1.1", 29555)
 
 
 def test_engine_update_weights_pauses_syncs_and_continues(servers: list[FakeSGLang]) -> None:

@@ -1,0 +1,71 @@
+"""SPARK's bookkeeping inside the training loop: recycle policy groups into a cache of reward
+tasks, and plan each step (policy step, reward step, or policy step with reward tasks mixed in)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spark_mcore.spark.cache import RewardCache
+from spark_mcore.spark.config import SparkConfig
+from spark_mcore.spark.recycler import Recycler
+from spark_mcore.spark.schedule import SparkSchedule, StepKind, StepPlan
+from spark_mcore.types import Prompt, Rollout, RolloutGroup
+
+KINDS = ("pointwise", "pairwise", "reflection")
+
+
+class SparkState:
+    """Recycler + cache + schedule. With `enabled: false` every step is a plain policy step."""
+
+    def __init__(self, cfg: SparkConfig, prompts_per_step: int) -> None:
+        self.cfg = cfg
+        self.recycler = Recycler(cfg)
+        self.cache = RewardCache(cfg.cache_max)
+        self.schedule = SparkSchedule(cfg, prompts_per_step)
+        self.last_kind: StepKind | None = None
+
+    def plan(self) -> tuple[StepPlan, list[Prompt]]:
+        """The next step's plan and the cached reward-task prompts it consumes."""
+        plan = self.schedule.next_step(len(self.cache), self.last_kind)
+        return plan, [s.prompt for s in self.cache.pop(plan.reward_samples)]
+
+    def after_step(self, plan: StepPlan, groups: list[RolloutGroup], step: int) -> dict[str, float]:
+        """Recycles the policy groups of a policy step (reward tasks only come from those)."""
+        self.last_kind = plan.kind
+        stats: dict[str, float] = {}
+        if plan.kind == "policy" and self.cfg.enabled:
+            policy_groups = [g for g in groups if "spark_kind" not in g.prompt.meta]
+            self.cache.add(self.recycler.recycle(policy_groups, step))
+            stats.update({k: float(v) for k, v in self.recycler.last_stats.items()})
+        stats["spark/cache_size"] = float(len(self.cache))
+        stats["spark/cache_dropped"] = float(self.cache.dropped)
+        return stats
+
+    def total_updates(self, policy_steps: int) -> int:
+        """Optimizer steps to plan the LR schedule for (alternate ~ one reward step per policy step)."""
+        if self.cfg.enabled and self.cfg.schedule == "alternate":
+            return 2 * policy_steps
+        return policy_steps
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cache": self.cache.state_dict(), "last_kind": self.last_kind}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cache.load_state_dict(state["cache"])
+        self.last_kind = state.get("last_kind")
+
+
+def kind_metrics(rollouts: list[Rollout]) -> dict[str, float]:
+    """Mean reward per task kind in a batch; judge accuracy = mean reward of judge tasks."""
+    out: dict[str, float] = {}
+    by_kind: dict[str, list[float]] = {}
+    for r in rollouts:
+        by_kind.setdefault(str(r.prompt.meta.get("spark_kind", "policy")), []).append(r.reward)
+    for kind, rewards in by_kind.items():
+        out[f"reward_{kind}"] = sum(rewards) / len(rewards)
+    judge = by_kind.get("pointwise", []) + by_kind.get("pairwise", [])
+    if judge:
+        out["judge_accuracy"] = sum(judge) / len(judge)
+    if "reflection" in by_kind:
+        out["reflection_success"] = out["reward_reflection"]
+    return out

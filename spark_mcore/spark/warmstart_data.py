@@ -1,0 +1,261 @@
+"""SPARK-format SFT examples for the warm start of a model trained from scratch.
+
+A pretrained model can already follow judge prompts a little; the tiny demo model has never
+seen one, so every recycled reward task would score 0 and GRPO would learn nothing from them.
+This module builds a small supply of reward tasks with known answers from the builtin arith
+prompts, rendered with the SAME templates and the same response views as the recycler:
+
+  pointwise  — one candidate (right or wrong)       -> "{expr}={value}. \\boxed{Yes|No}"
+  pairwise   — one right and one wrong, shuffled     -> "{expr}={value}. \\boxed{A|B}"
+  reflection — one wrong attempt                     -> the correct worked solution
+
+The short justification states the problem's value (the model must compute it, then compare),
+so the verdict is learnable but far from solved after a short SFT. Wrong candidates are the
+worked solution with one error, from a registry of error kinds (`ERRORS`):
+  final   — the steps are right, the boxed answer is off by 1, 2 or 10;
+  step    — the last step's result is off by one and the box follows it consistently;
+  operand — an operand is misread (one more or one less) and the whole solution follows it.
+
+Invariants (tested): labels are balanced per kind (slot i of a kind gets label
+LABELS[kind][(i // len(kinds)) % 2]); a task's template and view are drawn from an RNG seeded
+by (seed, slot) before the label is used, so the prompt depends on the label only through the
+candidate texts; the label never appears in the prompt text except where the template names
+both verdicts.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from spark_mcore.data.arith import solve
+from spark_mcore.spark.templates import (
+    Template,
+    View,
+    pick_template,
+    render_pairwise,
+    render_pointwise,
+    render_reflection,
+)
+from spark_mcore.spark.text import question_text, show_response
+from spark_mcore.types import Prompt
+
+KINDS: tuple[str, ...] = ("pointwise", "pairwise", "reflection")
+LABELS: dict[str, tuple[str, str]] = {"pointwise": ("Yes", "No"), "pairwise": ("A", "B")}
+JUDGE_TASK = "judge"
+_LAST_STEP = re.compile(r"=(\d+)\.(?=[^=]*$)")  # the result of the last step before the box
+_OPERAND = re.compile(r"\d+")
+
+
+@dataclass(frozen=True)
+class Worked:
+    """A worked solution text and the value in its box."""
+
+    text: str
+    value: int
+
+
+# ---------------------------------------------------------------- wrong solutions
+# An error kind takes (expression, rng) and returns a wrong worked solution, or None when it
+# does not apply to this expression (the caller then falls back to "final").
+ErrorFn = Callable[[str, random.Random], "Worked | None"]
+ERRORS: dict[str, ErrorFn] = {}
+
+
+def register_error(name: str) -> Callable[[ErrorFn], ErrorFn]:
+    def deco(fn: ErrorFn) -> ErrorFn:
+        if name in ERRORS:
+            raise ValueError(f"error kind '{name}' is registered twice")
+        ERRORS[name] = fn
+        return fn
+
+    return deco
+
+
+def _box(steps: str, value: int) -> str:
+    return f"{steps} \\boxed{{{value}}}"
+
+
+def _steps_of(expr: str) -> tuple[str, int]:
+    text, value = solve(expr)
+    return text[: text.rindex(" \\boxed{")], value
+
+
+@register_error("final")
+def _final_error(expr: str, rng: random.Random) -> Worked | None:
+    steps, value = _steps_of(expr)
+    deltas = [d for d in (1, -1, 2, -2, 10, -10) if value + d >= 0]
+    wrong = value + deltas[rng.randrange(len(deltas))]
+    return Worked(_box(steps, wrong), wrong)
+
+
+@register_error("step")
+def _step_error(expr: str, rng: random.Random) -> Worked | None:
+    steps, value = _steps_of(expr)
+    match = _LAST_STEP.search(steps)
+    if match is None:
+        return None
+    last = int(match.group(1))
+    # The box is the last step's result (one column) or that result followed by the units
+    # digit (two columns); 0 = 0 cannot tell which, so that case is left to other kinds.
+    if last == value != 0:
+        place = 1
+    elif value // 10 == last != value:
+        place = 10
+    else:
+        return None
+    delta = 1 if last == 0 or rng.random() < 0.5 else -1
+    new_steps = steps[: match.start(1)] + str(last + delta) + steps[match.end(1) :]
+    return Worked(_box(new_steps, value + delta * place), value + delta * place)
+
+
+@register_error("operand")
+def _operand_error(expr: str, rng: random.Random) -> Worked | None:
+    _, value = _steps_of(expr)
+    spans = [m.span() for m in _OPERAND.finditer(expr)]
+    rng.shuffle(spans)
+    for start, end in spans:
+        operand = int(expr[start:end])
+        for delta in rng.sample((1, -1), 2):
+            # same digit count keeps the misread expression inside the solver's shapes
+            changed = str(operand + delta)
+            if operand + delta < 0 or len(changed) != end - start:
+                continue
+            try:
+                text, wrong = solve(expr[:start] + changed + expr[end:])
+            except ValueError:  # e.g. a subtraction that would go negative
+                continue
+            if wrong != value:
+                return Worked(text, wrong)
+    return None
+
+
+def wrong_solution(expr: str, rng: random.Random) -> tuple[Worked, str]:
+    """(a wrong worked solution of `expr`, the error kind used); the kind is drawn uniformly
+    from `ERRORS` and falls back to "final" when it does not apply."""
+    names = sorted(ERRORS)
+    name = names[rng.randrange(len(names))]
+    worked = ERRORS[name](expr, rng)
+    if worked is None:
+        name, worked = "final", ERRORS["final"](expr, rng)
+    assert worked is not None and worked.value != solve(expr)[1]
+    return worked, name
+
+
+def right_solution(expr: str) -> Worked:
+    text, value = solve(expr)
+    return Worked(text, value)
+
+
+# ---------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class _Draws:
+    """Everything about a task that is drawn before its label is looked at."""
+
+    template: Template
+    view: View
+    wrong: Worked
+    error: str
+
+
+def _expr(prompt: Prompt) -> str:
+    expr = prompt.meta.get("expr")
+    if not isinstance(expr, str):
+        raise ValueError(
+            f"prompt {prompt.id!r} has no meta['expr']: judge warm-start data needs builtin arith "
+            "prompts (data.source: builtin:arith) or warmstart.judge_fraction: 0"
+        )
+    return expr
+
+
+def _justification(prompt: Prompt) -> str:
+    return f"{_expr(prompt)}={prompt.answer}."
+
+
+def _shown(text: str, view: View) -> tuple[str, View]:
+    shown = show_response(text, view)
+    assert shown is not None  # worked solutions are never empty
+    return shown
+
+
+def _pointwise(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str]:
+    right = right_solution(_expr(prompt))
+    candidate = right.text if label == "Yes" else d.wrong.text
+    text = render_pointwise(d.template, question_text(prompt), *_shown(candidate, d.view))
+    return text, f"{_justification(prompt)} \\boxed{{{label}}}"
+
+
+def _pairwise(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str]:
+    right = right_solution(_expr(prompt))
+    (g, gv), (b, bv) = _shown(right.text, d.view), _shown(d.wrong.text, d.view)
+    if gv != bv:  # both in one view, as the recycler shows pairs
+        (g, gv), (b, bv) = _shown(right.text, "cot"), _shown(d.wrong.text, "cot")
+    a_text, b_text = (g, b) if label == "A" else (b, g)
+    text = render_pairwise(d.template, question_text(prompt), a_text, b_text, gv)
+    return text, f"{_justification(prompt)} \\boxed{{{label}}}"
+
+
+def _reflection(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str]:
+    text = render_reflection(d.template, question_text(prompt), *_shown(d.wrong.text, d.view))
+    return text, right_solution(_expr(prompt)).text
+
+
+# kind -> (prompt, draws, label) -> (task prompt text, SFT target)
+_BUILDERS: dict[str, Callable[[Prompt, _Draws, str], tuple[str, str]]] = {
+    "pointwise": _pointwise,
+    "pairwise": _pairwise,
+    "reflection": _reflection,
+}
+
+
+def build_task(prompt: Prompt, kind: str, label: str, rng: random.Random) -> tuple[Prompt, str]:
+    """One SPARK-format task from an arith `prompt` and its SFT target. `label` is "Yes"/"No"
+    (pointwise), "A"/"B" (pairwise, the position of the right solution) or the source answer
+    (reflection). The draws from `rng` do not depend on `label`."""
+    if kind not in _BUILDERS:
+        raise ValueError(f"warm-start task kind '{kind}' is unknown; choose from {sorted(_BUILDERS)}")
+    if kind in LABELS and label not in LABELS[kind]:
+        raise ValueError(f"{kind} label must be one of {LABELS[kind]}, got {label!r}")
+    template = pick_template(kind, rng)
+    view: View = "cot" if rng.random() < 0.5 else "answer"
+    wrong, error = wrong_solution(_expr(prompt), rng)
+    text, target = _BUILDERS[kind](prompt, _Draws(template, view, wrong, error), label)
+    task = Prompt(
+        id=f"{prompt.id}#warm-{kind}",
+        messages=[{"role": "user", "content": text}],
+        answer=label if kind in LABELS else prompt.answer,
+        task=JUDGE_TASK if kind in LABELS else prompt.task,
+        images=list(prompt.images),
+        meta={"spark_kind": kind, "template_id": template.id, "view": view, "error": error,
+              "source_prompt_id": prompt.id},
+    )
+    return task, target
+
+
+def judge_sft_examples(
+    prompts: Sequence[Prompt], count: int, seed: int, kinds: Sequence[str] = KINDS
+) -> list[tuple[Prompt, str]]:
+    """`count` (task prompt, target) pairs: slot i has kind kinds[i % len(kinds)], its label
+    alternates per kind (balanced), and its source is a seeded permutation of `prompts`."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    if count and not prompts:
+        raise ValueError("judge_sft_examples needs source prompts; data.source gave none")
+    unknown = [k for k in kinds if k not in _BUILDERS]
+    if not kinds or unknown:
+        raise ValueError(f"kinds must be a non-empty subset of {sorted(_BUILDERS)}, got {list(kinds)}")
+    order = list(range(len(prompts)))
+    random.Random(f"warm-judge:{seed}:order").shuffle(order)
+    out = []
+    for i in range(count):
+        kind = kinds[i % len(kinds)]
+        source = prompts[order[i % len(order)]]
+        label = LABELS[kind][(i // len(kinds)) % 2] if kind in LABELS else source.answer
+        out.append(build_task(source, kind, label, random.Random(f"warm-judge:{seed}:{i}")))
+    return out
+
+
+__all__ = ["ERRORS", "KINDS", "LABELS", "Worked", "build_task", "judge_sft_examples", "register_error",
+           "right_solution", "wrong_solution"]
