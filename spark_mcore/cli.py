@@ -67,6 +67,56 @@ def _eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="direction", required=True)
+    h2m = sub.add_parser("hf-to-mcore", help="HF safetensors dir -> <out>/checkpoints/step_N")
+    h2m.add_argument("--hf", required=True, help="Hugging Face model directory (safetensors)")
+    h2m.add_argument("--out", required=True, help="run directory to write checkpoints/step_N into")
+    h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the output")
+    h2m.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the output")
+    h2m.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                     help="parameter dtype (default: the HF config's dtype)")
+    h2m.add_argument("--step", type=int, default=0, help="step number of the written checkpoint")
+    m2h = sub.add_parser("mcore-to-hf", help="megatron checkpoint (any TP/PP) -> HF safetensors dir")
+    m2h.add_argument("--mcore", required=True, help="step directory or run directory (newest step)")
+    m2h.add_argument("--out", required=True, help="output Hugging Face directory")
+    m2h.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                     help="output dtype (default: the checkpoint's)")
+    m2h.add_argument("--hf-config", default=None,
+                     help="config.json (or its dir) when meta.json carries no model config")
+    m2h.add_argument("--max-shard-gb", type=float, default=2.0, help="max safetensors file size")
+    for q in (h2m, m2h):
+        q.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        q.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _convert_hf_to_mcore(args: argparse.Namespace) -> Path:
+    from spark_mcore.checkpoint.convert import convert_hf_to_mcore
+
+    return convert_hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                               step=args.step, overwrite=args.overwrite,
+                               progress=not args.no_progress)
+
+
+def _convert_mcore_to_hf(args: argparse.Namespace) -> Path:
+    from spark_mcore.checkpoint.convert import convert_mcore_to_hf
+
+    return convert_mcore_to_hf(args.mcore, args.out, dtype=args.dtype, hf_config=args.hf_config,
+                               max_shard_bytes=int(args.max_shard_gb * 1024**3),
+                               overwrite=args.overwrite, progress=not args.no_progress)
+
+
+_CONVERSIONS: dict[str, Callable[[argparse.Namespace], Path]] = {
+    "hf-to-mcore": _convert_hf_to_mcore, "mcore-to-hf": _convert_mcore_to_hf}
+
+
+@command("convert", _convert_args)
+def _convert(args: argparse.Namespace) -> int:
+    out = _CONVERSIONS[args.direction](args)
+    print(f"wrote {out}", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spark-mcore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -7,6 +7,8 @@ Layout written by `convert_hf_to_mcore` (the trainer's checkpoint layout, see ch
     <out>/checkpoints/step_<N>/meta.json   step, policy_version, tp, pp, family, vocab_size,
                                            dtype, "model" (ModelConfig as JSON) and
                                            "hf_config" (the source config.json)
+    <out>/checkpoints/step_<N>/ref         -> model (symlink: the KL reference of a converted
+                                           model is the model itself; the trainer loads it)
     <out>/checkpoints/step_<N>/hf/         the source's small files (config, tokenizer, ...)
 
 The step directory is written as `.tmp-step_<N>` and renamed when complete. A dist checkpoint
@@ -14,21 +16,26 @@ holds global tensors, so it loads under any TP/PP; tp/pp in meta.json record how
 `convert_mcore_to_hf` reads such a directory (or a trainer run directory: its newest
 checkpoint) whatever TP/PP wrote it, and writes safetensors shards + index + config.json.
 
-Peak memory (honest numbers; S = model size in the target dtype, L = one decoder layer):
+Peak memory (S = model size in the target dtype, L = one decoder layer, E = embedding):
 - HF -> Megatron runs tp*pp processes (gloo, CPU) when tp*pp > 1. Rank r builds only its own
   pipeline stage with its own tensor-parallel shard (uninitialised, ~S/(tp*pp)), then fills it
-  layer by layer: it reads from the memory-mapped safetensors only the HF tensors its
-  parameters come from, converts them to full megatron tensors (one layer at a time, ~2x L
-  transient: the read copy and the fused qkv / fc1 copy), keeps its shard and drops the rest.
-  The first and last stage also hold the full embedding / lm_head transiently. Every rank of a
-  TP group reads the same full layer, so the host peak is about S + tp*pp*2L (+ embeddings),
-  not 2S. With tp = pp = 1 the single process holds S + 2L. megatron's checkpoint writer
-  forks writer processes that share the tensors copy-on-write.
+  one group at a time (the non-layer tensors, then each of its layers): it reads from the
+  memory-mapped safetensors only the HF tensors that group comes from, converts them to full
+  megatron tensors and cuts its TP shard (~3L transient: read copy, fused qkv / fc1 copy,
+  shard copy), then drops them. First / last stages also hold the full embedding / lm_head
+  transiently (~3E). All ranks of a TP group read the same full layer, so the host peak is
+  about S + tp*pp*3L (+ 3E per stage end), never 2S. megatron's checkpoint writer forks
+  writer processes that share the tensors copy-on-write. The safetensors pages are mapped
+  files (page cache, reclaimable), not process memory.
 - Megatron -> HF runs in one process: it builds the model on the `meta` device (no memory)
-  only to learn the checkpoint keys, then reads one layer at a time from the dist checkpoint
+  only to learn the checkpoint keys, then reads one group at a time from the dist checkpoint
   (torch.distributed.checkpoint with a slice-reading planner), converts it and hands it to a
   writer that flushes safetensors shards of at most `max_shard_bytes` (2 GB by default).
-  Peak is about 2L + one shard + the embedding when it is processed; never the whole model.
+  Peak is about one shard + ~2 groups (the largest group is the non-layer one: embedding +
+  lm_head + final norm); never the whole model.
+Measured (tp = pp = 1, fp32, 8 layers of hidden 1024 / ffn 4096, vocab 32000 untied: S = 714
+MiB, L = 60 MiB, E = 125 MiB; anonymous memory above the ~290 MiB after imports): HF ->
+Megatron +1006 MiB (= S + 292), Megatron -> HF with 100 MiB shards +374 MiB.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +53,8 @@ import torch
 from tqdm import tqdm
 
 from spark_mcore.checkpoint.hf_io import (
-    INDEX_NAME,
     DEFAULT_MAX_SHARD_BYTES,
+    INDEX_NAME,
     ConversionError,
     SafetensorsReader,
     ShardedSafetensorsWriter,
@@ -60,14 +68,19 @@ from spark_mcore.models import mcore_tp
 from spark_mcore.models.config import ModelConfig
 from spark_mcore.models.registry import ModelAdapter, get_adapter
 
-__all__ = ["ConversionError", "SUPPORTED_HF_MODELS", "HFModelKind", "check_layout",
-           "convert_hf_to_mcore", "convert_mcore_to_hf", "fill_model_from_hf", "resolve_step_dir"]
+__all__ = ["ConversionError", "SUPPORTED_HF_MODELS", "HFModelKind", "HFToMcoreJob", "check_layout",
+           "convert_hf_to_mcore", "convert_mcore_to_hf", "fill_model_from_hf", "finish_hf_to_mcore",
+           "plan_hf_to_mcore", "resolve_step_dir", "run_hf_to_mcore_jobs", "run_hf_to_mcore_rank"]
 
-STEP_PREFIX = "step_"
+STEP_PREFIX = "step_"  # as checkpoint/io.py (not imported: it pulls in megatron)
 AUX_DIRNAME = "hf"
+# checkpoint/io.py loads the KL reference model from <step>/ref when algo.kl_coef > 0; for a
+# converted model the reference is the model itself, so `ref` is a symlink to `model`.
+REFERENCE_DIRNAME = "ref"
 _DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_TO_DTYPE = {v: k for k, v in _DTYPE_NAMES.items()}
+_STORED_TO_DTYPE: dict[torch.dtype | None, str] = {v: k for k, v in _TORCH_DTYPES.items()}
 _EMBEDDING, _OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
 _DEFAULT_TIMEOUT_S = 24 * 3600.0
 
@@ -136,17 +149,24 @@ def check_layout(cfg: ModelConfig, vocab_size: int, tp: int, pp: int) -> None:
 # ---- HF -> Megatron -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class _HFJob:
-    """Everything a conversion rank needs (picklable: it crosses the spawn boundary)."""
+class HFToMcoreJob:
+    """A planned HF -> Megatron conversion (picklable: it crosses the spawn boundary).
+
+    `step_dir` is the temporary directory the ranks write into; `final_dir` where
+    `finish_hf_to_mcore` moves it.
+    """
 
     hf_dir: str
-    model_dir: str
+    step_dir: str
+    final_dir: str
+    step: int
     family: str
     model_cfg: ModelConfig
     vocab_size: int
     tp: int
     pp: int
-    progress: bool
+    hf_config: dict[str, Any]
+    progress: bool = True
 
 
 def _inspect_hf(hf_dir: Path, dtype: str | None) -> tuple[str, ModelConfig, dict[str, Any]]:
@@ -177,22 +197,16 @@ def _check_hf_tensors(reader: SafetensorsReader, adapter: ModelAdapter) -> None:
         raise ConversionError(f"{reader.hf_dir}: the weights do not match the config ({e})") from e
 
 
-def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1,
-                        dtype: str | None = None, step: int = 0, overwrite: bool = False,
-                        progress: bool = True, in_process: bool | None = None,
-                        timeout_s: float = _DEFAULT_TIMEOUT_S) -> Path:
-    """HF safetensors directory -> `<out_dir>/checkpoints/step_<step>/` (see module docstring).
-
-    dtype: "fp32" | "bf16" | "fp16"; None keeps the config's dtype (fp32 when it has none).
-    in_process: None runs in this process when tp*pp == 1 and torch.distributed is not
-    initialised here, else spawns tp*pp CPU (gloo) processes. Returns the step directory.
-    """
+def plan_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1,
+                     dtype: str | None = None, step: int = 0, overwrite: bool = False,
+                     progress: bool = True) -> HFToMcoreJob:
+    """Validate the input and the layout (no tensor data is read) and create the temporary
+    step directory. dtype: "fp32" | "bf16" | "fp16"; None keeps the config's dtype."""
     hf = require_dir(hf_dir, "Hugging Face checkpoint")
     family, cfg, raw = _inspect_hf(hf, dtype)
     check_layout(cfg, cfg.vocab_size, tp, pp)
-    adapter = get_adapter(family, cfg)
     with SafetensorsReader(hf) as reader:
-        _check_hf_tensors(reader, adapter)
+        _check_hf_tensors(reader, get_adapter(family, cfg))
     root = Path(out_dir) / "checkpoints"
     final, tmp = root / f"{STEP_PREFIX}{step}", root / f".tmp-{STEP_PREFIX}{step}"
     if final.exists() and not overwrite:
@@ -200,45 +214,14 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp
                               "choose another output directory / step")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "model").mkdir(parents=True)
-    job = _HFJob(str(hf), str(tmp / "model"), family, cfg, cfg.vocab_size, tp, pp, progress)
-    try:
-        _run_ranks(job, in_process, timeout_s)
-        _write_meta(tmp, job, step, raw, hf)
-        copy_files(aux_files(hf), tmp / AUX_DIRNAME)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return HFToMcoreJob(str(hf.resolve()), str(tmp), str(final), step, family, cfg,
+                        cfg.vocab_size, tp, pp, raw, progress)
 
 
-def _run_ranks(job: _HFJob, in_process: bool | None, timeout_s: float) -> None:
-    world = job.tp * job.pp
-    if in_process is None:
-        in_process = world == 1 and not torch.distributed.is_initialized()
-    if in_process and world > 1:
-        raise ConversionError(f"in_process=True needs tp*pp == 1, got tp={job.tp}, pp={job.pp}")
-    if in_process:
-        from spark_mcore.distributed.parallel import destroy_distributed
-
-        try:
-            _hf_to_mcore_rank(0, job)
-        finally:
-            destroy_distributed()
-        return
-    import os
-
-    from spark_mcore.distributed.launch import spawn_workers
-
-    threads = max(1, (os.cpu_count() or 1) // world)
-    spawn_workers(_hf_to_mcore_rank, world, args=(job,), timeout_s=timeout_s,
-                  threads_per_worker=threads)
-
-
-def _hf_to_mcore_rank(rank: int, job: _HFJob) -> None:
-    """One conversion rank: build this rank's shard, fill it from HF, save it (collective)."""
+def run_hf_to_mcore_rank(job: HFToMcoreJob) -> None:
+    """The work of one rank. Call it in every process of a world of tp*pp processes (the
+    torchrun environment, or `run_hf_to_mcore_jobs`): builds this rank's stage / TP shard,
+    fills it from HF and saves it with `dist_checkpointing.save` (collective)."""
     from megatron.core import dist_checkpointing
 
     from spark_mcore.distributed.config import ParallelConfig
@@ -252,10 +235,80 @@ def _hf_to_mcore_rank(rank: int, job: _HFJob) -> None:
     with SafetensorsReader(job.hf_dir) as reader:
         fill_model_from_hf(model, reader, adapter, pstate.tp_rank, pstate.tp_size,
                            progress=job.progress and pstate.rank == 0)
-    ensure_dist_checkpointing_cpu()
-    dist_checkpointing.save(model.sharded_state_dict(prefix=""), job.model_dir)
+    dist_checkpointing.save(model.sharded_state_dict(prefix=""), str(Path(job.step_dir, "model")))
     if torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
+
+
+def _spawned_ranks(rank: int, jobs: tuple[HFToMcoreJob, ...]) -> None:
+    for job in jobs:
+        run_hf_to_mcore_rank(job)
+
+
+def run_hf_to_mcore_jobs(jobs: list[HFToMcoreJob], in_process: bool | None = None,
+                         timeout_s: float = _DEFAULT_TIMEOUT_S) -> None:
+    """Run planned jobs (all with the same tp, pp) in one set of tp*pp processes.
+
+    in_process: None runs in this process when tp*pp == 1 and torch.distributed is not
+    initialised here; otherwise tp*pp CPU processes (gloo, free port) are spawned and always
+    torn down. Several jobs share the processes, so start-up (importing megatron) is paid once.
+    """
+    if not jobs:
+        return
+    if len({(j.tp, j.pp) for j in jobs}) != 1:
+        raise ValueError("run_hf_to_mcore_jobs: all jobs must have the same tp and pp")
+    world = jobs[0].tp * jobs[0].pp
+    if in_process is None:
+        in_process = world == 1 and not torch.distributed.is_initialized()
+    if in_process and world > 1:
+        raise ConversionError(f"in_process=True needs tp*pp == 1, got tp*pp={world}")
+    if in_process:
+        from spark_mcore.distributed.parallel import destroy_distributed
+
+        try:
+            _spawned_ranks(0, tuple(jobs))
+        finally:
+            destroy_distributed()
+        return
+    from spark_mcore.distributed.launch import spawn_workers
+
+    threads = max(1, (os.cpu_count() or 1) // world)
+    spawn_workers(_spawned_ranks, world, args=(tuple(jobs),), timeout_s=timeout_s,
+                  threads_per_worker=threads)
+
+
+def finish_hf_to_mcore(job: HFToMcoreJob) -> Path:
+    """Write meta.json and the HF side files, then rename the step directory into place."""
+    tmp, final = Path(job.step_dir), Path(job.final_dir)
+    meta = {"step": job.step, "policy_version": 0, "tp": job.tp, "pp": job.pp,
+            "family": job.family, "vocab_size": job.vocab_size, "dtype": job.model_cfg.dtype,
+            "model": to_dict(job.model_cfg), "hf_config": job.hf_config,
+            "converted_from": job.hf_dir, "format_version": 1}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    copy_files(aux_files(Path(job.hf_dir)), tmp / AUX_DIRNAME)
+    (tmp / REFERENCE_DIRNAME).symlink_to("model", target_is_directory=True)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1,
+                        dtype: str | None = None, step: int = 0, overwrite: bool = False,
+                        progress: bool = True, in_process: bool | None = None,
+                        timeout_s: float = _DEFAULT_TIMEOUT_S) -> Path:
+    """HF safetensors directory -> `<out_dir>/checkpoints/step_<step>/` (see module docstring).
+
+    dtype: "fp32" | "bf16" | "fp16"; None keeps the config's dtype (fp32 when it has none).
+    Runs tp*pp processes when tp*pp > 1 (see `run_hf_to_mcore_jobs`). Returns the step dir.
+    """
+    job = plan_hf_to_mcore(hf_dir, out_dir, tp, pp, dtype, step, overwrite, progress)
+    try:
+        run_hf_to_mcore_jobs([job], in_process, timeout_s)
+        return finish_hf_to_mcore(job)
+    except BaseException:
+        shutil.rmtree(job.step_dir, ignore_errors=True)
+        raise
 
 
 def _source_name(name: str, full_meta: dict[str, torch.Tensor], tied: bool) -> str:
@@ -315,52 +368,21 @@ def _copy_shard(adapter: ModelAdapter, name: str, full: torch.Tensor, param: tor
     param.copy_(shard.to(dtype=param.dtype, device=param.device))
 
 
-def _write_meta(step_dir: Path, job: _HFJob, step: int, raw: dict[str, Any], hf: Path) -> None:
-    meta = {"step": step, "policy_version": 0, "tp": job.tp, "pp": job.pp,
-            "family": job.family, "vocab_size": job.vocab_size, "dtype": job.model_cfg.dtype,
-            "model": to_dict(job.model_cfg), "hf_config": raw,
-            "converted_from": str(hf.resolve()), "format_version": 1}
-    (step_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def ensure_dist_checkpointing_cpu() -> None:
-    """Without CUDA, megatron's checkpoint writer calls torch.cuda.synchronize() /
-    current_device() (filesystem_async, state_dict_saver, async_utils): those modules get the
-    CPU torch proxy of spark_mcore.distributed.cpu_shims. No-op with CUDA or when done."""
-    if torch.cuda.is_available():
-        return
-    import importlib
-
-    from spark_mcore.distributed import cpu_shims
-
-    proxy_cls = cpu_shims._CpuTorch  # noqa: SLF001  (the shim's proxy; see report to lead)
-    for name in ("megatron.core.dist_checkpointing.strategies.filesystem_async",
-                 "megatron.core.dist_checkpointing.strategies.state_dict_saver",
-                 "megatron.core.dist_checkpointing.strategies.async_utils"):
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(mod, "torch") and not isinstance(mod.torch, proxy_cls):
-            mod.torch = proxy_cls()
-
-
 # ---- Megatron -> HF -------------------------------------------------------------------------
 
 def resolve_step_dir(path: str | Path) -> Path:
     """A step directory (meta.json + model/), from itself, its model/ dir or a run directory
-    (newest complete checkpoint)."""
+    (its newest complete checkpoint)."""
+    from spark_mcore.checkpoint.io import list_checkpoints
+
     p = require_dir(path, "megatron checkpoint")
     if p.name == "model" and (p.parent / "meta.json").is_file():
         return p.parent
     if (p / "meta.json").is_file() and (p / "model").is_dir():
         return p
-    root = p / "checkpoints"
-    if root.is_dir():
-        steps = [c for c in root.iterdir() if c.is_dir() and c.name.startswith(STEP_PREFIX)
-                 and c.name[len(STEP_PREFIX):].isdigit() and (c / "meta.json").is_file()]
-        if steps:
-            return max(steps, key=lambda c: int(c.name[len(STEP_PREFIX):]))
+    steps = list_checkpoints(p)
+    if steps:
+        return steps[-1]
     raise ConversionError(f"{p} is not a megatron checkpoint: expected a step directory "
                           "(meta.json + model/) or a run directory with checkpoints/step_N/")
 
@@ -399,11 +421,8 @@ def _inspect_mcore(step_dir: Path, hf_config: str | Path | None, ckpt_vocab: int
         return _McoreSource(step_dir, cfg.family, cfg, vocab, meta.get("hf_config"), aux)
     if run_cfg_path.is_file():
         model = read_json(run_cfg_path, "run config").get("model")
-        if isinstance(model, dict):
-            cfg = from_dict(ModelConfig, model, "model")
-            if cfg.hf_path and Path(cfg.hf_path, "config.json").is_file():
-                family, hf_cfg, raw = _hf_spec(Path(cfg.hf_path), cfg.dtype)
-                return _McoreSource(step_dir, family, hf_cfg, hf_cfg.vocab_size, raw, aux)
+        if isinstance(model, dict):  # the trainer builds its model from model.* (hf_path only
+            cfg = from_dict(ModelConfig, model, "model")  # loads weights), so this is the spec
             vocab = cfg.vocab_size or ckpt_vocab or 0
             return _McoreSource(step_dir, cfg.family, cfg, int(vocab), None, aux)
     raise ConversionError(
@@ -418,7 +437,7 @@ def convert_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, dtype: str |
     """Megatron dist checkpoint (any TP/PP) -> HF safetensors directory `out_dir`.
 
     mcore_dir: a step directory, its model/ directory, or a run directory (newest step).
-    dtype: output dtype ("fp32" | "bf16" | "fp16"); None keeps the model config's dtype.
+    dtype: output dtype ("fp32" | "bf16" | "fp16"); None keeps the stored dtype.
     hf_config: config.json (or its directory) describing the model, for checkpoints whose
     meta.json has no "model" entry. Returns `out_dir`.
     """
@@ -427,7 +446,8 @@ def convert_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, dtype: str |
     step_dir = resolve_step_dir(mcore_dir)
     reader = mcore_reader.DistCheckpointReader(step_dir / "model")
     src = _inspect_mcore(step_dir, hf_config, reader.dim0(_EMBEDDING))
-    out_dtype = dtype or src.cfg.dtype
+    stored = reader.dtype(_EMBEDDING)
+    out_dtype = dtype or _STORED_TO_DTYPE.get(stored, src.cfg.dtype)
     if out_dtype not in _TORCH_DTYPES:
         raise ConversionError(f"dtype={out_dtype!r} must be one of {sorted(_TORCH_DTYPES)}")
     if src.vocab_size <= 0:

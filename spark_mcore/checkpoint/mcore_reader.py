@@ -13,6 +13,7 @@ ShardedTensorFactories (e.g. the SwiGLU fc1, stored as separate gate/up pieces).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,6 +105,11 @@ class DistCheckpointReader:
         md = self._tensor_md(key)
         return int(md.size[0]) if md is not None else default
 
+    def dtype(self, key: str) -> torch.dtype | None:
+        """Stored dtype of tensor `key`, None when the checkpoint has no such tensor."""
+        md = self._tensor_md(key)
+        return md.properties.dtype if md is not None else None
+
     def _request(self, piece: Any, name: str) -> _Request:
         if getattr(piece, "flattened_range", None) is not None:
             raise ConversionError(f"{name}: flattened (optimizer-layout) tensors are not supported")
@@ -128,8 +134,10 @@ class DistCheckpointReader:
                 requests.append(req)
                 loaded[id(piece)] = req[2].view(tuple(piece.local_shape))
         if requests:
-            dcp.load({}, storage_reader=FileSystemReader(str(self.model_dir)),
-                     planner=_SlicePlanner(requests), no_dist=True)
+            with warnings.catch_warnings():  # "assuming ... single process": that is the intent
+                warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+                dcp.load({}, storage_reader=FileSystemReader(str(self.model_dir)),
+                         planner=_SlicePlanner(requests), no_dist=True)
         out = {}
         for name, entry in entries.items():
             value = _assemble(built[name], loaded)

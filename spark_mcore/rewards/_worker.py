@@ -44,6 +44,9 @@ def _setup(hello: dict[str, Any]) -> float:
     importlib.import_module("spark_mcore.rewards")
     for module in hello["modules"]:
         importlib.import_module(module)
+    from spark_mcore.rewards.math_verifier import warm_up
+
+    warm_up()  # before "ready": the pool starts an item's clock when it sends the item
     return float(hello["timeout_s"])
 
 

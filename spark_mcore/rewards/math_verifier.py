@@ -128,3 +128,9 @@ def math_verifier(response: str, answer: str) -> float:
         return 1.0 if verify(gold, pred, timeout_seconds=None) else 0.0
     except Exception:  # sympy/latex2sympy raise many types on garbage: a wrong answer
         return 0.0
+
+
+def warm_up() -> None:
+    """Run one small check so that lazy initialisation (regex compilation, sympy caches; ~0.1 s,
+    several times that on a loaded machine) is not charged to the first item's time limit."""
+    math_verifier("\\boxed{\\frac{1}{2}}", "0.5")

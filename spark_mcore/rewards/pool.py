@@ -4,7 +4,7 @@ num_workers == 0: items run one by one in this process through `run_check` (sign
 enforced in the main thread, see timeout.py).
 num_workers > 0: items run in `python -m spark_mcore.rewards._worker` subprocesses, one item per
 worker at a time. A worker enforces the limit itself (signal timer); if it has not answered
-`_KILL_GRACE_S` after the limit (a hang inside one C call) the pool SIGKILLs it, reaps it and
+`cfg.kill_grace_s` after the limit (a hang inside one C call) the pool SIGKILLs it, reaps it and
 starts a replacement. Plain subprocesses rather than multiprocessing: no pickling, no
 `__main__` re-import, no resource-tracker process, and a stuck worker can be killed alone.
 
@@ -30,14 +30,13 @@ from typing import Any
 
 from spark_mcore.rewards._wire import encode_frame, split_frames
 from spark_mcore.rewards.config import RewardConfig
+from spark_mcore.rewards.math_verifier import warm_up
 from spark_mcore.rewards.registry import get_verifier, registered_verifiers
 from spark_mcore.rewards.timeout import run_check
 
 logger = logging.getLogger(__name__)
 
 Item = tuple[str, str, str]
-# Time a worker gets past the limit to report its own (signal) timeout before it is killed.
-_KILL_GRACE_S = 0.5
 # A fresh worker imports sympy + math-verify (~1 s); this only catches a broken interpreter.
 _STARTUP_TIMEOUT_S = 120.0
 _CLOSE_WAIT_S = 2.0
@@ -134,6 +133,8 @@ class VerifierPool:
         self._closed = False
         for _ in range(cfg.num_workers):
             self._start_worker()
+        if cfg.num_workers == 0:
+            warm_up()
 
     # -- public -----------------------------------------------------------------------------
 
@@ -148,6 +149,19 @@ class VerifierPool:
                 return [self._score_in_process(item) for item in items]
             return self._score_in_workers(items)
 
+    def wait_ready(self, timeout_s: float = _STARTUP_TIMEOUT_S) -> None:
+        """Block until every worker has imported its verifiers (~1 s each; a no-op in-process).
+        `score` does not need this; it helps before timing-sensitive work. TimeoutError when
+        a worker is not ready within `timeout_s`."""
+        with self._lock:
+            deadline = time.monotonic() + timeout_s
+            while any(not w.ready for w in self._workers):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"verifier workers not ready after {timeout_s:.3g} s")
+                for key, _ in self._selector.select(remaining):
+                    self._on_readable(key.data, [])  # nothing is in flight: only "ready" frames
+
     def worker_pids(self) -> list[int]:
         """Process ids of the live workers (for monitoring and tests)."""
         return [w.proc.pid for w in self._workers]
@@ -159,7 +173,8 @@ class VerifierPool:
         self._closed = True
         for worker in self._workers:
             self._selector.unregister(worker.fd)
-            worker.stop(kill=worker.index is not None)
+            # A busy or still-importing worker has nothing worth waiting for.
+            worker.stop(kill=worker.index is not None or not worker.ready)
         self._workers.clear()
         self._selector.close()
 
@@ -173,7 +188,10 @@ class VerifierPool:
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
-            self.close()
+            try:
+                self.close()
+            except Exception:  # interpreter shutdown: modules may already be torn down
+                pass
 
     # -- internals --------------------------------------------------------------------------
 
@@ -204,19 +222,27 @@ class VerifierPool:
     def _score_in_workers(self, items: Sequence[Item]) -> list[float]:
         rewards = [0.0] * len(items)
         queue = deque(range(len(items)))
-        while queue or any(w.index is not None for w in self._workers):
-            for worker in self._workers:
-                if worker.ready and worker.index is None and queue:
-                    self._dispatch(worker, queue.popleft(), items, rewards)
-            for key, _ in self._selector.select(self._wait_time()):
-                self._on_readable(key.data, rewards)
-            self._reap_overdue(rewards)
+        try:
+            while queue or any(w.index is not None for w in self._workers):
+                for worker in self._workers:
+                    if worker.ready and worker.index is None and queue:
+                        self._dispatch(worker, queue.popleft(), items, rewards)
+                for key, _ in self._selector.select(self._wait_time()):
+                    self._on_readable(key.data, rewards)
+                self._reap_overdue(rewards)
+        except BaseException:
+            # Interrupted (Ctrl-C, startup failure): a busy worker's late answer would otherwise
+            # land on an item of the next call, so those workers are replaced.
+            for worker in [w for w in self._workers if w.index is not None]:
+                worker.index = None
+                self._replace(worker, kill=True)
+            raise
         return rewards
 
     def _dispatch(self, worker: _Worker, index: int, items: Sequence[Item], rewards: list[float]) -> None:
         name, response, answer = items[index]
         worker.index = index
-        worker.deadline = time.monotonic() + self.cfg.timeout_s + _KILL_GRACE_S
+        worker.deadline = time.monotonic() + self.cfg.timeout_s + self.cfg.kill_grace_s
         try:
             worker.send({"name": name, "response": response, "answer": answer})
         except OSError:  # it died between items: the item was never checked

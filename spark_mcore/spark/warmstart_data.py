@@ -180,30 +180,31 @@ def _shown(text: str, view: View) -> tuple[str, View]:
     return shown
 
 
-def _pointwise(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str]:
+def _pointwise(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str, list[str]]:
     right = right_solution(_expr(prompt))
     candidate = right.text if label == "Yes" else d.wrong.text
     text = render_pointwise(d.template, question_text(prompt), *_shown(candidate, d.view))
-    return text, f"{_justification(prompt)} \\boxed{{{label}}}"
+    return text, f"{_justification(prompt)} \\boxed{{{label}}}", [candidate]
 
 
-def _pairwise(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str]:
+def _pairwise(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str, list[str]]:
     right = right_solution(_expr(prompt))
     (g, gv), (b, bv) = _shown(right.text, d.view), _shown(d.wrong.text, d.view)
     if gv != bv:  # both in one view, as the recycler shows pairs
         (g, gv), (b, bv) = _shown(right.text, "cot"), _shown(d.wrong.text, "cot")
     a_text, b_text = (g, b) if label == "A" else (b, g)
     text = render_pairwise(d.template, question_text(prompt), a_text, b_text, gv)
-    return text, f"{_justification(prompt)} \\boxed{{{label}}}"
+    order = [right.text, d.wrong.text] if label == "A" else [d.wrong.text, right.text]
+    return text, f"{_justification(prompt)} \\boxed{{{label}}}", order
 
 
-def _reflection(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str]:
+def _reflection(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str, list[str]]:
     text = render_reflection(d.template, question_text(prompt), *_shown(d.wrong.text, d.view))
-    return text, right_solution(_expr(prompt)).text
+    return text, right_solution(_expr(prompt)).text, [d.wrong.text]
 
 
-# kind -> (prompt, draws, label) -> (task prompt text, SFT target)
-_BUILDERS: dict[str, Callable[[Prompt, _Draws, str], tuple[str, str]]] = {
+# kind -> (prompt, draws, label) -> (task prompt text, SFT target, full candidate texts in shown order)
+_BUILDERS: dict[str, Callable[[Prompt, _Draws, str], tuple[str, str, list[str]]]] = {
     "pointwise": _pointwise,
     "pairwise": _pairwise,
     "reflection": _reflection,
@@ -221,7 +222,7 @@ def build_task(prompt: Prompt, kind: str, label: str, rng: random.Random) -> tup
     template = pick_template(kind, rng)
     view: View = "cot" if rng.random() < 0.5 else "answer"
     wrong, error = wrong_solution(_expr(prompt), rng)
-    text, target = _BUILDERS[kind](prompt, _Draws(template, view, wrong, error), label)
+    text, target, candidates = _BUILDERS[kind](prompt, _Draws(template, view, wrong, error), label)
     task = Prompt(
         id=f"{prompt.id}#warm-{kind}",
         messages=[{"role": "user", "content": text}],
@@ -229,7 +230,7 @@ def build_task(prompt: Prompt, kind: str, label: str, rng: random.Random) -> tup
         task=JUDGE_TASK if kind in LABELS else prompt.task,
         images=list(prompt.images),
         meta={"spark_kind": kind, "template_id": template.id, "view": view, "error": error,
-              "source_prompt_id": prompt.id},
+              "source_prompt_id": prompt.id, "candidates": candidates},
     )
     return task, target
 

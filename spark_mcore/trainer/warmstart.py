@@ -21,12 +21,14 @@ from spark_mcore.types import Prompt, TrainBatch
 Example = tuple[Prompt, str]
 
 
-def judge_counts(steps: int, batch_size: int, fraction: float) -> list[int]:
-    """Reward-task examples in each of `steps` batches: the running total after batch j is
-    round((j + 1) * fraction * batch_size), so any run of batches holds the fraction to within
-    one example (a batch of 4 at 0.25 gets exactly one)."""
-    totals = [math.floor((j + 1) * fraction * batch_size + 0.5) for j in range(steps)]
-    return [t - (totals[j - 1] if j else 0) for j, t in enumerate(totals)]
+def judge_batches(steps: int, fraction: float) -> list[bool]:
+    """Which of `steps` batches hold reward tasks. Batches are homogeneous: a reward-task prompt
+    is 3-5x longer than an arith one, and every row is padded to the longest, so mixing them
+    in one batch would multiply the cost of the worked-solution rows. The running count after
+    batch j is round((j + 1) * fraction), so the share of reward-task examples stays within
+    one batch of `fraction` (0.25 -> batches 1, 5, 9, ...)."""
+    totals = [math.floor((j + 1) * fraction + 0.5) for j in range(steps)]
+    return [t > (totals[j - 1] if j else 0) for j, t in enumerate(totals)]
 
 
 def _endless(examples: list[Example], rng: random.Random) -> Iterator[Example]:
@@ -39,17 +41,17 @@ def _endless(examples: list[Example], rng: random.Random) -> Iterator[Example]:
 def sft_batches(prompts: list[Prompt], tokenizer: object, encode: object, batch_size: int,
                 seed: int, judge_fraction: float = 0.0, steps: int = 0) -> Iterator[TrainBatch]:
     """Endless shuffled batches of (prompt, target) with the loss on the target only: worked
-    solutions, and with `judge_fraction` > 0 that share of reward tasks (planned for `steps`
-    batches; later batches keep the last batch's mix)."""
+    solutions and, with `judge_fraction` > 0, batches of reward tasks (`judge_batches` over
+    `steps` planned batches; batches after those repeat the plan)."""
     rng = random.Random(seed)
     solutions = _endless(sft_examples(prompts), rng)
-    counts = judge_counts(max(steps, 1), batch_size, judge_fraction) if judge_fraction > 0 else [0]
-    judge = _endless(judge_sft_examples(prompts, max(sum(counts), 1), seed), rng) if sum(counts) else None
+    plan = judge_batches(max(steps, 1), judge_fraction) if judge_fraction > 0 else [False]
+    tasks = judge_sft_examples(prompts, sum(plan) * batch_size, seed) if any(plan) else []
+    judge = _endless(tasks, rng) if tasks else None
     pad = getattr(tokenizer, "pad_token_id", 0) or 0
     for j in range(10**12):
-        k = counts[min(j, len(counts) - 1)]
-        chunk = [next(solutions) for _ in range(batch_size - k)]
-        chunk += [next(judge) for _ in range(k)] if judge is not None else []
+        source = judge if judge is not None and plan[j % len(plan)] else solutions
+        chunk = [next(source) for _ in range(batch_size)]
         tokens, mask = pack_sequences([encode(p) for p, _ in chunk],
                                       [encode_response(tokenizer, s) for _, s in chunk], pad_id=pad)
         yield TrainBatch(tokens=tokens, loss_mask=mask, advantages=torch.zeros(len(chunk)),

@@ -1,0 +1,217 @@
+"""Flat weight buckets: many named tensors packed into one byte buffer, sent by one collective.
+
+Layout (identical to SGLang's `FlattenedTensorBucket`, so a bucket built here is what an
+SGLang server reconstructs from the names/dtypes/shapes of /update_weights_from_distributed
+with load_format="flattened_bucket"): the raw bytes of each tensor (C order), back to back in
+list order, no padding; tensor i starts at the sum of the byte sizes before it, and that
+offset must be a multiple of its element size (SGLang rejects unaligned tensors). With one
+wire dtype per sync every offset is aligned; a tensor that would land unaligned starts a new
+bucket instead.
+
+The header (`BucketHeader`) holds names, dtypes, shapes and offsets; it travels as msgpack
+(`to_msgpack` / `from_msgpack`, nothing pickled) or as SGLang's three lists (`sglang_lists`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import torch
+
+# Wire dtype names are torch's (SGLang does getattr(torch, name)); a whitelist, so a
+# header never makes the receiver look up an arbitrary attribute of torch.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
+    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+WIRE_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                              "fp32": torch.float32, "keep": None}
+HEADER_VERSION = 1
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+
+class BucketError(ValueError):
+    """A bucket header or buffer is malformed; the message names the field."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in _NAMES:
+        raise BucketError(f"dtype {dtype} cannot travel in a weight bucket; supported: {sorted(DTYPES)}")
+    return _NAMES[dtype]
+
+
+def dtype_from_name(name: Any, where: str = "dtype") -> torch.dtype:
+    if not isinstance(name, str) or name not in DTYPES:
+        raise BucketError(f"{where}: unknown dtype {name!r}; supported: {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor inside a bucket: bytes [offset, offset + nbytes) of the flat buffer."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+@dataclass
+class BucketHeader:
+    """Names, dtypes, shapes and offsets of one bucket; `nbytes` is the buffer length."""
+
+    tensors: list[TensorSpec] = field(default_factory=list)
+    index: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensors[-1].offset + self.tensors[-1].nbytes if self.tensors else 0
+
+    def sglang_lists(self) -> tuple[list[str], list[str], list[list[int]]]:
+        """(names, dtypes, shapes) for UpdateWeightsFromDistributedReqInput."""
+        return ([t.name for t in self.tensors], [t.dtype for t in self.tensors],
+                [list(t.shape) for t in self.tensors])
+
+    @classmethod
+    def from_sglang_lists(cls, names: Any, dtypes: Any, shapes: Any, index: int = 0) -> BucketHeader:
+        """Validate SGLang's three lists and compute the contiguous offsets (raises BucketError)."""
+        if not isinstance(names, list) or not isinstance(dtypes, list) or not isinstance(shapes, list):
+            raise BucketError("names/dtypes/shapes: expected three lists")
+        if not names or not len(names) == len(dtypes) == len(shapes):
+            raise BucketError(f"names/dtypes/shapes: need equal non-zero lengths, got "
+                              f"{len(names)}, {len(dtypes)}, {len(shapes)}")
+        header, offset = cls(index=index), 0
+        for i, (name, dt, shape) in enumerate(zip(names, dtypes, shapes)):
+            if not isinstance(name, str) or not name:
+                raise BucketError(f"names[{i}]: expected a non-empty string, got {name!r}")
+            torch_dtype = dtype_from_name(dt, f"dtypes[{i}]")
+            if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                      for s in shape):
+                raise BucketError(f"shapes[{i}] ('{name}'): expected a list of non-negative ints, got {shape!r}")
+            if offset % torch_dtype.itemsize:
+                raise BucketError(f"'{name}': byte offset {offset} is not a multiple of its element size "
+                                  f"{torch_dtype.itemsize}; order tensors by dtype")
+            header.tensors.append(TensorSpec(name, dt, tuple(shape), offset))
+            offset += header.tensors[-1].nbytes
+        return header
+
+    def to_msgpack(self) -> bytes:
+        return msgpack.packb({"v": HEADER_VERSION, "index": self.index,
+                              "tensors": [[t.name, t.dtype, list(t.shape), t.offset] for t in self.tensors]},
+                             use_bin_type=True)
+
+    @classmethod
+    def from_msgpack(cls, data: bytes | bytearray | memoryview) -> BucketHeader:
+        """Decode and validate a msgpack header (offsets must match the contiguous layout)."""
+        if len(data) > MAX_HEADER_BYTES:
+            raise BucketError(f"header: {len(data)} bytes exceeds {MAX_HEADER_BYTES}")
+        try:
+            obj = msgpack.unpackb(bytes(data), raw=False, max_bin_len=0, max_ext_len=0)
+        except (ValueError, msgpack.exceptions.ExtraData) as e:
+            raise BucketError(f"header: not valid msgpack ({e})") from e
+        if not isinstance(obj, dict) or obj.get("v") != HEADER_VERSION:
+            raise BucketError(f"header.v: expected version {HEADER_VERSION}; sender and receiver must run the "
+                              "same spark_mcore release")
+        rows = obj.get("tensors")
+        if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == 4 for r in rows):
+            raise BucketError("header.tensors: expected a list of [name, dtype, shape, offset]")
+        index = obj.get("index")
+        if not isinstance(index, int):
+            raise BucketError(f"header.index: expected an int, got {index!r}")
+        header = cls.from_sglang_lists([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], index)
+        for spec, row in zip(header.tensors, rows):
+            if row[3] != spec.offset:
+                raise BucketError(f"header.tensors['{spec.name}'].offset: {row[3]!r} != contiguous offset "
+                                  f"{spec.offset}")
+        return header
+
+
+def unpack_bucket(flat: torch.Tensor, header: BucketHeader) -> list[tuple[str, torch.Tensor]]:
+    """flat [nbytes] uint8 -> [(name, view of dtype/shape)] sharing flat's memory (no copy)."""
+    if flat.dtype != torch.uint8 or flat.dim() != 1:
+        raise BucketError(f"flat: expected a 1-D uint8 tensor, got {flat.dtype} {tuple(flat.shape)}")
+    if flat.numel() != header.nbytes:
+        raise BucketError(f"flat: {flat.numel()} bytes received for a header describing {header.nbytes}")
+    return [(t.name, flat[t.offset:t.offset + t.nbytes].view(DTYPES[t.dtype]).view(t.shape))
+            for t in header.tensors]
+
+
+def pack_bucket(named: Sequence[tuple[str, torch.Tensor]], wire_dtype: torch.dtype | None = None,
+                device: torch.device | str | None = None) -> tuple[BucketHeader, torch.Tensor]:
+    """Pack all tensors into ONE bucket: (header, flat [nbytes] uint8, a fresh buffer)."""
+    total = sum(t.numel() * (wire_dtype.itemsize if wire_dtype is not None and t.is_floating_point()
+                             else t.element_size()) for _, t in named)
+    buckets = list(iter_buckets(named, max(1, total), wire_dtype, device, num_buffers=1))
+    if len(buckets) != 1:
+        raise BucketError("pack_bucket: tensors of mixed element sizes would be unaligned; use iter_buckets")
+    return buckets[0]
+
+
+class _Ring:
+    """`n` reusable byte buffers of `capacity` bytes, allocated on first use."""
+
+    def __init__(self, n: int, capacity: int, device: torch.device | str) -> None:
+        self.buffers: list[torch.Tensor | None] = [None] * n
+        self.capacity, self.device, self.next = capacity, device, 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        slot = self.next
+        self.next = (self.next + 1) % len(self.buffers)
+        if nbytes > self.capacity:  # one oversized tensor: a buffer of its own, dropped after use
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        buf = self.buffers[slot]
+        if buf is None:
+            buf = self.buffers[slot] = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
+        return buf
+
+
+def iter_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+                 wire_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 num_buffers: int = 2) -> Iterator[tuple[BucketHeader, torch.Tensor]]:
+    """Stream (name, tensor) into buckets of at most `bucket_bytes` bytes.
+
+    Yields (header, flat [header.nbytes] uint8). Each tensor is cast to `wire_dtype` (floating
+    tensors only; None keeps dtypes) while it is copied into the bucket on `device` (default:
+    the first tensor's device), as soon as it arrives, so the caller's tensor can be freed.
+    A tensor larger than bucket_bytes travels alone. Buffers are reused round-robin over
+    `num_buffers`: a yielded buffer is overwritten when the generator is advanced
+    `num_buffers` more times, so finish its collective before that.
+    """
+    if bucket_bytes <= 0 or num_buffers < 1:
+        raise BucketError(f"bucket_bytes={bucket_bytes} and num_buffers={num_buffers} must be >= 1")
+    ring: _Ring | None = None
+    specs: list[TensorSpec] = []
+    buf: torch.Tensor | None = None
+    offset, index = 0, 0
+    for name, tensor in named:
+        if not isinstance(tensor, torch.Tensor):
+            raise BucketError(f"'{name}': expected a torch.Tensor, got {type(tensor).__name__}")
+        dtype = wire_dtype if wire_dtype is not None and tensor.is_floating_point() else tensor.dtype
+        spec = TensorSpec(name, dtype_name(dtype), tuple(tensor.shape), offset)
+        if specs and (offset + spec.nbytes > buf.numel() or offset % dtype.itemsize):
+            yield BucketHeader(specs, index), buf[:offset]
+            specs, offset, index = [], 0, index + 1
+            spec = TensorSpec(name, spec.dtype, spec.shape, 0)
+        if not specs:
+            ring = ring or _Ring(num_buffers, bucket_bytes, device if device is not None else tensor.device)
+            buf = ring.take(max(bucket_bytes, spec.nbytes))
+        # copy_ casts and moves in one pass: no temporary in the wire dtype.
+        buf[offset:offset + spec.nbytes].view(dtype).view(spec.shape).copy_(tensor)
+        specs.append(spec)
+        offset += spec.nbytes
+    if specs:
+        yield BucketHeader(specs, index), buf[:offset]
+
+
+__all__ = ["DTYPES", "WIRE_DTYPES", "BucketError", "TensorSpec", "BucketHeader", "dtype_name", "dtype_from_name",
+           "unpack_bucket", "pack_bucket", "iter_buckets"]

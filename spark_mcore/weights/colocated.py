@@ -1,0 +1,98 @@
+"""Colocated weight sync: trainer and SGLang share GPUs, weights go by CUDA IPC handle.
+
+Each bucket is packed into a CUDA buffer and announced with /update_weights_from_tensor
+(load_format="flattened_bucket"): the body carries, per server TP rank, a serialized
+{"flattened_tensor": <CUDA uint8 bucket>, "metadata": [per-tensor records]}. The tensor is
+reduced with `torch.multiprocessing.reductions.reduce_tensor` (through ForkingPickler), which
+sends an IPC handle to the GPU memory, not the bytes; the server maps the buffer, rebuilds
+the tensors from the records (name, shape, dtype, start_idx, end_idx, numel - SGLang's
+FlattenedTensorMetadata fields, sent as SimpleNamespace, a type SGLang's restricted
+unpickler accepts) and copies them into its weights before it answers.
+
+This is the one place where we PRODUCE a pickle, because SGLang's endpoint takes nothing
+else; we never unpickle anything (our test server rejects this endpoint). The buffer must
+stay alive and unmodified until the server has answered, so buckets go one at a time per
+buffer (two buffers alternate). Needs CUDA; tested in tests/gpu.
+
+Limitation: a single sender (the stage's tp_rank 0) serves every server TP rank from its
+own GPU; per-GPU senders (each server rank reading from the trainer rank on its own GPU)
+are not implemented.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterable
+from multiprocessing.reduction import ForkingPickler
+from types import SimpleNamespace
+
+import torch
+from torch.multiprocessing import reductions
+
+from spark_mcore.rollout.sglang import SGLangClient, SGLangError
+from spark_mcore.weights.bucket import DTYPES, WIRE_DTYPES, BucketHeader, iter_buckets
+from spark_mcore.weights.config import WeightSyncConfig
+from spark_mcore.weights.server_calls import ServerCalls, tensor_update_body
+from spark_mcore.weights.sync import SyncStats, WeightSyncError, begin_update, end_update
+
+
+def ipc_payload(header: BucketHeader, flat: torch.Tensor) -> dict[str, object]:
+    """The object SGLang's flattened_bucket loader expects: the CUDA bucket and its records."""
+    meta = [SimpleNamespace(name=t.name, shape=torch.Size(t.shape), dtype=DTYPES[t.dtype], start_idx=t.offset,
+                            end_idx=t.offset + t.nbytes, numel=t.nbytes) for t in header.tensors]
+    return {"flattened_tensor": flat, "metadata": meta}
+
+
+def serialize_for_ipc(obj: object) -> bytes:
+    """ForkingPickler bytes of `obj`; CUDA tensors inside become IPC handles via
+    reductions.reduce_tensor (registered by init_reductions)."""
+    reductions.init_reductions()
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(obj)
+    return buf.getvalue()
+
+
+class ColocatedWeightSync:
+    """`WeightSync` hook (and standalone sender) for colocated SGLang servers.
+
+    server_tp_size: TP ranks per server (one blob each); default client.config.gpus_per_server.
+    """
+
+    def __init__(self, config: WeightSyncConfig | None = None, server_tp_size: int | None = None) -> None:
+        self.config = config or WeightSyncConfig(mode="colocated")
+        self.server_tp_size = server_tp_size
+        self.last: SyncStats | None = None
+
+    def __call__(self, client: SGLangClient, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        calls = ServerCalls(client)
+        try:
+            begin_update(calls, self.config, pause=False)
+            self.last = self.send(calls, named_tensors, version)
+            end_update(calls, self.config, resume=False)
+        finally:
+            calls.close()
+
+    def send(self, calls: ServerCalls, named: Iterable[tuple[str, torch.Tensor]], version: int | None) -> SyncStats:
+        if not torch.cuda.is_available():
+            raise WeightSyncError("colocated weight sync needs CUDA (IPC handles); use weights.mode=distributed")
+        tp = self.server_tp_size or calls.client.config.gpus_per_server
+        stats, start = SyncStats(), time.perf_counter()
+        device = torch.device("cuda", torch.cuda.current_device())
+        for header, flat in iter_buckets(named, self.config.bucket_bytes, WIRE_DTYPES[self.config.wire_dtype],
+                                         device, num_buffers=2):
+            torch.cuda.current_stream().synchronize()  # the server reads on its own stream
+            payload = ipc_payload(header, flat)
+            # One serialization per server TP rank: each rank opens (and releases) its own handle.
+            body = tensor_update_body([serialize_for_ipc(payload) for _ in range(tp)], version)
+            try:
+                calls.post("/update_weights_from_tensor", lambda k, h: body)[0].wait()
+            except SGLangError as e:
+                raise WeightSyncError(f"colocated weight update failed: {e}") from e
+            stats.buckets, stats.tensors, stats.bytes = stats.buckets + 1, stats.tensors + len(header.tensors), \
+                stats.bytes + header.nbytes
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+
+__all__ = ["ColocatedWeightSync", "ipc_payload", "serialize_for_ipc"]

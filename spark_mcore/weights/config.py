@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from spark_mcore.config.loader import ConfigError
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class WeightSyncConfig:
+    """Trainer -> rollout weight transfer.
+
+    mode: "distributed" = NCCL/gloo broadcast to separate rollout servers
+        (/init_weights_update_group + /update_weights_from_distributed); "colocated" = CUDA IPC
+        handles through /update_weights_from_tensor (trainer and server share GPUs).
+    bucket_mb: size of one flat bucket (one collective each); tensors larger than this travel
+        alone in a bucket of their own size.
+    wire_dtype: dtype on the wire ("bf16" default; "fp32" for bitwise tests; "keep" = as trained).
+    load_format: "flattened_bucket" = SGLang >= 0.5.x receives a whole bucket with one
+        broadcast; "per_tensor" = SGLang's original protocol, one broadcast per tensor (only for
+        servers without flattened_bucket support: much slower).
+    weight_update_session: wrap updates in /begin_weight_update + /end_weight_update (required by
+        SGLang 0.5.23; turn off for older servers that lack these endpoints).
+    backend: "auto" = nccl with CUDA, gloo without.
+    master_address / master_port: where the trainer's rendezvous store listens (rank 0 of the
+        weight-update group); port 0 picks a free port. Must be reachable from the servers.
+    group_name: SGLang group name; with pipeline parallelism stage s uses "<group_name>_pp<s>".
+    pause_mode: /pause_generation mode before a sync ("abort" lets the cache be flushed).
+    timeout_s: rendezvous and collective timeout.
+    """
+
+    mode: Literal["distributed", "colocated"] = "distributed"
+    bucket_mb: float = 512.0
+    wire_dtype: Literal["bf16", "fp16", "fp32", "keep"] = "bf16"
+    load_format: Literal["flattened_bucket", "per_tensor"] = "flattened_bucket"
+    weight_update_session: bool = True
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    master_address: str = "127.0.0.1"
+    master_port: int = 0
+    group_name: str = "weight_update_group"
+    pause_mode: Literal["abort", "retract", "in_place"] = "abort"
+    timeout_s: float = 600.0
+    gather_bucket_mb: float = 256.0
+
+    def __post_init__(self) -> None:
+        if not self.bucket_mb > 0:
+            raise ConfigError(f"weights.bucket_mb={self.bucket_mb} must be > 0 (default 512)")
+        if not self.gather_bucket_mb > 0:
+            raise ConfigError(f"weights.gather_bucket_mb={self.gather_bucket_mb} must be > 0 (default 256)")
+        if not 0 <= self.master_port < 65536:
+            raise ConfigError(f"weights.master_port={self.master_port} must be in 0..65535 (0 = free port)")
+        if not self.master_address:
+            raise ConfigError("weights.master_address: set the trainer host/IP the rollout servers can reach")
+        if not self.group_name:
+            raise ConfigError("weights.group_name must be a non-empty string")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"weights.timeout_s={self.timeout_s} must be > 0")
+        if self.pause_mode == "in_place":
+            raise ConfigError("weights.pause_mode='in_place' keeps the KV cache, so the flush before a sync "
+                              "fails; use 'abort' or 'retract'")
+
+    @property
+    def bucket_bytes(self) -> int:
+        return max(1, int(self.bucket_mb * MiB))
+
+    @property
+    def gather_bucket_bytes(self) -> int:
+        return max(1, int(self.gather_bucket_mb * MiB))

@@ -1,0 +1,221 @@
+"""Trainer side of the distributed weight sync: buckets -> one broadcast each -> rollout servers.
+
+Per bucket the sender (rank 0 of the weight-update group) posts
+/update_weights_from_distributed to every server WITHOUT waiting (the server answers only
+after it has received the bucket) and broadcasts the flat bucket at the same time. While
+bucket k is on the wire, bucket k+1 is gathered and packed into the second buffer; its
+request is posted only after bucket k's answer, because a server handles concurrent HTTP
+requests in no guaranteed order and must post its receives in the sender's order.
+
+A full sync (`run_sync`): pause generation -> flush cache -> begin_weight_update -> buckets ->
+end_weight_update -> flush cache -> continue generation; the policy version travels as
+`weight_version` with every bucket, and the servers stamp it on every sample they generate.
+
+Protocol differences worth knowing (SGLang 0.5.23, checked in tests/unit/test_weights_sync.py):
+  * load_format="flattened_bucket" (default): one broadcast per bucket; the body's
+    names/dtypes/shapes describe the tensors inside the bucket in order; the receiver rebuilds
+    them from the contiguous layout of `bucket.py`. Our test server speaks exactly this.
+  * load_format="per_tensor": SGLang's original protocol, one broadcast per tensor of the
+    bucket (same HTTP body without load_format) - for servers that lack flattened_bucket.
+  * SGLang 0.5.23 rejects updates outside /begin_weight_update ... /end_weight_update;
+    `WeightSyncConfig.weight_update_session=False` skips them for older servers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from spark_mcore.rollout import sglang_payloads as P
+from spark_mcore.rollout.sglang import PendingCalls, SGLangClient, SGLangError
+from spark_mcore.weights.bucket import WIRE_DTYPES, iter_buckets, unpack_bucket
+from spark_mcore.weights.config import WeightSyncConfig
+from spark_mcore.weights.groups import WeightUpdateGroup, create_master_store, join_weight_update_group, resolve_backend
+from spark_mcore.weights.server_calls import ServerCalls, distributed_update_body
+
+logger = logging.getLogger(__name__)
+
+
+class WeightSyncError(RuntimeError):
+    """A weight sync failed; the message names the server (with its log tail) or the cause."""
+
+
+@dataclass
+class SyncStats:
+    buckets: int = 0
+    tensors: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / max(self.seconds, 1e-9) / 1e9
+
+
+@dataclass
+class _InFlight:
+    pending: PendingCalls
+    futures: list[Future]
+    works: list[Any]
+
+
+class BucketSender:
+    """Rank 0 of one weight-update group (one per pipeline stage)."""
+
+    def __init__(self, config: WeightSyncConfig, group_name: str | None = None) -> None:
+        self.config = config
+        self.group_name = group_name or config.group_name
+        self.group: WeightUpdateGroup | None = None
+        self.broken: str | None = None  # set when a bucket failed mid-broadcast
+        self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
+
+    def connect(self, client: SGLangClient) -> None:
+        """Form the group with every server (their ranks from weight_group_layout)."""
+        if self.group is not None:
+            return
+        cfg = self.config
+        backend = resolve_backend(cfg.backend)
+        world = 1 + len(client.handles) * client.config.gpus_per_server
+        store = create_master_store(cfg.master_address, cfg.master_port, world, cfg.timeout_s)
+        pending = client.init_weights_update_group(cfg.master_address, store.port, self.group_name, backend)
+        try:
+            self.group = join_weight_update_group(cfg.master_address, store.port, 0, world, self.group_name,
+                                                  backend, cfg.timeout_s, store=store)
+        except BaseException:
+            pending.wait(timeout_s=5)  # a server-side error explains the failure better
+            raise
+        pending.wait()
+        logger.info("weight-update group %s formed (%d ranks, %s)", self.group_name, world, backend)
+
+    def send(self, calls: ServerCalls, named: Iterable[tuple[str, torch.Tensor]], version: int | None) -> SyncStats:
+        """Bucket `named` and push every bucket to all live servers; returns what was sent."""
+        if self.group is None:
+            raise WeightSyncError("BucketSender.send before connect(): form the weight-update group first")
+        if self.broken:
+            raise WeightSyncError(f"weight-update group {self.group_name!r} is out of step after an earlier failure "
+                                  f"({self.broken}); restart the rollout servers and the sender (close + connect)")
+        flattened = self.config.load_format == "flattened_bucket"
+        stats, start = SyncStats(), time.perf_counter()
+        previous: _InFlight | None = None
+        # Advancing the generator packs (and TP-gathers) bucket k+1 while bucket k is on the wire.
+        for header, flat in iter_buckets(named, self.config.bucket_bytes, self.wire_dtype, self.group.device,
+                                         num_buffers=2):
+            if previous is not None:
+                # One update request in flight per server: a server serves concurrent requests in
+                # no fixed order, and a receive posted for the wrong bucket corrupts the group.
+                self._finish(previous)
+            body = distributed_update_body(header, self.group_name, version, flattened)
+            pending, futures = calls.post("/update_weights_from_distributed", lambda k, h, b=body: b)
+            parts = [flat] if flattened else [t for _, t in unpack_bucket(flat, header)]
+            previous = _InFlight(pending, futures, [self.group.broadcast(p, async_op=True) for p in parts])
+            stats.buckets += 1
+            stats.tensors += len(header.tensors)
+            stats.bytes += header.nbytes
+        if previous is not None:
+            self._finish(previous)
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+    def _finish(self, item: _InFlight) -> None:
+        """Wait for a bucket's broadcast and its HTTP answers; a server error ends the wait early
+        (a broadcast the server never joined would otherwise block until the timeout)."""
+        deadline = time.monotonic() + self.config.timeout_s
+        while not all(w.is_completed() for w in item.works):
+            failed = [f for f in item.futures if f.done() and f.exception() is not None]
+            if failed:
+                # This broadcast will never complete: the group is out of step from here on.
+                self.broken = f"{type(failed[0].exception()).__name__} during bucket broadcast"
+                try:
+                    item.pending.wait(timeout_s=0)
+                except SGLangError as e:
+                    raise WeightSyncError(f"weight update failed on a rollout server: {e}") from e
+            if time.monotonic() > deadline:
+                raise WeightSyncError(f"a weight bucket broadcast did not finish in {self.config.timeout_s}s")
+            time.sleep(0.0005)
+        for w in item.works:
+            w.wait()
+        try:
+            item.pending.wait(timeout_s=self.config.timeout_s)
+        except SGLangError as e:
+            raise WeightSyncError(f"weight update failed on a rollout server: {e}") from e
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.destroy()
+            self.group = None
+
+
+def _control(calls: ServerCalls, path: str, body: dict[str, Any] | None) -> None:
+    try:
+        calls.call(path, body)
+    except SGLangError as e:
+        raise WeightSyncError(f"{path} failed during a weight sync: {e}") from e
+
+
+def begin_update(calls: ServerCalls, config: WeightSyncConfig, pause: bool = True) -> None:
+    """pause (optional) -> flush -> begin_weight_update (when configured)."""
+    if pause:
+        _control(calls, "/pause_generation", P.build_pause_generation_payload(config.pause_mode))
+    _control(calls, "/flush_cache", None)
+    if config.weight_update_session:
+        _control(calls, "/begin_weight_update", {})
+
+
+def end_update(calls: ServerCalls, config: WeightSyncConfig, resume: bool = True) -> None:
+    """end_weight_update (when configured) -> flush -> continue (optional)."""
+    try:
+        if config.weight_update_session:
+            _control(calls, "/end_weight_update", {})
+        _control(calls, "/flush_cache", None)
+    finally:
+        if resume:
+            _control(calls, "/continue_generation", P.build_continue_generation_payload())
+
+
+def end_update_after_failure(calls: ServerCalls, config: WeightSyncConfig, resume: bool = True) -> None:
+    """Best-effort end_update after a failed send (the servers' session must not stay open);
+    its own errors are logged, so the caller re-raises the original failure."""
+    try:
+        end_update(calls, config, resume)
+    except Exception as e:  # noqa: BLE001
+        logger.warning("closing the weight-update session after a failed sync also failed: %s", e)
+
+
+class BucketWeightSync:
+    """The `WeightSync` hook of SGLangEngine for a trainer that already holds HF-named full
+    tensors in one process: `engine = SGLangEngine(cfg, weight_sync=BucketWeightSync(ws_cfg))`.
+    The engine pauses and resumes generation around the call; this flushes, opens the update
+    session, sends the buckets and closes it. The group is formed on first use."""
+
+    def __init__(self, config: WeightSyncConfig | None = None) -> None:
+        self.config = config or WeightSyncConfig()
+        self.sender = BucketSender(self.config)
+        self.last: SyncStats | None = None
+        self._calls: ServerCalls | None = None
+
+    def __call__(self, client: SGLangClient, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        if self._calls is None or self._calls.client is not client:
+            self._calls = ServerCalls(client)
+        self.sender.connect(client)
+        begin_update(self._calls, self.config, pause=False)
+        try:
+            self.last = self.sender.send(self._calls, named_tensors, version)
+        except BaseException:
+            end_update_after_failure(self._calls, self.config, resume=False)
+            raise
+        end_update(self._calls, self.config, resume=False)
+
+    def close(self) -> None:
+        self.sender.close()
+        if self._calls is not None:
+            self._calls.close()
+
+
+__all__ = ["WeightSyncError", "SyncStats", "BucketSender", "BucketWeightSync", "begin_update", "end_update",
+           "end_update_after_failure"]

@@ -1,0 +1,44 @@
+"""Three iterations of the real training loop with SPARK on (policy, reward, policy) on CPU, from
+a warm start that mixes in SPARK-format reward tasks."""
+
+import json
+from pathlib import Path
+
+from spark_mcore.config.run import load_run_config
+from spark_mcore.train import train
+
+MICRO = [
+    "model.hidden_size=32", "model.num_layers=2", "model.ffn_hidden_size=64",
+    "data.prompts_per_step=4", "data.train_size=64", "data.test_size=8", "data.levels=[1]",
+    "rollout.n=4", "rollout.max_new_tokens=16", "warmstart.steps=2", "warmstart.batch_size=8",
+    "warmstart.judge_fraction=0.25", "trainer.steps=2", "trainer.micro_batch_size=16",
+    "eval.max_new_tokens=16", "eval.limit=4", "logging.progress=false", "logging.tensorboard=false",
+    "spark.enabled=true", "spark.reward_batch_size=2",
+]
+KINDS = ("pointwise", "pairwise", "reflection")
+
+
+def test_spark_loop_runs_a_reward_step_and_logs_per_kind_metrics(tmp_path: Path, capsys) -> None:
+    cfg = load_run_config(None, [*MICRO, f"checkpoint.dir={tmp_path}"])
+    results = train(cfg)
+    out = capsys.readouterr().out
+    for line in ("[policy step 1, policy 1/2]", "[reward step 2, policy 1/2]", "[policy step 3, policy 2/2]"):
+        assert line in out
+    assert set(results) == {"start", "rl"} and results["rl"].num_prompts == 4
+
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    first, reward, last = steps
+    # policy step 1: 4 groups -> at most ceil(0.5 * 4) = 2 judge and 2 reflection tasks, all cached
+    recycled = {k: first[f"spark/{k}"] for k in KINDS}
+    assert recycled["pointwise"] + recycled["pairwise"] <= 2 and recycled["reflection"] <= 2
+    assert first["spark/cache_size"] == sum(recycled.values()) >= 2
+    assert "rollout/reward_policy" in first and not any(f"rollout/reward_{k}" in first for k in KINDS)
+    # reward step 2: only the 2 oldest cached tasks, scored per kind, nothing recycled from them
+    kinds = [k for k in KINDS if f"rollout/reward_{k}" in reward]
+    assert kinds and "rollout/reward_policy" not in reward
+    assert all(0.0 <= reward[f"rollout/reward_{k}"] <= 1.0 for k in kinds)
+    assert reward["spark/cache_size"] == first["spark/cache_size"] - 2
+    assert not any(f"spark/{k}" in reward for k in KINDS)
+    assert ("rollout/judge_accuracy" in reward) == any(k in kinds for k in ("pointwise", "pairwise"))
+    assert "rollout/reward_policy" in last and "spark/pointwise" in last

@@ -1,0 +1,118 @@
+"""Flat bucket layout, header codecs and the streaming packer (spark_mcore.weights.bucket)."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import torch
+
+from spark_mcore.weights.bucket import (
+    BucketError,
+    BucketHeader,
+    TensorSpec,
+    iter_buckets,
+    pack_bucket,
+    unpack_bucket,
+)
+
+
+def _named() -> list[tuple[str, torch.Tensor]]:
+    return [("a", torch.arange(6, dtype=torch.float32).view(2, 3)),   # 24 bytes
+            ("b", torch.tensor([1.5, -2.0], dtype=torch.float32)),     # 8 bytes
+            ("c", torch.arange(4, dtype=torch.float32).view(2, 2) * 10)]  # 16 bytes
+
+
+def test_layout_is_contiguous_in_order_and_round_trips_bitwise() -> None:
+    header, flat = pack_bucket(_named())
+    assert [(t.name, t.dtype, t.shape, t.offset) for t in header.tensors] == [
+        ("a", "float32", (2, 3), 0), ("b", "float32", (2,), 24), ("c", "float32", (2, 2), 32)]
+    assert header.nbytes == 48 and flat.dtype == torch.uint8 and flat.numel() == 48
+    # bytes 24..31 are b's two float32 values, little-endian
+    assert flat[24:32].view(torch.float32).tolist() == [1.5, -2.0]
+    for (name, got), (_, want) in zip(unpack_bucket(flat, header), _named()):
+        assert torch.equal(got, want) and got.shape == want.shape
+
+
+def test_wire_dtype_casts_floats_while_packing() -> None:
+    x = torch.tensor([1.0, 1 / 3, 1e-8, -7.1], dtype=torch.float32)  # 8 bytes in bf16: ids stay aligned
+    ids = torch.tensor([7, 8, 9, 10], dtype=torch.int32)
+    header, flat = pack_bucket([("x", x), ("ids", ids)], wire_dtype=torch.bfloat16)
+    assert [(t.dtype, t.offset) for t in header.tensors] == [("bfloat16", 0), ("int32", 8)]
+    got = dict(unpack_bucket(flat, header))
+    assert torch.equal(got["x"].view(torch.int16), x.to(torch.bfloat16).view(torch.int16))  # same rounding
+    assert got["x"].dtype == torch.bfloat16 and got["ids"].tolist() == [7, 8, 9, 10]
+
+
+def test_unaligned_tensor_starts_new_bucket() -> None:
+    named = [("x", torch.ones(3, dtype=torch.float32)), ("i", torch.tensor([7, 8], dtype=torch.int64))]
+    out = list(iter_buckets(named, bucket_bytes=1024, wire_dtype=torch.bfloat16))
+    assert [[t.name for t in h.tensors] for h, _ in out] == [["x"], ["i"]]
+    assert out[0][0].tensors[0].dtype == "bfloat16" and out[0][1].view(torch.bfloat16).tolist() == [1.0, 1.0, 1.0]
+    assert out[1][1].view(torch.int64).tolist() == [7, 8]
+    with pytest.raises(BucketError, match="unaligned"):
+        pack_bucket(named, wire_dtype=torch.bfloat16)
+
+
+def test_bucket_size_limit_and_oversized_tensor() -> None:
+    named = _named() + [("big", torch.zeros(20, dtype=torch.float32)), ("d", torch.ones(2))]  # 80 B, 8 B
+    out = [(h, f.clone()) for h, f in iter_buckets(named, bucket_bytes=40)]
+    assert [([t.name for t in h.tensors], h.nbytes) for h, _ in out] == [
+        (["a", "b"], 32), (["c"], 16), (["big"], 80), (["d"], 8)]
+    assert [h.index for h, _ in out] == [0, 1, 2, 3]
+    got = {n: t for h, f in out for n, t in unpack_bucket(f, h)}
+    for name, want in named:
+        assert torch.equal(got[name], want)
+
+
+def test_buffers_are_reused_round_robin() -> None:
+    named = [(f"t{i}", torch.full((4,), float(i))) for i in range(4)]  # 16 B each, one per bucket
+    ptrs = [f.data_ptr() for _, f in iter_buckets(named, bucket_bytes=16, num_buffers=2)]
+    assert ptrs[0] == ptrs[2] and ptrs[1] == ptrs[3] and ptrs[0] != ptrs[1]
+
+
+def test_sglang_lists_and_msgpack_round_trip() -> None:
+    header, _ = pack_bucket(_named())
+    names, dtypes, shapes = header.sglang_lists()
+    assert (names, dtypes, shapes) == (["a", "b", "c"], ["float32"] * 3, [[2, 3], [2], [2, 2]])
+    assert BucketHeader.from_sglang_lists(names, dtypes, shapes).tensors == header.tensors
+    again = BucketHeader.from_msgpack(header.to_msgpack())
+    assert again.tensors == header.tensors and again.nbytes == 48
+    assert again.tensors[1] == TensorSpec("b", "float32", (2,), 24)
+
+
+@pytest.mark.parametrize("names,dtypes,shapes,match", [
+    (["a"], ["float32"], [[2]], None),
+    (["a", "b"], ["float32"], [[2], [2]], "equal non-zero lengths"),
+    (["a"], ["load"], [[2]], "unknown dtype 'load'"),
+    (["a"], ["float32"], [[-1]], "non-negative ints"),
+    (["a"], ["float32"], [[True]], "non-negative ints"),
+    ([""], ["float32"], [[1]], "non-empty string"),
+    (["a", "b"], ["bfloat16", "float32"], [[1], [1]], "byte offset 2 is not a multiple"),
+])
+def test_sglang_lists_validation(names: list, dtypes: list, shapes: list, match: str | None) -> None:
+    if match is None:
+        assert BucketHeader.from_sglang_lists(names, dtypes, shapes).nbytes == 8
+    else:
+        with pytest.raises(BucketError, match=match):
+            BucketHeader.from_sglang_lists(names, dtypes, shapes)
+
+
+def test_msgpack_rejects_tampered_offsets_and_versions() -> None:
+    header, _ = pack_bucket(_named())
+    obj = msgpack.unpackb(header.to_msgpack())
+    obj["tensors"][2][3] = 40
+    with pytest.raises(BucketError, match="offset: 40 != contiguous offset 32"):
+        BucketHeader.from_msgpack(msgpack.packb(obj))
+    obj["v"] = 99
+    with pytest.raises(BucketError, match="header.v"):
+        BucketHeader.from_msgpack(msgpack.packb(obj))
+    with pytest.raises(BucketError, match="not valid msgpack"):
+        BucketHeader.from_msgpack(b"\xc1")
+
+
+def test_unpack_checks_buffer() -> None:
+    header, flat = pack_bucket(_named())
+    with pytest.raises(BucketError, match="47 bytes received for a header describing 48"):
+        unpack_bucket(flat[:47], header)
+    with pytest.raises(BucketError, match="1-D uint8"):
+        unpack_bucket(flat.view(torch.float32), header)

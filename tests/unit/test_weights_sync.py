@@ -1,0 +1,178 @@
+"""Bucketed weight sync protocol, in one process: SGLangEngine + BucketWeightSync -> HTTP ->
+the test server's RolloutServerApp, with a loopback stand-in for the broadcast group (the
+real gloo group is exercised in tests/integration/test_weight_sync_tp.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import Qwen2Config
+
+from spark_mcore.rollout.hf_engine import HFEngine
+from spark_mcore.rollout.sglang import SGLangConfig, SGLangEngine, attach_servers, http_json
+from spark_mcore.rollout.server_app import RolloutServerApp, tensor_sha256
+from spark_mcore.rollout.test_server import RolloutHTTPServer
+from spark_mcore.weights.config import WeightSyncConfig
+from spark_mcore.weights.server_calls import distributed_update_body
+from spark_mcore.weights.sync import BucketWeightSync, WeightSyncError
+from spark_mcore.weights.bucket import pack_bucket
+
+_spec = importlib.util.spec_from_file_location("sglang_contract", Path(__file__).with_name("test_sglang_payloads.py"))
+contract = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(contract)  # type: ignore[union-attr]
+
+
+class _Done:
+    def is_completed(self) -> bool:
+        return True
+
+    def wait(self) -> bool:
+        return True
+
+
+class LoopbackGroup:
+    """Broadcast between two objects of one process: rank 0 enqueues, rank 1 dequeues."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, rank: int, q: queue.Queue) -> None:
+        self.rank, self.q = rank, q
+        self.broadcasts = 0
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False) -> Any:
+        self.broadcasts += 1
+        if self.rank == 0:
+            self.q.put(tensor.clone())
+        else:
+            tensor.copy_(self.q.get(timeout=30))
+        return _Done() if async_op else None
+
+    def destroy(self) -> None:
+        pass
+
+
+def _hf_config() -> Qwen2Config:
+    return Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                       tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+class Setup:
+    def __init__(self, config: WeightSyncConfig, allow_partial: bool = False) -> None:
+        torch.manual_seed(0)
+        self.app = RolloutServerApp(HFEngine(_hf_config(), lambda ids: "", dtype=torch.float32),
+                                    allow_partial_update=allow_partial)
+        self.paths: list[tuple[str, Any]] = []
+        routes = self.app.routes()
+        self.app.routes = lambda: {p: self._logged(p, f) for p, f in routes.items()}  # type: ignore[method-assign]
+        self.httpd = RolloutHTTPServer(self.app)
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        q: queue.Queue = queue.Queue()
+        self.app.groups["weight_update_group"] = LoopbackGroup(1, q)  # type: ignore[assignment]
+        self.sync = BucketWeightSync(config)
+        self.sync.sender.group = LoopbackGroup(0, q)  # type: ignore[assignment]
+        self.engine = SGLangEngine(SGLangConfig(max_retries=0, control_timeout_s=30), weight_sync=self.sync,
+                                   handles=attach_servers([self.httpd.url]))
+
+    def _logged(self, path: str, fn: Any) -> Any:
+        def call(body: Any) -> Any:
+            self.paths.append((path, body))
+            return fn(body)
+        return call
+
+    def new_state(self) -> dict[str, torch.Tensor]:
+        torch.manual_seed(1)
+        return {n: torch.randn_like(p) for n, p in self.app.engine.model.named_parameters()}
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        self.sync.close()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def make() -> Iterator[Any]:
+    made: list[Setup] = []
+
+    def factory(**kw: Any) -> Setup:
+        allow = kw.pop("allow_partial", False)
+        made.append(Setup(WeightSyncConfig(**kw), allow))
+        return made[-1]
+    yield factory
+    for s in made:
+        s.close()
+
+
+def test_full_sync_sequence_bitwise_and_version(make: Any) -> None:
+    s = make(wire_dtype="fp32", bucket_mb=0.01, backend="gloo")  # ~10 KiB buckets -> several
+    new = s.new_state()
+    s.engine.update_weights(new.items(), version=3)
+    paths = [p for p, _ in s.paths]
+    n_updates = paths.count("/update_weights_from_distributed")
+    assert paths == (["/pause_generation", "/flush_cache", "/begin_weight_update"]
+                     + ["/update_weights_from_distributed"] * n_updates
+                     + ["/end_weight_update", "/flush_cache", "/continue_generation"])
+    assert n_updates == s.sync.last.buckets >= 3 and s.sync.last.tensors == len(new)
+    assert s.app.groups["weight_update_group"].broadcasts == n_updates  # ONE collective per bucket
+    for path, body in s.paths:
+        cls = {"/update_weights_from_distributed": "UpdateWeightsFromDistributedReqInput",
+               "/pause_generation": "PauseGenerationReqInput"}.get(path)
+        if cls:
+            assert contract.check_object(body, cls) == []
+    first = dict(s.paths)["/update_weights_from_distributed"]
+    assert first["load_format"] == "flattened_bucket" and first["weight_version"] == "3"
+    assert first["flush_cache"] is False
+    digest = http_json(s.httpd.url, "/debug/weights")
+    assert digest["weight_version"] == "3" and s.engine.policy_version == 3
+    for name, t in new.items():
+        assert digest["weights"][name]["sha256"] == tensor_sha256(t), name
+    out = http_json(s.httpd.url, "/generate", {"input_ids": [[1, 2, 3]], "return_logprob": True,
+                                                "sampling_params": {"max_new_tokens": 2, "temperature": 0}})
+    assert out[0]["meta_info"]["weight_version"] == "3" and len(out[0]["output_ids"]) == 2
+
+
+def test_bf16_wire_and_per_tensor_protocol(make: Any) -> None:
+    s = make(wire_dtype="bf16", load_format="per_tensor", bucket_mb=1.0, backend="gloo")
+    new = s.new_state()
+    s.engine.update_weights(new.items(), version=1)
+    body = dict(s.paths)["/update_weights_from_distributed"]
+    assert "load_format" not in body and set(body["dtypes"]) == {"bfloat16"}
+    assert s.app.groups["weight_update_group"].broadcasts == len(new)  # per-tensor: one each
+    params = dict(s.app.engine.model.named_parameters())
+    for name, t in new.items():
+        assert torch.equal(params[name].detach(), t.to(torch.bfloat16).float()), name
+
+
+def test_server_refusal_is_reported_not_hung(make: Any) -> None:
+    s = make(wire_dtype="fp32", weight_update_session=False, backend="gloo")
+    with pytest.raises(WeightSyncError, match="between begin_weight_update"):
+        s.engine.update_weights(s.new_state().items(), version=1)
+    assert [p for p, _ in s.paths][-1] == "/continue_generation"  # the engine resumed generation anyway
+
+
+def test_unknown_name_and_partial_update_fail_with_names(make: Any) -> None:
+    s = make(wire_dtype="fp32", backend="gloo")
+    with pytest.raises(WeightSyncError, match="no parameter in the receiving model"):
+        s.engine.update_weights([("model.bogus.weight", torch.zeros(2))], version=1)
+    s.engine.update_weights(s.new_state().items(), version=2)  # the failed sync closed the session: next one works
+    assert http_json(s.httpd.url, "/debug/weights")["weight_version"] == "2"
+    s2 = make(wire_dtype="fp32", backend="gloo")
+    partial = list(s2.new_state().items())[:3]
+    with pytest.raises(WeightSyncError, match="/end_weight_update failed.*parameters were not updated in this session"):
+        s2.engine.update_weights(partial, version=1)
+
+
+def test_update_body_describes_bucket_tensors_in_order() -> None:
+    header, _ = pack_bucket([("w", torch.zeros(2, 3)), ("b", torch.zeros(3))], wire_dtype=torch.bfloat16)
+    body = distributed_update_body(header, "g", 7, flattened=True)
+    assert body == {"names": ["w", "b"], "dtypes": ["bfloat16", "bfloat16"], "shapes": [[2, 3], [3]],
+                    "group_name": "g", "flush_cache": False, "weight_version": "7", "load_format": "flattened_bucket"}
+    assert contract.check_object(body, "UpdateWeightsFromDistributedReqInput") == []
