@@ -93,6 +93,7 @@ class RolloutServerApp:
         self._cond = threading.Condition()
         self._paused, self._pause_epoch = False, 0
         self._session: set[str] | None = None  # names updated in the open weight-update session
+        self._recv_buffer: torch.Tensor | None = None  # reused by every bucket (grown to the largest)
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -213,7 +214,11 @@ class RolloutServerApp:
             return _fail("update_weights_from_distributed must run between begin_weight_update() and "
                          "end_weight_update()")
         with self._model_lock:
-            named = receive_bucket(group, header, flattened=load_format == "flattened_bucket")
+            if load_format == "flattened_bucket" and (self._recv_buffer is None or
+                                                      self._recv_buffer.numel() < header.nbytes):
+                self._recv_buffer = torch.empty(header.nbytes, dtype=torch.uint8, device=group.device)
+            named = receive_bucket(group, header, flattened=load_format == "flattened_bucket",
+                                   buffer=self._recv_buffer)
             try:
                 names = load_into(dict(self.engine.model.named_parameters()), named)
             except BucketError as e:

@@ -14,12 +14,13 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spark_mcore.algo.config import AlgoConfig
-from spark_mcore.algo.logprobs import token_entropy
+from spark_mcore.algo.logprobs import vocab_parallel_entropy
 from spark_mcore.algo.losses import grpo_loss, sft_loss
 from spark_mcore.distributed.parallel import ParallelState
 from spark_mcore.models.config import ModelConfig
 from spark_mcore.models.registry import get_adapter
-from spark_mcore.trainer.batching import micro_batches
+from spark_mcore.distributed.collectives import broadcast_floats, broadcast_tensor
+from spark_mcore.trainer.batching import micro_batches, pad_rows
 from spark_mcore.trainer.config import TrainerConfig
 from spark_mcore.trainer.logits import sequence_logprobs
 from spark_mcore.trainer.optim import build_optimizer
@@ -110,13 +111,20 @@ class MegatronActor:
 
     def _run(self, model: torch.nn.Module, batch: TrainBatch, loss_fn: LossFn,
              forward_only: bool) -> list[dict[str, torch.Tensor]]:
-        mbs = list(micro_batches(batch, self.cfg.micro_batch_size))
+        """Megatron's schedule over equal micro-batches (pipeline p2p needs one shape); the
+        last one is padded with mask-0 rows, which add nothing to losses or metrics.
+        Returns the loss-function outputs (non-empty on the last pipeline stage only)."""
+        size = min(self.cfg.micro_batch_size, batch.num_sequences)
+        mbs = list(micro_batches(pad_rows(batch, size), size))
         self._num_mb = len(mbs)
         norm = self._global_norm(batch)
         fb = get_forward_backward_func()
         return fb(forward_step_func=partial(self._forward_step, loss_fn, norm), data_iterator=iter(mbs),
                   model=[model], num_microbatches=len(mbs), seq_length=batch.tokens.shape[1],
-                  micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
+                  micro_batch_size=size, forward_only=forward_only)
+
+    def _last_stage_rank(self) -> int:
+        return torch.distributed.get_process_group_ranks(self.pstate.pp_group)[-1]
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
@@ -128,18 +136,20 @@ class MegatronActor:
         model.eval()
         outs = self._run(model, batch, lambda mb, logp, logits: (logp.sum() * 0, {"_logp": logp}), True)
         model.train(was_training)
-        return torch.cat([out["_logp"] for out in outs]) * batch.loss_mask
+        logp = torch.cat([out["_logp"] for out in outs])[: batch.num_sequences] if outs else None
+        # the loss lives on the last pipeline stage; every stage gets the values for symmetry
+        logp = broadcast_tensor(logp, tuple(batch.tokens.shape), torch.float32, self._last_stage_rank(),
+                                self.pstate.pp_group)
+        return logp * batch.loss_mask
 
     def _grpo_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, logits: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = mb.loss_mask
         old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
         with torch.no_grad():
-            ent = token_entropy(logits.detach()) if self.pstate.tp_size == 1 else None
-        ent_full = None
-        if ent is not None:
-            ent_full = torch.zeros_like(logp)
-            ent_full[:, 1:] = ent[:, :-1]
+            tp_group = self.pstate.tp_group if self.pstate.tp_size > 1 else None
+            ent = vocab_parallel_entropy(logits.detach()[:, :-1], tp_group)
+        ent_full = torch.nn.functional.pad(ent, (1, 0))
         return grpo_loss(logp, old, mb.ref_logprobs, mb.advantages, mask, self.algo, entropy=ent_full)
 
     def _sft_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, logits: torch.Tensor
@@ -158,9 +168,20 @@ class MegatronActor:
         for out in outs:
             for k, v in out.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v)
+        # per-micro-batch shares were summed on this DP rank; the batch mean sums over DP ranks
+        metrics = self._reduce_metrics(metrics if self.pstate.is_last_stage else None)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["update_skipped"] = 0.0 if ok else 1.0
+        return metrics
+
+    def _reduce_metrics(self, metrics: dict[str, float] | None) -> dict[str, float]:
+        metrics = broadcast_floats(metrics, self._last_stage_rank(), self.pstate.pp_group)
+        if self.pstate.dp_size > 1 and metrics:
+            keys = sorted(metrics)
+            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+            torch.distributed.all_reduce(values, group=self.pstate.dp_group)
+            metrics = dict(zip(keys, values.tolist()))
         return metrics
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:

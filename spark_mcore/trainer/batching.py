@@ -58,6 +58,20 @@ def micro_batches(batch: TrainBatch, micro_batch_size: int) -> Iterator[TrainBat
         yield select(batch, slice(start, start + micro_batch_size))
 
 
+def pad_rows(batch: TrainBatch, multiple: int) -> TrainBatch:
+    """Appends all-padding rows (mask 0, advantage 0) until the row count divides `multiple`."""
+    extra = -batch.num_sequences % multiple
+    if extra == 0:
+        return batch
+
+    def grow(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])
+
+    return replace(batch, tokens=grow(batch.tokens), loss_mask=grow(batch.loss_mask),
+                   advantages=grow(batch.advantages), old_logprobs=grow(batch.old_logprobs),
+                   ref_logprobs=grow(batch.ref_logprobs), kinds=batch.kinds + ["pad"] * extra if batch.kinds else [])
+
+
 def split_for_updates(batch: TrainBatch, updates: int) -> list[TrainBatch]:
     """Splits a policy step's batch into `updates` contiguous mini-batches of near-equal size."""
     n = batch.num_sequences

@@ -151,60 +151,112 @@ def pack_bucket(named: Sequence[tuple[str, torch.Tensor]], wire_dtype: torch.dty
     """Pack all tensors into ONE bucket: (header, flat [nbytes] uint8, a fresh buffer)."""
     total = sum(t.numel() * (wire_dtype.itemsize if wire_dtype is not None and t.is_floating_point()
                              else t.element_size()) for _, t in named)
-    buckets = list(iter_buckets(named, max(1, total), wire_dtype, device, num_buffers=1))
+    buckets = list(iter_buckets(named, total + 1, wire_dtype, device, num_buffers=1))  # +1: never zero-copy
     if len(buckets) != 1:
         raise BucketError("pack_bucket: tensors of mixed element sizes would be unaligned; use iter_buckets")
     return buckets[0]
 
 
-class _Ring:
-    """`n` reusable byte buffers of `capacity` bytes, allocated on first use."""
+class BufferRing:
+    """`num_buffers` reusable bucket buffers of `capacity` bytes, allocated on first use.
 
-    def __init__(self, n: int, capacity: int, device: torch.device | str) -> None:
-        self.buffers: list[torch.Tensor | None] = [None] * n
-        self.capacity, self.device, self.next = capacity, device, 0
+    Keep one across syncs (BucketSender does) so bucket memory is not re-allocated - and on CPU
+    re-faulted page by page - at every sync; `clear()` frees it.
+    """
 
-    def take(self, nbytes: int) -> torch.Tensor:
+    def __init__(self, capacity: int, num_buffers: int = 2) -> None:
+        if capacity <= 0 or num_buffers < 1:
+            raise BucketError(f"capacity={capacity} and num_buffers={num_buffers} must be >= 1")
+        self.capacity, self.num_buffers = capacity, num_buffers
+        self.buffers: list[torch.Tensor | None] = [None] * num_buffers
+        self.next = 0
+
+    def take(self, nbytes: int, device: torch.device | str) -> torch.Tensor:
         slot = self.next
-        self.next = (self.next + 1) % len(self.buffers)
+        self.next = (self.next + 1) % self.num_buffers
         if nbytes > self.capacity:  # one oversized tensor: a buffer of its own, dropped after use
-            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            return torch.empty(nbytes, dtype=torch.uint8, device=device)
         buf = self.buffers[slot]
-        if buf is None:
-            buf = self.buffers[slot] = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
+        if buf is None or buf.device != torch.device(device):
+            buf = self.buffers[slot] = torch.empty(self.capacity, dtype=torch.uint8, device=device)
         return buf
+
+    def clear(self) -> None:
+        self.buffers = [None] * self.num_buffers
+
+
+def _closes_bucket(offset: int, spec: TensorSpec, capacity: int) -> bool:
+    """A non-empty bucket ends before `spec` when it would overflow or land unaligned."""
+    return offset + spec.nbytes > capacity or offset % DTYPES[spec.dtype].itemsize != 0
+
+
+def plan_buckets(specs: Iterable[tuple[str, torch.dtype, Sequence[int]]], bucket_bytes: int) -> list[BucketHeader]:
+    """The headers `iter_buckets` produces for tensors of these (name, wire dtype, shape), without
+    any data: what a receiver that knows the tensor list expects, bucket by bucket."""
+    headers: list[BucketHeader] = []
+    current: list[TensorSpec] = []
+    offset, capacity = 0, bucket_bytes
+    for name, dtype, shape in specs:
+        spec = TensorSpec(name, dtype_name(dtype), tuple(int(s) for s in shape), offset)
+        if current and _closes_bucket(offset, spec, capacity):
+            headers.append(BucketHeader(current, len(headers)))
+            current, offset = [], 0
+            spec = TensorSpec(name, spec.dtype, spec.shape, 0)
+        if not current:
+            capacity = max(bucket_bytes, spec.nbytes)
+        current.append(spec)
+        offset += spec.nbytes
+    if current:
+        headers.append(BucketHeader(current, len(headers)))
+    return headers
+
+
+def _as_bytes_if_whole_bucket(tensor: torch.Tensor, dtype: torch.dtype, nbytes: int, bucket_bytes: int,
+                              device: torch.device) -> torch.Tensor | None:
+    """The tensor's own bytes when it fills a bucket alone and needs no cast, copy or move."""
+    if nbytes < bucket_bytes or tensor.dtype != dtype or not tensor.is_contiguous() or tensor.device != device:
+        return None
+    return tensor.detach().reshape(-1).view(torch.uint8)
 
 
 def iter_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
                  wire_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 num_buffers: int = 2) -> Iterator[tuple[BucketHeader, torch.Tensor]]:
+                 num_buffers: int = 2, ring: BufferRing | None = None) -> Iterator[tuple[BucketHeader, torch.Tensor]]:
     """Stream (name, tensor) into buckets of at most `bucket_bytes` bytes.
 
     Yields (header, flat [header.nbytes] uint8). Each tensor is cast to `wire_dtype` (floating
     tensors only; None keeps dtypes) while it is copied into the bucket on `device` (default:
     the first tensor's device), as soon as it arrives, so the caller's tensor can be freed.
-    A tensor larger than bucket_bytes travels alone. Buffers are reused round-robin over
-    `num_buffers`: a yielded buffer is overwritten when the generator is advanced
-    `num_buffers` more times, so finish its collective before that.
+    A tensor of bucket_bytes or more travels alone; if it needs no cast or move its own memory
+    is yielded (no copy: do not modify it until its collective is done). Buffers come from
+    `ring` (default: a fresh BufferRing of `num_buffers`) round-robin: a yielded buffer is
+    overwritten when the generator is advanced `num_buffers` more times, so finish its
+    collective before that.
     """
-    if bucket_bytes <= 0 or num_buffers < 1:
-        raise BucketError(f"bucket_bytes={bucket_bytes} and num_buffers={num_buffers} must be >= 1")
-    ring: _Ring | None = None
+    if bucket_bytes <= 0:
+        raise BucketError(f"bucket_bytes={bucket_bytes} must be >= 1")
+    ring = ring or BufferRing(bucket_bytes, num_buffers)
+    target: torch.device | None = torch.device(device) if device is not None else None
     specs: list[TensorSpec] = []
     buf: torch.Tensor | None = None
     offset, index = 0, 0
     for name, tensor in named:
         if not isinstance(tensor, torch.Tensor):
             raise BucketError(f"'{name}': expected a torch.Tensor, got {type(tensor).__name__}")
+        target = target or tensor.device
         dtype = wire_dtype if wire_dtype is not None and tensor.is_floating_point() else tensor.dtype
         spec = TensorSpec(name, dtype_name(dtype), tuple(tensor.shape), offset)
-        if specs and (offset + spec.nbytes > buf.numel() or offset % dtype.itemsize):
+        if specs and _closes_bucket(offset, spec, buf.numel()):
             yield BucketHeader(specs, index), buf[:offset]
             specs, offset, index = [], 0, index + 1
             spec = TensorSpec(name, spec.dtype, spec.shape, 0)
         if not specs:
-            ring = ring or _Ring(num_buffers, bucket_bytes, device if device is not None else tensor.device)
-            buf = ring.take(max(bucket_bytes, spec.nbytes))
+            own = _as_bytes_if_whole_bucket(tensor, dtype, spec.nbytes, bucket_bytes, target)
+            if own is not None:
+                yield BucketHeader([spec], index), own
+                index += 1
+                continue
+            buf = ring.take(max(bucket_bytes, spec.nbytes), target)
         # copy_ casts and moves in one pass: no temporary in the wire dtype.
         buf[offset:offset + spec.nbytes].view(dtype).view(spec.shape).copy_(tensor)
         specs.append(spec)
@@ -214,4 +266,4 @@ def iter_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
 
 
 __all__ = ["DTYPES", "WIRE_DTYPES", "BucketError", "TensorSpec", "BucketHeader", "dtype_name", "dtype_from_name",
-           "unpack_bucket", "pack_bucket", "iter_buckets"]
+           "unpack_bucket", "pack_bucket", "iter_buckets", "plan_buckets", "BufferRing"]

@@ -29,6 +29,9 @@ class WeightSyncConfig:
     group_name: SGLang group name; with pipeline parallelism stage s uses "<group_name>_pp<s>".
     pause_mode: /pause_generation mode before a sync ("abort" lets the cache be flushed).
     timeout_s: rendezvous and collective timeout.
+    gather_bucket_mb: parameters whose gathered size fits this go through one TP all-gather.
+    keep_buffers: keep the two bucket buffers (2 x bucket_mb, on the wire device) between syncs
+        instead of allocating them at every sync.
     """
 
     mode: Literal["distributed", "colocated"] = "distributed"
@@ -43,6 +46,7 @@ class WeightSyncConfig:
     pause_mode: Literal["abort", "retract", "in_place"] = "abort"
     timeout_s: float = 600.0
     gather_bucket_mb: float = 256.0
+    keep_buffers: bool = True
 
     def __post_init__(self) -> None:
         if not self.bucket_mb > 0:

@@ -16,15 +16,20 @@ from spark_mcore.weights.groups import WeightUpdateGroup
 
 
 def receive_bucket(group: WeightUpdateGroup, header: BucketHeader, flattened: bool = True,
-                   device: torch.device | str | None = None) -> list[tuple[str, torch.Tensor]]:
+                   device: torch.device | str | None = None, buffer: torch.Tensor | None = None,
+                   ) -> list[tuple[str, torch.Tensor]]:
     """Join the broadcast(s) of one bucket from group rank 0.
 
-    flattened=True: ONE uint8 broadcast of header.nbytes; False: one broadcast per tensor in
-    header order (SGLang's per-tensor protocol). Returns (name, tensor) in header order.
+    flattened=True: ONE uint8 broadcast of header.nbytes, into `buffer` (a reusable 1-D uint8
+    tensor; the returned tensors are views of it, valid until it is reused) when it is large
+    enough, else a fresh allocation; False: one broadcast per tensor in header order (SGLang's
+    per-tensor protocol). Returns (name, tensor) in header order.
     """
     dev = torch.device(device) if device is not None else group.device
     if flattened:
-        flat = torch.empty(header.nbytes, dtype=torch.uint8, device=dev)
+        reuse = buffer is not None and buffer.dtype == torch.uint8 and buffer.device == dev \
+            and buffer.numel() >= header.nbytes
+        flat = buffer[:header.nbytes] if reuse else torch.empty(header.nbytes, dtype=torch.uint8, device=dev)
         group.broadcast(flat, src=0)
         return unpack_bucket(flat, header)
     out = [(t.name, torch.empty(t.shape, dtype=DTYPES[t.dtype], device=dev)) for t in header.tensors]

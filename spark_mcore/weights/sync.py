@@ -34,7 +34,7 @@ import torch
 
 from spark_mcore.rollout import sglang_payloads as P
 from spark_mcore.rollout.sglang import PendingCalls, SGLangClient, SGLangError
-from spark_mcore.weights.bucket import WIRE_DTYPES, iter_buckets, unpack_bucket
+from spark_mcore.weights.bucket import WIRE_DTYPES, BufferRing, iter_buckets, unpack_bucket
 from spark_mcore.weights.config import WeightSyncConfig
 from spark_mcore.weights.groups import WeightUpdateGroup, create_master_store, join_weight_update_group, resolve_backend
 from spark_mcore.weights.server_calls import ServerCalls, distributed_update_body
@@ -63,6 +63,7 @@ class _InFlight:
     pending: PendingCalls
     futures: list[Future]
     works: list[Any]
+    flat: torch.Tensor  # kept alive until the broadcast is done
 
 
 class BucketSender:
@@ -74,6 +75,7 @@ class BucketSender:
         self.group: WeightUpdateGroup | None = None
         self.broken: str | None = None  # set when a bucket failed mid-broadcast
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
+        self.ring: BufferRing | None = None
 
     def connect(self, client: SGLangClient) -> None:
         """Form the group with every server (their ranks from weight_group_layout)."""
@@ -103,9 +105,12 @@ class BucketSender:
         flattened = self.config.load_format == "flattened_bucket"
         stats, start = SyncStats(), time.perf_counter()
         previous: _InFlight | None = None
+        ring = self.ring or BufferRing(self.config.bucket_bytes, num_buffers=2)
+        if self.config.keep_buffers:
+            self.ring = ring
         # Advancing the generator packs (and TP-gathers) bucket k+1 while bucket k is on the wire.
         for header, flat in iter_buckets(named, self.config.bucket_bytes, self.wire_dtype, self.group.device,
-                                         num_buffers=2):
+                                         ring=ring):
             if previous is not None:
                 # One update request in flight per server: a server serves concurrent requests in
                 # no fixed order, and a receive posted for the wrong bucket corrupts the group.
@@ -113,7 +118,7 @@ class BucketSender:
             body = distributed_update_body(header, self.group_name, version, flattened)
             pending, futures = calls.post("/update_weights_from_distributed", lambda k, h, b=body: b)
             parts = [flat] if flattened else [t for _, t in unpack_bucket(flat, header)]
-            previous = _InFlight(pending, futures, [self.group.broadcast(p, async_op=True) for p in parts])
+            previous = _InFlight(pending, futures, [self.group.broadcast(p, async_op=True) for p in parts], flat)
             stats.buckets += 1
             stats.tensors += len(header.tensors)
             stats.bytes += header.nbytes
@@ -146,6 +151,7 @@ class BucketSender:
             raise WeightSyncError(f"weight update failed on a rollout server: {e}") from e
 
     def close(self) -> None:
+        self.ring = None
         if self.group is not None:
             self.group.destroy()
             self.group = None

@@ -1,9 +1,12 @@
-"""Weight sync over a real gloo group: 2 trainer processes (TP2) -> 1 test-server process.
+"""Weight sync over real gloo groups: 2 trainer processes -> 1 test-server process.
 
-The server starts from an HF checkpoint (seed 0); the trainer builds its own random Megatron
-model (seed 7), syncs it with fp32 on the wire, and the server's weights must then equal the
-TP-merged trainer weights BIT FOR BIT, its greedy generations must be those of a local HF
-model holding the trainer weights, and every sample must carry the new policy version.
+The server starts from an HF checkpoint (seed 0). Phase tp2: the trainer (TP2) builds its own
+random Megatron model (seed 7) and syncs it as policy version 1, fp32 on the wire. Phase pp2:
+the same two processes re-form as PP2 (a sender per stage, one weight-update group each,
+taking turns) and sync another random model as version 2. After each phase the server's
+weights must equal the merged trainer weights BIT FOR BIT, its greedy generations must be
+those of a local HF model holding the trainer weights, and every sample must carry the new
+policy version.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from spark_mcore.rollout.sglang import SGLangClient, SGLangConfig, attach_server
 from spark_mcore.rollout.server_app import tensor_sha256
 from spark_mcore.rollout.test_server import TEST_SERVER_COMMAND
 
-pytestmark = pytest.mark.slow  # ~40 s on 2 shared cores (3 processes)
+pytestmark = pytest.mark.slow  # ~45 s on 2 shared cores (3 processes)
 
 VOCAB = 64
 PROMPTS = [[1, 2, 3, 4], [5, 6, 7], [9, 8, 7, 6, 5]]
@@ -43,30 +46,43 @@ def _generate(url: str) -> list[dict[str, Any]]:
     return http_json(url, "/generate", {"input_ids": PROMPTS, "sampling_params": GREEDY, "return_logprob": True})
 
 
-def _trainer(rank: int, url: str, out_dir: str) -> None:
+PHASES = [("tp2", 2, 1, 1, 7), ("pp2", 1, 2, 2, 11)]  # (name, tp, pp, policy version, seed)
+
+
+def _phase(rank: int, url: str, out: Path, name: str, tp: int, pp: int, version: int, seed: int) -> None:
+    from spark_mcore.distributed.parallel import destroy_distributed
     from spark_mcore.weights.config import WeightSyncConfig
     from spark_mcore.weights.megatron_sync import MegatronWeightSync
 
-    ps = init_distributed(ParallelConfig(tp=2, backend="gloo"), seed=7)
+    ps = init_distributed(ParallelConfig(tp=tp, pp=pp, backend="gloo"), seed=seed)
     adapter = get_adapter("qwen2", _cfg())
-    model = adapter.build_model(_cfg(), VOCAB)
-    torch.save({k: v.detach().clone() for k, v in mcore_tp.local_state(model).items()}, Path(out_dir) / f"shard{rank}.pt")
-    client = SGLangClient(attach_servers([url]), SGLangConfig(max_retries=0)) if rank == 0 else None
+    model = adapter.build_model(_cfg(), VOCAB, pre_process=ps.is_first_stage, post_process=ps.is_last_stage)
+    state = {k: v.detach().clone() for k, v in mcore_tp.local_state(model).items()}
+    torch.save({"offset": mcore_tp.layer_offset(model), "tp_rank": ps.tp_rank, "state": state},
+               out / f"{name}_shard{rank}.pt")
+    client = SGLangClient(attach_servers([url]), SGLangConfig(max_retries=0)) if ps.tp_rank == 0 else None
     cfg = WeightSyncConfig(wire_dtype="fp32", backend="gloo", bucket_mb=0.02, gather_bucket_mb=0.02, timeout_s=60)
     sync = MegatronWeightSync(cfg, adapter, ps, client)
     try:
         before = _generate(url) if rank == 0 else None
         sync.connect()
-        stats = sync.sync(model, version=1)
+        stats = sync.sync(model, version=version)
         if rank == 0:
-            after = _generate(url)
-            result = {"before": before, "after": after, "buckets": stats.buckets, "tensors": stats.tensors,
-                      "bytes": stats.bytes, "version": sync.policy_version}
-            (Path(out_dir) / "result.json").write_text(json.dumps(result))
+            result = {"before": before, "after": _generate(url), "digest": http_json(url, "/debug/weights"),
+                      "buckets": stats.buckets, "tensors": stats.tensors, "bytes": stats.bytes,
+                      "version": sync.policy_version}
+            (out / f"{name}_result.json").write_text(json.dumps(result))
     finally:
         sync.close()
         if client is not None:
             client.close()
+        destroy_distributed()
+
+
+def _trainer(rank: int, url: str, out_dir: str) -> None:
+    """Phase tp2 (one sender), then phase pp2 (a sender per stage, two groups, taking turns)."""
+    for phase in PHASES:
+        _phase(rank, url, Path(out_dir), *phase)
 
 
 @pytest.fixture(scope="module")
@@ -79,49 +95,60 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     servers = launch_servers(1, str(tmp / "hf"), 0, ["--threads", "1"], tmp / "logs", command=TEST_SERVER_COMMAND)
     try:
         servers[0].wait_healthy(120, "/health")
-        spawn_workers(_trainer, 2, args=(servers[0].url, str(tmp)), timeout_s=180)
-        digest = http_json(servers[0].url, "/debug/weights")
-        yield {"dir": tmp, "digest": digest, "result": json.loads((tmp / "result.json").read_text())}
+        spawn_workers(_trainer, 2, args=(servers[0].url, str(tmp)), timeout_s=240)
+        yield {"dir": tmp, **{name: json.loads((tmp / f"{name}_result.json").read_text()) for name, *_ in PHASES}}
     finally:
         for s in servers:
             s.terminate(timeout_s=10)
 
 
-def _expected_hf(tmp: Path) -> dict[str, torch.Tensor]:
-    shards = [torch.load(tmp / f"shard{r}.pt") for r in range(2)]
+def _expected_hf(tmp: Path, phase: str) -> dict[str, torch.Tensor]:
+    """Merge the ranks' shards (TP) and stages (PP, global layer names) -> HF tensors."""
     adapter = get_adapter("qwen2", _cfg())
+    by_name: dict[str, dict[int, torch.Tensor]] = {}
+    for r in range(2):
+        shard = torch.load(tmp / f"{phase}_shard{r}.pt")
+        for name, t in shard["state"].items():
+            by_name.setdefault(mcore_tp.shift_layer_index(name, shard["offset"]), {})[shard["tp_rank"]] = t
     out: dict[str, torch.Tensor] = {}
-    for name in shards[0]:
-        full = adapter.merge_tp_shards(name, [s[name] for s in shards])
+    for name, shards in by_name.items():
+        full = adapter.merge_tp_shards(name, [shards[r] for r in sorted(shards)])
         out.update(adapter.mcore_to_hf(name, full))
     return out
 
 
-def test_server_weights_equal_merged_trainer_weights_bitwise(run: dict[str, Any]) -> None:
-    expected = _expected_hf(run["dir"])
-    served = run["digest"]["weights"]
+@pytest.mark.parametrize("phase", [p[0] for p in PHASES])
+def test_server_weights_equal_merged_trainer_weights_bitwise(run: dict[str, Any], phase: str) -> None:
+    expected = _expected_hf(run["dir"], phase)
+    res = run[phase]
+    served = res["digest"]["weights"]
     assert set(served) == set(expected) and len(expected) == 2 * 12 + 3  # q/k/v w+b, o, gate/up/down, 2 norms
     for name, t in expected.items():
         assert served[name]["dtype"] == "float32" and served[name]["shape"] == list(t.shape), name
         assert served[name]["sha256"] == tensor_sha256(t), name
-    res = run["result"]
-    assert res["tensors"] == len(expected) and res["buckets"] >= 3  # 20 KiB buckets: several broadcasts
-    assert res["bytes"] == sum(t.numel() * 4 for t in expected.values())
+    if phase == "tp2":  # one sender sent everything; under pp2 rank 0 reports stage 0's share
+        assert res["tensors"] == len(expected) and res["buckets"] >= 3  # 20 KiB buckets: several broadcasts
+        assert res["bytes"] == sum(t.numel() * 4 for t in expected.values())
+    else:
+        stage0 = [n for n in expected if ".layers.1." not in n and n not in ("model.norm.weight", "lm_head.weight")]
+        assert res["tensors"] == len(stage0)
 
 
-def test_generations_follow_the_new_weights_and_carry_the_version(run: dict[str, Any]) -> None:
+@pytest.mark.parametrize("phase,old,new", [("tp2", "0", "1"), ("pp2", "1", "2")])
+def test_generations_follow_the_new_weights_and_carry_the_version(run: dict[str, Any], phase: str, old: str,
+                                                                  new: str) -> None:
     from transformers import Qwen2ForCausalLM
 
-    res = run["result"]
-    assert res["version"] == 1
-    assert [s["meta_info"]["weight_version"] for s in res["before"]] == ["0"] * len(PROMPTS)
-    assert [s["meta_info"]["weight_version"] for s in res["after"]] == ["1"] * len(PROMPTS)
+    res = run[phase]
+    assert res["version"] == int(new) and res["digest"]["weight_version"] == new
+    assert [s["meta_info"]["weight_version"] for s in res["before"]] == [old] * len(PROMPTS)
+    assert [s["meta_info"]["weight_version"] for s in res["after"]] == [new] * len(PROMPTS)
     before = [s["output_ids"] for s in res["before"]]
     after = [s["output_ids"] for s in res["after"]]
     assert before != after
     torch.set_num_threads(1)
     model = Qwen2ForCausalLM(get_adapter("qwen2").hf_config(_cfg(), VOCAB)).eval()
-    model.load_state_dict(_expected_hf(run["dir"]), strict=True)
+    model.load_state_dict(_expected_hf(run["dir"], phase), strict=True)
     for prompt, got in zip(PROMPTS, after):
         with torch.no_grad():
             out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),

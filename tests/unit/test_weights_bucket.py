@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from spark_mcore.weights.bucket import (
+    BufferRing,
     BucketError,
     BucketHeader,
     TensorSpec,
     iter_buckets,
     pack_bucket,
+    plan_buckets,
     unpack_bucket,
 )
 
@@ -64,10 +66,24 @@ def test_bucket_size_limit_and_oversized_tensor() -> None:
         assert torch.equal(got[name], want)
 
 
-def test_buffers_are_reused_round_robin() -> None:
-    named = [(f"t{i}", torch.full((4,), float(i))) for i in range(4)]  # 16 B each, one per bucket
-    ptrs = [f.data_ptr() for _, f in iter_buckets(named, bucket_bytes=16, num_buffers=2)]
+def test_buffers_are_reused_round_robin_and_across_calls() -> None:
+    named = [(f"t{i}", torch.full((3,), float(i))) for i in range(4)]  # 12 B each, one per 16 B bucket
+    ring = BufferRing(16, num_buffers=2)
+    ptrs = [f.data_ptr() for _, f in iter_buckets(named, bucket_bytes=16, ring=ring)]
     assert ptrs[0] == ptrs[2] and ptrs[1] == ptrs[3] and ptrs[0] != ptrs[1]
+    again = [f.data_ptr() for _, f in iter_buckets(named, bucket_bytes=16, ring=ring)]
+    assert set(again) == set(ptrs)  # a kept ring allocates nothing new
+
+
+def test_whole_bucket_tensor_in_wire_dtype_is_not_copied() -> None:
+    big = torch.arange(8, dtype=torch.float32)  # 32 B >= bucket: travels alone
+    named = [("s", torch.ones(2)), ("big", big), ("t", torch.ones(2))]
+    out = list(iter_buckets(named, bucket_bytes=32))
+    assert [[t.name for t in h.tensors] for h, _ in out] == [["s"], ["big"], ["t"]]
+    assert out[1][1].data_ptr() == big.data_ptr() and out[1][1].numel() == 32  # its own memory
+    cast = list(iter_buckets(named, bucket_bytes=16, wire_dtype=torch.bfloat16))
+    big_bucket = next(f for h, f in cast if h.tensors[0].name == "big")
+    assert big_bucket.data_ptr() != big.data_ptr() and big_bucket.view(torch.bfloat16).tolist() == big.tolist()
 
 
 def test_sglang_lists_and_msgpack_round_trip() -> None:
@@ -116,3 +132,13 @@ def test_unpack_checks_buffer() -> None:
         unpack_bucket(flat[:47], header)
     with pytest.raises(BucketError, match="1-D uint8"):
         unpack_bucket(flat.view(torch.float32), header)
+
+
+def test_plan_buckets_matches_iter_buckets() -> None:
+    named = _named() + [("big", torch.zeros(20)), ("h", torch.ones(3, dtype=torch.float16)),
+                        ("f", torch.ones(2)), ("d", torch.ones(2))]
+    for wire in (None, torch.bfloat16):
+        for limit in (8, 40, 1 << 20):
+            got = [h for h, _ in iter_buckets(named, limit, wire)]
+            specs = [(n, wire if wire is not None else t.dtype, t.shape) for n, t in named]
+            assert plan_buckets(specs, limit) == got, (wire, limit)

@@ -1,0 +1,167 @@
+"""Bandwidth of the bucketed weight sync vs ONE raw broadcast of the same bytes, same group.
+
+    python tools/bench_weight_sync.py [--total-mb 512] [--bucket-mb 64] [--repeats 5]
+                                      [--source-dtype bf16|fp32] [--backend auto]
+
+Two processes form a weight-update group (spark_mcore.weights.groups, the same rendezvous as
+with SGLang). Rank 0 holds a synthetic transformer (embedding + layers of qkv/o/gate/up/down/
+norm tensors, --total-mb of bf16 on the wire) in --source-dtype (bf16 = Megatron bf16 params;
+fp32 adds the cast); rank 1 holds bf16 weights.
+  A  bucketed sync: BucketSender.send (cast while packing into --bucket-mb buckets, one
+     broadcast per bucket, bucket k+1 packed while k is on the wire, buffers kept between
+     syncs); the receiver joins each broadcast with receive_bucket into its reused bucket
+     buffer and rebuilds the tensors as views.
+  B  raw: one broadcast of a preallocated flat buffer of the same total size, nothing else.
+  L  = A plus the receiver copying every tensor into its weights (load_into), reported apart:
+     in SGLang's protocol that copy is serialized with the next bucket.
+Trials cycle A B L; each starts after a 1-element broadcast from rank 0 and ends when rank 1
+is done (a 1-element broadcast back), timed on rank 0. The last line is the median of the
+per-cycle ratios A/B in bandwidth. NCCL is used with >= 2 GPUs, else gloo (CPU). The HTTP
+announce of the real sync is replaced by a no-op (it is one small request per bucket).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spark_mcore.rollout.sglang import PendingCalls  # noqa: E402
+from spark_mcore.weights.bucket import plan_buckets  # noqa: E402
+from spark_mcore.weights.config import WeightSyncConfig  # noqa: E402
+from spark_mcore.weights.groups import create_master_store, join_weight_update_group  # noqa: E402
+from spark_mcore.weights.receiver import load_into, receive_bucket  # noqa: E402
+from spark_mcore.weights.sync import BucketSender  # noqa: E402
+
+PARAMS_7B, PARAMS_32B = 7.6e9, 32.8e9
+
+
+def synthetic_shapes(total_bytes: int, hidden: int = 1024) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of a Qwen-like stack whose bf16 size is about `total_bytes`."""
+    ffn, vocab = hidden * 11 // 4, 32768
+    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
+    layer = [("self_attn.qkv.weight", (hidden * 3 // 2, hidden)), ("self_attn.qkv.bias", (hidden * 3 // 2,)),
+             ("self_attn.o_proj.weight", (hidden, hidden)), ("mlp.gate_proj.weight", (ffn, hidden)),
+             ("mlp.up_proj.weight", (ffn, hidden)), ("mlp.down_proj.weight", (hidden, ffn)),
+             ("input_layernorm.weight", (hidden,)), ("post_attention_layernorm.weight", (hidden,))]
+    per_layer = sum(2 * torch.Size(s).numel() for _, s in layer)
+    layers = max(1, (total_bytes - 2 * vocab * hidden) // per_layer)
+    shapes += [(f"model.layers.{i}.{n}", s) for i in range(layers) for n, s in layer]
+    return shapes
+
+
+class _NoHTTP:
+    """Stands in for ServerCalls: the announce is answered at once."""
+
+    def post(self, path: str, body_for: Any) -> tuple[PendingCalls, list[Future]]:
+        return PendingCalls([]), []
+
+
+def _sync_marker(group: Any, src: int, device: torch.device) -> None:
+    group.broadcast(torch.zeros(1, device=device), src=src)
+
+
+def _worker(rank: int, q: Any, args: argparse.Namespace, backend: str, out: Any) -> None:
+    torch.set_num_threads(1)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    if rank == 0:
+        store = create_master_store("127.0.0.1", 0, 2, 300)
+        q.put(store.port)
+        group = join_weight_update_group("127.0.0.1", store.port, 0, 2, "bench", backend, 300, store=store)
+    else:
+        group = join_weight_update_group("127.0.0.1", q.get(), 1, 2, "bench", backend, 300)
+    shapes = synthetic_shapes(int(args.total_mb * 2**20))
+    cfg = WeightSyncConfig(bucket_mb=args.bucket_mb, wire_dtype="bf16")
+    wire_bytes = sum(2 * torch.Size(s).numel() for _, s in shapes)
+    raw = torch.empty(wire_bytes, dtype=torch.uint8, device=device)
+    if rank == 0:
+        source = torch.float32 if args.source_dtype == "fp32" else torch.bfloat16
+        weights = {n: torch.randn(s, device=device).to(source) for n, s in shapes}
+        sender = BucketSender(cfg, "bench")
+        sender.group = group
+    else:
+        weights = {n: torch.empty(s, dtype=torch.bfloat16, device=device) for n, s in shapes}
+        headers = plan_buckets([(n, torch.bfloat16, s) for n, s in shapes], cfg.bucket_bytes)
+        # a receiver keeps its bucket buffer between buckets and syncs, as the test server does
+        recv_buf = torch.empty(max(h.nbytes for h in headers), dtype=torch.uint8, device=device)
+
+    def trial(kind: str) -> float:
+        _sync_marker(group, 0, device)
+        start = time.perf_counter()
+        if kind in "AL" and rank == 0:
+            sender.send(_NoHTTP(), weights.items(), version=None)  # type: ignore[arg-type]
+        elif kind in "AL":
+            for h in headers:
+                named = receive_bucket(group, h, flattened=True, device=device, buffer=recv_buf)
+                if kind == "L":
+                    load_into(weights, named)
+        else:
+            group.broadcast(raw, src=0)
+        _sync_marker(group, 1, device)
+        if backend == "nccl":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    trial("A"), trial("B"), trial("L")  # warm-up (allocations, connections)
+    times: dict[str, list[float]] = {"A": [], "B": [], "L": []}
+    for _ in range(args.repeats):
+        for kind in ("A", "B", "L"):
+            times[kind].append(trial(kind))
+    if rank == 0:
+        out.put({"times": times, "bytes": wire_bytes, "tensors": len(shapes),
+                 "buckets": len(plan_buckets([(n, torch.bfloat16, s) for n, s in shapes], cfg.bucket_bytes))})
+    group.destroy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--total-mb", type=float, default=512.0, help="bytes on the wire (bf16), MiB")
+    ap.add_argument("--bucket-mb", type=float, default=64.0)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--source-dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
+    args = ap.parse_args()
+    backend = args.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else "gloo"
+    ctx = mp.get_context("spawn")
+    q, out = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, q, args, backend, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        res = out.get(timeout=3600)
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.terminate()
+    gb = res["bytes"] / 1e9
+    bw = {k: [gb / t for t in v] for k, v in res["times"].items()}
+    print(f"backend={backend} bytes={res['bytes']} ({res['bytes'] / 2**20:.0f} MiB bf16) tensors={res['tensors']} "
+          f"buckets={res['buckets']} bucket_mb={args.bucket_mb} source={args.source_dtype} repeats={args.repeats}")
+    for i, (a, b, c) in enumerate(zip(bw["A"], bw["B"], bw["L"])):
+        print(f"cycle {i}: bucketed {a:.3f} GB/s  raw {b:.3f} GB/s  ratio {a / b:.3f}  "
+              f"(bucketed+load {c:.3f} GB/s, ratio {c / b:.3f})")
+    med_a, med_b = statistics.median(bw["A"]), statistics.median(bw["B"])
+    print(f"median bucketed {med_a:.3f} GB/s, raw broadcast {med_b:.3f} GB/s, bucketed+load "
+          f"{statistics.median(bw['L']):.3f} GB/s (ratio {statistics.median(c / b for b, c in zip(bw['B'], bw['L'])):.3f})")
+    for label, n in (("Qwen2.5-7B", PARAMS_7B), ("Qwen2.5-32B", PARAMS_32B)):
+        print(f"estimate {label} ({n:.3g} params, bf16 {2 * n / 1e9:.1f} GB): {2 * n / 1e9 / med_a:.1f} s at the "
+              f"bucketed rate ({backend}, this link)")
+    print(f"median ratio bucketed/raw: {statistics.median(a / b for a, b in zip(bw['A'], bw['B'])):.3f}")
+
+
+if __name__ == "__main__":
+    main()
