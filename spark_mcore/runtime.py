@@ -85,7 +85,7 @@ def build_run(cfg: RunConfig) -> Run:
         raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)}); set 0")
     train_prompts = load_prompts(cfg.data, "train", tokenizer, known_tasks=registered_verifiers())
     test_prompts = load_prompts(cfg.data, "test", tokenizer, known_tasks=registered_verifiers())
-    actor = MegatronActor(cfg.model, cfg.trainer, cfg.algo, pstate, vocab)
+    actor = MegatronActor(cfg.model, cfg.trainer, cfg.algo, pstate, vocab, cfg.parallel)
     if cfg.model.hf_path:
         load_hf_weights(actor, cfg.model.hf_path)
     engine = build_engine_for(cfg, actor, tokenizer)

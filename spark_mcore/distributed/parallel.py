@@ -95,7 +95,7 @@ def _set_device(backend: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-def _initialize_model_parallel(tp: int, pp: int, backend: str) -> None:
+def _initialize_model_parallel(tp: int, pp: int, backend: str, cp: int = 1) -> None:
     """parallel_state.initialize_model_parallel, passing only kwargs this megatron accepts."""
     from megatron.core import parallel_state as ps
 
@@ -104,6 +104,8 @@ def _initialize_model_parallel(tp: int, pp: int, backend: str) -> None:
     if "create_gloo_process_groups" in params:
         # With a gloo default group the extra gloo groups are duplicates (and cost time).
         kwargs["create_gloo_process_groups"] = backend != "gloo"
+    if cp > 1:
+        kwargs["context_parallel_size"] = cp
     ps.initialize_model_parallel(tp, pp, **kwargs)
 
 
@@ -132,15 +134,16 @@ def init_distributed(cfg: ParallelConfig, seed: int = 1234, timeout_s: int = 600
     else:
         backend = str(dist.get_backend())
     world = dist.get_world_size()
-    if world % (cfg.tp * cfg.pp):
+    cfg.check_device()
+    if world % (cfg.tp * cfg.pp * cfg.cp):
         raise ConfigError(
-            f"world size {world} is not divisible by parallel.tp * parallel.pp = "
-            f"{cfg.tp} * {cfg.pp}; launch a multiple of {cfg.tp * cfg.pp} processes"
+            f"world size {world} is not divisible by parallel.tp * parallel.pp * parallel.cp = "
+            f"{cfg.tp} * {cfg.pp} * {cfg.cp}; launch a multiple of {cfg.tp * cfg.pp * cfg.cp} processes"
         )
     device = _set_device(backend)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    _initialize_model_parallel(cfg.tp, cfg.pp, backend)
+    _initialize_model_parallel(cfg.tp, cfg.pp, backend, cfg.cp)
     _seed(seed)
     return ParallelState(
         rank=dist.get_rank(),

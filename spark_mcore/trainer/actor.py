@@ -16,6 +16,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from spark_mcore.algo.config import AlgoConfig
 from spark_mcore.algo.logprobs import vocab_parallel_entropy
 from spark_mcore.algo.losses import grpo_loss, sft_loss
+from spark_mcore.distributed.config import ParallelConfig
 from spark_mcore.distributed.parallel import ParallelState
 from spark_mcore.models.config import ModelConfig
 from spark_mcore.models.registry import get_adapter
@@ -33,26 +34,33 @@ class MegatronActor:
     """Owns the policy (DDP-wrapped chunks), its optimizer/scheduler and a frozen reference."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainerConfig, algo: AlgoConfig,
-                 pstate: ParallelState, vocab_size: int) -> None:
+                 pstate: ParallelState, vocab_size: int, parallel: ParallelConfig | None = None) -> None:
         self.model_cfg, self.cfg, self.algo, self.pstate = model_cfg, cfg, algo, pstate
         self.adapter = get_adapter(model_cfg.family, model_cfg)
         self.vocab_size = vocab_size
-        module = self.adapter.build_model(model_cfg, vocab_size, pre_process=pstate.is_first_stage,
-                                          post_process=pstate.is_last_stage)
+        self.parallel = parallel or ParallelConfig()
+        module = self._build_module()
         self.tf_config = module.config
-        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                use_distributed_optimizer=False)
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=self.parallel.use_distributed_optimizer)
         self.model = DistributedDataParallel(self.tf_config, ddp_cfg, module)
         self.tf_config.finalize_model_grads_func = finalize_model_grads
         self.ref: torch.nn.Module | None = None
         self.optimizer: Any = None
         self.scheduler: Any = None
 
+    def _build_module(self) -> torch.nn.Module:
+        return self.adapter.build_model(self.model_cfg, self.vocab_size, pre_process=self.pstate.is_first_stage,
+                                        post_process=self.pstate.is_last_stage,
+                                        **self.parallel.transformer_overrides())
+
     # ---- setup -------------------------------------------------------------------------------
     def setup_optimizer(self, lr: float, total_steps: int, warmup_steps: int) -> None:
         """(Re)creates Adam + cosine schedule; the SFT warm start and RL each get their own."""
         self.optimizer, self.scheduler = build_optimizer(
-            [self.model], self.cfg, lr, total_steps, warmup_steps, bf16=self.model_cfg.dtype == "bf16")
+            [self.model], self.cfg, lr, total_steps, warmup_steps, bf16=self.model_cfg.dtype == "bf16",
+            distributed=self.parallel.use_distributed_optimizer)
         self.tf_config.grad_scale_func = self.optimizer.scale_loss
 
     def snapshot_reference(self) -> None:
@@ -61,9 +69,7 @@ class MegatronActor:
             self.ref = None
             return
         if self.ref is None:  # modules hold process groups, so build a twin instead of deepcopy
-            self.ref = self.adapter.build_model(self.model_cfg, self.vocab_size,
-                                                pre_process=self.pstate.is_first_stage,
-                                                post_process=self.pstate.is_last_stage)
+            self.ref = self._build_module()
         self.ref.load_state_dict(self.model.module.state_dict())
         self.ref.eval()
         for p in self.ref.parameters():
@@ -115,6 +121,8 @@ class MegatronActor:
         last one is padded with mask-0 rows, which add nothing to losses or metrics.
         Returns the loss-function outputs (non-empty on the last pipeline stage only)."""
         size = min(self.cfg.micro_batch_size, batch.num_sequences)
+        if self.cfg.max_tokens_per_micro_batch:  # token budget: rows of the (padded) length T
+            size = max(1, min(size, self.cfg.max_tokens_per_micro_batch // batch.tokens.shape[1]))
         mbs = list(micro_batches(pad_rows(batch, size), size))
         self._num_mb = len(mbs)
         norm = self._global_norm(batch)

@@ -13,6 +13,8 @@ class TrainerConfig:
     lr / min_lr_ratio / warmup_ratio: cosine schedule from lr to lr*min_lr_ratio after a
         linear warmup over warmup_ratio*steps.
     micro_batch_size: sequences per forward/backward (gradient accumulation up to the batch).
+    max_tokens_per_micro_batch: token budget per micro-batch (rows x padded length); 0 = off.
+        With it, long batches get smaller micro-batches so activation memory stays bounded.
     updates_per_step: optimizer steps per policy step (the batch is split into this many).
     seed: model init and sampling seed.
     """
@@ -27,6 +29,7 @@ class TrainerConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     micro_batch_size: int = 64
+    max_tokens_per_micro_batch: int = 0
     updates_per_step: int = 1
     seed: int = 1234
 

@@ -10,13 +10,14 @@ from spark_mcore.trainer.config import TrainerConfig
 
 
 def build_optimizer(chunks: list[torch.nn.Module], cfg: TrainerConfig, lr: float, total_steps: int,
-                    warmup_steps: int, bf16: bool = False) -> tuple[object, OptimizerParamScheduler]:
+                    warmup_steps: int, bf16: bool = False,
+                    distributed: bool = False) -> tuple[object, OptimizerParamScheduler]:
     """Adam over DDP-wrapped megatron chunks, cosine decay from lr to lr*min_lr_ratio."""
     opt_cfg = OptimizerConfig(
         optimizer="adam", lr=lr, min_lr=lr * cfg.min_lr_ratio, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
         clip_grad=cfg.grad_clip, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=distributed,
     )
     # the extra gloo groups are only for the distributed optimizer checkpoint path
     optimizer = get_megatron_optimizer(opt_cfg, chunks, use_gloo_process_groups=False)

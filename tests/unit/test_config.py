@@ -60,3 +60,21 @@ def test_yaml_type_error_and_missing_file(tmp_path: Path) -> None:
     path.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_run_config(path)
+
+
+def test_parallel_features_that_need_cuda_fail_early_on_cpu() -> None:
+    import torch
+
+    from spark_mcore.distributed.config import ParallelConfig
+
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel=true needs parallel.tp > 1"):
+        load_run_config(None, ["parallel.sequence_parallel=true"])
+    with pytest.raises(ConfigError, match="recompute_method"):
+        load_run_config(None, ["parallel.recompute_granularity=full"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="use_distributed_optimizer=true needs CUDA"):
+            ParallelConfig(use_distributed_optimizer=True).check_device()
+        with pytest.raises(ConfigError, match="sequence_parallel=true needs CUDA"):
+            ParallelConfig(tp=2, sequence_parallel=True).check_device()
+    overrides = ParallelConfig(tp=2, cp=2, recompute_granularity="selective").transformer_overrides()
+    assert overrides["context_parallel_size"] == 2 and overrides["recompute_granularity"] == "selective"

@@ -87,3 +87,28 @@ def test_sft_steps_reduce_loss_and_reference_is_frozen(pstate: object) -> None:
     losses = [actor.sft_step(batch)["sft_loss"] for _ in range(15)]
     assert losses[-1] < 0.5 * losses[0]
     assert torch.equal(actor.compute_logprobs(batch, reference=True), ref_before)
+
+
+def test_token_budget_sets_micro_batch_rows(pstate: object) -> None:
+    actor = _actor(pstate, mbs=6)
+    actor.cfg.max_tokens_per_micro_batch = 25  # T = 10 -> 2 rows per micro-batch
+    seen: list[int] = []
+    original = actor._forward_step
+
+    def spy(loss_fn, norm, data_iterator, model):  # type: ignore[no-untyped-def]
+        out = original(loss_fn, norm, _Recorder(data_iterator, seen), model)
+        return out
+
+    actor._forward_step = spy  # type: ignore[method-assign]
+    actor.compute_logprobs(_batch())
+    assert seen == [2, 2, 2]
+
+
+class _Recorder:
+    def __init__(self, it, seen: list[int]) -> None:  # type: ignore[no-untyped-def]
+        self.it, self.seen = it, seen
+
+    def __next__(self) -> TrainBatch:
+        mb = next(self.it)
+        self.seen.append(mb.num_sequences)
+        return mb
