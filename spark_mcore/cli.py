@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from spark_mcore.config.loader import ConfigError
 

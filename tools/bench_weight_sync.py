@@ -62,7 +62,7 @@ def synthetic_shapes(total_bytes: int, hidden: int = 1024) -> list[tuple[str, tu
 class _NoHTTP:
     """Stands in for ServerCalls: the announce is answered at once."""
 
-    def post(self, path: str, body_for: Any) -> tuple[PendingCalls, list[Future]]:
+    def post(self, path: str, body_for: Any, retry: bool = True) -> tuple[PendingCalls, list[Future]]:
         return PendingCalls([]), []
 
 
@@ -151,16 +151,16 @@ def main() -> None:
     bw = {k: [gb / t for t in v] for k, v in res["times"].items()}
     print(f"backend={backend} bytes={res['bytes']} ({res['bytes'] / 2**20:.0f} MiB bf16) tensors={res['tensors']} "
           f"buckets={res['buckets']} bucket_mb={args.bucket_mb} source={args.source_dtype} repeats={args.repeats}")
-    for i, (a, b, c) in enumerate(zip(bw["A"], bw["B"], bw["L"])):
+    for i, (a, b, c) in enumerate(zip(bw["A"], bw["B"], bw["L"], strict=False)):
         print(f"cycle {i}: bucketed {a:.3f} GB/s  raw {b:.3f} GB/s  ratio {a / b:.3f}  "
               f"(bucketed+load {c:.3f} GB/s, ratio {c / b:.3f})")
     med_a, med_b = statistics.median(bw["A"]), statistics.median(bw["B"])
     print(f"median bucketed {med_a:.3f} GB/s, raw broadcast {med_b:.3f} GB/s, bucketed+load "
-          f"{statistics.median(bw['L']):.3f} GB/s (ratio {statistics.median(c / b for b, c in zip(bw['B'], bw['L'])):.3f})")
+          f"{statistics.median(bw['L']):.3f} GB/s (ratio {statistics.median(c / b for b, c in zip(bw['B'], bw['L'], strict=False)):.3f})")
     for label, n in (("Qwen2.5-7B", PARAMS_7B), ("Qwen2.5-32B", PARAMS_32B)):
         print(f"estimate {label} ({n:.3g} params, bf16 {2 * n / 1e9:.1f} GB): {2 * n / 1e9 / med_a:.1f} s at the "
               f"bucketed rate ({backend}, this link)")
-    print(f"median ratio bucketed/raw: {statistics.median(a / b for a, b in zip(bw['A'], bw['B'])):.3f}")
+    print(f"median ratio bucketed/raw: {statistics.median(a / b for a, b in zip(bw['A'], bw['B'], strict=False)):.3f}")
 
 
 if __name__ == "__main__":

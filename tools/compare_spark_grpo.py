@@ -40,9 +40,9 @@ SHARED = [
     "eval.max_new_tokens=40", "rollout.max_new_tokens=40", "trainer.micro_batch_size=128",
     "logging.progress=false", "logging.tensorboard=false", "checkpoint.resume=false",
 ]
-WARM_START = ["trainer.steps=0", "warmstart.steps=600", "warmstart.batch_size=16", "warmstart.lr=0.002",
+WARM_START = ["warmstart.steps=600", "warmstart.batch_size=16", "warmstart.lr=0.002",
               "warmstart.warmup_steps=20", "warmstart.judge_fraction=0.25"]
-RL = ["warmstart.steps=0", "trainer.steps=12", "data.prompts_per_step=16", "rollout.n=8",
+RL = ["trainer.steps=12", "data.prompts_per_step=16", "rollout.n=8",
       "trainer.lr=0.0003", "trainer.warmup_ratio=0.0"]
 ARMS: dict[str, list[str]] = {"grpo": ["spark.enabled=false"], "spark": ["spark.enabled=true"]}
 MODELS = {"sft": "SFT start", "grpo": "GRPO-only", "spark": "SPARK"}
@@ -89,16 +89,20 @@ def _num(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
-def run_seed(seed: int, out: Path, extra: list[str], eval_set: tuple[list[Any], Any], args: argparse.Namespace
+def run_seed(seed: int, out: Path, eval_set: tuple[list[Any], Any], args: argparse.Namespace
              ) -> dict[str, dict[str, float]]:
+    """Warm start, both arms and the three evaluations for one seed. Override order: shared,
+    --set, phase defaults, --sft-set / --rl-set, then what defines the phase (no RL in the warm
+    start; no second warm start and the SFT export as the start of each arm)."""
     seeds = [f"trainer.seed={seed}", f"data.seed={seed}", f"spark.seed={seed}"]
+    base = [*SHARED, *args.extra, *seeds]
     sft_dir = out / f"seed{seed}" / "sft"
     print(f"seed {seed}: warm start -> {sft_dir}", flush=True)
-    times = {"sft": train_run(sft_dir, [*SHARED, *WARM_START, *seeds, *extra], args.reuse)}
-    start = [f"model.hf_path={sft_dir / 'hf'}", f"data.tokenizer={sft_dir / 'hf'}"]
+    times = {"sft": train_run(sft_dir, [*base, *WARM_START, *args.sft_extra, "trainer.steps=0"], args.reuse)}
+    start = ["warmstart.steps=0", f"model.hf_path={sft_dir / 'hf'}", f"data.tokenizer={sft_dir / 'hf'}"]
     for arm, arm_sets in ARMS.items():
         print(f"seed {seed}: {arm} -> {out / f'seed{seed}' / arm}", flush=True)
-        times[arm] = train_run(out / f"seed{seed}" / arm, [*SHARED, *RL, *seeds, *start, *arm_sets, *extra],
+        times[arm] = train_run(out / f"seed{seed}" / arm, [*base, *RL, *args.rl_extra, *start, *arm_sets],
                                args.reuse)
     results: dict[str, dict[str, float]] = {}
     for name in MODELS:
@@ -132,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--reuse", action="store_true", help="keep runs that already have an hf/ export")
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra train override for every run (e.g. trainer.steps=20)")
+                   help="train override for every run (e.g. model.hidden_size=64)")
+    p.add_argument("--sft-set", dest="sft_extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for the warm-start runs only (e.g. warmstart.steps=300)")
+    p.add_argument("--rl-set", dest="rl_extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for both RL arms (e.g. trainer.steps=20)")
     args = p.parse_args(argv)
     if len(args.seeds) < 1 or args.eval_prompts < 1:
         p.error("--seeds needs at least one seed and --eval-prompts must be >= 1")
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     # one fixed held-out set for every model and seed (data seed 0, the test split)
     prompts = load_prompts(DataConfig(levels=_levels(args.extra), test_size=args.eval_prompts), "test")
     eval_set = (prompts, arith_judge_set(prompts, seed=0))
-    per_seed = {s: run_seed(s, out, args.extra, eval_set, args) for s in args.seeds}
+    per_seed = {s: run_seed(s, out, eval_set, args) for s in args.seeds}
     wall = time.perf_counter() - start
     md = table(per_seed)
     note = (f"\n\n{len(prompts)} held-out arith prompts; judge set: {len(prompts)} pairs (both orders) and "
@@ -156,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "compare.md").write_text(md + note + "\n")
     (out / "compare.json").write_text(json.dumps({"wall_s": wall, "per_seed": per_seed,
                                                    "shared": SHARED, "warm_start": WARM_START, "rl": RL,
-                                                   "extra": args.extra}, indent=2))
+                                                   "extra": args.extra, "sft_extra": args.sft_extra,
+                                                   "rl_extra": args.rl_extra}, indent=2))
     print(f"wrote {out / 'compare.md'} and {out / 'compare.json'}")
     return 0
 

@@ -46,7 +46,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _save_sharded(tmp: Path, run: "Run") -> None:
+def _save_sharded(tmp: Path, run: Run) -> None:
     actor = run.actor
     model_sd = actor.unwrapped.sharded_state_dict(prefix="")
     dist_checkpointing.save(model_sd, str(check_dist_checkpointing_ready(tmp / "model")))
@@ -58,7 +58,7 @@ def _save_sharded(tmp: Path, run: "Run") -> None:
                                 str(check_dist_checkpointing_ready(tmp / "ref")))
 
 
-def save_checkpoint(run: "Run", step: int, trainer_state: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(run: Run, step: int, trainer_state: dict[str, Any] | None = None) -> Path:
     """Writes model/optimizer/reference + trainer state; keeps the newest `checkpoint.keep_last`."""
     root = checkpoint_root(run.run_dir)
     final, tmp = root / f"{STEP_PREFIX}{step}", root / f".tmp-{STEP_PREFIX}{step}"
@@ -88,7 +88,7 @@ def save_checkpoint(run: "Run", step: int, trainer_state: dict[str, Any] | None 
     return final
 
 
-def load_checkpoint(run: "Run", ckpt: Path) -> dict[str, Any]:
+def load_checkpoint(run: Run, ckpt: Path) -> dict[str, Any]:
     """Restores model, reference and optimizer (resharded to this run's TP/PP) and returns the
     trainer state. Call after `setup_optimizer` and `snapshot_reference`."""
     if not (ckpt / "meta.json").is_file():
@@ -111,7 +111,7 @@ def load_checkpoint(run: "Run", ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def export_hf(run: "Run", out_dir: Path) -> Path:
+def export_hf(run: Run, out_dir: Path) -> Path:
     """safetensors + config.json + tokenizer that `AutoModelForCausalLM.from_pretrained` loads."""
     tensors = {name: t.detach().contiguous().clone() for name, t in run.actor.export_hf()}
     if run.pstate.rank != 0:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from spark_mcore.eval.config import EvalConfig
 from spark_mcore.rollout.base import RolloutEngine, SamplingParams
@@ -22,7 +22,7 @@ class EvalResult:
     samples: list[dict[str, object]] = field(default_factory=list)
 
     @classmethod
-    def read(cls, path: str | Path) -> "EvalResult":
+    def read(cls, path: str | Path) -> EvalResult:
         return cls(**json.loads(Path(path).read_text()))
 
     def write(self, path: str | Path) -> None:

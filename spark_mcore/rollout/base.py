@@ -7,8 +7,9 @@ weights as HF-named full tensors. Every completion it returns was produced by th
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -60,6 +61,7 @@ def register_engine(name: str) -> Callable[[EngineFactory], EngineFactory]:
 
 def build_engine(name: str, **kwargs: Any) -> RolloutEngine:
     import spark_mcore.rollout.hf_engine  # noqa: F401  (registers "hf")
+    import spark_mcore.rollout.sglang  # noqa: F401  (registers "sglang")
 
     if name not in _ENGINES:
         raise KeyError(f"rollout.engine '{name}' is unknown; registered engines: {sorted(_ENGINES)}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from spark_mcore.rollout.base import RolloutEngine, SamplingParams
 from spark_mcore.types import Prompt, Rollout, RolloutGroup
@@ -18,7 +18,7 @@ def generate_groups(engine: RolloutEngine, prompts: list[Prompt], encode: Callab
     version = engine.policy_version
     return [
         RolloutGroup(prompt=p, rollouts=[Rollout(p, ids, c, policy_version=version) for c in comps])
-        for p, ids, comps in zip(prompts, prompt_ids, outputs)
+        for p, ids, comps in zip(prompts, prompt_ids, outputs, strict=False)
     ]
 
 

@@ -6,7 +6,7 @@ as HF-named full tensors from the trainer (`update_weights`).
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
@@ -18,7 +18,7 @@ from spark_mcore.types import Completion
 class HFEngine:
     """Generates with a transformers causal LM. `decode` turns ids into text."""
 
-    def __init__(self, hf_config: PretrainedConfig, decode: "callable[[list[int]], str]",
+    def __init__(self, hf_config: PretrainedConfig, decode: callable[[list[int]], str],
                  pad_token_id: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  batch_size: int = 256) -> None:
         self.model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).to(device).eval()
@@ -30,8 +30,8 @@ class HFEngine:
         self._names = {n for n, _ in self.model.named_parameters()}
 
     @classmethod
-    def from_pretrained(cls, path: str, decode: "callable[[list[int]], str]", pad_token_id: int = 0,
-                        batch_size: int = 256) -> "HFEngine":
+    def from_pretrained(cls, path: str, decode: callable[[list[int]], str], pad_token_id: int = 0,
+                        batch_size: int = 256) -> HFEngine:
         """An engine serving an exported Hugging Face directory (for `spark-mcore eval`)."""
         model = AutoModelForCausalLM.from_pretrained(path)
         engine = cls(model.config, decode, pad_token_id=pad_token_id, dtype=model.dtype, batch_size=batch_size)

@@ -118,7 +118,7 @@ class RolloutServerApp:
             if self.gen_delay_s:
                 time.sleep(self.gen_delay_s)
             version = self.weight_version
-            comps = [self.engine.generate([p], sp)[0][0] for p, sp in zip(batch, params)]
+            comps = [self.engine.generate([p], sp)[0][0] for p, sp in zip(batch, params, strict=False)]
         aborted = self._pause_epoch != epoch
         out = [self._item(c, k, version, aborted) for k, c in enumerate(comps)]
         return 200, out[0] if single else out
@@ -134,7 +134,7 @@ class RolloutServerApp:
         logprobs = c.logprobs or [0.0] * len(c.token_ids)
         return {"text": c.text, "output_ids": list(c.token_ids), "meta_info": {
             "id": f"req{k}", "finish_reason": finish, "completion_tokens": len(c.token_ids),
-            "output_token_logprobs": [[float(lp), int(t), None] for lp, t in zip(logprobs, c.token_ids)],
+            "output_token_logprobs": [[float(lp), int(t), None] for lp, t in zip(logprobs, c.token_ids, strict=False)],
             "weight_version": version}}
 
     def pause(self, body: dict[str, Any]) -> Reply:

@@ -6,21 +6,26 @@ Parallel groups come in through `ParallelState`; the model and losses never look
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spark_mcore.algo.config import AlgoConfig
 from spark_mcore.algo.logprobs import vocab_parallel_entropy
 from spark_mcore.algo.losses import grpo_loss, sft_loss
+from spark_mcore.distributed.collectives import broadcast_floats, broadcast_tensor
 from spark_mcore.distributed.config import ParallelConfig
 from spark_mcore.distributed.parallel import ParallelState
 from spark_mcore.models.config import ModelConfig
 from spark_mcore.models.registry import get_adapter
-from spark_mcore.distributed.collectives import broadcast_floats, broadcast_tensor
 from spark_mcore.trainer.batching import micro_batches, pad_rows
 from spark_mcore.trainer.config import TrainerConfig
 from spark_mcore.trainer.logits import sequence_logprobs
@@ -189,7 +194,7 @@ class MegatronActor:
             keys = sorted(metrics)
             values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
             torch.distributed.all_reduce(values, group=self.pstate.dp_group)
-            metrics = dict(zip(keys, values.tolist()))
+            metrics = dict(zip(keys, values.tolist(), strict=False))
         return metrics
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Iterator
 
 import torch
 
@@ -19,12 +19,12 @@ def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id:
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=False)]
     width = max(lengths, default=1)
     width = -(-width // pad_to_multiple) * pad_to_multiple
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.float32)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=False)):
         tokens[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
         mask[i, len(p): len(p) + len(r)] = 1.0
     return tokens, mask
@@ -76,7 +76,7 @@ def split_for_updates(batch: TrainBatch, updates: int) -> list[TrainBatch]:
     """Splits a policy step's batch into `updates` contiguous mini-batches of near-equal size."""
     n = batch.num_sequences
     bounds = [round(i * n / updates) for i in range(updates + 1)]
-    return [select(batch, slice(a, b)) for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [select(batch, slice(a, b)) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
 def groups_to_batch(groups: list[RolloutGroup], eps: float, normalize_std: bool,
@@ -97,5 +97,5 @@ def groups_to_batch(groups: list[RolloutGroup], eps: float, normalize_std: bool,
     keep = ~flat if filter_zero_variance else torch.ones_like(flat)
     if not bool(keep.any()):
         return None, stats
-    kept = [r for r, k in zip(rollouts, keep.tolist()) if k]
+    kept = [r for r, k in zip(rollouts, keep.tolist(), strict=False) if k]
     return rollouts_to_batch(kept, adv[keep], pad_id=pad_id), stats

@@ -91,7 +91,7 @@ class BucketHeader:
             raise BucketError(f"names/dtypes/shapes: need equal non-zero lengths, got "
                               f"{len(names)}, {len(dtypes)}, {len(shapes)}")
         header, offset = cls(index=index), 0
-        for i, (name, dt, shape) in enumerate(zip(names, dtypes, shapes)):
+        for i, (name, dt, shape) in enumerate(zip(names, dtypes, shapes, strict=False)):
             if not isinstance(name, str) or not name:
                 raise BucketError(f"names[{i}]: expected a non-empty string, got {name!r}")
             torch_dtype = dtype_from_name(dt, f"dtypes[{i}]")
@@ -129,7 +129,7 @@ class BucketHeader:
         if not isinstance(index, int):
             raise BucketError(f"header.index: expected an int, got {index!r}")
         header = cls.from_sglang_lists([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], index)
-        for spec, row in zip(header.tensors, rows):
+        for spec, row in zip(header.tensors, rows, strict=False):
             if row[3] != spec.offset:
                 raise BucketError(f"header.tensors['{spec.name}'].offset: {row[3]!r} != contiguous offset "
                                   f"{spec.offset}")

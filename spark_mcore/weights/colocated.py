@@ -86,7 +86,7 @@ class ColocatedWeightSync:
             # One serialization per server TP rank: each rank opens (and releases) its own handle.
             body = tensor_update_body([serialize_for_ipc(payload) for _ in range(tp)], version)
             try:
-                calls.post("/update_weights_from_tensor", lambda k, h: body)[0].wait()
+                calls.post("/update_weights_from_tensor", lambda k, h, b=body: b)[0].wait()
             except SGLangError as e:
                 raise WeightSyncError(f"colocated weight update failed: {e}") from e
             stats.buckets, stats.tensors, stats.bytes = stats.buckets + 1, stats.tensors + len(header.tensors), \

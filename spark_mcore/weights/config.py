@@ -12,9 +12,10 @@ MiB = 1024 * 1024
 class WeightSyncConfig:
     """Trainer -> rollout weight transfer.
 
-    mode: "distributed" = NCCL/gloo broadcast to separate rollout servers
-        (/init_weights_update_group + /update_weights_from_distributed); "colocated" = CUDA IPC
-        handles through /update_weights_from_tensor (trainer and server share GPUs).
+    mode: weight-sync registry name (spark_mcore.weights.registry): "distributed" = NCCL/gloo
+        broadcast to separate rollout servers (/init_weights_update_group +
+        /update_weights_from_distributed); "colocated" = CUDA IPC handles through
+        /update_weights_from_tensor (trainer and server share GPUs).
     bucket_mb: size of one flat bucket (one collective each); tensors larger than this travel
         alone in a bucket of their own size.
     wire_dtype: dtype on the wire ("bf16" default; "fp32" for bitwise tests; "keep" = as trained).
@@ -34,7 +35,7 @@ class WeightSyncConfig:
         instead of allocating them at every sync.
     """
 
-    mode: Literal["distributed", "colocated"] = "distributed"
+    mode: str = "distributed"
     bucket_mb: float = 512.0
     wire_dtype: Literal["bf16", "fp16", "fp32", "keep"] = "bf16"
     load_format: Literal["flattened_bucket", "per_tensor"] = "flattened_bucket"

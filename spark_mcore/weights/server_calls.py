@@ -34,8 +34,13 @@ class ServerCalls:
         self.client = client
         self._pool = ThreadPoolExecutor(max_workers=max(2, max_workers), thread_name_prefix="weight-sync-http")
 
-    def post(self, path: str, body_for: BodyFor) -> tuple[PendingCalls, list[Future]]:
-        """Starts `path` on every live server; returns (PendingCalls for .wait(), the futures)."""
+    def post(self, path: str, body_for: BodyFor, retry: bool = True
+             ) -> tuple[PendingCalls, list[tuple[ServerHandle, Future]]]:
+        """Starts `path` on every live server; returns (PendingCalls for .wait(), (server, future)s).
+
+        retry=False for requests that must not be repeated: a re-sent weight update would make
+        the server wait for a broadcast the trainer never repeats.
+        """
         live = self.client.live()
         if not live:
             raise SGLangError(f"{path}: no live rollout server:\n" + "\n".join(self.client.dead.values()))
@@ -43,13 +48,14 @@ class ServerCalls:
 
         def one(k: int, h: ServerHandle) -> Any:
             res = with_retries(lambda: http_json(h.url, path, body_for(k, h), cfg.control_timeout_s),
-                               cfg.max_retries, cfg.backoff_s, cfg.max_backoff_s, give_up=lambda: not h.alive())
+                               cfg.max_retries if retry else 0, cfg.backoff_s, cfg.max_backoff_s,
+                               give_up=lambda: not h.alive())
             if isinstance(res, dict) and res.get("success") is False:
                 raise SGLangRequestError(f"{path} failed: {res.get('message')}")
             return res
 
         futures = [(h, self._pool.submit(one, k, h)) for k, h in enumerate(live)]
-        return PendingCalls(futures), [f for _, f in futures]
+        return PendingCalls(futures), futures
 
     def call(self, path: str, body: dict[str, Any] | None = None) -> list[Any]:
         """Same body to every live server; waits for all answers."""

@@ -24,6 +24,7 @@ Protocol differences worth knowing (SGLang 0.5.23, checked in tests/unit/test_we
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future
@@ -33,10 +34,15 @@ from typing import Any
 import torch
 
 from spark_mcore.rollout import sglang_payloads as P
-from spark_mcore.rollout.sglang import PendingCalls, SGLangClient, SGLangError
+from spark_mcore.rollout.sglang import PendingCalls, ServerHandle, SGLangClient, SGLangError
 from spark_mcore.weights.bucket import WIRE_DTYPES, BufferRing, iter_buckets, unpack_bucket
 from spark_mcore.weights.config import WeightSyncConfig
-from spark_mcore.weights.groups import WeightUpdateGroup, create_master_store, join_weight_update_group, resolve_backend
+from spark_mcore.weights.groups import (
+    WeightUpdateGroup,
+    create_master_store,
+    join_weight_update_group,
+    resolve_backend,
+)
 from spark_mcore.weights.server_calls import ServerCalls, distributed_update_body
 
 logger = logging.getLogger(__name__)
@@ -61,7 +67,7 @@ class SyncStats:
 @dataclass
 class _InFlight:
     pending: PendingCalls
-    futures: list[Future]
+    futures: list[tuple[ServerHandle, Future]]
     works: list[Any]
     flat: torch.Tensor  # kept alive until the broadcast is done
 
@@ -116,7 +122,7 @@ class BucketSender:
                 # no fixed order, and a receive posted for the wrong bucket corrupts the group.
                 self._finish(previous)
             body = distributed_update_body(header, self.group_name, version, flattened)
-            pending, futures = calls.post("/update_weights_from_distributed", lambda k, h, b=body: b)
+            pending, futures = calls.post("/update_weights_from_distributed", lambda k, h, b=body: b, retry=False)
             parts = [flat] if flattened else [t for _, t in unpack_bucket(flat, header)]
             previous = _InFlight(pending, futures, [self.group.broadcast(p, async_op=True) for p in parts], flat)
             stats.buckets += 1
@@ -130,25 +136,51 @@ class BucketSender:
     def _finish(self, item: _InFlight) -> None:
         """Wait for a bucket's broadcast and its HTTP answers; a server error ends the wait early
         (a broadcast the server never joined would otherwise block until the timeout)."""
-        deadline = time.monotonic() + self.config.timeout_s
-        while not all(w.is_completed() for w in item.works):
-            failed = [f for f in item.futures if f.done() and f.exception() is not None]
-            if failed:
-                # This broadcast will never complete: the group is out of step from here on.
-                self.broken = f"{type(failed[0].exception()).__name__} during bucket broadcast"
-                try:
-                    item.pending.wait(timeout_s=0)
-                except SGLangError as e:
-                    raise WeightSyncError(f"weight update failed on a rollout server: {e}") from e
-            if time.monotonic() > deadline:
-                raise WeightSyncError(f"a weight bucket broadcast did not finish in {self.config.timeout_s}s")
-            time.sleep(0.0005)
+        failure = self._wait_broadcast(item)
+        if failure is not None:
+            handle, error = failure
+            deadline = time.monotonic() + 2.0  # a server that received the bucket answers after the broadcast
+            while not all(w.is_completed() for w in item.works) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            if not all(w.is_completed() for w in item.works):
+                # The server never joined: this broadcast cannot complete, the group is out of step.
+                self.broken = f"{type(error).__name__} from {handle.describe()} during a bucket broadcast"
+            raise WeightSyncError(f"weight update failed on {handle.describe()}: {error}\nlog tail:\n"
+                                  f"{handle.log_tail()}") from error
         for w in item.works:
-            w.wait()
+            w.wait()  # NCCL: orders the current stream after the broadcast (buffer reuse)
         try:
             item.pending.wait(timeout_s=self.config.timeout_s)
         except SGLangError as e:
             raise WeightSyncError(f"weight update failed on a rollout server: {e}") from e
+
+    def _wait_broadcast(self, item: _InFlight) -> tuple[ServerHandle, BaseException] | None:
+        """Block until the broadcast is done or a server's answer is an error (returned)."""
+        wake = threading.Event()
+        failures: list[tuple[ServerHandle, BaseException]] = []
+
+        def on_answer(handle: ServerHandle, fut: Future) -> None:
+            if fut.exception() is not None:
+                failures.append((handle, fut.exception()))
+                wake.set()
+
+        for handle, fut in item.futures:
+            fut.add_done_callback(lambda f, h=handle: on_answer(h, f))
+        if self.group is not None and self.group.backend == "gloo":
+            # gloo's wait blocks the calling CPU thread: a daemon thread waits, nobody polls.
+            threading.Thread(target=lambda: ([w.wait() for w in item.works], wake.set()), daemon=True,
+                             name="weight-bucket-wait").start()
+            done = wake.wait(self.config.timeout_s)
+        else:  # NCCL: completion is a GPU event; poll it (the CPU is idle meanwhile)
+            deadline = time.monotonic() + self.config.timeout_s
+            while not (done := all(w.is_completed() for w in item.works)) and not wake.is_set() \
+                    and time.monotonic() < deadline:
+                time.sleep(0.0002)
+        if failures:
+            return failures[0]
+        if not done and not all(w.is_completed() for w in item.works):
+            raise WeightSyncError(f"a weight bucket broadcast did not finish in {self.config.timeout_s}s")
+        return None
 
     def close(self) -> None:
         self.ring = None

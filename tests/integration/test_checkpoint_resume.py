@@ -10,7 +10,6 @@ import textwrap
 import time
 from pathlib import Path
 
-
 from spark_mcore.checkpoint.io import list_checkpoints
 
 MICRO = [

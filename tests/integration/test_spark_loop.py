@@ -13,7 +13,7 @@ MICRO = [
     "rollout.n=4", "rollout.max_new_tokens=16", "warmstart.steps=2", "warmstart.batch_size=8",
     "warmstart.judge_fraction=0.25", "trainer.steps=2", "trainer.micro_batch_size=16",
     "eval.max_new_tokens=16", "eval.limit=4", "logging.progress=false", "logging.tensorboard=false",
-    "spark.enabled=true", "spark.reward_batch_size=2",
+    "spark.enabled=true", "spark.reward_batch_size=2", "checkpoint.export_hf=false",
 ]
 KINDS = ("pointwise", "pairwise", "reflection")
 

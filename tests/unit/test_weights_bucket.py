@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from spark_mcore.weights.bucket import (
-    BufferRing,
     BucketError,
     BucketHeader,
+    BufferRing,
     TensorSpec,
     iter_buckets,
     pack_bucket,
@@ -31,7 +31,7 @@ def test_layout_is_contiguous_in_order_and_round_trips_bitwise() -> None:
     assert header.nbytes == 48 and flat.dtype == torch.uint8 and flat.numel() == 48
     # bytes 24..31 are b's two float32 values, little-endian
     assert flat[24:32].view(torch.float32).tolist() == [1.5, -2.0]
-    for (name, got), (_, want) in zip(unpack_bucket(flat, header), _named()):
+    for (_, got), (_, want) in zip(unpack_bucket(flat, header), _named(), strict=False):
         assert torch.equal(got, want) and got.shape == want.shape
 
 

@@ -18,8 +18,8 @@ from torch import nn
 
 import spark_mcore.config  # noqa: F401  (import order: config before models.config)
 from spark_mcore.models import mcore_tp
-from spark_mcore.models.registry import get_adapter
 from spark_mcore.models.config import ModelConfig
+from spark_mcore.models.registry import get_adapter
 from spark_mcore.weights import export
 
 
@@ -96,7 +96,7 @@ def _export(monkeypatch: pytest.MonkeyPatch, cfg: ModelConfig, tp: int, pp: int,
     for stage in range(pp):
         results: list[list] = [[] for _ in range(tp)]
 
-        def run(r: int) -> None:
+        def run(r: int, stage: int = stage, results: list[list] = results) -> None:
             model = _stage_module(full, stage, pp, r, tp, cfg.tie_word_embeddings)
             results[r] = list(export.iter_hf_weights(model, adapter, tp_group=r, tp_size=tp, emit=r == 0,
                                                      wire_dtype=wire, gather_bucket_bytes=gather_bytes))

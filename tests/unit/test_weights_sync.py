@@ -16,13 +16,13 @@ import torch
 from transformers import Qwen2Config
 
 from spark_mcore.rollout.hf_engine import HFEngine
-from spark_mcore.rollout.sglang import SGLangConfig, SGLangEngine, attach_servers, http_json
 from spark_mcore.rollout.server_app import RolloutServerApp, tensor_sha256
+from spark_mcore.rollout.sglang import SGLangConfig, SGLangEngine, attach_servers, http_json
 from spark_mcore.rollout.test_server import RolloutHTTPServer
+from spark_mcore.weights.bucket import pack_bucket
 from spark_mcore.weights.config import WeightSyncConfig
 from spark_mcore.weights.server_calls import distributed_update_body
 from spark_mcore.weights.sync import BucketWeightSync, WeightSyncError
-from spark_mcore.weights.bucket import pack_bucket
 
 _spec = importlib.util.spec_from_file_location("sglang_contract", Path(__file__).with_name("test_sglang_payloads.py"))
 contract = importlib.util.module_from_spec(_spec)
@@ -41,6 +41,7 @@ class LoopbackGroup:
     """Broadcast between two objects of one process: rank 0 enqueues, rank 1 dequeues."""
 
     device = torch.device("cpu")
+    backend = "gloo"
 
     def __init__(self, rank: int, q: queue.Queue) -> None:
         self.rank, self.q = rank, q
@@ -176,3 +177,29 @@ def test_update_body_describes_bucket_tensors_in_order() -> None:
     assert body == {"names": ["w", "b"], "dtypes": ["bfloat16", "bfloat16"], "shapes": [[2, 3], [3]],
                     "group_name": "g", "flush_cache": False, "weight_version": "7", "load_format": "flattened_bucket"}
     assert contract.check_object(body, "UpdateWeightsFromDistributedReqInput") == []
+
+
+def test_registry_builds_each_mode_and_they_fit_the_weightsync_hook() -> None:
+    import inspect
+
+    from spark_mcore.config.loader import ConfigError
+    from spark_mcore.weights.registry import build_weight_sync, registered_weight_syncs
+
+    assert registered_weight_syncs() == ["colocated", "distributed"]
+    for mode in registered_weight_syncs():
+        sync = build_weight_sync(WeightSyncConfig(mode=mode))
+        assert list(inspect.signature(sync.__call__).parameters) == ["client", "named_tensors", "version"]
+    with pytest.raises(ConfigError, match="weights.mode 'ipc' is unknown; registered: \\['colocated', 'distributed'\\]"):
+        build_weight_sync(WeightSyncConfig(mode="ipc"))
+
+
+@pytest.mark.parametrize("kw,match", [({"bucket_mb": 0}, "weights.bucket_mb=0"),
+                                      ({"master_port": 70000}, "weights.master_port=70000"),
+                                      ({"pause_mode": "in_place"}, "flush before a sync fails"),
+                                      ({"group_name": ""}, "weights.group_name")])
+def test_config_validation_names_the_field(kw: dict, match: str) -> None:
+    from spark_mcore.config.loader import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        WeightSyncConfig(**kw)
+    assert WeightSyncConfig(bucket_mb=0.5).bucket_bytes == 512 * 1024
