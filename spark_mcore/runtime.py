@@ -86,6 +86,7 @@ def build_run(cfg: RunConfig) -> Run:
     train_prompts = load_prompts(cfg.data, "train", tokenizer, known_tasks=registered_verifiers())
     test_prompts = load_prompts(cfg.data, "test", tokenizer, known_tasks=registered_verifiers())
     actor = MegatronActor(cfg.model, cfg.trainer, cfg.algo, pstate, vocab, cfg.parallel)
+    actor.temperature = cfg.rollout.temperature or 1.0  # log-probs of what the engine samples
     if cfg.model.hf_path:
         load_hf_weights(actor, cfg.model.hf_path)
     engine = build_engine_for(cfg, actor, tokenizer)

@@ -1,12 +1,12 @@
 """Bandwidth of the bucketed weight sync vs ONE raw broadcast of the same bytes, same group.
 
-    python tools/bench_weight_sync.py [--total-mb 512] [--bucket-mb 64] [--repeats 5]
-                                      [--source-dtype bf16|fp32] [--backend auto]
+    python tools/bench_weight_sync.py [--total-mb 1024] [--bucket-mb 512] [--alone-mb 64] [--repeats 5]
+                                      [--hidden 3584 --ffn 18944] [--source-dtype bf16|fp32] [--backend auto]
 
 Two processes form a weight-update group (spark_mcore.weights.groups, the same rendezvous as
-with SGLang). Rank 0 holds a synthetic transformer (embedding + layers of qkv/o/gate/up/down/
-norm tensors, --total-mb of bf16 on the wire) in --source-dtype (bf16 = Megatron bf16 params;
-fp32 adds the cast); rank 1 holds bf16 weights.
+with SGLang). Rank 0 holds synthetic decoder layers with Qwen2.5-7B's tensor shapes (about
+--total-mb of bf16 on the wire) in --source-dtype (bf16 = Megatron bf16 params; fp32 adds the
+cast); rank 1 holds bf16 weights.
   A  bucketed sync: BucketSender.send (cast while packing into --bucket-mb buckets, one
      broadcast per bucket, bucket k+1 packed while k is on the wire, buffers kept between
      syncs); the receiver joins each broadcast with receive_bucket into its reused bucket
@@ -45,18 +45,19 @@ from spark_mcore.weights.sync import BucketSender  # noqa: E402
 PARAMS_7B, PARAMS_32B = 7.6e9, 32.8e9
 
 
-def synthetic_shapes(total_bytes: int, hidden: int = 1024) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of a Qwen-like stack whose bf16 size is about `total_bytes`."""
-    ffn, vocab = hidden * 11 // 4, 32768
-    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
-    layer = [("self_attn.qkv.weight", (hidden * 3 // 2, hidden)), ("self_attn.qkv.bias", (hidden * 3 // 2,)),
+def synthetic_shapes(total_bytes: int, hidden: int = 3584, ffn: int = 18944, kv: int = 512,
+                     ) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of Qwen2-like decoder layers (default: Qwen2.5-7B's hidden 3584, ffn 18944,
+    4 kv heads x 128) - as many as fit `total_bytes` in bf16, at least one. No embedding (1 GB
+    for 7B); the layer tensors are what dominates a sync."""
+    qkv = hidden + 2 * kv
+    layer = [("self_attn.qkv.weight", (qkv, hidden)), ("self_attn.qkv.bias", (qkv,)),
              ("self_attn.o_proj.weight", (hidden, hidden)), ("mlp.gate_proj.weight", (ffn, hidden)),
              ("mlp.up_proj.weight", (ffn, hidden)), ("mlp.down_proj.weight", (hidden, ffn)),
              ("input_layernorm.weight", (hidden,)), ("post_attention_layernorm.weight", (hidden,))]
     per_layer = sum(2 * torch.Size(s).numel() for _, s in layer)
-    layers = max(1, (total_bytes - 2 * vocab * hidden) // per_layer)
-    shapes += [(f"model.layers.{i}.{n}", s) for i in range(layers) for n, s in layer]
-    return shapes
+    layers = max(1, total_bytes // per_layer)
+    return [(f"model.layers.{i}.{n}", s) for i in range(layers) for n, s in layer]
 
 
 class _NoHTTP:
@@ -81,8 +82,8 @@ def _worker(rank: int, q: Any, args: argparse.Namespace, backend: str, out: Any)
         group = join_weight_update_group("127.0.0.1", store.port, 0, 2, "bench", backend, 300, store=store)
     else:
         group = join_weight_update_group("127.0.0.1", q.get(), 1, 2, "bench", backend, 300)
-    shapes = synthetic_shapes(int(args.total_mb * 2**20))
-    cfg = WeightSyncConfig(bucket_mb=args.bucket_mb, wire_dtype="bf16")
+    shapes = synthetic_shapes(int(args.total_mb * 2**20), args.hidden, args.ffn)
+    cfg = WeightSyncConfig(bucket_mb=args.bucket_mb, wire_dtype="bf16", alone_mb=args.alone_mb)
     wire_bytes = sum(2 * torch.Size(s).numel() for _, s in shapes)
     raw = torch.empty(wire_bytes, dtype=torch.uint8, device=device)
     if rank == 0:
@@ -92,7 +93,8 @@ def _worker(rank: int, q: Any, args: argparse.Namespace, backend: str, out: Any)
         sender.group = group
     else:
         weights = {n: torch.empty(s, dtype=torch.bfloat16, device=device) for n, s in shapes}
-        headers = plan_buckets([(n, torch.bfloat16, s) for n, s in shapes], cfg.bucket_bytes)
+        headers = plan_buckets([(n, torch.bfloat16, s) for n, s in shapes], cfg.bucket_bytes, cfg.alone_bytes,
+                               zero_copy=args.source_dtype == "bf16")
         # a receiver keeps its bucket buffer between buckets and syncs, as the test server does
         recv_buf = torch.empty(max(h.nbytes for h in headers), dtype=torch.uint8, device=device)
 
@@ -120,15 +122,20 @@ def _worker(rank: int, q: Any, args: argparse.Namespace, backend: str, out: Any)
             times[kind].append(trial(kind))
     if rank == 0:
         out.put({"times": times, "bytes": wire_bytes, "tensors": len(shapes),
-                 "buckets": len(plan_buckets([(n, torch.bfloat16, s) for n, s in shapes], cfg.bucket_bytes))})
+                 "buckets": len(plan_buckets([(n, torch.bfloat16, s) for n, s in shapes], cfg.bucket_bytes,
+                                             cfg.alone_bytes, zero_copy=args.source_dtype == "bf16"))})
     group.destroy()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--total-mb", type=float, default=512.0, help="bytes on the wire (bf16), MiB")
-    ap.add_argument("--bucket-mb", type=float, default=64.0)
+    ap.add_argument("--total-mb", type=float, default=1024.0, help="about this many MiB on the wire (bf16)")
+    ap.add_argument("--bucket-mb", type=float, default=512.0)
+    ap.add_argument("--hidden", type=int, default=3584, help="layer shapes (default Qwen2.5-7B)")
+    ap.add_argument("--ffn", type=int, default=18944)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--alone-mb", type=float, default=64.0,
+                    help="tensors of at least this size already in bf16 are sent from their own memory (0 = off)")
     ap.add_argument("--source-dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
     args = ap.parse_args()
@@ -150,7 +157,8 @@ def main() -> None:
     gb = res["bytes"] / 1e9
     bw = {k: [gb / t for t in v] for k, v in res["times"].items()}
     print(f"backend={backend} bytes={res['bytes']} ({res['bytes'] / 2**20:.0f} MiB bf16) tensors={res['tensors']} "
-          f"buckets={res['buckets']} bucket_mb={args.bucket_mb} source={args.source_dtype} repeats={args.repeats}")
+          f"buckets={res['buckets']} bucket_mb={args.bucket_mb} alone_mb={args.alone_mb} source={args.source_dtype} "
+          f"repeats={args.repeats}")
     for i, (a, b, c) in enumerate(zip(bw["A"], bw["B"], bw["L"], strict=False)):
         print(f"cycle {i}: bucketed {a:.3f} GB/s  raw {b:.3f} GB/s  ratio {a / b:.3f}  "
               f"(bucketed+load {c:.3f} GB/s, ratio {c / b:.3f})")

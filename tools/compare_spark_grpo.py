@@ -1,11 +1,13 @@
 """GRPO-only vs SPARK on the built-in arith task, from the same SFT start, on a 2-core CPU.
 
     python tools/compare_spark_grpo.py --out runs/compare [--seeds 0 1] [--set key=value ...]
+        [--sft-set key=value ...] [--rl-set key=value ...] [--eval-prompts 64] [--reuse]
 
 Per seed:
   1. warm start once: `spark-mcore train` with trainer.steps=0 (SFT on worked solutions mixed
      with SPARK-format judge tasks, `warmstart.judge_fraction`), exported to <out>/seed<s>/sft/hf;
-  2. two arms start from that export (model.hf_path, data.tokenizer) with the same policy
+  2. two arms start from that export (model.hf_path; data.tokenizer = the warm-start run's own
+     tokenizer directory) with the same policy
      budget (trainer.steps policy steps x data.prompts_per_step prompts x rollout.n samples,
      same seeds): grpo (spark.enabled=false) and spark (spark.enabled=true; its reward steps
      come on top, as in the paper: the budget is counted in policy steps);
@@ -40,7 +42,7 @@ SHARED = [
     "eval.max_new_tokens=40", "rollout.max_new_tokens=40", "trainer.micro_batch_size=128",
     "logging.progress=false", "logging.tensorboard=false", "checkpoint.resume=false",
 ]
-WARM_START = ["warmstart.steps=600", "warmstart.batch_size=16", "warmstart.lr=0.002",
+WARM_START = ["warmstart.steps=450", "warmstart.batch_size=16", "warmstart.lr=0.003",
               "warmstart.warmup_steps=20", "warmstart.judge_fraction=0.25"]
 RL = ["trainer.steps=12", "data.prompts_per_step=16", "rollout.n=8",
       "trainer.lr=0.0003", "trainer.warmup_ratio=0.0"]
@@ -99,7 +101,7 @@ def run_seed(seed: int, out: Path, eval_set: tuple[list[Any], Any], args: argpar
     sft_dir = out / f"seed{seed}" / "sft"
     print(f"seed {seed}: warm start -> {sft_dir}", flush=True)
     times = {"sft": train_run(sft_dir, [*base, *WARM_START, *args.sft_extra, "trainer.steps=0"], args.reuse)}
-    start = ["warmstart.steps=0", f"model.hf_path={sft_dir / 'hf'}", f"data.tokenizer={sft_dir / 'hf'}"]
+    start = ["warmstart.steps=0", f"model.hf_path={sft_dir / 'hf'}", f"data.tokenizer={sft_dir / 'tokenizer'}"]
     for arm, arm_sets in ARMS.items():
         print(f"seed {seed}: {arm} -> {out / f'seed{seed}' / arm}", flush=True)
         times[arm] = train_run(out / f"seed{seed}" / arm, [*base, *RL, *args.rl_extra, *start, *arm_sets],

@@ -10,6 +10,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from transformers import PreTrainedTokenizerFast
+
 from spark_mcore.config.loader import ConfigError, apply_overrides, from_dict
 from spark_mcore.data.chat import encode_prompt, stop_token_ids
 from spark_mcore.data.config import DataConfig
@@ -78,9 +80,27 @@ class EvalModel:
         return SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=self.stop_ids)
 
 
+def load_export_tokenizer(hf_dir: Path) -> Any:
+    """The tokenizer saved with an HF export. A plain tokenizers-backed one (the built-in
+    tokenizer) is loaded as such: `AutoTokenizer` would pick the model type's class (e.g.
+    Qwen2Tokenizer from config.json), whose own pre-tokenizer splits text differently from
+    the tokenizer the model was trained with (transformers 5)."""
+    cfg_path = hf_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    if cfg.get("tokenizer_class") not in _PLAIN_TOKENIZERS or not (hf_dir / "tokenizer.json").is_file():
+        return load_tokenizer(hf_dir)
+    tok = PreTrainedTokenizerFast.from_pretrained(str(hf_dir))
+    if tok.pad_token_id is None:
+        raise ConfigError(f"{hf_dir}: the tokenizer has no pad token; re-export the checkpoint")
+    return tok
+
+
+_PLAIN_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def open_model(checkpoint: str) -> EvalModel:
     hf_dir, run_dir = resolve_hf_dir(checkpoint)
-    tokenizer = load_tokenizer(hf_dir)
+    tokenizer = load_export_tokenizer(hf_dir)
     engine = HFEngine.from_pretrained(str(hf_dir), partial(tokenizer.decode, skip_special_tokens=True),
                                       pad_token_id=tokenizer.pad_token_id or 0)
     return EvalModel(hf_dir, run_dir, tokenizer, engine, partial(encode_prompt, tokenizer),

@@ -98,15 +98,18 @@ class RolloutHTTPServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
 
-def _decoder(model_path: str) -> Any:
-    """The checkpoint's tokenizer decode, or ids as text when the directory has none."""
-    try:
-        from transformers import AutoTokenizer
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
-        tok = AutoTokenizer.from_pretrained(model_path)
-        return lambda ids: tok.decode(ids)
-    except (OSError, ValueError, TypeError):
+
+def _decoder(model_path: str) -> Any:
+    """The checkpoint's tokenizer decode, or ids as text when the directory has no tokenizer
+    (transformers would otherwise build an empty one from config.json alone)."""
+    if not any(Path(model_path, f).is_file() for f in _TOKENIZER_FILES):
         return lambda ids: " ".join(str(i) for i in ids)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    return lambda ids: tok.decode(ids)
 
 
 def build_app(model_path: str, allow_partial_update: bool = False, gen_delay_s: float = 0.0) -> RolloutServerApp:

@@ -52,6 +52,8 @@ class MegatronActor:
         self.model = DistributedDataParallel(self.tf_config, ddp_cfg, module)
         self.tf_config.finalize_model_grads_func = finalize_model_grads
         self.ref: torch.nn.Module | None = None
+        # GRPO log-probs are of the sampling distribution; `sft_step` uses temperature 1
+        self.temperature = 1.0
         self.optimizer: Any = None
         self.scheduler: Any = None
 
@@ -98,7 +100,7 @@ class MegatronActor:
 
     def _loss_wrapper(self, loss_fn: LossFn, mb: TrainBatch, norm: torch.Tensor,
                       logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logp = sequence_logprobs(logits, mb.tokens, self.pstate)
+        logp = sequence_logprobs(logits, mb.tokens, self.pstate, self.temperature)
         loss, metrics = loss_fn(mb, logp, logits)
         # Each micro-batch returns its share of the global mean: summing the shares over
         # micro-batches and DP ranks reproduces the full-batch loss exactly. Megatron divides by
@@ -161,7 +163,7 @@ class MegatronActor:
         old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
         with torch.no_grad():
             tp_group = self.pstate.tp_group if self.pstate.tp_size > 1 else None
-            ent = vocab_parallel_entropy(logits.detach()[:, :-1], tp_group)
+            ent = vocab_parallel_entropy(logits.detach()[:, :-1], tp_group, temperature=self.temperature)
         ent_full = torch.nn.functional.pad(ent, (1, 0))
         return grpo_loss(logp, old, mb.ref_logprobs, mb.advantages, mask, self.algo, entropy=ent_full)
 
@@ -203,7 +205,11 @@ class MegatronActor:
 
     def sft_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step of next-token likelihood on the masked (response) tokens."""
-        return self._optimize(batch, self._sft_loss_fn)
+        sampling_temperature, self.temperature = self.temperature, 1.0
+        try:
+            return self._optimize(batch, self._sft_loss_fn)
+        finally:
+            self.temperature = sampling_temperature
 
     def export_hf(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF-named full tensors of the current policy (world size 1; `weights/` gathers TP/PP)."""

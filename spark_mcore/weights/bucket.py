@@ -190,18 +190,29 @@ def _closes_bucket(offset: int, spec: TensorSpec, capacity: int) -> bool:
     return offset + spec.nbytes > capacity or offset % DTYPES[spec.dtype].itemsize != 0
 
 
-def plan_buckets(specs: Iterable[tuple[str, torch.dtype, Sequence[int]]], bucket_bytes: int) -> list[BucketHeader]:
+def _alone_threshold(bucket_bytes: int, alone_bytes: int | None) -> int:
+    return bucket_bytes if alone_bytes is None or alone_bytes <= 0 else min(alone_bytes, bucket_bytes)
+
+
+def plan_buckets(specs: Iterable[tuple[str, torch.dtype, Sequence[int]]], bucket_bytes: int,
+                 alone_bytes: int | None = None, zero_copy: bool = True) -> list[BucketHeader]:
     """The headers `iter_buckets` produces for tensors of these (name, wire dtype, shape), without
-    any data: what a receiver that knows the tensor list expects, bucket by bucket."""
+    any data: what a receiver that knows the tensor list expects, bucket by bucket.
+    zero_copy=True: the sender's tensors are already in the wire dtype on the wire device (so
+    those of at least `alone_bytes` travel alone); False: every tensor is copied."""
     headers: list[BucketHeader] = []
     current: list[TensorSpec] = []
     offset, capacity = 0, bucket_bytes
+    alone = _alone_threshold(bucket_bytes, alone_bytes) if zero_copy else None
     for name, dtype, shape in specs:
         spec = TensorSpec(name, dtype_name(dtype), tuple(int(s) for s in shape), offset)
-        if current and _closes_bucket(offset, spec, capacity):
+        if current and (_closes_bucket(offset, spec, capacity) or (alone is not None and spec.nbytes >= alone)):
             headers.append(BucketHeader(current, len(headers)))
             current, offset = [], 0
             spec = TensorSpec(name, spec.dtype, spec.shape, 0)
+        if not current and alone is not None and spec.nbytes >= alone:
+            headers.append(BucketHeader([spec], len(headers)))
+            continue
         if not current:
             capacity = max(bucket_bytes, spec.nbytes)
         current.append(spec)
@@ -211,31 +222,33 @@ def plan_buckets(specs: Iterable[tuple[str, torch.dtype, Sequence[int]]], bucket
     return headers
 
 
-def _as_bytes_if_whole_bucket(tensor: torch.Tensor, dtype: torch.dtype, nbytes: int, bucket_bytes: int,
-                              device: torch.device) -> torch.Tensor | None:
-    """The tensor's own bytes when it fills a bucket alone and needs no cast, copy or move."""
-    if nbytes < bucket_bytes or tensor.dtype != dtype or not tensor.is_contiguous() or tensor.device != device:
+def _own_bytes(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The tensor's own memory as bytes when it needs no cast, copy or move."""
+    if tensor.dtype != dtype or not tensor.is_contiguous() or tensor.device != device:
         return None
     return tensor.detach().reshape(-1).view(torch.uint8)
 
 
 def iter_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
                  wire_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 num_buffers: int = 2, ring: BufferRing | None = None) -> Iterator[tuple[BucketHeader, torch.Tensor]]:
+                 num_buffers: int = 2, ring: BufferRing | None = None,
+                 alone_bytes: int | None = None) -> Iterator[tuple[BucketHeader, torch.Tensor]]:
     """Stream (name, tensor) into buckets of at most `bucket_bytes` bytes.
 
     Yields (header, flat [header.nbytes] uint8). Each tensor is cast to `wire_dtype` (floating
     tensors only; None keeps dtypes) while it is copied into the bucket on `device` (default:
     the first tensor's device), as soon as it arrives, so the caller's tensor can be freed.
-    A tensor of bucket_bytes or more travels alone; if it needs no cast or move its own memory
-    is yielded (no copy: do not modify it until its collective is done). Buffers come from
-    `ring` (default: a fresh BufferRing of `num_buffers`) round-robin: a yielded buffer is
-    overwritten when the generator is advanced `num_buffers` more times, so finish its
-    collective before that.
+    A tensor of at least min(alone_bytes, bucket_bytes) that needs no cast or move travels
+    alone, straight from its own memory (no copy: leave it unmodified until its collective is
+    done); any other tensor larger than bucket_bytes travels alone in a buffer of its own.
+    Buffers come from `ring` (default: a fresh BufferRing of `num_buffers`) round-robin: a
+    yielded buffer is overwritten when the generator is advanced `num_buffers` more times, so
+    finish its collective before that.
     """
     if bucket_bytes <= 0:
         raise BucketError(f"bucket_bytes={bucket_bytes} must be >= 1")
     ring = ring or BufferRing(bucket_bytes, num_buffers)
+    alone = _alone_threshold(bucket_bytes, alone_bytes)
     target: torch.device | None = torch.device(device) if device is not None else None
     specs: list[TensorSpec] = []
     buf: torch.Tensor | None = None
@@ -246,16 +259,16 @@ def iter_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
         target = target or tensor.device
         dtype = wire_dtype if wire_dtype is not None and tensor.is_floating_point() else tensor.dtype
         spec = TensorSpec(name, dtype_name(dtype), tuple(tensor.shape), offset)
-        if specs and _closes_bucket(offset, spec, buf.numel()):
+        own = _own_bytes(tensor, dtype, target) if spec.nbytes >= alone else None
+        if specs and (own is not None or _closes_bucket(offset, spec, buf.numel())):
             yield BucketHeader(specs, index), buf[:offset]
             specs, offset, index = [], 0, index + 1
             spec = TensorSpec(name, spec.dtype, spec.shape, 0)
+        if own is not None:
+            yield BucketHeader([spec], index), own
+            index += 1
+            continue
         if not specs:
-            own = _as_bytes_if_whole_bucket(tensor, dtype, spec.nbytes, bucket_bytes, target)
-            if own is not None:
-                yield BucketHeader([spec], index), own
-                index += 1
-                continue
             buf = ring.take(max(bucket_bytes, spec.nbytes), target)
         # copy_ casts and moves in one pass: no temporary in the wire dtype.
         buf[offset:offset + spec.nbytes].view(dtype).view(spec.shape).copy_(tensor)

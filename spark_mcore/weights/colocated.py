@@ -12,7 +12,7 @@ unpickler accepts) and copies them into its weights before it answers.
 This is the one place where we PRODUCE a pickle, because SGLang's endpoint takes nothing
 else; we never unpickle anything (our test server rejects this endpoint). The buffer must
 stay alive and unmodified until the server has answered, so buckets go one at a time per
-buffer (two buffers alternate). Needs CUDA; tested in tests/gpu.
+buffer (two buffers alternate). Needs CUDA; tested in tests/gpu/test_weights_gpu.py.
 
 Limitation: a single sender (the stage's tp_rank 0) serves every server TP rank from its
 own GPU; per-GPU senders (each server rank reading from the trainer rank on its own GPU)
@@ -80,7 +80,7 @@ class ColocatedWeightSync:
         stats, start = SyncStats(), time.perf_counter()
         device = torch.device("cuda", torch.cuda.current_device())
         for header, flat in iter_buckets(named, self.config.bucket_bytes, WIRE_DTYPES[self.config.wire_dtype],
-                                         device, num_buffers=2):
+                                         device, num_buffers=2, alone_bytes=self.config.alone_bytes):
             torch.cuda.current_stream().synchronize()  # the server reads on its own stream
             payload = ipc_payload(header, flat)
             # One serialization per server TP rank: each rank opens (and releases) its own handle.

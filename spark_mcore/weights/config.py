@@ -31,6 +31,9 @@ class WeightSyncConfig:
     pause_mode: /pause_generation mode before a sync ("abort" lets the cache be flushed).
     timeout_s: rendezvous and collective timeout.
     gather_bucket_mb: parameters whose gathered size fits this go through one TP all-gather.
+    alone_mb: a tensor of at least this size that is already in the wire dtype on the wire
+        device is broadcast straight from its own memory, alone in its bucket (no copy);
+        0 = only tensors that fill a whole bucket.
     keep_buffers: keep the two bucket buffers (2 x bucket_mb, on the wire device) between syncs
         instead of allocating them at every sync.
     """
@@ -47,11 +50,14 @@ class WeightSyncConfig:
     pause_mode: Literal["abort", "retract", "in_place"] = "abort"
     timeout_s: float = 600.0
     gather_bucket_mb: float = 256.0
+    alone_mb: float = 64.0
     keep_buffers: bool = True
 
     def __post_init__(self) -> None:
         if not self.bucket_mb > 0:
             raise ConfigError(f"weights.bucket_mb={self.bucket_mb} must be > 0 (default 512)")
+        if self.alone_mb < 0:
+            raise ConfigError(f"weights.alone_mb={self.alone_mb} must be >= 0 (0 = whole-bucket tensors only)")
         if not self.gather_bucket_mb > 0:
             raise ConfigError(f"weights.gather_bucket_mb={self.gather_bucket_mb} must be > 0 (default 256)")
         if not 0 <= self.master_port < 65536:
@@ -69,6 +75,10 @@ class WeightSyncConfig:
     @property
     def bucket_bytes(self) -> int:
         return max(1, int(self.bucket_mb * MiB))
+
+    @property
+    def alone_bytes(self) -> int | None:
+        return int(self.alone_mb * MiB) if self.alone_mb > 0 else None
 
     @property
     def gather_bucket_bytes(self) -> int:

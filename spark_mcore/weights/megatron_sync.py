@@ -98,11 +98,15 @@ class MegatronWeightSync:
             self.policy_version = version
             return None
         assert self.calls is not None and self.sender is not None
+        begin_error: Exception | None = None
         if self.is_coordinator:
-            begin_update(self.calls, self.config, pause=True)
+            try:
+                begin_update(self.calls, self.config, pause=True)
+            except Exception as e:  # noqa: BLE001  (raised in stage 0's turn: the other stages must not hang)
+                begin_error = e
         stats: list[SyncStats] = []
         try:
-            self._in_turns(lambda: stats.append(self.sender.send(self.calls, self._export(models, True), version)))
+            self._in_turns(lambda: stats.append(self._send_stage(models, version, begin_error)))
         except BaseException:
             if self.is_coordinator:
                 end_update_after_failure(self.calls, self.config, resume=True)
@@ -114,6 +118,19 @@ class MegatronWeightSync:
         logger.info("weight sync v%d stage %d: %d buckets, %.1f MB in %.2fs (%.2f GB/s)", version, self.ps.pp_rank,
                     self.last.buckets, self.last.bytes / 1e6, self.last.seconds, self.last.gbps)
         return self.last
+
+    def _send_stage(self, models: torch.nn.Module | Sequence[torch.nn.Module], version: int,
+                    begin_error: Exception | None) -> SyncStats:
+        """This stage's turn on its sender; on failure the export is still run to the end, since
+        the stage's other TP ranks are inside its all-gathers."""
+        export = self._export(models, emit=True)
+        try:
+            if begin_error is not None:
+                raise begin_error
+            return self.sender.send(self.calls, export, version)
+        except BaseException:
+            drain(export)
+            raise
 
     def close(self) -> None:
         if self.sender is not None:

@@ -116,7 +116,7 @@ class BucketSender:
             self.ring = ring
         # Advancing the generator packs (and TP-gathers) bucket k+1 while bucket k is on the wire.
         for header, flat in iter_buckets(named, self.config.bucket_bytes, self.wire_dtype, self.group.device,
-                                         ring=ring):
+                                         ring=ring, alone_bytes=self.config.alone_bytes):
             if previous is not None:
                 # One update request in flight per server: a server serves concurrent requests in
                 # no fixed order, and a receive posted for the wrong bucket corrupts the group.

@@ -13,7 +13,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from spark_mcore.cli import main
 from spark_mcore.data.arith import arith_problems, solve
+from spark_mcore.data.chat import encode_prompt
 from spark_mcore.data.tokenizer import build_tokenizer
+from spark_mcore.eval.cli import open_model
 from spark_mcore.eval.judge_eval import (
     arith_judge_set,
     judge_eval,
@@ -162,6 +164,15 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
                       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     Qwen2ForCausalLM(cfg).save_pretrained(out)
     return out
+
+
+def test_an_export_is_evaluated_with_the_tokenizer_it_was_trained_with(tiny_hf: Path) -> None:
+    # config.json says qwen2, but the saved tokenizer is the built-in one: same ids as training
+    trained = build_tokenizer(None, corpus_texts())
+    model = open_model(str(tiny_hf))
+    for p in PROMPTS:
+        assert model.encode(p) == encode_prompt(trained, p)
+    assert model.stop_ids == [3, 1] and model.params(7).max_new_tokens == 7
 
 
 def test_eval_command_self_reflect_and_builtin_reward_bench(tiny_hf: Path, tmp_path: Path, capsys) -> None:

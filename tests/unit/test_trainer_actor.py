@@ -41,13 +41,15 @@ def _batch() -> TrainBatch:
     return TrainBatch(tokens=tokens, loss_mask=mask, advantages=torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0]))
 
 
-def test_logprobs_match_log_softmax(pstate: object) -> None:
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_log_softmax(pstate: object, temperature: float) -> None:
     actor = _actor(pstate, mbs=4)
+    actor.temperature = temperature  # log-probs of the distribution the engine sampled from
     batch = _batch()
     got = actor.compute_logprobs(batch)
     with torch.no_grad():
         logits = actor.adapter.forward(actor.unwrapped.eval(), batch.tokens)
-    ref = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, batch.tokens[:, 1:, None])[..., 0]
+    ref = torch.log_softmax(logits.float() / temperature, -1)[:, :-1].gather(-1, batch.tokens[:, 1:, None])[..., 0]
     expected = torch.nn.functional.pad(ref, (1, 0)) * batch.loss_mask
     assert torch.allclose(got, expected, atol=1e-6)
     assert torch.all(got[batch.loss_mask == 0] == 0)

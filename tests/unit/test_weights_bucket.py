@@ -139,6 +139,15 @@ def test_plan_buckets_matches_iter_buckets() -> None:
                         ("f", torch.ones(2)), ("d", torch.ones(2))]
     for wire in (None, torch.bfloat16):
         for limit in (8, 40, 1 << 20):
-            got = [h for h, _ in iter_buckets(named, limit, wire)]
-            specs = [(n, wire if wire is not None else t.dtype, t.shape) for n, t in named]
-            assert plan_buckets(specs, limit) == got, (wire, limit)
+            for alone in (None, 16):
+                got = [h for h, _ in iter_buckets(named, limit, wire, alone_bytes=alone)]
+                specs = [(n, wire if wire is not None else t.dtype, t.shape) for n, t in named]
+                assert plan_buckets(specs, limit, alone, zero_copy=wire is None) == got, (wire, limit, alone)
+
+
+def test_alone_bytes_sends_large_wire_dtype_tensors_uncopied() -> None:
+    named = [("s", torch.ones(2)), ("m", torch.arange(6.0)), ("t", torch.ones(2))]  # 8 B, 24 B, 8 B
+    out = list(iter_buckets(named, bucket_bytes=64, alone_bytes=16))
+    assert [[t.name for t in h.tensors] for h, _ in out] == [["s"], ["m"], ["t"]]
+    assert out[1][1].data_ptr() == named[1][1].data_ptr()
+    assert [[t.name for t in h.tensors] for h, _ in iter_buckets(named, 64)] == [["s", "m", "t"]]

@@ -1,6 +1,6 @@
 """Colocated (CUDA IPC) payload on CPU: its records rebuild the bucket exactly as SGLang 0.5.23's
 flattened_bucket loader does (fields of FlattenedTensorMetadata); the IPC transfer itself is
-tested in tests/gpu/test_weights_colocated.py."""
+tested in tests/gpu/test_weights_gpu.py."""
 
 from __future__ import annotations
 

@@ -66,16 +66,17 @@ def _hf_config() -> Qwen2Config:
 
 
 class Setup:
-    def __init__(self, config: WeightSyncConfig, allow_partial: bool = False) -> None:
+    def __init__(self, config: WeightSyncConfig, allow_partial: bool = False, hf_config: Any = None) -> None:
         torch.manual_seed(0)
-        self.app = RolloutServerApp(HFEngine(_hf_config(), lambda ids: "", dtype=torch.float32),
+        self.app = RolloutServerApp(HFEngine(hf_config or _hf_config(), lambda ids: "", dtype=torch.float32),
                                     allow_partial_update=allow_partial)
         self.paths: list[tuple[str, Any]] = []
         routes = self.app.routes()
         self.app.routes = lambda: {p: self._logged(p, f) for p, f in routes.items()}  # type: ignore[method-assign]
         self.httpd = RolloutHTTPServer(self.app)
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        q: queue.Queue = queue.Queue()
+        self.q: queue.Queue = queue.Queue()
+        q = self.q
         self.app.groups["weight_update_group"] = LoopbackGroup(1, q)  # type: ignore[assignment]
         self.sync = BucketWeightSync(config)
         self.sync.sender.group = LoopbackGroup(0, q)  # type: ignore[assignment]
@@ -159,6 +160,43 @@ def test_server_refusal_is_reported_not_hung(make: Any) -> None:
     assert [p for p, _ in s.paths][-1] == "/continue_generation"  # the engine resumed generation anyway
 
 
+class _NeverJoined:
+    """A sender-side broadcast nobody receives: its work never completes."""
+
+    device, backend = torch.device("cpu"), "gloo"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False) -> Any:
+        release = self.release
+
+        class Work:
+            def is_completed(self) -> bool:
+                return release.is_set()
+
+            def wait(self) -> bool:
+                return release.wait(60)
+        return Work()
+
+    def destroy(self) -> None:
+        self.release.set()
+
+
+def test_refusal_before_the_broadcast_fails_fast_and_marks_the_group(make: Any) -> None:
+    import time
+
+    s = make(wire_dtype="fp32", weight_update_session=False, backend="gloo")
+    s.sync.sender.group = _NeverJoined()  # type: ignore[assignment]
+    start = time.monotonic()
+    with pytest.raises(WeightSyncError, match="between begin_weight_update"):
+        s.engine.update_weights(s.new_state().items(), version=1)
+    assert time.monotonic() - start < 10  # not the 600 s collective timeout
+    assert "during a bucket broadcast" in s.sync.sender.broken
+    with pytest.raises(WeightSyncError, match="out of step after an earlier failure"):
+        s.engine.update_weights(s.new_state().items(), version=2)
+
+
 def test_unknown_name_and_partial_update_fail_with_names(make: Any) -> None:
     s = make(wire_dtype="fp32", backend="gloo")
     with pytest.raises(WeightSyncError, match="no parameter in the receiving model"):
@@ -203,3 +241,41 @@ def test_config_validation_names_the_field(kw: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         WeightSyncConfig(**kw)
     assert WeightSyncConfig(bucket_mb=0.5).bucket_bytes == 512 * 1024
+
+
+def test_megatron_weight_sync_one_rank_and_failed_begin() -> None:
+    from types import SimpleNamespace
+
+    from spark_mcore.models.registry import get_adapter
+    from spark_mcore.weights.megatron_sync import MegatronWeightSync
+
+    spec = importlib.util.spec_from_file_location("export_helpers", Path(__file__).with_name("test_weights_export.py"))
+    exp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exp)  # type: ignore[union-attr]
+    cfg = exp._cfg(False)
+    adapter = get_adapter("qwen2", cfg)
+    hf_state = exp._hf_state(cfg)
+    model = exp._stage_module(adapter.hf_to_mcore(hf_state), 0, 1, 0, 1, False)  # tp 1, pp 1
+    s = Setup(WeightSyncConfig(), hf_config=adapter.hf_config(cfg, cfg.vocab_size))
+    ps = SimpleNamespace(rank=0, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, dp_rank=0, tp_group=None, pp_group=None)
+    sync = MegatronWeightSync(WeightSyncConfig(wire_dtype="fp32", bucket_mb=0.02, backend="gloo"), adapter, ps,
+                              client=s.engine.client)
+    sync.sender.group = LoopbackGroup(0, s.q)  # type: ignore[assignment, union-attr]
+    try:
+        stats = sync.sync(model, version=5)
+        paths = [p for p, _ in s.paths]
+        assert paths[:3] == ["/pause_generation", "/flush_cache", "/begin_weight_update"]
+        assert paths[-3:] == ["/end_weight_update", "/flush_cache", "/continue_generation"]
+        assert stats is not None and stats.tensors == len(hf_state) and sync.policy_version == 5
+        digest = http_json(s.httpd.url, "/debug/weights")
+        assert digest["weight_version"] == "5"
+        assert all(digest["weights"][n]["sha256"] == tensor_sha256(t) for n, t in hf_state.items())
+        s.app.begin_update()  # a session left open by someone else: /begin_weight_update is refused
+        s.paths.clear()
+        with pytest.raises(WeightSyncError, match="/begin_weight_update failed.*already open"):
+            sync.sync(model, version=6)
+        assert [p for p, _ in s.paths][-1] == "/continue_generation"  # generation resumed after the failure
+        assert sync.policy_version == 5
+    finally:
+        sync.close()
+        s.close()
