@@ -7,9 +7,10 @@ bucket k is on the wire, bucket k+1 is gathered and packed into the second buffe
 request is posted only after bucket k's answer, because a server handles concurrent HTTP
 requests in no guaranteed order and must post its receives in the sender's order.
 
-A full sync (`run_sync`): pause generation -> flush cache -> begin_weight_update -> buckets ->
-end_weight_update -> flush cache -> continue generation; the policy version travels as
-`weight_version` with every bucket, and the servers stamp it on every sample they generate.
+A full sync (MegatronWeightSync.sync, or SGLangEngine.update_weights with BucketWeightSync):
+pause generation -> flush cache -> begin_weight_update -> buckets -> end_weight_update ->
+flush cache -> continue generation; the policy version travels as `weight_version` with every
+bucket, and the servers stamp it on every sample they generate.
 
 Protocol differences worth knowing (SGLang 0.5.23, checked in tests/unit/test_weights_sync.py):
   * load_format="flattened_bucket" (default): one broadcast per bucket; the body's
