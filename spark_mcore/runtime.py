@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import torch
-
 from spark_mcore.config.loader import ConfigError, to_dict
 from spark_mcore.config.run import RunConfig
 from spark_mcore.data.chat import encode_prompt, stop_token_ids
@@ -18,12 +16,11 @@ from spark_mcore.data.tokenizer import get_tokenizer
 from spark_mcore.distributed.parallel import ParallelState, init_distributed
 from spark_mcore.metrics import MetricsLogger
 from spark_mcore.rewards import VerifierPool, registered_verifiers
-from spark_mcore.rollout.base import RolloutEngine, build_engine
+from spark_mcore.rollout.base import RolloutEngine
+from spark_mcore.rollout.builders import EngineContext, WeightPusher, build_rollout
 from spark_mcore.spark.templates import corpus_texts
 from spark_mcore.trainer.actor import MegatronActor
 from spark_mcore.types import Prompt
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -36,25 +33,23 @@ class Run:
     stop_ids: list[int]
     actor: MegatronActor
     engine: RolloutEngine
+    weights: WeightPusher  # how the actor's weights reach `engine` (see spark_mcore.rollout.builders)
     pool: VerifierPool
     logger: MetricsLogger
     loader: PromptLoader
     test_prompts: list[Prompt]
 
+    def push_weights(self, version: int) -> None:
+        """The actor's current weights become the engine's policy `version` (collective)."""
+        self.weights.push(version)
+
     def close(self) -> None:
         self.pool.close()
         self.logger.close()
-        self.engine.shutdown()
-
-
-def build_engine_for(cfg: RunConfig, actor: MegatronActor, tokenizer: object) -> RolloutEngine:
-    hf_cfg = actor.hf_config(tokenizer)
-    engine = build_engine(cfg.rollout.engine, hf_config=hf_cfg,
-                          decode=partial(tokenizer.decode, skip_special_tokens=True),
-                          pad_token_id=tokenizer.pad_token_id or 0, dtype=_DTYPES[cfg.model.dtype],
-                          batch_size=cfg.rollout.batch_size)
-    engine.update_weights(actor.export_hf(), version=0)
-    return engine
+        try:
+            self.weights.close()
+        finally:
+            self.engine.shutdown()  # stops launched rollout servers
 
 
 def load_hf_weights(actor: MegatronActor, hf_path: str) -> None:
@@ -66,7 +61,7 @@ def load_hf_weights(actor: MegatronActor, hf_path: str) -> None:
         state = {name: reader.get(name) for name in reader.names()}
     try:
         actor.adapter.load_hf_state(actor.unwrapped, state)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, RuntimeError) as e:  # missing names, shapes, head reshapes
         raise ConfigError(f"model.hf_path={hf_path}: its weights do not fit the model built from the "
                           f"model.* settings ({e}). Fix: set model.* (and data.tokenizer) to those of "
                           "the checkpoint") from e
@@ -89,12 +84,17 @@ def build_run(cfg: RunConfig) -> Run:
     actor.temperature = cfg.rollout.temperature or 1.0  # log-probs of what the engine samples
     if cfg.model.hf_path:
         load_hf_weights(actor, cfg.model.hf_path)
-    engine = build_engine_for(cfg, actor, tokenizer)
-    return Run(
-        cfg=cfg, run_dir=run_dir, pstate=pstate, tokenizer=tokenizer,
-        encode=partial(encode_prompt, tokenizer), stop_ids=stop_token_ids(tokenizer),
-        actor=actor, engine=engine, pool=VerifierPool(cfg.reward),
-        logger=MetricsLogger(cfg.logging, run_dir, enabled=main),
-        loader=PromptLoader(train_prompts, cfg.data.prompts_per_step, seed=cfg.data.seed),
-        test_prompts=test_prompts,
-    )
+    engine, weights = build_rollout(EngineContext(cfg, run_dir, pstate, tokenizer, actor))
+    try:
+        return Run(
+            cfg=cfg, run_dir=run_dir, pstate=pstate, tokenizer=tokenizer,
+            encode=partial(encode_prompt, tokenizer), stop_ids=stop_token_ids(tokenizer),
+            actor=actor, engine=engine, weights=weights, pool=VerifierPool(cfg.reward),
+            logger=MetricsLogger(cfg.logging, run_dir, enabled=main),
+            loader=PromptLoader(train_prompts, cfg.data.prompts_per_step, seed=cfg.data.seed),
+            test_prompts=test_prompts,
+        )
+    except BaseException:  # no Run to close: stop launched rollout servers here
+        weights.close()
+        engine.shutdown()
+        raise

@@ -69,7 +69,7 @@ def update(run: Run, groups: list[RolloutGroup], version: int) -> None:
                 batch.ref_logprobs = run.actor.compute_logprobs(batch, reference=True)
             log.update(run.actor.train_step(batch), prefix="train/")
     with log.timer("sync"):
-        run.engine.update_weights(run.actor.export_hf(), version=version)
+        run.push_weights(version)
 
 
 def prepare(run: Run, spark: SparkState) -> tuple[int, int, dict[str, EvalResult]]:
@@ -86,7 +86,7 @@ def prepare(run: Run, spark: SparkState) -> tuple[int, int, dict[str, EvalResult
     run.actor.setup_optimizer(cfg.trainer.lr, updates, math.ceil(cfg.trainer.warmup_ratio * updates))
     run.actor.snapshot_reference()
     if ckpt is None:
-        run.engine.update_weights(run.actor.export_hf(), version=0)
+        run.push_weights(0)
         results = {"start": evaluate(run)}
         results["start"].write(run.run_dir / "eval_start.json")
         print(f"held-out accuracy before RL: {results['start'].accuracy:.3f}", flush=True)
@@ -94,7 +94,7 @@ def prepare(run: Run, spark: SparkState) -> tuple[int, int, dict[str, EvalResult
     state = load_checkpoint(run, ckpt)
     run.loader.load_state_dict(state["loader"])
     spark.load_state_dict(state["spark"])
-    run.engine.update_weights(run.actor.export_hf(), version=state["iteration"])
+    run.push_weights(state["iteration"])
     print(f"resumed from {ckpt} (policy step {state['policy_steps']}/{cfg.trainer.steps})", flush=True)
     start_file = run.run_dir / "eval_start.json"
     return state["iteration"], state["policy_steps"], ({"start": EvalResult.read(start_file)}

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/compare_spark_grpo", help="directory for runs and the table")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--eval-prompts", type=int, default=64, help="held-out arith test prompts evaluated")
+    p.add_argument("--eval-prompts", type=int, default=48, help="held-out arith test prompts evaluated")
     p.add_argument("--rounds", type=int, default=2, help="self-reflection rounds")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--reuse", action="store_true", help="keep runs that already have an hf/ export")

@@ -119,7 +119,13 @@ def export_hf(run: Run, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     run.actor.hf_config(run.tokenizer).save_pretrained(out_dir)
-    run.tokenizer.save_pretrained(out_dir)
+    source = run.run_dir / "tokenizer"
+    if (source / "tokenizer.json").is_file():
+        # copy the files byte for byte: a save_pretrained round trip can re-serialise the
+        # tokenizer (transformers 5 rewrote its normaliser), changing ids of the export
+        shutil.copytree(source, out_dir, dirs_exist_ok=True)
+    else:
+        run.tokenizer.save_pretrained(out_dir)
     print(f"exported Hugging Face model to {out_dir}", flush=True)
     return out_dir
 

@@ -12,8 +12,10 @@ from spark_mcore.eval.config import EvalConfig
 from spark_mcore.models.config import ModelConfig
 from spark_mcore.rewards.config import RewardConfig
 from spark_mcore.rollout.config import RolloutConfig
+from spark_mcore.rollout.sglang import SGLangConfig
 from spark_mcore.spark.config import SparkConfig
 from spark_mcore.trainer.config import TrainerConfig, WarmStartConfig
+from spark_mcore.weights.config import WeightSyncConfig
 
 
 @dataclass
@@ -35,6 +37,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)  # used when rollout.engine=sglang
+    weights: WeightSyncConfig = field(default_factory=WeightSyncConfig)  # trainer -> SGLang weight sync
     reward: RewardConfig = field(default_factory=RewardConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)

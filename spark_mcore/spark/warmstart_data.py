@@ -5,12 +5,15 @@ seen one, so every recycled reward task would score 0 and GRPO would learn nothi
 This module builds a small supply of reward tasks with known answers from the builtin arith
 prompts, rendered with the SAME templates and the same response views as the recycler:
 
-  pointwise  — one candidate (right or wrong)       -> "{expr}={value}. \\boxed{Yes|No}"
-  pairwise   — one right and one wrong, shuffled     -> "{expr}={value}. \\boxed{A|B}"
+  pointwise  — one candidate (right or wrong)       -> "\\boxed{Yes}" / "\\boxed{No}"
+  pairwise   — one right and one wrong, shuffled     -> "\\boxed{A}" / "\\boxed{B}"
   reflection — one wrong attempt                     -> the correct worked solution
 
-The short justification states the problem's value (the model must compute it, then compare),
-so the verdict is learnable but far from solved after a short SFT. Wrong candidates are the
+Judge targets are the bare verdict: a one-line justification ("37+45=82.") was tried and a
+tiny model trained from scratch could not copy the expression out of a long judge prompt, so
+the justification took the loss and the verdict stayed unparsable. A bare verdict teaches the
+format (which verdicts a prompt asks for) quickly while judging itself stays weak, leaving
+room for RL on the judge tasks. Wrong candidates are the
 worked solution with one error, from a registry of error kinds (`ERRORS`):
   final   — the steps are right, the boxed answer is off by 1, 2 or 10;
   step    — the last step's result is off by one and the box follows it consistently;
@@ -170,10 +173,6 @@ def _expr(prompt: Prompt) -> str:
     return expr
 
 
-def _justification(prompt: Prompt) -> str:
-    return f"{_expr(prompt)}={prompt.answer}."
-
-
 def _shown(text: str, view: View) -> tuple[str, View]:
     shown = show_response(text, view)
     assert shown is not None  # worked solutions are never empty
@@ -184,7 +183,7 @@ def _pointwise(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str, list[st
     right = right_solution(_expr(prompt))
     candidate = right.text if label == "Yes" else d.wrong.text
     text = render_pointwise(d.template, question_text(prompt), *_shown(candidate, d.view))
-    return text, f"{_justification(prompt)} \\boxed{{{label}}}", [candidate]
+    return text, f"\\boxed{{{label}}}", [candidate]
 
 
 def _pairwise(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str, list[str]]:
@@ -195,7 +194,7 @@ def _pairwise(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str, list[str
     a_text, b_text = (g, b) if label == "A" else (b, g)
     text = render_pairwise(d.template, question_text(prompt), a_text, b_text, gv)
     order = [right.text, d.wrong.text] if label == "A" else [d.wrong.text, right.text]
-    return text, f"{_justification(prompt)} \\boxed{{{label}}}", order
+    return text, f"\\boxed{{{label}}}", order
 
 
 def _reflection(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str, list[str]]:

@@ -42,3 +42,43 @@ def test_spark_loop_runs_a_reward_step_and_logs_per_kind_metrics(tmp_path: Path,
     assert not any(f"spark/{k}" in reward for k in KINDS)
     assert ("rollout/judge_accuracy" in reward) == any(k in kinds for k in ("pointwise", "pairwise"))
     assert "rollout/reward_policy" in last and "spark/pointwise" in last
+
+
+def test_model_hf_path_starts_the_actor_and_engine_from_an_export(tmp_path: Path) -> None:
+    """model.hf_path (used by tools/compare_spark_grpo.py to start both arms from one SFT
+    export): the actor and the engine hold exactly the exported tensors; a model of other
+    sizes is refused with the field named."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    from spark_mcore.checkpoint.io import export_hf
+    from spark_mcore.config.loader import ConfigError
+    from spark_mcore.distributed.parallel import destroy_distributed
+    from spark_mcore.runtime import build_run
+
+    def build(*extra: str):  # type: ignore[no-untyped-def]
+        return build_run(load_run_config(None, [*MICRO, *extra]))
+
+    src = build(f"checkpoint.dir={tmp_path / 'src'}", "trainer.seed=1")
+    try:
+        export_hf(src, tmp_path / "src" / "hf")
+    finally:
+        src.close()
+        destroy_distributed()
+    start = [f"model.hf_path={tmp_path / 'src' / 'hf'}", f"data.tokenizer={tmp_path / 'src' / 'tokenizer'}"]
+    run = build(f"checkpoint.dir={tmp_path / 'dst'}", "trainer.seed=2", *start)
+    try:
+        saved = load_file(str(tmp_path / "src" / "hf" / "model.safetensors"))
+        loaded = dict(run.actor.export_hf())
+        assert set(loaded) == set(saved) and all(torch.equal(loaded[k], saved[k]) for k in saved)
+        engine = run.engine.state_dict()
+        assert all(torch.equal(engine[k], saved[k]) for k in saved)
+    finally:
+        run.close()
+        destroy_distributed()
+    with pytest.raises(ConfigError, match=r"model.hf_path=.*do not fit"):
+        try:
+            build(f"checkpoint.dir={tmp_path / 'bad'}", "model.hidden_size=64", *start)
+        finally:
+            destroy_distributed()
