@@ -14,6 +14,7 @@ reflection prompts. Invariants:
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,6 +117,20 @@ def build_tokenizer(
     return hf
 
 
+_GENERIC_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+
+
+def _from_pretrained(p: Path) -> PreTrainedTokenizerBase:
+    """A generic fast tokenizer (ours) is loaded as such: next to a model's config.json,
+    AutoTokenizer would pick the model family's class (Qwen2Tokenizer), which swaps in its own
+    pre-tokenizer and changes the ids the policy was trained on."""
+    cfg_file = p / "tokenizer_config.json"
+    declared = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
+    if declared in _GENERIC_CLASSES:
+        return PreTrainedTokenizerFast.from_pretrained(str(p))
+    return AutoTokenizer.from_pretrained(str(p))
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Loads a Hugging Face tokenizer directory (ours or a model's) and checks it has a pad id."""
     p = Path(path)
@@ -123,7 +138,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise FileNotFoundError(
             f"data.tokenizer: '{p}' is not a directory; point it at a Hugging Face tokenizer folder"
         )
-    tok = AutoTokenizer.from_pretrained(str(p))
+    tok = _from_pretrained(p)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ValueError(

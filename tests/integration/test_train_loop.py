@@ -5,9 +5,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from spark_mcore.config.run import load_run_config
+from spark_mcore.data.tokenizer import load_tokenizer
 from spark_mcore.train import train
 
 MICRO = [
@@ -32,8 +33,12 @@ def test_two_grpo_steps_end_to_end(tmp_path: Path, capsys) -> None:
     assert json.loads((tmp_path / "eval_rl.json").read_text())["num_prompts"] == 8
     assert any((tmp_path / "tb").iterdir())
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    tok = load_tokenizer(tmp_path / "hf")
     assert model.config.vocab_size >= len(tok)
+    # the export's tokenizer gives the ids the policy was trained on
+    trained = load_tokenizer(tmp_path / "tokenizer")
+    text = "6+72=?\nSolve step by step. Put the final answer in \\boxed{}."
+    assert tok.encode(text) == trained.encode(text)
     exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
     for name, tensor in model.state_dict().items():
         if name in exported:
