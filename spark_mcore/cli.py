@@ -44,6 +44,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="write results as JSON here")
     p.add_argument("--limit", type=int, default=0, help="evaluate at most N prompts (0 = all)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--samples", type=int, default=0,
+                   help="also report the mean accuracy of N sampled responses per prompt (avg@N)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --samples")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="data.* overrides for builtin tasks, e.g. --set data.levels=[1]")
     p.add_argument("--self-reflect", action="store_true",

@@ -60,7 +60,8 @@ def load_hf_weights(actor: MegatronActor, hf_path: str) -> None:
     with SafetensorsReader(hf_path) as reader:  # validates the directory and its files
         state = {name: reader.get(name) for name in reader.names()}
     try:
-        actor.adapter.load_hf_state(actor.unwrapped, state)
+        for chunk in actor.chunks:  # one per virtual pipeline stage; each takes its layers
+            actor.adapter.load_hf_state(chunk, state)
     except (KeyError, ValueError, RuntimeError) as e:  # missing names, shapes, head reshapes
         raise ConfigError(f"model.hf_path={hf_path}: its weights do not fit the model built from the "
                           f"model.* settings ({e}). Fix: set model.* (and data.tokenizer) to those of "

@@ -23,7 +23,7 @@ from spark_mcore.rollout.base import SamplingParams
 from spark_mcore.rollout.groups import generate_groups, score_groups
 from spark_mcore.runtime import Run, build_run
 from spark_mcore.spark.loop import SparkState, kind_metrics
-from spark_mcore.trainer.batching import groups_to_batch
+from spark_mcore.trainer.batching import groups_to_batch, split_for_updates
 from spark_mcore.trainer.warmstart import warm_start
 from spark_mcore.types import Prompt, RolloutGroup
 
@@ -65,9 +65,13 @@ def update(run: Run, groups: list[RolloutGroup], version: int) -> None:
     if batch is not None:
         with log.timer("train"):
             batch.old_logprobs = run.actor.compute_logprobs(batch)
-            if run.actor.ref is not None:
+            if run.actor.ref_chunks is not None:
                 batch.ref_logprobs = run.actor.compute_logprobs(batch, reference=True)
-            log.update(run.actor.train_step(batch), prefix="train/")
+            # several optimizer steps per rollout batch: later ones are off-policy w.r.t. the
+            # old log-probs above, which is what the PPO clip is for
+            steps = [run.actor.train_step(mini) for mini in
+                     split_for_updates(batch, run.cfg.trainer.updates_per_step, seed=version)]
+            log.update({k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}, prefix="train/")
     with log.timer("sync"):
         run.push_weights(version)
 
@@ -76,7 +80,7 @@ def prepare(run: Run, spark: SparkState) -> tuple[int, int, dict[str, EvalResult
     """Resumes from the newest checkpoint in the run directory, or warm-starts and evaluates.
     Returns (iteration, policy steps done, results so far)."""
     cfg = run.cfg
-    updates = spark.total_updates(cfg.trainer.steps)
+    updates = spark.total_updates(cfg.trainer.steps) * cfg.trainer.updates_per_step
     ckpt = latest_checkpoint(run.run_dir) if cfg.checkpoint.resume else None
     if ckpt is None and cfg.warmstart.steps:
         start = time.perf_counter()
@@ -89,7 +93,7 @@ def prepare(run: Run, spark: SparkState) -> tuple[int, int, dict[str, EvalResult
         run.push_weights(0)
         results = {"start": evaluate(run)}
         results["start"].write(run.run_dir / "eval_start.json")
-        print(f"held-out accuracy before RL: {results['start'].accuracy:.3f}", flush=True)
+        print(f"held-out accuracy before RL: {results['start'].summary()}", flush=True)
         return 0, 0, results
     state = load_checkpoint(run, ckpt)
     run.loader.load_state_dict(state["loader"])
@@ -129,7 +133,7 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
         results["rl"] = evaluate(run)
         save_checkpoint(run, it, trainer_state(run, spark, it, policy_steps))
         if cfg.checkpoint.export_hf:
-            export_hf(run, run.run_dir / "hf")
+            export_hf(run.actor, run.tokenizer, run.run_dir / "hf", run.run_dir / "tokenizer")
         print_results_table(results)
         results["rl"].write(run.run_dir / "eval_rl.json")
         return results
@@ -145,7 +149,10 @@ def trainer_state(run: Run, spark: SparkState, it: int, policy_steps: int) -> di
 
 def print_results_table(results: dict[str, EvalResult]) -> None:
     labels = {"start": "after SFT warm start", "rl": "after RL"}
-    print("\n| model | held-out accuracy (greedy) | mean response tokens |\n|---|---|---|")
+    sampled = next((r.sampled_n for r in results.values() if r.sampled_n), 0)
+    extra = f" sampled accuracy (mean of {sampled}/prompt) |" if sampled else ""
+    print(f"\n| model | held-out accuracy (greedy) |{extra} mean response tokens |\n|---|---|{'---|' if sampled else ''}---|")
     for name, res in results.items():
-        print(f"| {labels.get(name, name)} | {res.accuracy:.3f} ({res.num_prompts} prompts) | "
+        cell = "" if not sampled else (f" {res.sampled_accuracy:.3f} |" if res.sampled_accuracy is not None else " - |")
+        print(f"| {labels.get(name, name)} | {res.accuracy:.3f} ({res.num_prompts} prompts) |{cell} "
               f"{res.mean_response_tokens:.1f} |")

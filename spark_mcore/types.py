@@ -6,7 +6,7 @@ msgpack-friendly dicts (`to_dict` / `from_dict`) without pickle.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -34,7 +34,7 @@ class Prompt:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Prompt":
+    def from_dict(cls, d: dict[str, Any]) -> Prompt:
         return cls(**d)
 
 
@@ -113,3 +113,14 @@ class TrainBatch:
     @property
     def num_sequences(self) -> int:
         return int(self.tokens.shape[0])
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """The same batch with every tensor on `device` (itself when already there)."""
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        if self.tokens.device == torch.device(device):
+            return self
+        return replace(self, tokens=move(self.tokens), loss_mask=move(self.loss_mask),
+                       advantages=move(self.advantages), old_logprobs=move(self.old_logprobs),
+                       ref_logprobs=move(self.ref_logprobs))

@@ -1,23 +1,30 @@
 """Bandwidth of the bucketed weight sync vs ONE raw broadcast of the same bytes, same group.
 
-    python tools/bench_weight_sync.py [--total-mb 1024] [--bucket-mb 512] [--alone-mb 64] [--repeats 5]
-                                      [--hidden 3584 --ffn 18944] [--source-dtype bf16|fp32] [--backend auto]
+    python tools/bench_weight_sync.py [--total-mb 1024] [--bucket-mb 512] [--alone-mb 64] [--first-bucket-mb 16]
+                                      [--repeats 9] [--hidden 3584 --ffn 18944] [--source-dtype bf16|fp32]
+                                      [--backend auto]
 
 Two processes form a weight-update group (spark_mcore.weights.groups, the same rendezvous as
 with SGLang). Rank 0 holds synthetic decoder layers with Qwen2.5-7B's tensor shapes (about
 --total-mb of bf16 on the wire) in --source-dtype (bf16 = Megatron bf16 params; fp32 adds the
 cast); rank 1 holds bf16 weights.
-  A  bucketed sync: BucketSender.send (cast while packing into --bucket-mb buckets, one
-     broadcast per bucket, bucket k+1 packed while k is on the wire, buffers kept between
-     syncs); the receiver joins each broadcast with receive_bucket into its reused bucket
-     buffer and rebuilds the tensors as views.
-  B  raw: one broadcast of a preallocated flat buffer of the same total size, nothing else.
+  A  bucketed sync: BucketSender.send with the run's defaults (tensors of >= --alone-mb already
+     in bf16 go alone from their own memory, the rest is cast while packed into buckets that
+     ramp up from --first-bucket-mb to --bucket-mb, one broadcast per bucket, bucket k+1 packed
+     while k is on the wire, buffers kept between syncs); the receiver joins each broadcast
+     with receive_bucket into its reused bucket buffer and rebuilds the tensors as views.
+  B  raw: one broadcast of a preallocated flat buffer holding the same bytes, nothing else.
   L  = A plus the receiver copying every tensor into its weights (load_into), reported apart:
      in SGLang's protocol that copy is serialized with the next bucket.
-Trials cycle A B L; each starts after a 1-element broadcast from rank 0 and ends when rank 1
-is done (a 1-element broadcast back), timed on rank 0. The last line is the median of the
-per-cycle ratios A/B in bandwidth. NCCL is used with >= 2 GPUs, else gloo (CPU). The HTTP
-announce of the real sync is replaced by a no-op (it is one small request per bucket).
+--repeats cycles of A and B (A B, then B A: each runs first equally often), then --repeats
+cycles of L and B (L B, then B L), each with its own ratio: L's receiver-side copy of every
+weight slows whatever trial comes next on a shared machine (dirty caches, CPU share), so it
+is kept out of the A/B cycles. Each trial starts after a 1-element broadcast from rank 0 and
+ends when rank 1 is done (a 1-element broadcast back), timed on rank 0. The last line is the
+median of the per-cycle ratios A/B in bandwidth. NCCL is used with >= 2 GPUs, else gloo (CPU).
+The HTTP announce of the real sync is replaced by a no-op (one small request per bucket).
+On a shared machine single cycles swing both ways by tens of percent: compare medians of
+several runs (--repeats raises the cycles per run).
 """
 
 from __future__ import annotations
@@ -83,18 +90,22 @@ def _worker(rank: int, q: Any, args: argparse.Namespace, backend: str, out: Any)
     else:
         group = join_weight_update_group("127.0.0.1", q.get(), 1, 2, "bench", backend, 300)
     shapes = synthetic_shapes(int(args.total_mb * 2**20), args.hidden, args.ffn)
-    cfg = WeightSyncConfig(bucket_mb=args.bucket_mb, wire_dtype="bf16", alone_mb=args.alone_mb)
+    cfg = WeightSyncConfig(bucket_mb=args.bucket_mb, wire_dtype="bf16", alone_mb=args.alone_mb,
+                           first_bucket_mb=args.first_bucket_mb)
     wire_bytes = sum(2 * torch.Size(s).numel() for _, s in shapes)
-    raw = torch.empty(wire_bytes, dtype=torch.uint8, device=device)
     if rank == 0:
         source = torch.float32 if args.source_dtype == "fp32" else torch.bfloat16
         weights = {n: torch.randn(s, device=device).to(source) for n, s in shapes}
+        # B sends the very bytes A sends, from written memory: a never-written buffer reads as
+        # the kernel's shared zero page, which makes the sender's copy artificially cheap.
+        raw = torch.cat([t.to(torch.bfloat16).reshape(-1).view(torch.uint8) for t in weights.values()])
         sender = BucketSender(cfg, "bench")
         sender.group = group
     else:
+        raw = torch.zeros(wire_bytes, dtype=torch.uint8, device=device)
         weights = {n: torch.empty(s, dtype=torch.bfloat16, device=device) for n, s in shapes}
         headers = plan_buckets([(n, torch.bfloat16, s) for n, s in shapes], cfg.bucket_bytes, cfg.alone_bytes,
-                               zero_copy=args.source_dtype == "bf16")
+                               zero_copy=args.source_dtype == "bf16", first_bucket_bytes=cfg.first_bucket_bytes)
         # a receiver keeps its bucket buffer between buckets and syncs, as the test server does
         recv_buf = torch.empty(max(h.nbytes for h in headers), dtype=torch.uint8, device=device)
 
@@ -116,26 +127,31 @@ def _worker(rank: int, q: Any, args: argparse.Namespace, backend: str, out: Any)
         return time.perf_counter() - start
 
     trial("A"), trial("B"), trial("L")  # warm-up (allocations, connections)
-    times: dict[str, list[float]] = {"A": [], "B": [], "L": []}
-    for _ in range(args.repeats):
-        for kind in ("A", "B", "L"):
-            times[kind].append(trial(kind))
+    times: dict[str, list[float]] = {"A": [], "B": [], "L": [], "B_L": []}
+    for pair, raw_key in (("AB", "B"), ("LB", "B_L")):
+        for cycle in range(args.repeats):
+            for kind in pair if cycle % 2 == 0 else pair[::-1]:
+                times[raw_key if kind == "B" else kind].append(trial(kind))
     if rank == 0:
         out.put({"times": times, "bytes": wire_bytes, "tensors": len(shapes),
                  "buckets": len(plan_buckets([(n, torch.bfloat16, s) for n, s in shapes], cfg.bucket_bytes,
-                                             cfg.alone_bytes, zero_copy=args.source_dtype == "bf16"))})
+                                             cfg.alone_bytes, zero_copy=args.source_dtype == "bf16",
+                                             first_bucket_bytes=cfg.first_bucket_bytes))})
     group.destroy()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--total-mb", type=float, default=1024.0, help="about this many MiB on the wire (bf16)")
-    ap.add_argument("--bucket-mb", type=float, default=512.0)
+    ap.add_argument("--bucket-mb", type=float, default=WeightSyncConfig.bucket_mb)
     ap.add_argument("--hidden", type=int, default=3584, help="layer shapes (default Qwen2.5-7B)")
     ap.add_argument("--ffn", type=int, default=18944)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--alone-mb", type=float, default=64.0,
-                    help="tensors of at least this size already in bf16 are sent from their own memory (0 = off)")
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--alone-mb", type=float, default=WeightSyncConfig.alone_mb,
+                    help="tensors of at least this size already in bf16 are sent from their own memory "
+                         "(0 = only tensors that fill a bucket)")
+    ap.add_argument("--first-bucket-mb", type=float, default=WeightSyncConfig.first_bucket_mb,
+                    help="the first bucket's size, doubled per bucket up to --bucket-mb (0 = no ramp)")
     ap.add_argument("--source-dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
     args = ap.parse_args()
@@ -157,14 +173,17 @@ def main() -> None:
     gb = res["bytes"] / 1e9
     bw = {k: [gb / t for t in v] for k, v in res["times"].items()}
     print(f"backend={backend} bytes={res['bytes']} ({res['bytes'] / 2**20:.0f} MiB bf16) tensors={res['tensors']} "
-          f"buckets={res['buckets']} bucket_mb={args.bucket_mb} alone_mb={args.alone_mb} source={args.source_dtype} "
+          f"buckets={res['buckets']} bucket_mb={args.bucket_mb} alone_mb={args.alone_mb} "
+          f"first_bucket_mb={args.first_bucket_mb} source={args.source_dtype} "
           f"repeats={args.repeats}")
-    for i, (a, b, c) in enumerate(zip(bw["A"], bw["B"], bw["L"], strict=False)):
-        print(f"cycle {i}: bucketed {a:.3f} GB/s  raw {b:.3f} GB/s  ratio {a / b:.3f}  "
-              f"(bucketed+load {c:.3f} GB/s, ratio {c / b:.3f})")
+    for i, (c, b) in enumerate(zip(bw["L"], bw["B_L"], strict=True)):
+        print(f"load cycle {i}: bucketed+load {c:.3f} GB/s  raw {b:.3f} GB/s  ratio {c / b:.3f}")
+    for i, (a, b) in enumerate(zip(bw["A"], bw["B"], strict=True)):
+        print(f"cycle {i}: bucketed {a:.3f} GB/s  raw {b:.3f} GB/s  ratio {a / b:.3f}")
     med_a, med_b = statistics.median(bw["A"]), statistics.median(bw["B"])
-    print(f"median bucketed {med_a:.3f} GB/s, raw broadcast {med_b:.3f} GB/s, bucketed+load "
-          f"{statistics.median(bw['L']):.3f} GB/s (ratio {statistics.median(c / b for b, c in zip(bw['B'], bw['L'], strict=False)):.3f})")
+    load_ratio = statistics.median(c / b for c, b in zip(bw["L"], bw["B_L"], strict=True))
+    print(f"median bucketed {med_a:.3f} GB/s, raw broadcast {med_b:.3f} GB/s; bucketed+load "
+          f"{statistics.median(bw['L']):.3f} GB/s (ratio to its raw cycles {load_ratio:.3f})")
     for label, n in (("Qwen2.5-7B", PARAMS_7B), ("Qwen2.5-32B", PARAMS_32B)):
         print(f"estimate {label} ({n:.3g} params, bf16 {2 * n / 1e9:.1f} GB): {2 * n / 1e9 / med_a:.1f} s at the "
               f"bucketed rate ({backend}, this link)")

@@ -4,6 +4,13 @@ cache), and a Hugging Face export.
 
 A checkpoint is written to `<dir>/checkpoints/.tmp-step_N` and renamed to `step_N` only when
 complete, so a process killed mid-save leaves the previous checkpoint as the latest one.
+
+Resuming under another TP/PP layout needs nothing special: every tensor, Adam's moments
+included, is stored as a global `ShardedTensor` and megatron reshards on load (the optimizer's
+param-group index lists are local objects, rebuilt by the loading run, and Adam's step is one
+common value). What cannot be bridged (model sizes, vocabulary, optimizer kind and dtype) is
+checked against meta.json before any tensor is read (checkpoint/compat.py).
+tests/integration/test_checkpoint_reshard.py checks world size 1 <-> TP2, TP2xPP2 and PP2.
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ import torch
 from megatron.core import dist_checkpointing
 from safetensors.torch import save_file
 
+from spark_mcore.checkpoint.compat import check_compatible
 from spark_mcore.config.loader import to_dict
 from spark_mcore.distributed.cpu_shims import check_dist_checkpointing_ready
 
 if TYPE_CHECKING:
     from spark_mcore.runtime import Run
+    from spark_mcore.trainer.actor import MegatronActor
 
 STEP_PREFIX = "step_"
 TRAINER_STATE = "trainer_state.json"
@@ -46,41 +55,73 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _save_sharded(tmp: Path, run: Run) -> None:
-    actor = run.actor
-    model_sd = actor.unwrapped.sharded_state_dict(prefix="")
-    dist_checkpointing.save(model_sd, str(check_dist_checkpointing_ready(tmp / "model")))
+def _save_sharded(tmp: Path, actor: MegatronActor) -> None:
+    """Collective: the dist checkpoints of the policy, its optimizer and the KL reference.
+
+    Each holds global tensors (`ShardedTensor`s with their TP offsets and global layer
+    numbers), which is what lets `load_actor_state` read them back under another TP/PP layout."""
+    dist_checkpointing.save(actor.sharded_state_dict(), str(check_dist_checkpointing_ready(tmp / "model")))
     if actor.optimizer is not None:
-        optim_sd = actor.optimizer.sharded_state_dict(actor.unwrapped.sharded_state_dict(prefix=""))
-        dist_checkpointing.save(optim_sd, str(check_dist_checkpointing_ready(tmp / "optim")))
-    if actor.ref is not None:
-        dist_checkpointing.save(actor.ref.sharded_state_dict(prefix=""),
+        dist_checkpointing.save(_optimizer_sharded_state_dict(actor), str(check_dist_checkpointing_ready(tmp / "optim")))
+    if actor.ref_chunks is not None:
+        dist_checkpointing.save(actor.sharded_state_dict(reference=True),
                                 str(check_dist_checkpointing_ready(tmp / "ref")))
 
 
-def save_checkpoint(run: Run, step: int, trainer_state: dict[str, Any] | None = None) -> Path:
-    """Writes model/optimizer/reference + trainer state; keeps the newest `checkpoint.keep_last`."""
-    root = checkpoint_root(run.run_dir)
+# megatron's default format for the distributed optimizer ("fully_sharded_model_space") builds
+# ShardedTensors with `flattened_range`, which dist_checkpointing 0.16 / 0.19 rejects; in
+# "fully_reshardable" every Adam moment has its parameter's global shape (gathered over DP on
+# save, sliced on load), so a checkpoint reshards over TP, PP and DP like the plain optimizer's.
+_DISTRIB_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _optimizer_sharded_state_dict(actor: MegatronActor, is_loading: bool = False) -> dict[str, Any]:
+    """The optimizer's dist-checkpoint state (collective with the distributed optimizer)."""
+    metadata = _DISTRIB_OPTIM_METADATA if actor.parallel.use_distributed_optimizer else None
+    return actor.optimizer.sharded_state_dict(actor.sharded_state_dict(), is_loading=is_loading,
+                                              metadata=metadata)
+
+
+def actor_meta(actor: MegatronActor) -> dict[str, Any]:
+    """meta.json fields that describe what the weights and optimizer state are: the layout
+    that wrote them (informational: loads reshard) and what a loader must match."""
+    return {"tp": actor.pstate.tp_size, "pp": actor.pstate.pp_size, "family": actor.model_cfg.family,
+            "vocab_size": actor.vocab_size, "dtype": actor.model_cfg.dtype,
+            "model": to_dict(actor.model_cfg),
+            "optimizer": {"distributed": bool(actor.parallel.use_distributed_optimizer)}}
+
+
+def write_checkpoint(actor: MegatronActor, root: Path, step: int, trainer_state: dict[str, Any] | None = None,
+                     extra_meta: dict[str, Any] | None = None) -> Path:
+    """Collective: writes `<root>/step_<step>` (model, optimizer, reference, trainer state with
+    the LR schedule, meta.json last) through a temporary directory renamed when complete."""
     final, tmp = root / f"{STEP_PREFIX}{step}", root / f".tmp-{STEP_PREFIX}{step}"
-    main = run.pstate.rank == 0
+    main = actor.pstate.rank == 0
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    _save_sharded(tmp, run)
+    _save_sharded(tmp, actor)
     _barrier()
     if main:
         state = dict(trainer_state or {})
-        if run.actor.scheduler is not None:
-            state["scheduler"] = run.actor.scheduler.state_dict()
+        if actor.scheduler is not None:
+            state["scheduler"] = actor.scheduler.state_dict()
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
-        meta = {"step": step, "policy_version": run.engine.policy_version, "tp": run.pstate.tp_size,
-                "pp": run.pstate.pp_size, "family": run.cfg.model.family, "vocab_size": run.actor.vocab_size,
-                "dtype": run.cfg.model.dtype, "model": to_dict(run.cfg.model)}
+        meta = {"step": step, **(extra_meta or {}), **actor_meta(actor)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks completeness
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+    _barrier()
+    return final
+
+
+def save_checkpoint(run: Run, step: int, trainer_state: dict[str, Any] | None = None) -> Path:
+    """Writes model/optimizer/reference + trainer state; keeps the newest `checkpoint.keep_last`."""
+    final = write_checkpoint(run.actor, checkpoint_root(run.run_dir), step, trainer_state,
+                             {"policy_version": run.engine.policy_version})
+    if run.pstate.rank == 0:
         for old in list_checkpoints(run.run_dir)[: -max(run.cfg.checkpoint.keep_last, 1)]:
             shutil.rmtree(old, ignore_errors=True)
         print(f"saved checkpoint {final}", flush=True)
@@ -88,22 +129,34 @@ def save_checkpoint(run: Run, step: int, trainer_state: dict[str, Any] | None = 
     return final
 
 
-def load_checkpoint(run: Run, ckpt: Path) -> dict[str, Any]:
-    """Restores model, reference and optimizer (resharded to this run's TP/PP) and returns the
-    trainer state. Call after `setup_optimizer` and `snapshot_reference`."""
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    """meta.json of a complete checkpoint (FileNotFoundError naming the directory otherwise)."""
     if not (ckpt / "meta.json").is_file():
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no meta.json)")
-    actor = run.actor
-    model = actor.unwrapped
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(prefix=""), str(ckpt / "model")))
-    if actor.ref is not None:
+    return json.loads((ckpt / "meta.json").read_text())
+
+
+def load_actor_state(actor: MegatronActor, ckpt: Path) -> dict[str, Any]:
+    """Restores model, reference, optimizer and LR schedule from `ckpt` under this actor's
+    TP/PP layout, whatever layout wrote it; returns the trainer state. Collective. Call after
+    `setup_optimizer` and `snapshot_reference`."""
+    meta = read_meta(ckpt)
+    has_optim = actor.optimizer is not None and (ckpt / "optim").is_dir()
+    check_compatible(meta, actor.model_cfg, actor.vocab_size, optimizer=has_optim,
+                     distributed_optimizer=actor.parallel.use_distributed_optimizer, where=ckpt)
+    saved, ours = (meta.get("tp"), meta.get("pp")), (actor.pstate.tp_size, actor.pstate.pp_size)
+    if saved != ours and actor.pstate.rank == 0:
+        print(f"resharding {ckpt} from tp={saved[0]} pp={saved[1]} to tp={ours[0]} pp={ours[1]}", flush=True)
+    actor.load_state_dict(dist_checkpointing.load(actor.sharded_state_dict(), str(ckpt / "model")))
+    if actor.ref_chunks is not None:
         if not (ckpt / "ref").is_dir():
             raise FileNotFoundError(f"{ckpt} has no reference model but algo.kl_coef > 0; "
                                     f"resume with algo.kl_coef=0 or from a checkpoint saved with KL")
-        actor.ref.load_state_dict(dist_checkpointing.load(actor.ref.sharded_state_dict(prefix=""), str(ckpt / "ref")))
-    if actor.optimizer is not None and (ckpt / "optim").is_dir():
+        ref_sd = actor.sharded_state_dict(reference=True)
+        actor.load_state_dict(dist_checkpointing.load(ref_sd, str(ckpt / "ref")), reference=True)
+    if has_optim:
         actor.optimizer.reload_model_params()
-        optim_sd = actor.optimizer.sharded_state_dict(model.sharded_state_dict(prefix=""), is_loading=True)
+        optim_sd = _optimizer_sharded_state_dict(actor, is_loading=True)
         actor.optimizer.load_state_dict(dist_checkpointing.load(optim_sd, str(ckpt / "optim")))
     state = json.loads((ckpt / TRAINER_STATE).read_text()) if (ckpt / TRAINER_STATE).is_file() else {}
     if actor.scheduler is not None and "scheduler" in state:
@@ -111,21 +164,29 @@ def load_checkpoint(run: Run, ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def export_hf(run: Run, out_dir: Path) -> Path:
-    """safetensors + config.json + tokenizer that `AutoModelForCausalLM.from_pretrained` loads."""
-    tensors = {name: t.detach().contiguous().clone() for name, t in run.actor.export_hf()}
-    if run.pstate.rank != 0:
+def load_checkpoint(run: Run, ckpt: Path) -> dict[str, Any]:
+    """Restores model, reference and optimizer (resharded to this run's TP/PP) and returns the
+    trainer state. Call after `setup_optimizer` and `snapshot_reference`."""
+    return load_actor_state(run.actor, ckpt)
+
+
+def export_hf(actor: MegatronActor, tokenizer: Any, out_dir: Path, tokenizer_dir: Path | None = None) -> Path:
+    """safetensors + config.json + tokenizer that `AutoModelForCausalLM.from_pretrained` loads.
+
+    `tokenizer_dir` (the run's saved tokenizer) is copied byte for byte when given: a
+    save_pretrained round trip can re-serialise the tokenizer (transformers 5 rewrote its
+    normaliser), changing the ids of the export. Without it, `tokenizer.save_pretrained` is used.
+    """
+    tensors = {name: t.detach().contiguous().clone() for name, t in actor.export_hf()}
+    if actor.pstate.rank != 0:
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    run.actor.hf_config(run.tokenizer).save_pretrained(out_dir)
-    source = run.run_dir / "tokenizer"
-    if (source / "tokenizer.json").is_file():
-        # copy the files byte for byte: a save_pretrained round trip can re-serialise the
-        # tokenizer (transformers 5 rewrote its normaliser), changing ids of the export
-        shutil.copytree(source, out_dir, dirs_exist_ok=True)
+    actor.hf_config(tokenizer).save_pretrained(out_dir)
+    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
+        shutil.copytree(tokenizer_dir, out_dir, dirs_exist_ok=True)
     else:
-        run.tokenizer.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
     print(f"exported Hugging Face model to {out_dir}", flush=True)
     return out_dir
 

@@ -37,6 +37,18 @@ The shims (numbered as in /work/shared/PLATFORM.md, "megatron-core on CPU (gloo)
    `weight.data = weight.data.cuda()` before all-reducing a tied embedding between the first
    and last pipeline stages (PP > 1 with tied embeddings): it is wrapped so that, during that
    call only, `Tensor.cuda()` returns the tensor itself.
+8. (found here, not in PLATFORM.md) `optimizer.distrib_optimizer.DistributedOptimizer`
+   (`parallel.use_distributed_optimizer`): its constructor accepts only parameters whose
+   `param.type()` is 'torch.cuda.FloatTensor' / Half / BFloat16 (TypeError otherwise), so it
+   runs with CPU tensors reading as those names; its buffers (`torch.cuda.current_device()`)
+   see a CPU torch; the "fully_reshardable" checkpoint gather calls `.cuda()` on each shard
+   (identity during that call). With torch's Adam (megatron's fallback without TE / apex,
+   so always on CPU) three checkpoint bugs are wrapped: `state_dict` and the save fail
+   before the first step, the load raises KeyError('step'), and the load gives all parameters one
+   shared step tensor that Adam then advances once per parameter per step.
+   gloo needs nothing: it implements reduce_scatter_tensor / all_gather_into_tensor, also
+   under `_coalescing_manager` (added in torch 2.2 / 2.3; run here on 2.13 and 2.15), the
+   reduce-scatter as an all-reduce plus a slice (correct, twice the traffic of NCCL's).
 
 "A CPU torch" is `_CpuTorch`, a module proxy put in place of the `torch` global of only those
 megatron modules: `torch.cuda.current_device()` is `cpu`, synchronize/streams/events are
@@ -77,6 +89,7 @@ _PROXIED_MODULES: dict[str, int] = {
     "megatron.core.pipeline_parallel.p2p_communication": 3,
     "megatron.core.optimizer.clip_grads": 5,
     "megatron.core.optimizer.optimizer": 5,
+    "megatron.core.optimizer.distrib_optimizer": 8,
     "megatron.core.distributed.distributed_data_parallel": 6,
     "megatron.core.distributed.param_and_grad_buffer": 6,
     "megatron.core.dist_checkpointing.tensor_aware_state_dict": 4,
@@ -293,21 +306,155 @@ def _tensor_cuda_is_identity() -> Iterator[None]:
         torch.Tensor.cuda = original  # type: ignore[method-assign]
 
 
+def _patch_method(module: str, cls_name: str, method: str,
+                  make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Replace `module.cls_name.method` by `make(original)`; skipped (with a warning) when the
+    class or method moved. The replacement keeps the original's name and docstring and is
+    marked, so a second call does nothing."""
+    cls = getattr(_import(module), cls_name, None)
+    original = getattr(cls, method, None)
+    if original is None:
+        log.warning("cpu_shims: %s.%s.%s not found; skipped", module, cls_name, method)
+        return
+    if getattr(original, "_spark_cpu_shim", False):
+        return
+    wrapper = make(original)
+    wrapper._spark_cpu_shim = True  # type: ignore[attr-defined]
+    wrapper.__doc__ = original.__doc__
+    wrapper.__name__ = original.__name__
+    setattr(cls, method, wrapper)
+
+
+def _wrap_method(module: str, cls_name: str, method: str,
+                 context: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
+    """Run `module.cls_name.method` inside `context()` (see `_patch_method`)."""
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            with context():
+                return original(self, *args, **kwargs)
+
+        return wrapper
+
+    _patch_method(module, cls_name, method, make)
+
+
+# What `Tensor.type()` returns for a CUDA tensor of each dtype megatron's optimizers accept.
+_CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cuda.HalfTensor",
+                    torch.bfloat16: "torch.cuda.BFloat16Tensor"}
+
+
+@contextlib.contextmanager
+def _cpu_tensor_type_reads_as_cuda() -> Iterator[None]:
+    """Within the block, `Tensor.type()` (no arguments) names a CPU float tensor as its CUDA type.
+
+    megatron classifies parameters by comparing that string with 'torch.cuda.FloatTensor' etc.;
+    a conversion call (`t.type(torch.float16)`) and other devices and dtypes are unchanged."""
+    original = torch.Tensor.type
+
+    def type_name(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not args and not kwargs and self.device.type == "cpu" and self.dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[self.dtype]
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.type = type_name  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original  # type: ignore[method-assign]
+
+
+def _state_dict_with_initial_adam_state(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap DistributedOptimizer.state_dict for torch's Adam (megatron's fallback without TE /
+    apex, i.e. always on CPU).
+
+    torch's Adam creates its per-parameter state (step 0, zero moments) at its first step, and
+    megatron reads the step from that state, asserting exactly one value, and the checkpoint
+    gather reads the moments: an optimizer that never stepped (a run saving before its first
+    update, or the fresh one a resumed run loads into) fails both. The wrapper gives such an
+    optimizer the state its first step would create, which changes nothing Adam computes."""
+
+    def state_dict(self: Any) -> Any:
+        inner = self.optimizer
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and len(inner.state) == 0:
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    state = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+                             "exp_avg_sq": torch.zeros_like(param)}
+                    if group.get("amsgrad"):
+                        state["max_exp_avg_sq"] = torch.zeros_like(param)
+                    inner.state[param] = state
+        return original(self)
+
+    return state_dict
+
+
+def _set_states_keeping_step(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap DistributedOptimizer._set_main_param_and_optimizer_states for torch's Adam.
+
+    torch's Adam keeps a per-parameter "step" tensor in its state. The "fully_reshardable"
+    checkpoint load restores that step from the param groups and leaves it out of the tensors it
+    passes here, but this method copies every state key into place and fails with
+    KeyError('step'). The wrapper passes the step already in place (a copy onto itself)."""
+
+    def set_states(self: Any, model_param: torch.Tensor, tensors: dict[str, Any]) -> Any:
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        step = self.optimizer.state[main_param].get("step")
+        if "step" not in tensors and isinstance(step, torch.Tensor):
+            tensors = {**tensors, "step": step}
+        return original(self, model_param, tensors)
+
+    return set_states
+
+
+def _load_state_dict_unsharing_steps(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap DistributedOptimizer.load_state_dict for torch's Adam.
+
+    megatron gives every parameter's state the same "step" tensor object, and torch's Adam
+    increments each parameter's step in place: after a load, one optimizer step advanced the
+    shared step once per parameter, so Adam's bias correction went wrong from the first step
+    after a resume. The wrapper gives each parameter its own copy."""
+
+    def load_state_dict(self: Any, state_dict: Any) -> Any:
+        result = original(self, state_dict)
+        inner = self.optimizer
+        if isinstance(inner, torch.optim.Optimizer):
+            for state in inner.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
+        return result
+
+    return load_state_dict
+
+
+def _shim_distributed_optimizer() -> None:
+    """Shim 8: megatron's DistributedOptimizer on CPU (its gloo reduce-scatter / all-gather need
+    nothing: gloo implements both, as an all-reduce plus a slice for the reduce-scatter).
+
+    - `__init__` sorts parameters into fp32 / fp16 groups by `param.type() ==
+      'torch.cuda.FloatTensor'` and raises TypeError otherwise: it runs with CPU tensors
+      reading as their CUDA types. Its `torch.cuda.current_device()` buffers see the CPU torch.
+    - The checkpoint gather of the "fully_reshardable" format (`get_parameter_state_dp_zero`)
+      moves each DP shard to the GPU with `.cuda()` before an all-gather: gloo gathers CPU ones.
+    - torch's Adam (the only one on CPU) breaks checkpoints before the first step, and the
+      checkpoint load (`_set_main_param_and_optimizer_states`, `load_state_dict`): see the
+      three wrappers."""
+    mod = "megatron.core.optimizer.distrib_optimizer"
+    _wrap_method(mod, "DistributedOptimizer", "__init__", _cpu_tensor_type_reads_as_cuda)
+    _wrap_method(mod, "DistributedOptimizer", "get_parameter_state_dp_zero", _tensor_cuda_is_identity)
+    if getattr(_import(mod), "HAVE_APEX_OR_TE", True):
+        return  # TE / apex fused Adam keeps its step in the param groups
+    _patch_method(mod, "DistributedOptimizer", "state_dict", _state_dict_with_initial_adam_state)
+    _patch_method(mod, "DistributedOptimizer", "_set_main_param_and_optimizer_states",
+                  _set_states_keeping_step)
+    _patch_method(mod, "DistributedOptimizer", "load_state_dict", _load_state_dict_unsharing_steps)
+
+
 def _shim_tied_embedding_setup() -> None:
     """Shim 7: wrap LanguageModule.setup_embeddings_and_output_layer (tied embeddings, PP>1)."""
-    mod = _import("megatron.core.models.common.language_module.language_module")
-    cls = getattr(mod, "LanguageModule", None)
-    original = getattr(cls, "setup_embeddings_and_output_layer", None)
-    if original is None or getattr(original, "_spark_cpu_shim", False):
-        return
-
-    def setup_embeddings_and_output_layer(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with _tensor_cuda_is_identity():
-            return original(self, *args, **kwargs)
-
-    setup_embeddings_and_output_layer._spark_cpu_shim = True  # type: ignore[attr-defined]
-    setup_embeddings_and_output_layer.__doc__ = original.__doc__
-    cls.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer  # type: ignore[union-attr]
+    _wrap_method("megatron.core.models.common.language_module.language_module", "LanguageModule",
+                 "setup_embeddings_and_output_layer", _tensor_cuda_is_identity)
 
 
 def _shim_proxies() -> None:
@@ -365,5 +512,6 @@ def apply_cpu_shims(force: bool = False) -> bool:
     _shim_rng()
     _shim_clip_grads()
     _shim_tied_embedding_setup()
+    _shim_distributed_optimizer()
     _APPLIED = True
     return True

@@ -30,6 +30,7 @@ class ParallelState:
 
     rank / world_size are global; the *_rank / *_size fields are within each group.
     `mp_group` spans tp x pp (the ranks that hold one full model replica).
+    vp_size: model chunks per pipeline rank (virtual pipeline), None without interleaving.
     """
 
     rank: int
@@ -47,6 +48,7 @@ class ParallelState:
     device: torch.device
     backend: str
     seed: int
+    vp_size: int | None = None
 
     @property
     def is_first_stage(self) -> bool:
@@ -95,7 +97,7 @@ def _set_device(backend: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-def _initialize_model_parallel(tp: int, pp: int, backend: str, cp: int = 1) -> None:
+def _initialize_model_parallel(tp: int, pp: int, backend: str, cp: int = 1, vpp: int | None = None) -> None:
     """parallel_state.initialize_model_parallel, passing only kwargs this megatron accepts."""
     from megatron.core import parallel_state as ps
 
@@ -106,6 +108,8 @@ def _initialize_model_parallel(tp: int, pp: int, backend: str, cp: int = 1) -> N
         kwargs["create_gloo_process_groups"] = backend != "gloo"
     if cp > 1:
         kwargs["context_parallel_size"] = cp
+    if vpp is not None:
+        kwargs["virtual_pipeline_model_parallel_size"] = vpp
     ps.initialize_model_parallel(tp, pp, **kwargs)
 
 
@@ -143,7 +147,7 @@ def init_distributed(cfg: ParallelConfig, seed: int = 1234, timeout_s: int = 600
     device = _set_device(backend)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    _initialize_model_parallel(cfg.tp, cfg.pp, backend, cfg.cp)
+    _initialize_model_parallel(cfg.tp, cfg.pp, backend, cfg.cp, cfg.virtual_pipeline_size)
     _seed(seed)
     return ParallelState(
         rank=dist.get_rank(),
@@ -161,6 +165,7 @@ def init_distributed(cfg: ParallelConfig, seed: int = 1234, timeout_s: int = 600
         device=device,
         backend=backend,
         seed=seed,
+        vp_size=ps.get_virtual_pipeline_model_parallel_world_size(),
     )
 
 

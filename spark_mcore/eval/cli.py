@@ -110,9 +110,13 @@ def open_model(checkpoint: str) -> EvalModel:
 def _greedy(model: EvalModel, prompts: list[Prompt], args: argparse.Namespace) -> dict[str, Any]:
     with VerifierPool(RewardConfig()) as pool:
         result = evaluate_accuracy(model.engine, prompts, model.encode, model.stop_ids, pool.score,
-                                   EvalConfig(max_new_tokens=args.max_new_tokens, limit=args.limit))
+                                   EvalConfig(max_new_tokens=args.max_new_tokens, limit=args.limit,
+                                              samples=args.samples, temperature=args.temperature,
+                                              seed=args.seed))
+    sampled = (f"; sampled accuracy={result.sampled_accuracy:.4f} ({result.sampled_n} per prompt, "
+               f"temperature {args.temperature})" if result.sampled_accuracy is not None else "")
     print(f"accuracy={result.accuracy:.4f} on {result.num_prompts} prompts ({args.data}, split={args.split}); "
-          f"mean response tokens {result.mean_response_tokens:.1f}")
+          f"mean response tokens {result.mean_response_tokens:.1f}{sampled}")
     return asdict(result)
 
 

@@ -1,4 +1,5 @@
-"""Greedy held-out accuracy of a policy served by any rollout engine."""
+"""Held-out accuracy of a policy served by any rollout engine: greedy, and optionally the mean
+accuracy of k samples per prompt."""
 
 from __future__ import annotations
 
@@ -20,10 +21,18 @@ class EvalResult:
     mean_response_tokens: float
     truncated_fraction: float
     samples: list[dict[str, object]] = field(default_factory=list)
+    sampled_accuracy: float | None = None  # mean reward of `sampled_n` samples per prompt
+    sampled_n: int = 0
 
     @classmethod
     def read(cls, path: str | Path) -> EvalResult:
         return cls(**json.loads(Path(path).read_text()))
+
+    def summary(self) -> str:
+        text = f"{self.accuracy:.3f} greedy ({self.num_prompts} prompts)"
+        if self.sampled_accuracy is not None:
+            text += f", {self.sampled_accuracy:.3f} sampled ({self.sampled_n}/prompt)"
+        return text
 
     def write(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -43,7 +52,9 @@ def evaluate_accuracy(engine: RolloutEngine, prompts: list[Prompt], encode: Call
     score_groups(groups, score)
     rollouts = [g.rollouts[0] for g in groups]
     n = len(rollouts)
+    sampled = _sampled_accuracy(engine, prompts, encode, stop_ids, score, cfg) if cfg.samples else None
     return EvalResult(
+        sampled_accuracy=sampled, sampled_n=cfg.samples,
         accuracy=sum(r.reward for r in rollouts) / n,
         num_prompts=n,
         mean_response_tokens=sum(len(r.completion.token_ids) for r in rollouts) / n,
@@ -51,3 +62,15 @@ def evaluate_accuracy(engine: RolloutEngine, prompts: list[Prompt], encode: Call
         samples=[{"id": r.prompt.id, "answer": r.prompt.answer, "response": r.completion.text,
                   "reward": r.reward} for r in rollouts],
     )
+
+
+def _sampled_accuracy(engine: RolloutEngine, prompts: list[Prompt], encode: Callable[[Prompt], list[int]],
+                      stop_ids: list[int], score: Callable[[list[tuple[str, str, str]]], list[float]],
+                      cfg: EvalConfig) -> float:
+    """Mean reward over `cfg.samples` responses per prompt at `cfg.temperature` (seeded)."""
+    params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                            stop_token_ids=stop_ids, seed=cfg.seed)
+    groups = generate_groups(engine, prompts, encode, params)
+    score_groups(groups, score)
+    rewards = [r.reward for g in groups for r in g.rollouts]
+    return sum(rewards) / len(rewards)

@@ -25,6 +25,7 @@ from torch import Tensor
 from spark_mcore.config.loader import ConfigError
 from spark_mcore.models import mcore_tp
 from spark_mcore.models.config import ModelConfig
+from spark_mcore.models.packed import PackedRows, forward_packed
 from spark_mcore.models.registry import register_adapter
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,12 +34,13 @@ _HF_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 # ---- config ---------------------------------------------------------------------------------
 
-def _check_divisible(cfg: ModelConfig, vocab_size: int, tp: int, pp: int) -> None:
+def _check_divisible(cfg: ModelConfig, vocab_size: int, tp: int, pp: int, vpp: int | None = None) -> None:
     checks = (("vocab_size", vocab_size, tp, "parallel.tp"),
               ("model.num_attention_heads", cfg.num_attention_heads, tp, "parallel.tp"),
               ("model.num_query_groups", cfg.num_query_groups, tp, "parallel.tp"),
               ("model.ffn_hidden_size", cfg.ffn_hidden_size, tp, "parallel.tp"),
-              ("model.num_layers", cfg.num_layers, pp, "parallel.pp"))
+              ("model.num_layers", cfg.num_layers, pp * (vpp or 1),
+               "parallel.pp * parallel.virtual_pipeline_size" if vpp else "parallel.pp"))
     if vocab_size <= 0:
         raise ConfigError(f"vocab_size={vocab_size} must be > 0 (model.vocab_size or tokenizer size)")
     for field, value, div, by in checks:
@@ -49,7 +51,7 @@ def _check_divisible(cfg: ModelConfig, vocab_size: int, tp: int, pp: int) -> Non
 def transformer_config(cfg: ModelConfig, vocab_size: int, tp: int = 1, pp: int = 1,
                        **overrides: Any) -> TransformerConfig:
     """megatron TransformerConfig for a Qwen2 model; `overrides` win over the defaults."""
-    _check_divisible(cfg, vocab_size, tp, pp)
+    _check_divisible(cfg, vocab_size, tp, pp, overrides.get("virtual_pipeline_model_parallel_size"))
     dtype = _DTYPES[cfg.dtype]
     kwargs: dict[str, Any] = dict(
         num_layers=cfg.num_layers,
@@ -97,12 +99,15 @@ def _layer_spec(use_te: bool) -> Any:
 
 def build_model(cfg: ModelConfig, vocab_size: int, pre_process: bool = True,
                 post_process: bool = True, parallel_output: bool = True, use_te: bool = False,
-                **config_overrides: Any) -> GPTModel:
-    """A GPTModel (one pipeline stage) with the local (non-TE) layer spec unless `use_te`.
+                vp_stage: int | None = None, **config_overrides: Any) -> GPTModel:
+    """A GPTModel (one pipeline stage, or one virtual-pipeline chunk of it) with the local
+    (non-TE) layer spec unless `use_te`.
 
     tp / pp sizes come from megatron parallel_state (call init_distributed first).
     parallel_output=True: logits are vocab-parallel [B, T, V/tp] (use vocab-parallel
     log-probs); False gathers the full vocabulary on every TP rank.
+    vp_stage: the chunk's virtual stage; megatron then builds the chunk's layers with their
+    global numbers (needs virtual_pipeline_model_parallel_size in `config_overrides`).
     """
     from megatron.core import parallel_state as ps
 
@@ -121,11 +126,14 @@ def build_model(cfg: ModelConfig, vocab_size: int, pre_process: bool = True,
         position_embedding_type="rope",
         rotary_percent=1.0,
         rotary_base=cfg.rope_theta,  # type: ignore[arg-type]  # annotated int, used as float
+        vp_stage=vp_stage,
     )
 
 
-def forward_logits(model: torch.nn.Module, tokens: Tensor) -> Tensor:
+def forward_logits(model: torch.nn.Module, tokens: Tensor, packed: PackedRows | None = None) -> Tensor:
     """tokens [B, T] long -> logits [B, T, V] (V/tp when built with parallel_output=True).
+
+    With `packed`, the rows hold several sequences each (`spark_mcore.models.packed`).
 
     The call is `model(input_ids=tokens, position_ids=arange(T) per row, attention_mask=None)`:
     with attention_mask=None the local spec applies its default causal mask, which is exact for
@@ -136,6 +144,8 @@ def forward_logits(model: torch.nn.Module, tokens: Tensor) -> Tensor:
     """
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [B, T], got shape {tuple(tokens.shape)}")
+    if packed is not None:
+        return forward_packed(model, tokens, packed)
     b, t = tokens.shape
     position_ids = torch.arange(t, device=tokens.device).unsqueeze(0).expand(b, t)
     return model(input_ids=tokens, position_ids=position_ids, attention_mask=None)

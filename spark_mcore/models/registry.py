@@ -16,6 +16,7 @@ import torch
 
 from spark_mcore.config.loader import ConfigError
 from spark_mcore.models.config import ModelConfig
+from spark_mcore.models.packed import PackedRows
 
 
 @runtime_checkable
@@ -38,7 +39,8 @@ class ModelAdapter(Protocol):
     def build_model(self, cfg: ModelConfig, vocab_size: int, pre_process: bool = True,
                     post_process: bool = True, **kwargs: Any) -> torch.nn.Module: ...
 
-    def forward(self, model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor: ...
+    def forward(self, model: torch.nn.Module, tokens: torch.Tensor,
+                packed: PackedRows | None = None) -> torch.Tensor: ...
 
     def hf_config(self, cfg: ModelConfig, vocab_size: int, eos_token_id: int | None = None,
                   pad_token_id: int | None = None, bos_token_id: int | None = None) -> Any: ...

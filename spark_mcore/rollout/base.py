@@ -1,4 +1,4 @@
-"""The rollout-engine protocol and its registry.
+"""The rollout-engine protocol (engines are built by the registry in spark_mcore.rollout.builders).
 
 An engine turns tokenized prompts into n sampled completions each, and accepts new policy
 weights as HF-named full tensors. Every completion it returns was produced by the weights of
@@ -7,9 +7,9 @@ weights as HF-named full tensors. Every completion it returns was produced by th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -43,30 +43,3 @@ class RolloutEngine(Protocol):
 
     def shutdown(self) -> None:
         ...
-
-
-EngineFactory = Callable[..., RolloutEngine]
-_ENGINES: dict[str, EngineFactory] = {}
-
-
-def register_engine(name: str) -> Callable[[EngineFactory], EngineFactory]:
-    def deco(factory: EngineFactory) -> EngineFactory:
-        if name in _ENGINES:
-            raise ValueError(f"rollout engine '{name}' is registered twice")
-        _ENGINES[name] = factory
-        return factory
-
-    return deco
-
-
-def build_engine(name: str, **kwargs: Any) -> RolloutEngine:
-    import spark_mcore.rollout.hf_engine  # noqa: F401  (registers "hf")
-    import spark_mcore.rollout.sglang  # noqa: F401  (registers "sglang")
-
-    if name not in _ENGINES:
-        raise KeyError(f"rollout.engine '{name}' is unknown; registered engines: {sorted(_ENGINES)}")
-    return _ENGINES[name](**kwargs)
-
-
-def registered_engines() -> list[str]:
-    return sorted(_ENGINES)

@@ -1,7 +1,9 @@
-"""Builders that wire a rollout engine and its weight path into a run, keyed by `rollout.engine`.
+"""The rollout-engine registry: builders that wire an engine and its weight path into a run,
+keyed by `rollout.engine`. (The one registry: engines are constructed only here.)
 
-A builder returns the engine (generation) and a `WeightPusher` (how the trainer's current
-weights reach that engine). The loop only ever calls `pusher.push(version)`:
+A builder (`EngineBuilder`) returns the engine (a `RolloutEngine`: generation) and a
+`WeightPusher` (how the trainer's current weights reach that engine). The loop only ever calls
+`pusher.push(version)`:
     "hf"      in-process transformers engine; weights go through `engine.update_weights`.
     "sglang"  SGLang servers (launched from an HF export of the initial policy, or attached via
               sglang.urls); weights go through MegatronWeightSync, a collective on every trainer
@@ -17,24 +19,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 
-from spark_mcore.config.run import RunConfig
-from spark_mcore.distributed.parallel import ParallelState
-from spark_mcore.rollout.base import RolloutEngine, build_engine
-from spark_mcore.trainer.actor import MegatronActor
+from spark_mcore.rollout.base import RolloutEngine
 
-if TYPE_CHECKING:  # imported lazily: only the "sglang" builder needs them
+if TYPE_CHECKING:  # imported lazily: a builder imports only what its engine needs
+    from spark_mcore.config.run import RunConfig
+    from spark_mcore.distributed.parallel import ParallelState
     from spark_mcore.rollout.sglang import SGLangEngine
+    from spark_mcore.trainer.actor import MegatronActor
     from spark_mcore.weights.megatron_sync import MegatronWeightSync
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_INIT_DIR = "hf_init"
 
 
+@runtime_checkable
 class WeightPusher(Protocol):
     def push(self, version: int) -> None:
         """Send the actor's current weights to the engine and tag them `version` (collective)."""
@@ -46,7 +49,7 @@ class WeightPusher(Protocol):
 
 @dataclass
 class EngineContext:
-    """What a builder may use. Has the `actor`, `pstate` and `tokenizer` that
+    """What a builder may use. Has the `actor`, `pstate`, `tokenizer` and `run_dir` that
     `spark_mcore.checkpoint.io.export_hf` reads, so it can export before the Run exists."""
 
     cfg: RunConfig
@@ -56,14 +59,21 @@ class EngineContext:
     actor: MegatronActor
 
 
-EngineBuilder = Callable[[EngineContext], tuple[RolloutEngine, WeightPusher]]
+class EngineBuilder(Protocol):
+    def __call__(self, ctx: EngineContext) -> tuple[RolloutEngine, WeightPusher]:
+        """The engine, already serving the actor's weights as policy version 0, and its pusher.
+        A builder that fails must not leave processes behind (launched servers are stopped)."""
+        ...
+
+
 _BUILDERS: dict[str, EngineBuilder] = {}
 
 
 def register_engine_builder(name: str) -> Callable[[EngineBuilder], EngineBuilder]:
+    """Decorator: `@register_engine_builder("name")` makes `rollout.engine: name` build with it."""
     def deco(builder: EngineBuilder) -> EngineBuilder:
-        if name in _BUILDERS:
-            raise ValueError(f"engine builder '{name}' is registered twice")
+        if not name or name in _BUILDERS:
+            raise ValueError(f"engine builder {name!r} is empty or registered twice")
         _BUILDERS[name] = builder
         return builder
 
@@ -102,10 +112,12 @@ class EngineUpdatePusher:
 
 @register_engine_builder("hf")
 def build_hf(ctx: EngineContext) -> tuple[RolloutEngine, WeightPusher]:
+    from spark_mcore.rollout.hf_engine import HFEngine
+
     cfg, tok = ctx.cfg, ctx.tokenizer
-    engine = build_engine("hf", hf_config=ctx.actor.hf_config(tok), decode=partial(tok.decode, skip_special_tokens=True),
-                          pad_token_id=tok.pad_token_id or 0, dtype=_DTYPES[cfg.model.dtype],
-                          batch_size=cfg.rollout.batch_size)
+    engine = HFEngine(ctx.actor.hf_config(tok), decode=partial(tok.decode, skip_special_tokens=True),
+                      pad_token_id=tok.pad_token_id or 0, dtype=_DTYPES[cfg.model.dtype],
+                      batch_size=cfg.rollout.batch_size)
     pusher = EngineUpdatePusher(engine, ctx.actor)
     pusher.push(0)
     return engine, pusher
@@ -123,7 +135,7 @@ class MegatronSyncPusher:
     actor: MegatronActor
 
     def push(self, version: int) -> None:
-        self.sync.sync(self.actor.unwrapped, version)
+        self.sync.sync(self.actor.chunks, version)
         self.engine.policy_version = version
 
     def close(self) -> None:
@@ -150,7 +162,7 @@ def _sglang_engine(ctx: EngineContext) -> SGLangEngine:
         cfg = dataclasses.replace(cfg, log_dir=str(ctx.run_dir / cfg.log_dir))
     if not cfg.urls:
         init_dir = ctx.run_dir / HF_INIT_DIR
-        export_hf(ctx, init_dir)  # type: ignore[arg-type]  (reads only .actor, .pstate, .tokenizer)
+        export_hf(ctx.actor, ctx.tokenizer, init_dir, ctx.run_dir / "tokenizer")
         if dist.is_initialized() and ctx.pstate.world_size > 1:
             dist.barrier()  # rank 0 has written the export before any server reads it
         cfg = dataclasses.replace(cfg, model_path=str(init_dir))

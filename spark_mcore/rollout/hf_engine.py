@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from spark_mcore.rollout.base import SamplingParams, register_engine
+from spark_mcore.rollout.base import SamplingParams
 from spark_mcore.types import Completion
 
 
@@ -102,8 +102,3 @@ class HFEngine:
 
     def shutdown(self) -> None:
         self.model = None  # type: ignore[assignment]
-
-
-@register_engine("hf")
-def _make_hf_engine(**kwargs: object) -> HFEngine:
-    return HFEngine(**kwargs)  # type: ignore[arg-type]

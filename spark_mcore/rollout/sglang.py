@@ -5,7 +5,7 @@ Pieces, each usable alone:
   launch_servers     `python -m sglang.launch_server ...` per server (command configurable), tracked
                      PIDs in their own process groups, one log file each; ServerHandle.wait_healthy
   SGLangClient       /generate across servers with retries + failover, and the control endpoints
-  SGLangEngine       the RolloutEngine protocol on top (registered as "sglang")
+  SGLangEngine       the RolloutEngine protocol on top (built by rollout.builders for "sglang")
 HTTP uses the standard library only (http.client); bodies come from `sglang_payloads`.
 
 Failover invariant: the samples of a generate() call are split into chunks; a chunk's results
@@ -38,7 +38,7 @@ import torch
 
 from spark_mcore.config.loader import ConfigError
 from spark_mcore.rollout import sglang_payloads as P
-from spark_mcore.rollout.base import SamplingParams, register_engine
+from spark_mcore.rollout.base import SamplingParams
 from spark_mcore.types import Completion
 
 logger = logging.getLogger(__name__)
@@ -560,16 +560,8 @@ class SGLangEngine:
             h.terminate()
 
 
-@register_engine("sglang")
-def build_sglang_engine(config: SGLangConfig | None = None, weight_sync: WeightSync | None = None,
-                        **overrides: Any) -> SGLangEngine:
-    """Registry factory: `build_engine("sglang", config=SGLangConfig(...), weight_sync=...)`."""
-    cfg = config if config is not None else SGLangConfig(**overrides)
-    return SGLangEngine(cfg, weight_sync=weight_sync)
-
-
 __all__ = [
     "SGLangConfig", "SGLangError", "SGLangRequestError", "TransientHTTPError", "ServerHandle", "launch_servers",
     "attach_servers", "weight_group_layout", "free_port", "http_json", "with_retries", "PendingCalls",
-    "SGLangClient", "WeightSync", "SGLangEngine", "build_sglang_engine",
+    "SGLangClient", "WeightSync", "SGLangEngine",
 ]

@@ -1,5 +1,7 @@
-"""The Megatron actor: a megatron-core GPTModel under DDP with Megatron's optimizer, trained with
-the GRPO loss (or the SFT loss for the warm start) through megatron's forward-backward schedule.
+"""The Megatron actor: a megatron-core GPTModel (one chunk per virtual pipeline stage with
+interleaving) under DDP with Megatron's optimizer, trained with the GRPO loss (or the SFT loss
+for the warm start) through megatron's forward-backward schedule, on padded or packed
+(`trainer.pack_sequences`) micro-batches.
 
 Parallel groups come in through `ParallelState`; the model and losses never look them up.
 """
@@ -21,22 +23,41 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from spark_mcore.algo.config import AlgoConfig
 from spark_mcore.algo.logprobs import vocab_parallel_entropy
 from spark_mcore.algo.losses import grpo_loss, sft_loss
+from spark_mcore.config.loader import ConfigError
 from spark_mcore.distributed.collectives import broadcast_floats, broadcast_tensor
 from spark_mcore.distributed.config import ParallelConfig
 from spark_mcore.distributed.parallel import ParallelState
 from spark_mcore.models.config import ModelConfig
+from spark_mcore.models.packed import uses_te_attention
 from spark_mcore.models.registry import get_adapter
-from spark_mcore.trainer.batching import micro_batches, pad_rows
 from spark_mcore.trainer.config import TrainerConfig
 from spark_mcore.trainer.logits import sequence_logprobs
 from spark_mcore.trainer.optim import build_optimizer
+from spark_mcore.trainer.packing import (
+    MicroBatch,
+    packed_micro_batches,
+    padded_micro_batches,
+    sequence_lengths,
+)
 from spark_mcore.types import TrainBatch
 
-LossFn = Callable[[TrainBatch, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# The interleaved schedule exchanges activations and gradients with both neighbours at once.
+# megatron's batched p2p posts [send_prev, recv_prev, send_next, recv_next]; with pp = 2 the
+# neighbours are one rank, and where messages between one pair of ranks on one group match in
+# posting order (gloo), rank 0's first send (a gradient) lands in rank 1's first receive (an
+# activation buffer of the same shape): silently wrong results. megatron's unbatched p2p puts
+# the two directions on different groups for a 2-rank pipeline; megatron-LM's own defaults for
+# interleaving (overlap_p2p_comm on, batch_p2p_comm off) take that path.
+_INTERLEAVED_P2P = {"overlap_p2p_comm": True, "batch_p2p_comm": False}
+
+# (micro-batch sequences [b, T], log-probs [b, T], entropy [b, T] on demand) -> (loss, metrics)
+LossFn = Callable[[TrainBatch, torch.Tensor, Callable[[], torch.Tensor]],
+                  tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class MegatronActor:
-    """Owns the policy (DDP-wrapped chunks), its optimizer/scheduler and a frozen reference."""
+    """Owns the policy (DDP-wrapped chunks: one per virtual pipeline stage, else one), its
+    optimizer/scheduler and a frozen reference."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainerConfig, algo: AlgoConfig,
                  pstate: ParallelState, vocab_size: int, parallel: ParallelConfig | None = None) -> None:
@@ -44,43 +65,59 @@ class MegatronActor:
         self.adapter = get_adapter(model_cfg.family, model_cfg)
         self.vocab_size = vocab_size
         self.parallel = parallel or ParallelConfig()
-        module = self._build_module()
-        self.tf_config = module.config
+        check_packing(cfg, self.parallel)
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=self.parallel.use_distributed_optimizer)
-        self.model = DistributedDataParallel(self.tf_config, ddp_cfg, module)
-        self.tf_config.finalize_model_grads_func = finalize_model_grads
-        self.ref: torch.nn.Module | None = None
+        # only the first chunk gets buckets (megatron's convention; without overlap it is moot)
+        self.models = [DistributedDataParallel(m.config, ddp_cfg, m, disable_bucketing=i > 0)
+                       for i, m in enumerate(self._build_chunks())]
+        self.tf_config = self.models[0].module.config  # the schedule reads chunk 0's config
+        for chunk in self.chunks:
+            chunk.config.finalize_model_grads_func = finalize_model_grads
+        self.ref_chunks: list[torch.nn.Module] | None = None
         # GRPO log-probs are of the sampling distribution; `sft_step` uses temperature 1
         self.temperature = 1.0
         self.optimizer: Any = None
         self.scheduler: Any = None
 
-    def _build_module(self) -> torch.nn.Module:
-        return self.adapter.build_model(self.model_cfg, self.vocab_size, pre_process=self.pstate.is_first_stage,
-                                        post_process=self.pstate.is_last_stage,
-                                        **self.parallel.transformer_overrides())
+    def _build_chunks(self) -> list[torch.nn.Module]:
+        """One GPTModel per virtual pipeline stage of this rank (one without interleaving)."""
+        overrides = self.parallel.transformer_overrides()
+        if self.cfg.pack_sequences:  # the fused causal softmax ignores an explicit mask
+            overrides["masked_softmax_fusion"] = False
+        vpp = self.pstate.vp_size
+        if vpp is None:
+            return [self.adapter.build_model(self.model_cfg, self.vocab_size, pre_process=self.pstate.is_first_stage,
+                                             post_process=self.pstate.is_last_stage, **overrides)]
+        overrides.update(virtual_pipeline_model_parallel_size=vpp, **_INTERLEAVED_P2P)
+        return [self.adapter.build_model(self.model_cfg, self.vocab_size, vp_stage=i,
+                                         pre_process=self.pstate.is_first_stage and i == 0,
+                                         post_process=self.pstate.is_last_stage and i == vpp - 1, **overrides)
+                for i in range(vpp)]
 
     # ---- setup -------------------------------------------------------------------------------
     def setup_optimizer(self, lr: float, total_steps: int, warmup_steps: int) -> None:
-        """(Re)creates Adam + cosine schedule; the SFT warm start and RL each get their own."""
+        """(Re)creates Adam + cosine schedule over all chunks; the SFT warm start and RL each get
+        their own."""
         self.optimizer, self.scheduler = build_optimizer(
-            [self.model], self.cfg, lr, total_steps, warmup_steps, bf16=self.model_cfg.dtype == "bf16",
+            self.models, self.cfg, lr, total_steps, warmup_steps, bf16=self.model_cfg.dtype == "bf16",
             distributed=self.parallel.use_distributed_optimizer)
-        self.tf_config.grad_scale_func = self.optimizer.scale_loss
+        for chunk in self.chunks:
+            chunk.config.grad_scale_func = self.optimizer.scale_loss
 
     def snapshot_reference(self) -> None:
         """Freezes a copy of the current policy as the KL reference (no-op when kl_coef == 0)."""
         if self.algo.kl_coef == 0:
-            self.ref = None
+            self.ref_chunks = None
             return
-        if self.ref is None:  # modules hold process groups, so build a twin instead of deepcopy
-            self.ref = self._build_module()
-        self.ref.load_state_dict(self.model.module.state_dict())
-        self.ref.eval()
-        for p in self.ref.parameters():
-            p.requires_grad_(False)
+        if self.ref_chunks is None:  # modules hold process groups, so build twins instead of deepcopy
+            self.ref_chunks = self._build_chunks()
+        for ref, chunk in zip(self.ref_chunks, self.chunks, strict=True):
+            ref.load_state_dict(chunk.state_dict())
+            ref.eval()
+            for p in ref.parameters():
+                p.requires_grad_(False)
 
     def hf_config(self, tokenizer: Any) -> Any:
         """The transformers config matching this policy (for engines and HF export)."""
@@ -88,55 +125,126 @@ class MegatronActor:
                                       pad_token_id=tokenizer.pad_token_id)
 
     @property
+    def chunks(self) -> list[torch.nn.Module]:
+        """The policy's GPTModel chunks of this rank, in virtual-stage order (DDP unwrapped)."""
+        return [m.module for m in self.models]
+
+    @property
     def unwrapped(self) -> torch.nn.Module:
-        return self.model.module
+        """The policy's GPTModel; only without virtual pipeline (otherwise use `chunks`)."""
+        return _single(self.chunks, "actor.chunks")
+
+    @property
+    def ref(self) -> torch.nn.Module | None:
+        """The frozen reference model (None when KL is off); only without virtual pipeline
+        (otherwise use `ref_chunks`)."""
+        return None if self.ref_chunks is None else _single(self.ref_chunks, "actor.ref_chunks")
+
+    def sharded_state_dict(self, reference: bool = False) -> dict[str, Any]:
+        """megatron dist-checkpoint state of the policy (or reference): one chunk's
+        `sharded_state_dict` as is, several chunks under "model0", "model1", ... (megatron's
+        convention). Keys of the ShardedTensors carry global layer offsets, so a checkpoint
+        saved under one (virtual) pipeline layout loads under another."""
+        chunks = self.ref_chunks if reference else self.chunks
+        if chunks is None:
+            raise RuntimeError("no reference model: call snapshot_reference() with algo.kl_coef > 0")
+        if len(chunks) == 1:
+            return chunks[0].sharded_state_dict(prefix="")
+        return {f"model{i}": c.sharded_state_dict(prefix="") for i, c in enumerate(chunks)}
+
+    def load_state_dict(self, state: dict[str, Any], reference: bool = False) -> None:
+        """Inverse of `sharded_state_dict` for the dict `dist_checkpointing.load` returns."""
+        chunks = self.ref_chunks if reference else self.chunks
+        if chunks is None:
+            raise RuntimeError("no reference model: call snapshot_reference() with algo.kl_coef > 0")
+        if len(chunks) == 1:
+            chunks[0].load_state_dict(state)
+            return
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(state[f"model{i}"])
 
     # ---- forward / backward ------------------------------------------------------------------
-    def _forward_step(self, loss_fn: LossFn, norm: torch.Tensor, data_iterator: Iterator[TrainBatch],
+    def _forward_step(self, loss_fn: LossFn, norm: torch.Tensor, data_iterator: Iterator[MicroBatch],
                       model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
         mb = next(data_iterator)
-        output = self.adapter.forward(model, mb.tokens)
+        if mb.packed is None:
+            output = self.adapter.forward(model, mb.tokens)
+        else:
+            output = self.adapter.forward(model, mb.tokens, packed=mb.packed)
         return output, partial(self._loss_wrapper, loss_fn, mb, norm)
 
-    def _loss_wrapper(self, loss_fn: LossFn, mb: TrainBatch, norm: torch.Tensor,
+    def _loss_wrapper(self, loss_fn: LossFn, mb: MicroBatch, norm: torch.Tensor,
                       logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logp = sequence_logprobs(logits, mb.tokens, self.pstate, self.temperature)
-        loss, metrics = loss_fn(mb, logp, logits)
+        if mb.num_sequences == 0:  # a filler micro-batch (interleaved schedule): no loss, no metrics
+            return logits.sum() * 0.0, {}
+        logp = mb.unpack(sequence_logprobs(logits, mb.tokens, self.pstate, self.temperature))
+        loss, metrics = loss_fn(mb.seqs, logp, partial(self._entropy, mb, logits))
         # Each micro-batch returns its share of the global mean: summing the shares over
         # micro-batches and DP ranks reproduces the full-batch loss exactly. Megatron divides by
         # the micro-batch count and DDP averages over DP ranks, so both are multiplied back.
-        share = self._weight(mb) / norm
+        share = self._weight(mb.seqs) / norm
         scaled = loss * share * self._num_mb * self.pstate.dp_size
         # keys starting with "_" are per-token outputs (log-probs), passed through unscaled
         return scaled, {k: v.detach().float() * (1.0 if k.startswith("_") else share)
                         for k, v in metrics.items()}
 
+    def _entropy(self, mb: MicroBatch, logits: torch.Tensor) -> torch.Tensor:
+        """[b, T] entropy of the distribution that predicted each token (0 at t = 0), no grad."""
+        with torch.no_grad():
+            tp_group = self.pstate.tp_group if self.pstate.tp_size > 1 else None
+            ent = vocab_parallel_entropy(logits.detach()[:, :-1], tp_group, temperature=self.temperature)
+        return mb.unpack(torch.nn.functional.pad(ent, (1, 0)))
+
     def _weight(self, mb: TrainBatch) -> torch.Tensor:
+        """The micro-batch's part of the global normaliser: scored tokens, or for seq_mean the
+        sequences with >= 1 scored token (what `aggregate` averages over; padding rows add 0)."""
         if self.algo.loss_agg == "seq_mean":
-            return torch.tensor(float(mb.num_sequences))
+            return (mb.loss_mask.sum(dim=1) > 0).sum().float()
         return mb.loss_mask[:, 1:].sum()
 
     def _global_norm(self, batch: TrainBatch) -> torch.Tensor:
-        local = self._weight(batch).clone()
+        local = self._weight(batch).to(self.pstate.device, torch.float32)
         if self.pstate.dp_size > 1:
             torch.distributed.all_reduce(local, group=self.pstate.dp_group)
         return local.clamp(min=1.0)
 
-    def _run(self, model: torch.nn.Module, batch: TrainBatch, loss_fn: LossFn,
-             forward_only: bool) -> list[dict[str, torch.Tensor]]:
-        """Megatron's schedule over equal micro-batches (pipeline p2p needs one shape); the
-        last one is padded with mask-0 rows, which add nothing to losses or metrics.
-        Returns the loss-function outputs (non-empty on the last pipeline stage only)."""
+    def _micro_batches(self, batch: TrainBatch) -> list[MicroBatch]:
+        """Equal-shape micro-batches (pipeline p2p needs one shape): padded rows, or packed
+        rows with `trainer.pack_sequences`. Their count is a multiple of pp under the
+        interleaved schedule (megatron requires it); fillers carry no sequences."""
+        multiple = self.pstate.pp_size if self.pstate.vp_size else 1
+        budget = self.cfg.max_tokens_per_micro_batch
+        if self.cfg.pack_sequences:
+            longest = int(sequence_lengths(batch).max())
+            row_length = -(-max(budget, longest) // self._seq_multiple()) * self._seq_multiple()
+            return packed_micro_batches(batch, row_length, 1 if budget else self.cfg.micro_batch_size, multiple)
         size = min(self.cfg.micro_batch_size, batch.num_sequences)
-        if self.cfg.max_tokens_per_micro_batch:  # token budget: rows of the (padded) length T
-            size = max(1, min(size, self.cfg.max_tokens_per_micro_batch // batch.tokens.shape[1]))
-        mbs = list(micro_batches(pad_rows(batch, size), size))
+        if budget:  # token budget: rows of the (padded) length T
+            size = max(1, min(size, budget // batch.tokens.shape[1]))
+        return padded_micro_batches(batch, size, multiple)
+
+    def _seq_multiple(self) -> int:
+        """Sequence parallelism splits the sequence dimension over TP ranks."""
+        return self.pstate.tp_size if self.parallel.sequence_parallel else 1
+
+    def _run(self, chunks: list[torch.nn.Module], batch: TrainBatch, loss_fn: LossFn,
+             forward_only: bool) -> tuple[list[dict[str, torch.Tensor]], list[MicroBatch]]:
+        """Megatron's schedule (interleaved with several chunks) over `_micro_batches(batch)`.
+        Returns the loss-function outputs, one per micro-batch in order on the last pipeline
+        stage (empty elsewhere), and the micro-batches."""
+        mbs = [mb.to(self.pstate.device) for mb in self._micro_batches(batch)]
         self._num_mb = len(mbs)
         norm = self._global_norm(batch)
-        fb = get_forward_backward_func()
-        return fb(forward_step_func=partial(self._forward_step, loss_fn, norm), data_iterator=iter(mbs),
-                  model=[model], num_microbatches=len(mbs), seq_length=batch.tokens.shape[1],
-                  micro_batch_size=size, forward_only=forward_only)
+        rows, length = mbs[0].tokens.shape
+        if mbs[0].packed is not None and uses_te_attention(chunks[0]):  # THD: one [1, R*L] sequence
+            rows, length = 1, rows * length
+        # every chunk reads the same micro-batches in order; the interleaved schedule wants a list
+        data: Any = [iter(mbs) for _ in chunks] if self.pstate.vp_size else iter(mbs)
+        outs = get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, loss_fn, norm), data_iterator=data,
+            model=chunks, num_microbatches=len(mbs), seq_length=length, micro_batch_size=rows,
+            forward_only=forward_only)
+        return outs, mbs
 
     def _last_stage_rank(self) -> int:
         return torch.distributed.get_process_group_ranks(self.pstate.pp_group)[-1]
@@ -144,39 +252,43 @@ class MegatronActor:
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
         """log p(tokens[t] | tokens[<t]) for every position, [B, T] (0 at t = 0 and padding)."""
-        model = self.ref if reference else self.model.module
-        if model is None:
+        chunks = self.ref_chunks if reference else self.chunks
+        if chunks is None:
             raise RuntimeError("no reference model: call snapshot_reference() with algo.kl_coef > 0")
-        was_training = model.training
-        model.eval()
-        outs = self._run(model, batch, lambda mb, logp, logits: (logp.sum() * 0, {"_logp": logp}), True)
-        model.train(was_training)
-        logp = torch.cat([out["_logp"] for out in outs])[: batch.num_sequences] if outs else None
+        modes = [c.training for c in chunks]
+        for c in chunks:
+            c.eval()
+        outs, mbs = self._run(chunks, batch, lambda mb, logp, ent: (logp.sum() * 0, {"_logp": logp}), True)
+        for c, mode in zip(chunks, modes, strict=True):
+            c.train(mode)
+        logp = None
+        if outs:  # scatter each micro-batch's sequences back to their batch rows
+            logp = torch.zeros(batch.tokens.shape, dtype=torch.float32)
+            for mb, out in zip(mbs, outs, strict=True):
+                keep = mb.index >= 0
+                if "_logp" in out and bool(keep.any()):
+                    logp[mb.index[keep].cpu()] = out["_logp"][keep.to(out["_logp"].device)].float().cpu()
         # the loss lives on the last pipeline stage; every stage gets the values for symmetry
         logp = broadcast_tensor(logp, tuple(batch.tokens.shape), torch.float32, self._last_stage_rank(),
-                                self.pstate.pp_group)
+                                self.pstate.pp_group, self.pstate.device)
         return logp * batch.loss_mask
 
-    def _grpo_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, logits: torch.Tensor
+    def _grpo_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, entropy: Callable[[], torch.Tensor]
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mask = mb.loss_mask
         old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
-        with torch.no_grad():
-            tp_group = self.pstate.tp_group if self.pstate.tp_size > 1 else None
-            ent = vocab_parallel_entropy(logits.detach()[:, :-1], tp_group, temperature=self.temperature)
-        ent_full = torch.nn.functional.pad(ent, (1, 0))
-        return grpo_loss(logp, old, mb.ref_logprobs, mb.advantages, mask, self.algo, entropy=ent_full)
+        return grpo_loss(logp, old, mb.ref_logprobs, mb.advantages, mb.loss_mask, self.algo, entropy=entropy())
 
-    def _sft_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, logits: torch.Tensor
+    def _sft_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, entropy: Callable[[], torch.Tensor]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss = sft_loss(logp, mb.loss_mask)
         return loss, {"sft_loss": loss.detach()}
 
     def _optimize(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
-        self.model.train()
-        self.model.zero_grad_buffer()
+        for model in self.models:
+            model.train()
+            model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outs = self._run(self.model, batch, loss_fn, forward_only=False)
+        outs, _ = self._run(self.models, batch, loss_fn, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         metrics: dict[str, float] = {}
@@ -191,12 +303,12 @@ class MegatronActor:
         return metrics
 
     def _reduce_metrics(self, metrics: dict[str, float] | None) -> dict[str, float]:
-        metrics = broadcast_floats(metrics, self._last_stage_rank(), self.pstate.pp_group)
+        metrics = broadcast_floats(metrics, self._last_stage_rank(), self.pstate.pp_group, self.pstate.device)
         if self.pstate.dp_size > 1 and metrics:
             keys = sorted(metrics)
-            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.pstate.device)
             torch.distributed.all_reduce(values, group=self.pstate.dp_group)
-            metrics = dict(zip(keys, values.tolist(), strict=False))
+            metrics = dict(zip(keys, values.cpu().tolist(), strict=False))
         return metrics
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -213,4 +325,19 @@ class MegatronActor:
 
     def export_hf(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF-named full tensors of the current policy (world size 1; `weights/` gathers TP/PP)."""
-        return self.adapter.export_hf_state(self.model.module)
+        return self.adapter.export_hf_state(self.unwrapped)
+
+
+def _single(chunks: list[torch.nn.Module], plural: str) -> torch.nn.Module:
+    if len(chunks) != 1:
+        raise RuntimeError(f"the policy has {len(chunks)} virtual-pipeline chunks on this rank; use {plural}")
+    return chunks[0]
+
+
+def check_packing(cfg: TrainerConfig, parallel: ParallelConfig) -> None:
+    """trainer.pack_sequences limits, named by field (the local spec cannot split a packed
+    row's mask over context-parallel ranks)."""
+    if cfg.pack_sequences and parallel.cp > 1:
+        raise ConfigError("trainer.pack_sequences=true with parallel.cp > 1 needs Transformer Engine's THD "
+                          "attention, which the actor's local layer spec does not use; set parallel.cp=1 "
+                          "or trainer.pack_sequences=false")

@@ -72,11 +72,16 @@ def pad_rows(batch: TrainBatch, multiple: int) -> TrainBatch:
                    ref_logprobs=grow(batch.ref_logprobs), kinds=batch.kinds + ["pad"] * extra if batch.kinds else [])
 
 
-def split_for_updates(batch: TrainBatch, updates: int) -> list[TrainBatch]:
-    """Splits a policy step's batch into `updates` contiguous mini-batches of near-equal size."""
+def split_for_updates(batch: TrainBatch, updates: int, seed: int | None = None) -> list[TrainBatch]:
+    """Splits a policy step's batch into `updates` mini-batches of near-equal size.
+
+    Contiguous when `seed` is None; otherwise the rows are shuffled first (seeded, so a resumed
+    run splits identically), which mixes the groups of one prompt over the mini-batches.
+    """
     n = batch.num_sequences
+    order = torch.arange(n) if seed is None else torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     bounds = [round(i * n / updates) for i in range(updates + 1)]
-    return [select(batch, slice(a, b)) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return [select(batch, order[a:b]) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
 def groups_to_batch(groups: list[RolloutGroup], eps: float, normalize_std: bool,

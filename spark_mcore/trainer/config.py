@@ -15,6 +15,21 @@ class TrainerConfig:
     micro_batch_size: sequences per forward/backward (gradient accumulation up to the batch).
     max_tokens_per_micro_batch: token budget per micro-batch (rows x padded length); 0 = off.
         With it, long batches get smaller micro-batches so activation memory stays bounded.
+    pack_sequences: padding-free micro-batches. Sequences are packed first-fit-decreasing into
+        rows of max_tokens_per_micro_batch tokens (one row per micro-batch), or, when that is 0,
+        of the longest sequence's length (micro_batch_size rows per micro-batch, which then
+        counts rows, not sequences); a sequence longer than the budget widens every row to its
+        length. With 0 only sequences shorter than half the longest can share a row, so set a
+        budget of a few times the longest sequence to save the padding (arith GRPO batch,
+        tools/bench_packing.py: 19350 padded token positions -> 15360 packed at 512). Each sequence restarts its positions at 0 and attends only to itself
+        (block-diagonal causal mask), so losses and log-probs equal the padded path's; the
+        model computes only the tokens up to each sequence's last response token plus row
+        tails. Local (non-TE) layer spec, which the actor builds: an explicit [R, 1, L, L]
+        mask (attention cost stays L^2 per row, so very long rows trade padding for attention
+        work; megatron's fused softmax is turned off because it ignores the mask). A model built
+        with the Transformer Engine spec (GPU) takes megatron's THD layout with cu_seqlens
+        instead (`spark_mcore.models.packed`); that branch is written but untested, since TE
+        does not run on the CPU test machines. Not with parallel.cp > 1.
     updates_per_step: optimizer steps per policy step (the batch is split into this many).
     seed: model init and sampling seed.
     """
@@ -30,6 +45,7 @@ class TrainerConfig:
     grad_clip: float = 1.0
     micro_batch_size: int = 64
     max_tokens_per_micro_batch: int = 0
+    pack_sequences: bool = False
     updates_per_step: int = 1
     seed: int = 1234
 
@@ -40,6 +56,9 @@ class TrainerConfig:
             raise ConfigError("trainer.lr must be > 0")
         if self.micro_batch_size < 1 or self.updates_per_step < 1:
             raise ConfigError("trainer.micro_batch_size and trainer.updates_per_step must be >= 1")
+        if self.max_tokens_per_micro_batch < 0:
+            raise ConfigError(f"trainer.max_tokens_per_micro_batch={self.max_tokens_per_micro_batch} must be "
+                              ">= 0 (0 turns the token budget off)")
 
 
 @dataclass

@@ -185,40 +185,91 @@ class BufferRing:
         self.buffers = [None] * self.num_buffers
 
 
-def _closes_bucket(offset: int, spec: TensorSpec, capacity: int) -> bool:
-    """A non-empty bucket ends before `spec` when it would overflow or land unaligned."""
-    return offset + spec.nbytes > capacity or offset % DTYPES[spec.dtype].itemsize != 0
+class _Layout:
+    """Where each tensor of a stream goes: the one decision procedure behind `iter_buckets`
+    (which then copies) and `plan_buckets` (which only describes), so both always agree.
 
+    Two kinds of bucket: a tensor of at least min(alone_bytes, capacity) that needs no copy
+    travels alone, from its own memory, at once; every other tensor is copied into the open
+    bucket, which is sent when the next tensor would overflow it (or land unaligned: SGLang
+    rejects that) or at the end. A tensor that travels alone does NOT close the open bucket:
+    the small tensors around the big ones keep filling it, so a sync needs fewer buckets (one
+    HTTP announce and one collective each) than when every big tensor split the stream. The
+    receiver loads each bucket by name, so the order of tensors across buckets is free.
 
-def _alone_threshold(bucket_bytes: int, alone_bytes: int | None) -> int:
-    return bucket_bytes if alone_bytes is None or alone_bytes <= 0 else min(alone_bytes, bucket_bytes)
+    Bucket sizes ramp up: the bucket opened after k buckets were sent holds at most
+    first_bucket_bytes * 2**k, up to bucket_bytes (no ramp: always bucket_bytes). The sender
+    packs bucket k+1 while bucket k is on the wire, but nothing is on the wire while the FIRST
+    bucket is packed: a full-size first bucket exposes its whole copy (and cast); a small one
+    starts the wire almost at once, and doubling keeps each packing short next to the sends
+    before it.
+    """
+
+    def __init__(self, bucket_bytes: int, alone_bytes: int | None, first_bucket_bytes: int | None) -> None:
+        if bucket_bytes <= 0:
+            raise BucketError(f"bucket_bytes={bucket_bytes} must be >= 1")
+        self.bucket_bytes, self.alone_bytes = bucket_bytes, alone_bytes
+        self.first = first_bucket_bytes if first_bucket_bytes and first_bucket_bytes < bucket_bytes else None
+        self.index = 0  # buckets sent so far = the index of the next one sent
+        self.count = self.offset = 0  # tensors and bytes in the open bucket (count 0: none open)
+        self.open_capacity = 0
+
+    def capacity(self) -> int:
+        if self.first is None:
+            return self.bucket_bytes
+        return min(self.bucket_bytes, self.first << min(self.index, 62))
+
+    def goes_alone(self, nbytes: int) -> bool:
+        """Does a tensor of this size that needs no copy travel alone (from its own memory)?"""
+        cap = self.capacity()
+        return nbytes >= (cap if self.alone_bytes is None or self.alone_bytes <= 0 else min(self.alone_bytes, cap))
+
+    def closes(self, spec: TensorSpec) -> bool:
+        """Must the open bucket be sent before `spec` is copied into it?"""
+        return self.count > 0 and (self.offset + spec.nbytes > self.open_capacity
+                                   or self.offset % DTYPES[spec.dtype].itemsize != 0)
+
+    def sent(self, whole_open_bucket: bool) -> int:
+        """Count one sent bucket (the open one, or an alone tensor); returns its index."""
+        if whole_open_bucket:
+            self.count = self.offset = 0
+        self.index += 1
+        return self.index - 1
+
+    def add(self, spec: TensorSpec) -> int:
+        """Append `spec` (its offset must be `self.offset`) to the open bucket, opening one if
+        none is; returns the capacity to allocate when it opened one, else 0."""
+        opened = 0
+        if self.count == 0:
+            opened = self.open_capacity = max(self.capacity(), spec.nbytes, 1)
+        self.count += 1
+        self.offset += spec.nbytes
+        return opened
 
 
 def plan_buckets(specs: Iterable[tuple[str, torch.dtype, Sequence[int]]], bucket_bytes: int,
-                 alone_bytes: int | None = None, zero_copy: bool = True) -> list[BucketHeader]:
-    """The headers `iter_buckets` produces for tensors of these (name, wire dtype, shape), without
-    any data: what a receiver that knows the tensor list expects, bucket by bucket.
-    zero_copy=True: the sender's tensors are already in the wire dtype on the wire device (so
-    those of at least `alone_bytes` travel alone); False: every tensor is copied."""
+                 alone_bytes: int | None = None, zero_copy: bool = True,
+                 first_bucket_bytes: int | None = None) -> list[BucketHeader]:
+    """The headers `iter_buckets` produces for tensors of these (name, wire dtype, shape), in
+    the order it yields them, without any data: what a receiver that knows the tensor list
+    expects, bucket by bucket. zero_copy=True: the sender's tensors are already in the wire
+    dtype on the wire device (so large ones travel alone); False: every tensor is copied."""
+    layout = _Layout(bucket_bytes, alone_bytes, first_bucket_bytes)
     headers: list[BucketHeader] = []
     current: list[TensorSpec] = []
-    offset, capacity = 0, bucket_bytes
-    alone = _alone_threshold(bucket_bytes, alone_bytes) if zero_copy else None
     for name, dtype, shape in specs:
-        spec = TensorSpec(name, dtype_name(dtype), tuple(int(s) for s in shape), offset)
-        if current and (_closes_bucket(offset, spec, capacity) or (alone is not None and spec.nbytes >= alone)):
-            headers.append(BucketHeader(current, len(headers)))
-            current, offset = [], 0
-            spec = TensorSpec(name, spec.dtype, spec.shape, 0)
-        if not current and alone is not None and spec.nbytes >= alone:
-            headers.append(BucketHeader([spec], len(headers)))
+        spec = TensorSpec(name, dtype_name(dtype), tuple(int(s) for s in shape), 0)
+        if zero_copy and layout.goes_alone(spec.nbytes):
+            headers.append(BucketHeader([spec], layout.sent(False)))
             continue
-        if not current:
-            capacity = max(bucket_bytes, spec.nbytes)
+        if layout.closes(spec):
+            headers.append(BucketHeader(current, layout.sent(True)))
+            current = []
+        spec = TensorSpec(spec.name, spec.dtype, spec.shape, layout.offset)
+        layout.add(spec)
         current.append(spec)
-        offset += spec.nbytes
     if current:
-        headers.append(BucketHeader(current, len(headers)))
+        headers.append(BucketHeader(current, layout.sent(True)))
     return headers
 
 
@@ -231,51 +282,49 @@ def _own_bytes(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -
 
 def iter_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
                  wire_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 num_buffers: int = 2, ring: BufferRing | None = None,
-                 alone_bytes: int | None = None) -> Iterator[tuple[BucketHeader, torch.Tensor]]:
-    """Stream (name, tensor) into buckets of at most `bucket_bytes` bytes.
+                 num_buffers: int = 2, ring: BufferRing | None = None, alone_bytes: int | None = None,
+                 first_bucket_bytes: int | None = None) -> Iterator[tuple[BucketHeader, torch.Tensor]]:
+    """Stream (name, tensor) into buckets of at most `bucket_bytes` bytes (see _Layout).
 
-    Yields (header, flat [header.nbytes] uint8). Each tensor is cast to `wire_dtype` (floating
-    tensors only; None keeps dtypes) while it is copied into the bucket on `device` (default:
-    the first tensor's device), as soon as it arrives, so the caller's tensor can be freed.
-    A tensor of at least min(alone_bytes, bucket_bytes) that needs no cast or move travels
-    alone, straight from its own memory (no copy: leave it unmodified until its collective is
-    done); any other tensor larger than bucket_bytes travels alone in a buffer of its own.
+    Yields (header, flat [header.nbytes] uint8); header.index counts the yields. Each tensor is
+    cast to `wire_dtype` (floating tensors only; None keeps dtypes) while it is copied into the
+    open bucket on `device` (default: the first tensor's device), as soon as it arrives, so the
+    caller's tensor can be freed. A tensor of at least min(alone_bytes, bucket capacity) that
+    needs no cast or move is yielded at once, alone, as its own memory (no copy: leave it
+    unmodified until its collective is done) - possibly before the open bucket holding earlier
+    tensors; any other tensor larger than the capacity gets a bucket (buffer) of its own.
+    first_bucket_bytes: the first bucket's capacity, doubled per bucket up to bucket_bytes.
     Buffers come from `ring` (default: a fresh BufferRing of `num_buffers`) round-robin: a
     yielded buffer is overwritten when the generator is advanced `num_buffers` more times, so
     finish its collective before that.
     """
-    if bucket_bytes <= 0:
-        raise BucketError(f"bucket_bytes={bucket_bytes} must be >= 1")
+    layout = _Layout(bucket_bytes, alone_bytes, first_bucket_bytes)
     ring = ring or BufferRing(bucket_bytes, num_buffers)
-    alone = _alone_threshold(bucket_bytes, alone_bytes)
     target: torch.device | None = torch.device(device) if device is not None else None
     specs: list[TensorSpec] = []
     buf: torch.Tensor | None = None
-    offset, index = 0, 0
     for name, tensor in named:
         if not isinstance(tensor, torch.Tensor):
             raise BucketError(f"'{name}': expected a torch.Tensor, got {type(tensor).__name__}")
         target = target or tensor.device
         dtype = wire_dtype if wire_dtype is not None and tensor.is_floating_point() else tensor.dtype
-        spec = TensorSpec(name, dtype_name(dtype), tuple(tensor.shape), offset)
-        own = _own_bytes(tensor, dtype, target) if spec.nbytes >= alone else None
-        if specs and (own is not None or _closes_bucket(offset, spec, buf.numel())):
-            yield BucketHeader(specs, index), buf[:offset]
-            specs, offset, index = [], 0, index + 1
-            spec = TensorSpec(name, spec.dtype, spec.shape, 0)
+        spec = TensorSpec(name, dtype_name(dtype), tuple(tensor.shape), 0)
+        own = _own_bytes(tensor, dtype, target) if layout.goes_alone(spec.nbytes) else None
         if own is not None:
-            yield BucketHeader([spec], index), own
-            index += 1
+            yield BucketHeader([spec], layout.sent(False)), own
             continue
-        if not specs:
-            buf = ring.take(max(bucket_bytes, spec.nbytes), target)
+        if layout.closes(spec):
+            flat = buf[:layout.offset]
+            yield BucketHeader(specs, layout.sent(True)), flat
+            specs = []
+        spec = TensorSpec(name, spec.dtype, spec.shape, layout.offset)
+        if opened := layout.add(spec):
+            buf = ring.take(opened, target)
         # copy_ casts and moves in one pass: no temporary in the wire dtype.
-        buf[offset:offset + spec.nbytes].view(dtype).view(spec.shape).copy_(tensor)
+        buf[spec.offset:spec.offset + spec.nbytes].view(dtype).view(spec.shape).copy_(tensor)
         specs.append(spec)
-        offset += spec.nbytes
     if specs:
-        yield BucketHeader(specs, index), buf[:offset]
+        yield BucketHeader(specs, layout.index), buf[:layout.offset]
 
 
 __all__ = ["DTYPES", "WIRE_DTYPES", "BucketError", "TensorSpec", "BucketHeader", "dtype_name", "dtype_from_name",

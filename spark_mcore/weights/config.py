@@ -32,8 +32,13 @@ class WeightSyncConfig:
     timeout_s: rendezvous and collective timeout.
     gather_bucket_mb: parameters whose gathered size fits this go through one TP all-gather.
     alone_mb: a tensor of at least this size that is already in the wire dtype on the wire
-        device is broadcast straight from its own memory, alone in its bucket (no copy);
-        0 = only tensors that fill a whole bucket.
+        device is broadcast straight from its own memory, alone in its bucket (no copy), at
+        once; the smaller tensors around it keep filling the open bucket. 0 = only tensors
+        that fill a whole bucket.
+    first_bucket_mb: distributed mode: the first bucket of a sync holds at most this, each next
+        one twice the one before, up to bucket_mb (0 = every bucket bucket_mb). A bucket is packed
+        while the previous one is on the wire, but the first one has nothing to hide behind: a
+        small first bucket gets the wire going after a short copy instead of a full bucket's.
     keep_buffers: keep the two bucket buffers (2 x bucket_mb, on the wire device) between syncs
         instead of allocating them at every sync.
     """
@@ -51,6 +56,7 @@ class WeightSyncConfig:
     timeout_s: float = 600.0
     gather_bucket_mb: float = 256.0
     alone_mb: float = 64.0
+    first_bucket_mb: float = 16.0
     keep_buffers: bool = True
 
     def __post_init__(self) -> None:
@@ -58,6 +64,8 @@ class WeightSyncConfig:
             raise ConfigError(f"weights.bucket_mb={self.bucket_mb} must be > 0 (default 512)")
         if self.alone_mb < 0:
             raise ConfigError(f"weights.alone_mb={self.alone_mb} must be >= 0 (0 = whole-bucket tensors only)")
+        if self.first_bucket_mb < 0:
+            raise ConfigError(f"weights.first_bucket_mb={self.first_bucket_mb} must be >= 0 (0 = no ramp)")
         if not self.gather_bucket_mb > 0:
             raise ConfigError(f"weights.gather_bucket_mb={self.gather_bucket_mb} must be > 0 (default 256)")
         if not 0 <= self.master_port < 65536:
@@ -79,6 +87,10 @@ class WeightSyncConfig:
     @property
     def alone_bytes(self) -> int | None:
         return int(self.alone_mb * MiB) if self.alone_mb > 0 else None
+
+    @property
+    def first_bucket_bytes(self) -> int | None:
+        return max(1, int(self.first_bucket_mb * MiB)) if self.first_bucket_mb > 0 else None
 
     @property
     def gather_bucket_bytes(self) -> int:

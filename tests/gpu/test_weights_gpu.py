@@ -79,6 +79,7 @@ def _nccl_worker(rank: int, port_q: Any, out: Any) -> None:
 
     torch.cuda.set_device(rank)
     shapes = [(f"t{i}", (256, 128 + i)) for i in range(12)]
+    cfg = WeightSyncConfig(bucket_mb=0.2, wire_dtype="fp32", backend="nccl")
     if rank == 0:
         store = create_master_store("127.0.0.1", 0, 2, 120)
         port_q.put(store.port)
@@ -90,14 +91,15 @@ def _nccl_worker(rank: int, port_q: Any, out: Any) -> None:
             def post(self, path: str, body_for: Any, retry: bool = True) -> Any:
                 return PendingCalls([]), []
 
-        sender = BucketSender(WeightSyncConfig(bucket_mb=0.2, wire_dtype="fp32", backend="nccl"), "g")
+        sender = BucketSender(cfg, "g")
         sender.group = group
         sender.send(NoHTTP(), named, version=1)  # type: ignore[arg-type]
         out.put({n: t.sum().item() for n, t in named})
     else:
         group = join_weight_update_group("127.0.0.1", port_q.get(), 1, 2, "g", "nccl", 120)
         got = {}
-        for h in plan_buckets([(n, torch.float32, s) for n, s in shapes], int(0.2 * 2**20)):
+        for h in plan_buckets([(n, torch.float32, s) for n, s in shapes], cfg.bucket_bytes, cfg.alone_bytes,
+                              first_bucket_bytes=cfg.first_bucket_bytes):
             got.update({n: t.sum().item() for n, t in receive_bucket(group, h)})
         out.put(got)
     torch.cuda.synchronize()

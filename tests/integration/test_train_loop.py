@@ -20,15 +20,20 @@ MICRO = [
 
 
 def test_two_grpo_steps_end_to_end(tmp_path: Path, capsys) -> None:
-    cfg = load_run_config(None, [*MICRO, f"checkpoint.dir={tmp_path}"])
+    cfg = load_run_config(None, [*MICRO, f"checkpoint.dir={tmp_path}", "trainer.updates_per_step=2",
+                                 "eval.samples=2"])
     results = train(cfg)
     out = capsys.readouterr().out
     assert "[policy step 1, policy 1/2]" in out and "[policy step 2, policy 2/2]" in out
     assert "| after SFT warm start |" in out and "| after RL |" in out
+    assert "sampled accuracy (mean of 2/prompt)" in out
     assert set(results) == {"start", "rl"} and results["rl"].num_prompts == 8
+    assert all(0.0 <= r.sampled_accuracy <= 1.0 and r.sampled_n == 2 for r in results.values())
     # artifacts: dist checkpoint, HF export loadable by transformers, eval json, tensorboard
     ckpt = tmp_path / "checkpoints" / "step_2"
     assert json.loads((ckpt / "meta.json").read_text())["step"] == 2
+    # two optimizer steps per policy step (trainer.updates_per_step=2)
+    assert json.loads((ckpt / "trainer_state.json").read_text())["scheduler"]["num_steps"] == 4
     assert (ckpt / "model" / "metadata.json").is_file()
     assert json.loads((tmp_path / "eval_rl.json").read_text())["num_prompts"] == 8
     assert any((tmp_path / "tb").iterdir())

@@ -80,7 +80,7 @@ def test_two_process_stream_back_pressure_staleness_and_malformed_frames() -> No
     got = StreamBatch()
     try:
         # Serve control traffic until the producer has said hello (credits go out in recv).
-        _wait(lambda: _collect(consumer, got) or consumer.num_producers == 1, 15, f"producer hello; output {lines}")
+        _wait(lambda: _collect(consumer, got) or consumer.num_producers == 1, 90, f"producer hello; output {lines}")
         consumed = consumer.stats.messages
         # Stop reading: the producer can send only what has been granted, then must block.
         time.sleep(1.0)
@@ -88,7 +88,7 @@ def test_two_process_stream_back_pressure_staleness_and_malformed_frames() -> No
         assert len(sent) == min(len(VERSIONS), consumed + WINDOW), (lines, consumed)
         assert "done" not in lines
         _wait(lambda: _collect(consumer, got) or ("done" in lines and consumer.stats.malformed == 2
-                                                  and len(got.groups) == 5), 15, f"all messages; output {lines}")
+                                                  and len(got.groups) == 5), 60, f"all messages; output {lines}")
         assert proc.wait(timeout=10) == 0, lines
     finally:
         if proc.poll() is None:

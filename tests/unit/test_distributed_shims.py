@@ -70,6 +70,50 @@ def test_clip_grad_hand_computed() -> None:
     assert optimizer.clip_grad_by_total_norm_fp32 is cpu_shims.clip_grad_by_total_norm_fp32_cpu
 
 
+def test_cpu_tensor_type_reads_as_cuda_only_inside_the_block() -> None:
+    t = torch.zeros(2)
+    with cpu_shims._cpu_tensor_type_reads_as_cuda():
+        assert t.type() == "torch.cuda.FloatTensor"
+        assert t.bfloat16().type() == "torch.cuda.BFloat16Tensor"
+        assert torch.zeros(1, dtype=torch.int64).type() == "torch.LongTensor"
+        assert t.type(torch.float64).dtype == torch.float64  # conversions unchanged
+    assert t.type() == "torch.FloatTensor"
+    cpu_shims.apply_cpu_shims()
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    assert getattr(cls.__init__, "_spark_cpu_shim", False)
+    assert isinstance(distrib_optimizer.torch, cpu_shims._CpuTorch)
+
+
+class _FakeDistOpt:
+    """What the torch-Adam wrappers read of a DistributedOptimizer: `.optimizer`."""
+
+    def __init__(self) -> None:
+        self.params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+        self.optimizer = torch.optim.Adam(self.params, lr=0.1)
+
+    def state_dict(self) -> list[float]:
+        return sorted(float(s["step"]) for s in self.optimizer.state.values())
+
+    def load_state_dict(self, step: float) -> None:
+        shared = torch.tensor(step)  # megatron's load gives every parameter this one tensor
+        for p in self.params:
+            self.optimizer.state[p] = {"step": shared}
+
+
+def test_torch_adam_step_wrappers() -> None:
+    fake = _FakeDistOpt()
+    state_dict = cpu_shims._state_dict_with_initial_adam_state(_FakeDistOpt.state_dict)
+    assert state_dict(fake) == [0.0, 0.0]  # never stepped: the state Adam's first step creates
+    assert all(float(s["exp_avg"].abs().sum()) == 0 for s in fake.optimizer.state.values())
+    cpu_shims._load_state_dict_unsharing_steps(_FakeDistOpt.load_state_dict)(fake, 3.0)
+    steps = [s["step"] for s in fake.optimizer.state.values()]
+    assert steps[0] is not steps[1] and [float(s) for s in steps] == [3.0, 3.0]
+    steps[0].add_(1)  # torch's Adam increments each parameter's step in place
+    assert state_dict(fake) == [3.0, 4.0]
+
+
 def test_check_dist_checkpointing_ready(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = cpu_shims.check_dist_checkpointing_ready(tmp_path / "a" / "b")
     assert out.is_dir()

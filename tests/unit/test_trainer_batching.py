@@ -37,3 +37,22 @@ def test_micro_batches_and_updates_cover_every_row_once() -> None:
     parts = split_for_updates(batch, 2)
     assert [p.num_sequences for p in parts] == [4, 5] or [p.num_sequences for p in parts] == [5, 4]
     assert sum(p.num_sequences for p in parts) == 9
+
+
+def test_seeded_update_split_shuffles_rows_deterministically() -> None:
+    groups = [_group(str(i), [float(i), 0.0, 1.0], [1]) for i in range(4)]
+    batch, _ = groups_to_batch(groups, 1e-9, False, False)
+    batch.old_logprobs = torch.arange(batch.tokens.numel(), dtype=torch.float32).view_as(batch.tokens)
+    parts = split_for_updates(batch, 3, seed=7)
+    again = split_for_updates(batch, 3, seed=7)
+    assert [p.num_sequences for p in parts] == [4, 4, 4]
+    for a, b in zip(parts, again, strict=True):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.old_logprobs, b.old_logprobs)
+    # every row exactly once, rows keep their own tensors together, and the order is not contiguous
+    firsts = sorted(int(p.old_logprobs[i, 0]) for p in parts for i in range(p.num_sequences))
+    assert firsts == [int(batch.old_logprobs[i, 0]) for i in range(12)]
+    for p in parts:
+        for i in range(p.num_sequences):
+            row = int(p.old_logprobs[i, 0]) // batch.tokens.shape[1]
+            assert torch.equal(p.tokens[i], batch.tokens[row]) and p.advantages[i] == batch.advantages[row]
+    assert torch.cat([p.advantages for p in parts]).tolist() != batch.advantages.tolist()

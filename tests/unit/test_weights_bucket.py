@@ -58,12 +58,28 @@ def test_unaligned_tensor_starts_new_bucket() -> None:
 def test_bucket_size_limit_and_oversized_tensor() -> None:
     named = _named() + [("big", torch.zeros(20, dtype=torch.float32)), ("d", torch.ones(2))]  # 80 B, 8 B
     out = [(h, f.clone()) for h, f in iter_buckets(named, bucket_bytes=40)]
+    # "big" needs no copy: it goes at once, ahead of the open bucket, which "d" then joins
     assert [([t.name for t in h.tensors], h.nbytes) for h, _ in out] == [
-        (["a", "b"], 32), (["c"], 16), (["big"], 80), (["d"], 8)]
-    assert [h.index for h, _ in out] == [0, 1, 2, 3]
+        (["a", "b"], 32), (["big"], 80), (["c", "d"], 24)]
+    assert [h.index for h, _ in out] == [0, 1, 2]
     got = {n: t for h, f in out for n, t in unpack_bucket(f, h)}
     for name, want in named:
         assert torch.equal(got[name], want)
+    # cast to fp16, "big" (40 B on the wire) must be copied: it closes the open bucket instead
+    cast = [h for h, _ in iter_buckets(named, bucket_bytes=24, wire_dtype=torch.float16)]
+    assert [([t.name for t in h.tensors], h.nbytes) for h in cast] == [
+        (["a", "b", "c"], 24), (["big"], 40), (["d"], 4)]
+
+
+def test_bucket_sizes_ramp_up_from_the_first() -> None:
+    named = [(f"t{i}", torch.full((4,), float(i))) for i in range(12)]  # 16 B each
+    out = [(h, f.clone()) for h, f in iter_buckets(named, 64, wire_dtype=torch.bfloat16, first_bucket_bytes=8)]
+    assert [h.nbytes for h, _ in out] == [8, 16, 32, 40]  # 8 B doubled per bucket, up to 64 B
+    got = {n: t for h, f in out for n, t in unpack_bucket(f, h)}
+    assert all(torch.equal(got[n], t.to(torch.bfloat16)) for n, t in named)
+    # without a cast the first tensors fill the small first buckets by themselves: sent from their own memory
+    own = list(iter_buckets(named, 64, first_bucket_bytes=8))
+    assert own[0][1].data_ptr() == named[0][1].data_ptr() and own[1][1].data_ptr() == named[1][1].data_ptr()
 
 
 def test_buffers_are_reused_round_robin_and_across_calls() -> None:
@@ -79,8 +95,8 @@ def test_whole_bucket_tensor_in_wire_dtype_is_not_copied() -> None:
     big = torch.arange(8, dtype=torch.float32)  # 32 B >= bucket: travels alone
     named = [("s", torch.ones(2)), ("big", big), ("t", torch.ones(2))]
     out = list(iter_buckets(named, bucket_bytes=32))
-    assert [[t.name for t in h.tensors] for h, _ in out] == [["s"], ["big"], ["t"]]
-    assert out[1][1].data_ptr() == big.data_ptr() and out[1][1].numel() == 32  # its own memory
+    assert [[t.name for t in h.tensors] for h, _ in out] == [["big"], ["s", "t"]]
+    assert out[0][1].data_ptr() == big.data_ptr() and out[0][1].numel() == 32  # its own memory
     cast = list(iter_buckets(named, bucket_bytes=16, wire_dtype=torch.bfloat16))
     big_bucket = next(f for h, f in cast if h.tensors[0].name == "big")
     assert big_bucket.data_ptr() != big.data_ptr() and big_bucket.view(torch.bfloat16).tolist() == big.tolist()
@@ -140,14 +156,16 @@ def test_plan_buckets_matches_iter_buckets() -> None:
     for wire in (None, torch.bfloat16):
         for limit in (8, 40, 1 << 20):
             for alone in (None, 16):
-                got = [h for h, _ in iter_buckets(named, limit, wire, alone_bytes=alone)]
-                specs = [(n, wire if wire is not None else t.dtype, t.shape) for n, t in named]
-                assert plan_buckets(specs, limit, alone, zero_copy=wire is None) == got, (wire, limit, alone)
+                for first in (None, 4):
+                    got = [h for h, _ in iter_buckets(named, limit, wire, alone_bytes=alone, first_bucket_bytes=first)]
+                    specs = [(n, wire if wire is not None else t.dtype, t.shape) for n, t in named]
+                    assert plan_buckets(specs, limit, alone, zero_copy=wire is None,
+                                        first_bucket_bytes=first) == got, (wire, limit, alone, first)
 
 
 def test_alone_bytes_sends_large_wire_dtype_tensors_uncopied() -> None:
     named = [("s", torch.ones(2)), ("m", torch.arange(6.0)), ("t", torch.ones(2))]  # 8 B, 24 B, 8 B
     out = list(iter_buckets(named, bucket_bytes=64, alone_bytes=16))
-    assert [[t.name for t in h.tensors] for h, _ in out] == [["s"], ["m"], ["t"]]
-    assert out[1][1].data_ptr() == named[1][1].data_ptr()
+    assert [[t.name for t in h.tensors] for h, _ in out] == [["m"], ["s", "t"]]
+    assert out[0][1].data_ptr() == named[1][1].data_ptr()
     assert [[t.name for t in h.tensors] for h, _ in iter_buckets(named, 64)] == [["s", "m", "t"]]
