@@ -41,6 +41,8 @@ SHARED = [
     "data.levels=[1,2]", "data.train_size=4000", "data.test_size=8", "eval.limit=8",
     "eval.max_new_tokens=40", "rollout.max_new_tokens=40", "trainer.micro_batch_size=128",
     "logging.progress=false", "logging.tensorboard=false", "checkpoint.resume=false",
+    # pinned: the README's table was measured with these (the demo config's own values moved)
+    "rollout.temperature=1.0", "eval.samples=0",
 ]
 WARM_START = ["warmstart.steps=450", "warmstart.batch_size=16", "warmstart.lr=0.003",
               "warmstart.warmup_steps=20", "warmstart.judge_fraction=0.25"]
