@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from grpo_batch import fixed_grpo_batch, gather_full
 
 import spark_mcore.config  # noqa: F401  (loader before component configs)
 from spark_mcore.algo.config import AlgoConfig
@@ -42,34 +43,6 @@ def _actor(pstate: ParallelState, pack: bool) -> MegatronActor:
     return MegatronActor(model, trainer, AlgoConfig(kl_coef=0.1, clip_eps=0.2), pstate, VOCAB)
 
 
-def _batch() -> TrainBatch:
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, VOCAB, (ROWS, 12), generator=g)
-    mask = torch.zeros(ROWS, 12)
-    for i in range(ROWS):
-        start, end = 3 + i % 3, 12 - i % 4
-        mask[i, start:end] = 1
-        tokens[i, end:] = 0
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.5, -1.5, 0.0, 2.0])
-    # a per-token offset of the "old" policy, so that the PPO ratio differs from 1 and clips
-    offset = 0.3 * torch.sign(torch.sin(torch.arange(tokens.numel()).view_as(tokens).float()))
-    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=adv, old_logprobs=offset)
-
-
-def _gather_full(actor: MegatronActor, attr: str) -> dict[str, torch.Tensor]:
-    """Parameter data or main_grad of every chunk, merged over TP, by global name."""
-    out = {}
-    for chunk in actor.chunks:
-        offset = mcore_tp.layer_offset(chunk)
-        for name, param in chunk.named_parameters():
-            local = (param.main_grad if attr == "grad" else param.data).detach().clone()
-            shards = [torch.empty_like(local) for _ in range(actor.pstate.tp_size)]
-            dist.all_gather(shards, local, group=actor.pstate.tp_group)
-            gname = mcore_tp.shift_layer_index(name, offset)
-            out[gname] = mcore_tp.merge_tp_shards(gname, shards)
-    return out
-
-
 def _step(actor: MegatronActor, batch: TrainBatch) -> dict[str, object]:
     actor.setup_optimizer(lr=1e-3, total_steps=10, warmup_steps=0)
     actor.snapshot_reference()
@@ -79,8 +52,8 @@ def _step(actor: MegatronActor, batch: TrainBatch) -> dict[str, object]:
     # HF export of the updated policy: each rank's chunks under global HF layer names
     hf = {k: v.clone() for k, v in iter_hf_weights(actor.chunks, actor.adapter, actor.pstate.tp_group,
                                                    actor.pstate.tp_size)}
-    return {"old": batch.old_logprobs, "metrics": metrics, "grads": _gather_full(actor, "grad"),
-            "weights": _gather_full(actor, "data"), "hf": hf}
+    return {"old": batch.old_logprobs, "metrics": metrics, "grads": gather_full(actor, "grad"),
+            "weights": gather_full(actor, "data"), "hf": hf}
 
 
 def _worker(rank: int, init_path: str, out_dir: str) -> None:
@@ -90,7 +63,7 @@ def _worker(rank: int, init_path: str, out_dir: str) -> None:
         actor = _actor(pstate, pack)
         for chunk in actor.chunks:
             mcore_tp.load_full_mcore_state(chunk, init, pstate.tp_rank, pstate.tp_size)
-        result = _step(actor, _batch())
+        result = _step(actor, fixed_grpo_batch())
         result["layers"] = [mcore_tp.layer_offset(c) for c in actor.chunks]
         if name == "pp2_vpp2":  # per-chunk dist checkpoint ("model0", "model1"), resumed at world size 1
             write_checkpoint(actor, Path(out_dir) / "ckpt", step=1)
@@ -105,7 +78,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     try:
         actor = _actor(pstate, pack=False)
         init = {k: v.detach().clone() for k, v in mcore_tp.local_state(actor.unwrapped).items()}
-        reference = _step(actor, _batch())
+        reference = _step(actor, fixed_grpo_batch())
     finally:
         destroy_distributed()
     torch.save(init, tmp / "init.pt")
@@ -120,7 +93,7 @@ def _resume_at_world_size_one(init: dict[str, torch.Tensor], ckpt: Path) -> dict
     try:
         cont = _actor(pstate, pack=False)
         mcore_tp.load_full_mcore_state(cont.unwrapped, init)
-        _step(cont, _batch())
+        _step(cont, fixed_grpo_batch())
         expected = cont.train_step(_second_batch(cont))
         resumed = _actor(pstate, pack=False)
         resumed.setup_optimizer(lr=1e-3, total_steps=10, warmup_steps=0)
@@ -134,7 +107,7 @@ def _resume_at_world_size_one(init: dict[str, torch.Tensor], ckpt: Path) -> dict
 
 
 def _second_batch(actor: MegatronActor) -> TrainBatch:
-    batch = _batch()
+    batch = fixed_grpo_batch()
     batch.old_logprobs = actor.compute_logprobs(batch) + batch.loss_mask * batch.old_logprobs
     batch.ref_logprobs = actor.compute_logprobs(batch, reference=True)
     return batch

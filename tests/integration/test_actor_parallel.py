@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from grpo_batch import fixed_grpo_batch, gather_full
 
 import spark_mcore.config  # noqa: F401  (loader before component configs)
 from spark_mcore.algo.config import AlgoConfig
@@ -37,43 +38,14 @@ def _actor(pstate: ParallelState) -> MegatronActor:
     return actor
 
 
-def _batch() -> TrainBatch:
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, VOCAB, (ROWS, 12), generator=g)
-    mask = torch.zeros(ROWS, 12)
-    for i in range(ROWS):
-        start, end = 3 + i % 3, 12 - i % 4
-        mask[i, start:end] = 1
-        tokens[i, end:] = 0
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.5, -1.5, 0.0, 2.0])
-    # old_logprobs holds, for now, a per-token offset: a perturbed "old" policy makes the PPO
-    # ratio differ from 1, so clipping is exercised (rows travel with their offsets under DP)
-    offset = 0.3 * torch.sign(torch.sin(torch.arange(tokens.numel()).view_as(tokens).float()))
-    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=adv, old_logprobs=offset)
-
-
-def _gather_full(actor: MegatronActor, attr: str) -> dict[str, torch.Tensor]:
-    """Parameter data or main_grad merged over TP, by global name (this PP stage's layers)."""
-    inner = actor.unwrapped
-    offset = mcore_tp.layer_offset(inner)
-    out = {}
-    for name, param in inner.named_parameters():
-        local = (param.main_grad if attr == "grad" else param.data).detach().clone()
-        shards = [torch.empty_like(local) for _ in range(actor.pstate.tp_size)]
-        dist.all_gather(shards, local, group=actor.pstate.tp_group)
-        gname = mcore_tp.shift_layer_index(name, offset)
-        out[gname] = mcore_tp.merge_tp_shards(gname, shards)
-    return out
-
-
 def _step(actor: MegatronActor, batch: TrainBatch) -> dict[str, object]:
     actor.setup_optimizer(lr=1e-3, total_steps=10, warmup_steps=0)
     actor.snapshot_reference()
     batch.old_logprobs = actor.compute_logprobs(batch) + batch.loss_mask * batch.old_logprobs
     batch.ref_logprobs = actor.compute_logprobs(batch, reference=True)
     metrics = actor.train_step(batch)
-    return {"old": batch.old_logprobs, "metrics": metrics, "grads": _gather_full(actor, "grad"),
-            "weights": _gather_full(actor, "data")}
+    return {"old": batch.old_logprobs, "metrics": metrics, "grads": gather_full(actor, "grad"),
+            "weights": gather_full(actor, "data")}
 
 
 def _worker(rank: int, init_path: str, out_dir: str) -> None:
@@ -83,7 +55,7 @@ def _worker(rank: int, init_path: str, out_dir: str) -> None:
         actor = _actor(pstate)
         mcore_tp.load_full_mcore_state(actor.unwrapped, init, pstate.tp_rank, pstate.tp_size)
         per = ROWS // pstate.dp_size
-        local = select(_batch(), slice(pstate.dp_rank * per, (pstate.dp_rank + 1) * per))
+        local = select(fixed_grpo_batch(), slice(pstate.dp_rank * per, (pstate.dp_rank + 1) * per))
         result = _step(actor, local)
         result["rows"] = (pstate.dp_rank * per, per)
         torch.save(result, Path(out_dir) / f"{name}_rank{rank}.pt")
@@ -98,7 +70,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     try:
         actor = _actor(pstate)
         init = {k: v.detach().clone() for k, v in mcore_tp.local_state(actor.unwrapped).items()}
-        reference = _step(actor, _batch())
+        reference = _step(actor, fixed_grpo_batch())
     finally:
         destroy_distributed()
     torch.save(init, tmp / "init.pt")

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from grpo_batch import dp_rows, fixed_grpo_batch
 
 import spark_mcore.config  # noqa: F401  (loader before component configs)
 from spark_mcore.algo.config import AlgoConfig
@@ -29,9 +30,7 @@ from spark_mcore.distributed.parallel import ParallelState, destroy_distributed,
 from spark_mcore.models import mcore_tp
 from spark_mcore.models.config import ModelConfig
 from spark_mcore.trainer.actor import MegatronActor
-from spark_mcore.trainer.batching import select
 from spark_mcore.trainer.config import TrainerConfig
-from spark_mcore.types import TrainBatch
 
 pytestmark = pytest.mark.slow
 
@@ -55,26 +54,9 @@ def _actor(pstate: ParallelState, parallel: ParallelConfig, init: dict[str, torc
     return actor
 
 
-def _batch(pstate: ParallelState) -> TrainBatch:
-    """This DP rank's rows of a fixed GRPO batch; old log-probs get a per-token offset so the
-    PPO ratio is not 1 and clipping is exercised."""
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, VOCAB, (ROWS, 12), generator=g)
-    mask = torch.zeros(ROWS, 12)
-    for i in range(ROWS):
-        start, end = 3 + i % 3, 12 - i % 4
-        mask[i, start:end] = 1
-        tokens[i, end:] = 0
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.5, -1.5, 0.0, 2.0])
-    offset = 0.3 * torch.sign(torch.sin(torch.arange(tokens.numel()).view_as(tokens).float()))
-    batch = TrainBatch(tokens=tokens, loss_mask=mask, advantages=adv, old_logprobs=offset)
-    per = ROWS // pstate.dp_size
-    return select(batch, slice(pstate.dp_rank * per, (pstate.dp_rank + 1) * per))
-
-
 def _step(actor: MegatronActor) -> dict[str, Any]:
     """One GRPO step; its metrics and the (full, all-gathered) weights after it."""
-    batch = _batch(actor.pstate)
+    batch = dp_rows(fixed_grpo_batch(), actor.pstate)
     batch.old_logprobs = actor.compute_logprobs(batch) + batch.loss_mask * batch.old_logprobs
     batch.ref_logprobs = actor.compute_logprobs(batch, reference=True)
     metrics = actor.train_step(batch)
