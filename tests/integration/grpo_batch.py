@@ -50,3 +50,11 @@ def gather_full(actor: MegatronActor, attr: str) -> dict[str, torch.Tensor]:
             gname = mcore_tp.shift_layer_index(name, offset)
             out[gname] = mcore_tp.merge_tp_shards(gname, shards)
     return out
+
+
+def add_logprobs(actor: MegatronActor, batch: TrainBatch) -> TrainBatch:
+    """Fills old log-probs (the actor's own plus the batch's per-token offset, so the PPO ratio
+    is not 1) and the reference's, as the loop does before a GRPO step."""
+    batch.old_logprobs = actor.compute_logprobs(batch) + batch.loss_mask * batch.old_logprobs
+    batch.ref_logprobs = actor.compute_logprobs(batch, reference=True)
+    return batch

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from grpo_batch import fixed_grpo_batch, gather_full
+from grpo_batch import add_logprobs, fixed_grpo_batch, gather_full
 
 import spark_mcore.config  # noqa: F401  (loader before component configs)
 from spark_mcore.algo.config import AlgoConfig
@@ -46,8 +46,7 @@ def _actor(pstate: ParallelState, pack: bool) -> MegatronActor:
 def _step(actor: MegatronActor, batch: TrainBatch) -> dict[str, object]:
     actor.setup_optimizer(lr=1e-3, total_steps=10, warmup_steps=0)
     actor.snapshot_reference()
-    batch.old_logprobs = actor.compute_logprobs(batch) + batch.loss_mask * batch.old_logprobs
-    batch.ref_logprobs = actor.compute_logprobs(batch, reference=True)
+    add_logprobs(actor, batch)
     metrics = actor.train_step(batch)
     # HF export of the updated policy: each rank's chunks under global HF layer names
     hf = {k: v.clone() for k, v in iter_hf_weights(actor.chunks, actor.adapter, actor.pstate.tp_group,
@@ -108,8 +107,7 @@ def _resume_at_world_size_one(init: dict[str, torch.Tensor], ckpt: Path) -> dict
 
 def _second_batch(actor: MegatronActor) -> TrainBatch:
     batch = fixed_grpo_batch()
-    batch.old_logprobs = actor.compute_logprobs(batch) + batch.loss_mask * batch.old_logprobs
-    batch.ref_logprobs = actor.compute_logprobs(batch, reference=True)
+    add_logprobs(actor, batch)
     return batch
 
 

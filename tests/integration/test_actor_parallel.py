@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from grpo_batch import fixed_grpo_batch, gather_full
+from grpo_batch import add_logprobs, fixed_grpo_batch, gather_full
 
 import spark_mcore.config  # noqa: F401  (loader before component configs)
 from spark_mcore.algo.config import AlgoConfig
@@ -41,8 +41,7 @@ def _actor(pstate: ParallelState) -> MegatronActor:
 def _step(actor: MegatronActor, batch: TrainBatch) -> dict[str, object]:
     actor.setup_optimizer(lr=1e-3, total_steps=10, warmup_steps=0)
     actor.snapshot_reference()
-    batch.old_logprobs = actor.compute_logprobs(batch) + batch.loss_mask * batch.old_logprobs
-    batch.ref_logprobs = actor.compute_logprobs(batch, reference=True)
+    add_logprobs(actor, batch)
     metrics = actor.train_step(batch)
     return {"old": batch.old_logprobs, "metrics": metrics, "grads": gather_full(actor, "grad"),
             "weights": gather_full(actor, "data")}

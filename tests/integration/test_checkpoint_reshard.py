@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from grpo_batch import dp_rows, fixed_grpo_batch
+from grpo_batch import add_logprobs, dp_rows, fixed_grpo_batch
 
 import spark_mcore.config  # noqa: F401  (loader before component configs)
 from spark_mcore.algo.config import AlgoConfig
@@ -66,8 +66,7 @@ def _actor(pstate: ParallelState, init: dict[str, torch.Tensor] | None = None,
 
 def _train_step(actor: MegatronActor) -> dict[str, float]:
     batch = dp_rows(fixed_grpo_batch(), actor.pstate)
-    batch.old_logprobs = actor.compute_logprobs(batch) + batch.loss_mask * batch.old_logprobs
-    batch.ref_logprobs = actor.compute_logprobs(batch, reference=True)
+    add_logprobs(actor, batch)
     return actor.train_step(batch)
 
 

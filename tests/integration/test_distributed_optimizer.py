@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from grpo_batch import dp_rows, fixed_grpo_batch
+from grpo_batch import add_logprobs, dp_rows, fixed_grpo_batch
 
 import spark_mcore.config  # noqa: F401  (loader before component configs)
 from spark_mcore.algo.config import AlgoConfig
@@ -57,8 +57,7 @@ def _actor(pstate: ParallelState, parallel: ParallelConfig, init: dict[str, torc
 def _step(actor: MegatronActor) -> dict[str, Any]:
     """One GRPO step; its metrics and the (full, all-gathered) weights after it."""
     batch = dp_rows(fixed_grpo_batch(), actor.pstate)
-    batch.old_logprobs = actor.compute_logprobs(batch) + batch.loss_mask * batch.old_logprobs
-    batch.ref_logprobs = actor.compute_logprobs(batch, reference=True)
+    add_logprobs(actor, batch)
     metrics = actor.train_step(batch)
     return {"metrics": metrics, "weights": {n: p.detach().clone() for n, p in actor.unwrapped.named_parameters()}}
 
