@@ -41,6 +41,10 @@ class WeightSyncConfig:
         small first bucket gets the wire going after a short copy instead of a full bucket's.
     keep_buffers: keep the two bucket buffers (2 x bucket_mb, on the wire device) between syncs
         instead of allocating them at every sync.
+    pipeline_requests: send bucket k+1's update request as soon as every server joined bucket
+        k's broadcast, so it waits on the server while k loads (no HTTP round trip between
+        buckets); needs servers that serve weight updates one at a time in arrival order (SGLang
+        and the test server hold a lock for the whole request). False: wait for k's answer first.
     """
 
     mode: str = "distributed"
@@ -58,6 +62,7 @@ class WeightSyncConfig:
     alone_mb: float = 64.0
     first_bucket_mb: float = 16.0
     keep_buffers: bool = True
+    pipeline_requests: bool = True
 
     def __post_init__(self) -> None:
         if not self.bucket_mb > 0:

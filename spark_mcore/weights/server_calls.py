@@ -30,9 +30,12 @@ BodyFor = Callable[[int, ServerHandle], dict[str, Any] | None]
 class ServerCalls:
     """Fans control calls out to `client.live()` servers in background threads."""
 
-    def __init__(self, client: SGLangClient, max_workers: int = 8) -> None:
+    def __init__(self, client: SGLangClient, max_workers: int | None = None) -> None:
         self.client = client
-        self._pool = ThreadPoolExecutor(max_workers=max(2, max_workers), thread_name_prefix="weight-sync-http")
+        # A bucketed sync keeps two update requests per server open (bucket k awaiting its
+        # answer, k+1 queued behind it): two workers per server keep k+1 from waiting for a thread.
+        workers = max_workers if max_workers is not None else 2 * len(client.handles) + 2
+        self._pool = ThreadPoolExecutor(max_workers=max(2, workers), thread_name_prefix="weight-sync-http")
 
     def post(self, path: str, body_for: BodyFor, retry: bool = True
              ) -> tuple[PendingCalls, list[tuple[ServerHandle, Future]]]:

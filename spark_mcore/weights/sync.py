@@ -2,10 +2,19 @@
 
 Per bucket the sender (rank 0 of the weight-update group) posts
 /update_weights_from_distributed to every server WITHOUT waiting (the server answers only
-after it has received the bucket) and broadcasts the flat bucket at the same time. While
-bucket k is on the wire, bucket k+1 is gathered and packed into the second buffer; its
-request is posted only after bucket k's answer, because a server handles concurrent HTTP
-requests in no guaranteed order and must post its receives in the sender's order.
+after it has received and loaded the bucket) and broadcasts the flat bucket at the same time.
+While bucket k is on the wire, bucket k+1 is gathered and packed into the second buffer.
+
+Ordering: a server must post its receives in the sender's order, and it serves concurrent
+HTTP requests in no guaranteed order, so request k+1 may only be sent once every server is
+inside request k. Broadcast k completing on the sender proves that: gloo sends a buffer only
+after the peer posted the matching receive, and an NCCL broadcast finishes only when every
+rank joined. So request k+1 (and its broadcast) go out as soon as broadcast k is done, without
+waiting for k's answer: it queues behind k (SGLang holds its model-update lock for the whole
+request; the test server its model lock) and starts the moment k's weights are loaded, with no
+HTTP round trip between buckets. k's answer is collected right after, so a failed bucket is
+still reported before the next one is sent. `WeightSyncConfig.pipeline_requests=False` waits
+for k's answer before sending k+1 (servers that do not queue updates in arrival order).
 
 A full sync (MegatronWeightSync.sync, or SGLangEngine.update_weights with BucketWeightSync):
 pause generation -> flush cache -> begin_weight_update -> buckets -> end_weight_update ->
@@ -36,7 +45,7 @@ import torch
 
 from spark_mcore.rollout import sglang_payloads as P
 from spark_mcore.rollout.sglang import PendingCalls, ServerHandle, SGLangClient, SGLangError
-from spark_mcore.weights.bucket import WIRE_DTYPES, BufferRing, iter_buckets, unpack_bucket
+from spark_mcore.weights.bucket import WIRE_DTYPES, BucketHeader, BufferRing, iter_buckets, unpack_bucket
 from spark_mcore.weights.config import WeightSyncConfig
 from spark_mcore.weights.groups import (
     WeightUpdateGroup,
@@ -120,41 +129,61 @@ class BucketSender:
                                          ring=ring, alone_bytes=self.config.alone_bytes,
                                          first_bucket_bytes=self.config.first_bucket_bytes):
             if previous is not None:
-                # One update request in flight per server: a server serves concurrent requests in
-                # no fixed order, and a receive posted for the wrong bucket corrupts the group.
-                self._finish(previous)
-            body = distributed_update_body(header, self.group_name, version, flattened)
-            pending, futures = calls.post("/update_weights_from_distributed", lambda k, h, b=body: b, retry=False)
-            parts = [flat] if flattened else [t for _, t in unpack_bucket(flat, header)]
-            previous = _InFlight(pending, futures, [self.group.broadcast(p, async_op=True) for p in parts], flat)
+                self._await_broadcast(previous)  # every server is now inside request k (module doc)
+                if not self.config.pipeline_requests:
+                    self._await_answers(previous, later=None)
+            current = self._start(calls, header, flat, version, flattened)
+            if previous is not None and self.config.pipeline_requests:
+                self._await_answers(previous, later=current)
+            previous = current
             stats.buckets += 1
             stats.tensors += len(header.tensors)
             stats.bytes += header.nbytes
         if previous is not None:
-            self._finish(previous)
+            self._await_broadcast(previous)
+            self._await_answers(previous, later=None)
         stats.seconds = time.perf_counter() - start
         return stats
 
-    def _finish(self, item: _InFlight) -> None:
-        """Wait for a bucket's broadcast and its HTTP answers; a server error ends the wait early
-        (a broadcast the server never joined would otherwise block until the timeout)."""
+    def _start(self, calls: ServerCalls, header: BucketHeader, flat: torch.Tensor, version: int | None,
+               flattened: bool) -> _InFlight:
+        """Post one bucket's update request to every live server and start its broadcast(s)."""
+        assert self.group is not None
+        body = distributed_update_body(header, self.group_name, version, flattened)
+        pending, futures = calls.post("/update_weights_from_distributed", lambda k, h, b=body: b, retry=False)
+        parts = [flat] if flattened else [t for _, t in unpack_bucket(flat, header)]
+        return _InFlight(pending, futures, [self.group.broadcast(p, async_op=True) for p in parts], flat)
+
+    def _await_broadcast(self, item: _InFlight) -> None:
+        """Wait for a bucket's broadcast; a server's error answer ends the wait early (a
+        broadcast the server never joined would otherwise block until the timeout)."""
         failure = self._wait_broadcast(item)
         if failure is not None:
             handle, error = failure
-            deadline = time.monotonic() + 2.0  # a server that received the bucket answers after the broadcast
-            while not all(w.is_completed() for w in item.works) and time.monotonic() < deadline:
-                time.sleep(0.001)
-            if not all(w.is_completed() for w in item.works):
-                # The server never joined: this broadcast cannot complete, the group is out of step.
-                self.broken = f"{type(error).__name__} from {handle.describe()} during a bucket broadcast"
+            self._settle(item, f"{type(error).__name__} from {handle.describe()} during a bucket broadcast")
             raise WeightSyncError(f"weight update failed on {handle.describe()}: {error}\nlog tail:\n"
                                   f"{handle.log_tail()}") from error
         for w in item.works:
             w.wait()  # NCCL: orders the current stream after the broadcast (buffer reuse)
+
+    def _await_answers(self, item: _InFlight, later: _InFlight | None) -> None:
+        """Collect a bucket's HTTP answers; on an error, `later` (the next bucket, already on its
+        way) is given a moment to finish so the group is left in step when it can be."""
         try:
             item.pending.wait(timeout_s=self.config.timeout_s)
         except SGLangError as e:
+            if later is not None:
+                self._settle(later, "a server failed a bucket while the next one was already on its way")
             raise WeightSyncError(f"weight update failed on a rollout server: {e}") from e
+
+    def _settle(self, item: _InFlight, reason: str) -> None:
+        """After a failure: a server that received the bucket answers after the broadcast, so
+        wait briefly; a broadcast still open then was never joined and the group is out of step."""
+        deadline = time.monotonic() + 2.0
+        while not all(w.is_completed() for w in item.works) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if not all(w.is_completed() for w in item.works):
+            self.broken = reason
 
     def _wait_broadcast(self, item: _InFlight) -> tuple[ServerHandle, BaseException] | None:
         """Block until the broadcast is done or a server's answer is an error (returned)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,14 @@ import pytest
 import torch
 from transformers import Qwen2Config
 
+from spark_mcore.rollout import server_app
 from spark_mcore.rollout.hf_engine import HFEngine
 from spark_mcore.rollout.server_app import RolloutServerApp, tensor_sha256
 from spark_mcore.rollout.sglang import SGLangConfig, SGLangEngine, attach_servers, http_json
 from spark_mcore.rollout.test_server import RolloutHTTPServer
 from spark_mcore.weights.bucket import pack_bucket
 from spark_mcore.weights.config import WeightSyncConfig
+from spark_mcore.weights.receiver import load_into
 from spark_mcore.weights.server_calls import distributed_update_body
 from spark_mcore.weights.sync import BucketWeightSync, WeightSyncError
 
@@ -29,12 +32,18 @@ contract = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(contract)  # type: ignore[union-attr]
 
 
-class _Done:
+class _Received:
+    """A sender-side work that completes once the receiver has taken the tensor, as with gloo
+    (a buffer is sent only after the peer posted its receive) and NCCL (all ranks join)."""
+
+    def __init__(self) -> None:
+        self.taken = threading.Event()
+
     def is_completed(self) -> bool:
-        return True
+        return self.taken.is_set()
 
     def wait(self) -> bool:
-        return True
+        return self.taken.wait(30)
 
 
 class LoopbackGroup:
@@ -50,10 +59,17 @@ class LoopbackGroup:
     def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False) -> Any:
         self.broadcasts += 1
         if self.rank == 0:
-            self.q.put(tensor.clone())
-        else:
-            tensor.copy_(self.q.get(timeout=30))
-        return _Done() if async_op else None
+            work = _Received()
+            self.q.put((tensor.clone(), work))
+            if not async_op:
+                work.wait()
+            return work if async_op else None
+        sent, work = self.q.get(timeout=30)
+        if sent.shape != tensor.shape:  # a receive posted for another bucket: the order broke
+            raise RuntimeError(f"loopback broadcast: received {tuple(sent.shape)} into {tuple(tensor.shape)}")
+        tensor.copy_(sent)
+        work.taken.set()
+        return work if async_op else None
 
     def destroy(self) -> None:
         pass
@@ -71,6 +87,7 @@ class Setup:
         self.app = RolloutServerApp(HFEngine(hf_config or _hf_config(), lambda ids: "", dtype=torch.float32),
                                     allow_partial_update=allow_partial)
         self.paths: list[tuple[str, Any]] = []
+        self.events: list[tuple[str, str]] = []
         routes = self.app.routes()
         self.app.routes = lambda: {p: self._logged(p, f) for p, f in routes.items()}  # type: ignore[method-assign]
         self.httpd = RolloutHTTPServer(self.app)
@@ -86,7 +103,10 @@ class Setup:
     def _logged(self, path: str, fn: Any) -> Any:
         def call(body: Any) -> Any:
             self.paths.append((path, body))
-            return fn(body)
+            self.events.append(("arrive", path))
+            out = fn(body)
+            self.events.append(("answer", path))
+            return out
         return call
 
     def new_state(self) -> dict[str, torch.Tensor]:
@@ -139,6 +159,33 @@ def test_full_sync_sequence_bitwise_and_version(make: Any) -> None:
     out = http_json(s.httpd.url, "/generate", {"input_ids": [[1, 2, 3]], "return_logprob": True,
                                                 "sampling_params": {"max_new_tokens": 2, "temperature": 0}})
     assert out[0]["meta_info"]["weight_version"] == "3" and len(out[0]["output_ids"]) == 2
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_next_bucket_is_queued_on_the_server_before_the_previous_answer(make: Any, monkeypatch: Any,
+                                                                        pipelined: bool) -> None:
+    """pipeline_requests: request k+1 goes out once broadcast k is done (every server is inside
+    request k), so it waits on the server while k's weights load: no HTTP round trip between
+    buckets. Off: k+1 goes out after k's answer. Either way the server receives in the sender's
+    order (the loopback group fails on a mismatch) and ends with the new weights."""
+    def slow_load(*args: Any) -> list[str]:
+        time.sleep(0.2)  # under the server's model lock, like a large bucket's copy into the model
+        return load_into(*args)
+
+    monkeypatch.setattr(server_app, "load_into", slow_load)
+    s = make(wire_dtype="fp32", bucket_mb=0.01, backend="gloo", pipeline_requests=pipelined)
+    new = s.new_state()
+    s.engine.update_weights(new.items(), version=2)
+    updates = [e for e in s.events if e[1] == "/update_weights_from_distributed"]
+    n = s.sync.last.buckets
+    assert n >= 3 and len(updates) == 2 * n
+    arrive = [i for i, (kind, _) in enumerate(updates) if kind == "arrive"]
+    answer = [i for i, (kind, _) in enumerate(updates) if kind == "answer"]
+    ahead = [arrive[k + 1] < answer[k] for k in range(n - 1)]  # k+1 arrived before k's answer
+    assert ahead == [pipelined] * (n - 1), updates
+    digest = http_json(s.httpd.url, "/debug/weights")
+    for name, t in new.items():
+        assert digest["weights"][name]["sha256"] == tensor_sha256(t), name
 
 
 def test_bf16_wire_and_per_tensor_protocol(make: Any) -> None:
