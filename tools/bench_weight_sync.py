@@ -1,7 +1,7 @@
 """Bandwidth of the bucketed weight sync vs ONE raw broadcast of the same bytes, same group.
 
     python tools/bench_weight_sync.py [--total-mb 1024] [--bucket-mb 512] [--alone-mb 64] [--first-bucket-mb 16]
-                                      [--repeats 9] [--hidden 3584 --ffn 18944] [--source-dtype bf16|fp32]
+                                      [--repeats 9] [--runs 3] [--hidden 3584 --ffn 18944] [--source-dtype bf16|fp32]
                                       [--layout views|separate] [--backend auto]
 
 Two processes form a weight-update group (spark_mcore.weights.groups, the same rendezvous as
@@ -28,8 +28,9 @@ is kept out of the A/B cycles. Each trial starts after a 1-element broadcast fro
 ends when rank 1 is done (a 1-element broadcast back), timed on rank 0. The last line is the
 median of the per-cycle ratios A/B in bandwidth. NCCL is used with >= 2 GPUs, else gloo (CPU).
 The HTTP announce of the real sync is replaced by a no-op (one small request per bucket).
-On a shared machine single cycles swing both ways by tens of percent: compare medians of
-several runs (--repeats raises the cycles per run).
+On a shared machine single cycles swing both ways by tens of percent, and whole process pairs
+by up to 10 %: --runs fresh pairs (default 3) each run every cycle, and the last line pools
+all their cycles (the per-pair medians are printed above it).
 """
 
 from __future__ import annotations
@@ -157,13 +158,33 @@ def _worker(rank: int, q: Any, args: argparse.Namespace, backend: str, out: Any)
     group.destroy()
 
 
+def _run_pair(args: argparse.Namespace, backend: str) -> dict[str, Any]:
+    """One fresh sender/receiver process pair running every cycle; returns rank 0's timings."""
+    ctx = mp.get_context("spawn")
+    q, out = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, q, args, backend, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        return out.get(timeout=3600)
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.terminate()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--total-mb", type=float, default=1024.0, help="about this many MiB on the wire (bf16)")
     ap.add_argument("--bucket-mb", type=float, default=WeightSyncConfig.bucket_mb)
     ap.add_argument("--hidden", type=int, default=3584, help="layer shapes (default Qwen2.5-7B)")
     ap.add_argument("--ffn", type=int, default=18944)
-    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--repeats", type=int, default=9, help="A/B (and L/B) cycles per process pair")
+    ap.add_argument("--runs", type=int, default=3,
+                    help="fresh process pairs, their cycles pooled: on the 2-core VM a pair's median moves "
+                         "by up to 10 %% from one pair to the next (thread placement, memory), not only "
+                         "from cycle to cycle")
     ap.add_argument("--alone-mb", type=float, default=WeightSyncConfig.alone_mb,
                     help="tensors of at least this size already in bf16 are sent from their own memory "
                          "(0 = only tensors that fill a bucket)")
@@ -178,24 +199,15 @@ def main() -> None:
     backend = args.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else "gloo"
-    ctx = mp.get_context("spawn")
-    q, out = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, q, args, backend, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        res = out.get(timeout=3600)
-    finally:
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.terminate()
+    runs = [_run_pair(args, backend) for _ in range(args.runs)]
+    res = dict(runs[0])
+    res["times"] = {k: [t for r in runs for t in r["times"][k]] for k in runs[0]["times"]}
     gb = res["bytes"] / 1e9
     bw = {k: [gb / t for t in v] for k, v in res["times"].items()}
     print(f"backend={backend} bytes={res['bytes']} ({res['bytes'] / 2**20:.0f} MiB bf16) tensors={res['tensors']} "
           f"buckets={res['buckets']} bucket_mb={args.bucket_mb} alone_mb={args.alone_mb} "
           f"first_bucket_mb={args.first_bucket_mb} source={args.source_dtype} layout={args.layout} "
-          f"repeats={args.repeats}")
+          f"repeats={args.repeats} runs={args.runs}")
     for i, (c, b) in enumerate(zip(bw["L"], bw["B_L"], strict=True)):
         print(f"load cycle {i}: bucketed+load {c:.3f} GB/s  raw {b:.3f} GB/s  ratio {c / b:.3f}")
     for i, (a, b) in enumerate(zip(bw["A"], bw["B"], strict=True)):
@@ -207,7 +219,9 @@ def main() -> None:
     for label, n in (("Qwen2.5-7B", PARAMS_7B), ("Qwen2.5-32B", PARAMS_32B)):
         print(f"estimate {label} ({n:.3g} params, bf16 {2 * n / 1e9:.1f} GB): {2 * n / 1e9 / med_a:.1f} s at the "
               f"bucketed rate ({backend}, this link)")
-    print(f"median ratio bucketed/raw: {statistics.median(a / b for a, b in zip(bw['A'], bw['B'], strict=False)):.3f}")
+    per_run = [statistics.median(b / a for a, b in zip(r["times"]["A"], r["times"]["B"], strict=True)) for r in runs]
+    print("median ratio per run (fresh process pair each): " + " ".join(f"{x:.3f}" for x in per_run))
+    print(f"median ratio bucketed/raw: {statistics.median(a / b for a, b in zip(bw['A'], bw['B'], strict=True)):.3f}")
 
 
 if __name__ == "__main__":

@@ -225,8 +225,12 @@ class _Layout:
         return nbytes >= (cap if self.alone_bytes is None or self.alone_bytes <= 0 else min(self.alone_bytes, cap))
 
     def closes(self, spec: TensorSpec) -> bool:
-        """Must the open bucket be sent before `spec` is copied into it?"""
-        return self.count > 0 and (self.offset + spec.nbytes > self.open_capacity
+        """Must the open bucket be sent before `spec` is copied into it? The open bucket may
+        grow with the ramp while alone tensors are sent (its packing is then hidden behind
+        them), up to bucket_bytes: its buffer is a full-size ring buffer unless one tensor
+        alone outgrew bucket_bytes, in which case open_capacity is that buffer's size."""
+        limit = max(self.open_capacity, min(self.capacity(), self.bucket_bytes))
+        return self.count > 0 and (self.offset + spec.nbytes > limit
                                    or self.offset % DTYPES[spec.dtype].itemsize != 0)
 
     def sent(self, whole_open_bucket: bool) -> int:
@@ -300,6 +304,9 @@ def iter_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
     """
     layout = _Layout(bucket_bytes, alone_bytes, first_bucket_bytes)
     ring = ring or BufferRing(bucket_bytes, num_buffers)
+    if ring.capacity < bucket_bytes:  # an open bucket may grow to bucket_bytes (see _Layout.closes)
+        raise BucketError(f"ring: buffers of {ring.capacity} bytes cannot hold buckets of {bucket_bytes}; "
+                          "make the BufferRing with capacity >= bucket_bytes")
     target: torch.device | None = torch.device(device) if device is not None else None
     specs: list[TensorSpec] = []
     buf: torch.Tensor | None = None

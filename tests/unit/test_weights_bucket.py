@@ -169,3 +169,18 @@ def test_alone_bytes_sends_large_wire_dtype_tensors_uncopied() -> None:
     assert [[t.name for t in h.tensors] for h, _ in out] == [["m"], ["s", "t"]]
     assert out[0][1].data_ptr() == named[1][1].data_ptr()
     assert [[t.name for t in h.tensors] for h, _ in iter_buckets(named, 64)] == [["s", "m", "t"]]
+
+
+def test_open_bucket_grows_with_the_ramp_while_alone_tensors_go_out() -> None:
+    small = [(f"s{i}", torch.full((1,), float(i))) for i in range(5)]  # 4 B each
+    big = [("A", torch.arange(4.0)), ("B", torch.arange(4.0) + 9)]  # 16 B each: alone, from their memory
+    named = small[:1] + big + small[1:]
+    out = [(h, f.clone()) for h, f in iter_buckets(named, 64, alone_bytes=16, first_bucket_bytes=8)]
+    # s0 opened an 8 B bucket; once A and B were sent the ramp allows 32 B, so s1..s4 join it
+    # instead of closing it at 8 B: one bucket fewer (one HTTP request and one collective).
+    assert [[t.name for t in h.tensors] for h, _ in out] == [["A"], ["B"], ["s0", "s1", "s2", "s3", "s4"]]
+    got = {n: t for h, f in out for n, t in unpack_bucket(f, h)}
+    assert all(torch.equal(got[n], t) for n, t in named)
+    assert plan_buckets([(n, t.dtype, t.shape) for n, t in named], 64, 16, first_bucket_bytes=8) == [h for h, _ in out]
+    with pytest.raises(BucketError, match="capacity >= bucket_bytes"):
+        list(iter_buckets(named, 64, ring=BufferRing(32)))
