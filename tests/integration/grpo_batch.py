@@ -1,15 +1,21 @@
 """What the multi-process actor tests share (not a test module): the fixed GRPO batch they
-compare layouts on, and full (TP-merged, globally named) parameters or gradients."""
+compare layouts on, full (TP-merged, globally named) parameters or gradients, and an actor
+whose whole training state (Adam, LR schedule, reference) a checkpoint must carry."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+import spark_mcore.config  # noqa: F401  (loader before component configs)
+from spark_mcore.algo.config import AlgoConfig
+from spark_mcore.distributed.config import ParallelConfig
 from spark_mcore.distributed.parallel import ParallelState
 from spark_mcore.models import mcore_tp
+from spark_mcore.models.config import ModelConfig
 from spark_mcore.trainer.actor import MegatronActor
 from spark_mcore.trainer.batching import select
+from spark_mcore.trainer.config import TrainerConfig
 from spark_mcore.types import TrainBatch
 
 VOCAB, ROWS, WIDTH = 64, 8, 12
@@ -58,3 +64,23 @@ def add_logprobs(actor: MegatronActor, batch: TrainBatch) -> TrainBatch:
     batch.old_logprobs = actor.compute_logprobs(batch) + batch.loss_mask * batch.old_logprobs
     batch.ref_logprobs = actor.compute_logprobs(batch, reference=True)
     return batch
+
+
+def stateful_actor(model: ModelConfig, pstate: ParallelState, parallel: ParallelConfig | None = None,
+                   init: dict[str, torch.Tensor] | None = None) -> MegatronActor:
+    """Adam + a warmup/cosine schedule (so the LR depends on the restored step count) and a KL
+    reference; `init` (full tensors) replaces the seed's random weights before both."""
+    actor = MegatronActor(model, TrainerConfig(micro_batch_size=2, lr=1e-3), AlgoConfig(kl_coef=0.1, clip_eps=0.2),
+                          pstate, VOCAB, parallel)
+    if init is not None:
+        mcore_tp.load_full_mcore_state(actor.unwrapped, init, pstate.tp_rank, pstate.tp_size)
+    actor.setup_optimizer(lr=1e-3, total_steps=10, warmup_steps=2)
+    actor.snapshot_reference()
+    return actor
+
+
+def grpo_step(actor: MegatronActor) -> dict[str, float]:
+    """One GRPO step on this DP rank's rows of the fixed batch; returns the step's metrics."""
+    batch = dp_rows(fixed_grpo_batch(), actor.pstate)
+    add_logprobs(actor, batch)
+    return actor.train_step(batch)

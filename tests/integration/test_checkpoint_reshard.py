@@ -17,10 +17,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from grpo_batch import add_logprobs, dp_rows, fixed_grpo_batch
+from grpo_batch import grpo_step, stateful_actor
 
 import spark_mcore.config  # noqa: F401  (loader before component configs)
-from spark_mcore.algo.config import AlgoConfig
 from spark_mcore.checkpoint.io import load_actor_state, write_checkpoint
 from spark_mcore.config.loader import ConfigError
 from spark_mcore.distributed.config import ParallelConfig
@@ -29,11 +28,10 @@ from spark_mcore.distributed.parallel import ParallelState, destroy_distributed,
 from spark_mcore.models import mcore_tp
 from spark_mcore.models.config import ModelConfig
 from spark_mcore.trainer.actor import MegatronActor
-from spark_mcore.trainer.config import TrainerConfig
 
 pytestmark = pytest.mark.slow
 
-VOCAB, ROWS, WORLD, STEPS_BEFORE_SAVE = 64, 8, 4, 2
+WORLD, STEPS_BEFORE_SAVE = 4, 2
 INIT_SEED, OTHER_SEED = 1, 7
 EMBEDDING = "embedding.word_embeddings.weight"
 METRICS = ["pg_loss", "kl", "entropy", "grad_norm", "clip_frac", "lr"]
@@ -52,22 +50,7 @@ def _model_cfg(**overrides: Any) -> ModelConfig:
 
 def _actor(pstate: ParallelState, init: dict[str, torch.Tensor] | None = None,
            **model_overrides: Any) -> MegatronActor:
-    """Adam + a warmup/cosine schedule (so the LR depends on the restored step count) and a
-    KL reference; `init` (full tensors) replaces the seed's random weights before both."""
-    trainer = TrainerConfig(micro_batch_size=2, lr=1e-3)
-    actor = MegatronActor(_model_cfg(**model_overrides), trainer, AlgoConfig(kl_coef=0.1, clip_eps=0.2),
-                          pstate, VOCAB)
-    if init is not None:
-        mcore_tp.load_full_mcore_state(actor.unwrapped, init, pstate.tp_rank, pstate.tp_size)
-    actor.setup_optimizer(lr=1e-3, total_steps=10, warmup_steps=2)
-    actor.snapshot_reference()
-    return actor
-
-
-def _train_step(actor: MegatronActor) -> dict[str, float]:
-    batch = dp_rows(fixed_grpo_batch(), actor.pstate)
-    add_logprobs(actor, batch)
-    return actor.train_step(batch)
+    return stateful_actor(_model_cfg(**model_overrides), pstate, init=init)
 
 
 def _merged(actor: MegatronActor, module: torch.nn.Module,
@@ -109,10 +92,10 @@ def _snapshot(actor: MegatronActor) -> dict[str, Any]:
 def _train_save_continue(actor: MegatronActor, root: Path) -> dict[str, Any]:
     """The run that writes a checkpoint: 2 steps, save, snapshot, 1 more step."""
     for _ in range(STEPS_BEFORE_SAVE):
-        _train_step(actor)
+        grpo_step(actor)
     write_checkpoint(actor, root, STEPS_BEFORE_SAVE, {"note": "reshard test"})
     saved = _snapshot(actor)
-    metrics = _train_step(actor)
+    metrics = grpo_step(actor)
     return {"saved": saved, "metrics": metrics, "after": _snapshot(actor)}
 
 
@@ -121,7 +104,7 @@ def _resume_continue(actor: MegatronActor, ckpt: Path) -> dict[str, Any]:
     state = load_actor_state(actor, ckpt)
     assert state["note"] == "reshard test"
     loaded = _snapshot(actor)
-    metrics = _train_step(actor)
+    metrics = grpo_step(actor)
     return {"loaded": loaded, "metrics": metrics, "after": _snapshot(actor)}
 
 

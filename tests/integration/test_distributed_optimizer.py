@@ -19,10 +19,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from grpo_batch import add_logprobs, dp_rows, fixed_grpo_batch
+from grpo_batch import grpo_step, stateful_actor
 
 import spark_mcore.config  # noqa: F401  (loader before component configs)
-from spark_mcore.algo.config import AlgoConfig
 from spark_mcore.checkpoint.io import load_actor_state, write_checkpoint
 from spark_mcore.distributed.config import ParallelConfig
 from spark_mcore.distributed.launch import spawn_workers
@@ -30,11 +29,10 @@ from spark_mcore.distributed.parallel import ParallelState, destroy_distributed,
 from spark_mcore.models import mcore_tp
 from spark_mcore.models.config import ModelConfig
 from spark_mcore.trainer.actor import MegatronActor
-from spark_mcore.trainer.config import TrainerConfig
 
 pytestmark = pytest.mark.slow
 
-VOCAB, ROWS, WORLD = 64, 8, 2
+WORLD = 2
 INIT_SEED, OTHER_SEED = 1, 7
 METRICS = ["pg_loss", "kl", "entropy", "grad_norm", "clip_frac", "lr"]
 DISTRIBUTED = ParallelConfig(use_distributed_optimizer=True)
@@ -42,23 +40,14 @@ DISTRIBUTED = ParallelConfig(use_distributed_optimizer=True)
 
 def _actor(pstate: ParallelState, parallel: ParallelConfig, init: dict[str, torch.Tensor] | None = None
            ) -> MegatronActor:
-    """Adam with warmup (the LR depends on the restored step count) and a KL reference."""
     model = ModelConfig(hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=2,
                         ffn_hidden_size=64, tie_word_embeddings=True)
-    actor = MegatronActor(model, TrainerConfig(micro_batch_size=2, lr=1e-3),
-                          AlgoConfig(kl_coef=0.1, clip_eps=0.2), pstate, VOCAB, parallel)
-    if init is not None:
-        mcore_tp.load_full_mcore_state(actor.unwrapped, init, pstate.tp_rank, pstate.tp_size)
-    actor.setup_optimizer(lr=1e-3, total_steps=10, warmup_steps=2)
-    actor.snapshot_reference()
-    return actor
+    return stateful_actor(model, pstate, parallel, init)
 
 
 def _step(actor: MegatronActor) -> dict[str, Any]:
     """One GRPO step; its metrics and the (full, all-gathered) weights after it."""
-    batch = dp_rows(fixed_grpo_batch(), actor.pstate)
-    add_logprobs(actor, batch)
-    metrics = actor.train_step(batch)
+    metrics = grpo_step(actor)
     return {"metrics": metrics, "weights": {n: p.detach().clone() for n, p in actor.unwrapped.named_parameters()}}
 
 
