@@ -11,7 +11,7 @@ from pathlib import Path
 from spark_mcore.config.loader import ConfigError, to_dict
 from spark_mcore.config.run import RunConfig
 from spark_mcore.data.chat import encode_prompt, stop_token_ids
-from spark_mcore.data.dataset import PromptLoader, load_prompts
+from spark_mcore.data.dataset import PromptLoader, builtin_corpus, load_prompts
 from spark_mcore.data.tokenizer import get_tokenizer
 from spark_mcore.distributed.parallel import ParallelState, init_distributed
 from spark_mcore.metrics import MetricsLogger
@@ -75,7 +75,7 @@ def build_run(cfg: RunConfig) -> Run:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    tokenizer = get_tokenizer(cfg.data, run_dir, extra_corpus=corpus_texts())
+    tokenizer = get_tokenizer(cfg.data, run_dir, extra_corpus=corpus_texts() + builtin_corpus(cfg.data.source))
     vocab = cfg.model.vocab_size or len(tokenizer)
     if vocab < len(tokenizer):
         raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)}); set 0")

@@ -10,11 +10,13 @@ from spark_mcore.config.loader import ConfigError
 class DataConfig:
     """Prompt data.
 
-    source: "builtin:arith" (the procedural arithmetic task) or a path to a JSONL file (or
+    source: "builtin:arith" (the procedural arithmetic task), "builtin:countdown" (reach a target
+        from 3-5 numbers, `spark_mcore.data.countdown`) or a path to a JSONL file (or
         .parquet when pyarrow is installed) whose rows are
         {"prompt" | "messages", "answer", "images"?, "task"?, "id"?}.
     eval_source: held-out prompts for `eval`; None means the test split of a builtin source.
-    levels: difficulty levels of the builtin arith task (1 = easiest).
+    levels: difficulty levels of the builtin task: arith 1-4 (1 = easiest); countdown 3-5 (the
+        count of numbers shown).
     train_size / test_size: number of builtin problems per split (disjoint by construction).
         A split repeats problems (with a warning) once a level's distinct pool is used up:
         levels 1-4 hold about 1.5k / 9.9k / 1.2k / 11.7k train and 0.4k / 2.3k / 0.3k / 2.9k

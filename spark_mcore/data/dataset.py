@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
-from spark_mcore.data.arith import arith_problems, worked_solution
+from spark_mcore.data import countdown
+from spark_mcore.data.arith import arith_problems
+from spark_mcore.data.arith import worked_solution as arith_solution
 from spark_mcore.data.jsonl import DatasetError, load_prompt_file
 from spark_mcore.types import Prompt
 
@@ -37,6 +39,15 @@ def _arith(cfg: DataConfig, split: str) -> list[Prompt]:
     size = cfg.train_size if split == "train" else cfg.test_size
     try:
         return arith_problems(list(cfg.levels), split, size, cfg.seed)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise DatasetError(str(e)) from e
+
+
+@register_builtin("countdown")
+def _countdown(cfg: DataConfig, split: str) -> list[Prompt]:
+    size = cfg.train_size if split == "train" else cfg.test_size
+    try:
+        return countdown.countdown_problems(list(cfg.levels), split, size, cfg.seed)  # type: ignore[arg-type]
     except ValueError as e:
         raise DatasetError(str(e)) from e
 
@@ -82,8 +93,20 @@ def load_prompts(
     )
 
 
+def worked_solution(prompt: Prompt) -> str:
+    """The worked solution of a builtin prompt (arith or countdown, by meta["source"])."""
+    if prompt.meta.get("source") == countdown.SOURCE:
+        return countdown.worked_solution(prompt)
+    return arith_solution(prompt)
+
+
+def builtin_corpus(source: str) -> list[str]:
+    """Extra tokenizer corpus for a builtin task whose text the default corpus lacks."""
+    return countdown.corpus_texts() if source == BUILTIN_PREFIX + countdown.SOURCE else []
+
+
 def sft_examples(prompts: list[Prompt]) -> list[tuple[Prompt, str]]:
-    """Pairs each builtin arith prompt with its worked solution (SFT warm-up data)."""
+    """Pairs each builtin prompt with its worked solution (SFT warm-up data)."""
     try:
         return [(p, worked_solution(p)) for p in prompts]
     except ValueError as e:
@@ -160,4 +183,5 @@ class PromptLoader:
         self._order = self._permutation(self.epoch)
 
 
-__all__ = ["BUILTIN_PREFIX", "register_builtin", "load_prompts", "sft_examples", "PromptLoader"]
+__all__ = ["BUILTIN_PREFIX", "PromptLoader", "builtin_corpus", "load_prompts", "register_builtin", "sft_examples",
+           "worked_solution"]

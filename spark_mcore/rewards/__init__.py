@@ -1,6 +1,7 @@
-"""Verifiers (math via math-verify, exact, choice, judge) behind one registry, and a pool that
+"""Verifiers (math via math-verify, exact, choice, judge, countdown) behind one registry, and a pool that
 runs them with a per-item time limit. Importing this package registers the built-in verifiers."""
 
+from spark_mcore.rewards import countdown as _countdown  # noqa: F401  (registers "countdown")
 from spark_mcore.rewards import math_verifier as _math_verifier  # noqa: F401  (registers "math")
 from spark_mcore.rewards import verifiers as _verifiers  # noqa: F401  (registers exact/choice/judge)
 from spark_mcore.rewards.boxed import extract_boxed

@@ -33,6 +33,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from spark_mcore.data import countdown
 from spark_mcore.data.arith import solve
 from spark_mcore.spark.templates import (
     Template,
@@ -159,7 +160,7 @@ class _Draws:
 
     template: Template
     view: View
-    wrong: Worked
+    wrong: str  # a wrong worked solution's text
     error: str
 
 
@@ -173,6 +174,21 @@ def _expr(prompt: Prompt) -> str:
     return expr
 
 
+def _right_text(prompt: Prompt) -> str:
+    """The correct worked solution shown to a judge (arith, or countdown by meta["source"])."""
+    if prompt.meta.get("source") == countdown.SOURCE:
+        return countdown.right_solution(prompt)
+    return right_solution(_expr(prompt)).text
+
+
+def _wrong_text(prompt: Prompt, rng: random.Random) -> tuple[str, str]:
+    """(a wrong worked solution's text, its error kind) for an arith or countdown prompt."""
+    if prompt.meta.get("source") == countdown.SOURCE:
+        return countdown.wrong_solution(prompt, rng)
+    worked, kind = wrong_solution(_expr(prompt), rng)
+    return worked.text, kind
+
+
 def _shown(text: str, view: View) -> tuple[str, View]:
     shown = show_response(text, view)
     assert shown is not None  # worked solutions are never empty
@@ -180,26 +196,25 @@ def _shown(text: str, view: View) -> tuple[str, View]:
 
 
 def _pointwise(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str, list[str]]:
-    right = right_solution(_expr(prompt))
-    candidate = right.text if label == "Yes" else d.wrong.text
+    candidate = _right_text(prompt) if label == "Yes" else d.wrong
     text = render_pointwise(d.template, question_text(prompt), *_shown(candidate, d.view))
     return text, f"\\boxed{{{label}}}", [candidate]
 
 
 def _pairwise(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str, list[str]]:
-    right = right_solution(_expr(prompt))
-    (g, gv), (b, bv) = _shown(right.text, d.view), _shown(d.wrong.text, d.view)
+    right = _right_text(prompt)
+    (g, gv), (b, bv) = _shown(right, d.view), _shown(d.wrong, d.view)
     if gv != bv:  # both in one view, as the recycler shows pairs
-        (g, gv), (b, bv) = _shown(right.text, "cot"), _shown(d.wrong.text, "cot")
+        (g, gv), (b, bv) = _shown(right, "cot"), _shown(d.wrong, "cot")
     a_text, b_text = (g, b) if label == "A" else (b, g)
     text = render_pairwise(d.template, question_text(prompt), a_text, b_text, gv)
-    order = [right.text, d.wrong.text] if label == "A" else [d.wrong.text, right.text]
+    order = [right, d.wrong] if label == "A" else [d.wrong, right]
     return text, f"\\boxed{{{label}}}", order
 
 
 def _reflection(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str, list[str]]:
-    text = render_reflection(d.template, question_text(prompt), *_shown(d.wrong.text, d.view))
-    return text, right_solution(_expr(prompt)).text, [d.wrong.text]
+    text = render_reflection(d.template, question_text(prompt), *_shown(d.wrong, d.view))
+    return text, _right_text(prompt), [d.wrong]
 
 
 # kind -> (prompt, draws, label) -> (task prompt text, SFT target, full candidate texts in shown order)
@@ -211,7 +226,7 @@ _BUILDERS: dict[str, Callable[[Prompt, _Draws, str], tuple[str, str, list[str]]]
 
 
 def build_task(prompt: Prompt, kind: str, label: str, rng: random.Random) -> tuple[Prompt, str]:
-    """One SPARK-format task from an arith `prompt` and its SFT target. `label` is "Yes"/"No"
+    """One SPARK-format task from a builtin (arith or countdown) `prompt` and its SFT target. `label` is "Yes"/"No"
     (pointwise), "A"/"B" (pairwise, the position of the right solution) or the source answer
     (reflection). The draws from `rng` do not depend on `label`."""
     if kind not in _BUILDERS:
@@ -220,7 +235,7 @@ def build_task(prompt: Prompt, kind: str, label: str, rng: random.Random) -> tup
         raise ValueError(f"{kind} label must be one of {LABELS[kind]}, got {label!r}")
     template = pick_template(kind, rng)
     view: View = "cot" if rng.random() < 0.5 else "answer"
-    wrong, error = wrong_solution(_expr(prompt), rng)
+    wrong, error = _wrong_text(prompt, rng)
     text, target, candidates = _BUILDERS[kind](prompt, _Draws(template, view, wrong, error), label)
     task = Prompt(
         id=f"{prompt.id}#warm-{kind}",
