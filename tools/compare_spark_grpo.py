@@ -176,7 +176,8 @@ def _num(value: float | None) -> float:
 
 def run_seed(seed: int, out: Path, spec: TaskSpec, setup: EvalSetup, args: argparse.Namespace
              ) -> dict[str, dict[str, float]]:
-    """Warm start, both arms and the three evaluations for one seed. Override order: the task's
+    """Warm start and its evaluation (which fixes the judge set), then each arm and its
+    evaluation, for one seed. Override order: the task's
     shared ones, --set, phase defaults, --sft-set / --rl-set, then what defines the phase."""
     seeds = [f"trainer.seed={seed}", f"data.seed={seed}", f"spark.seed={seed}"]
     base = [*spec.shared, *args.extra, *seeds]
@@ -185,17 +186,14 @@ def run_seed(seed: int, out: Path, spec: TaskSpec, setup: EvalSetup, args: argpa
     print(f"seed {seed}: warm start -> {sft_dir}", flush=True)
     times = {"sft": train_run(sft_dir, spec.config, [*base, *spec.warm_start, *args.sft_extra, "trainer.steps=0"],
                               args.reuse)}
-    start = ["warmstart.steps=0", f"model.hf_path={sft_dir / 'hf'}", f"data.tokenizer={sft_dir / 'tokenizer'}"]
-    models = ["sft"] if args.warm_start_only else list(MODELS)
-    for arm, arm_sets in ARMS.items():
-        if arm not in models:
-            continue
-        print(f"seed {seed}: {arm} -> {seed_dir / arm}", flush=True)
-        times[arm] = train_run(seed_dir / arm, spec.config, [*base, *spec.rl, *args.rl_extra, *start, *arm_sets],
-                               args.reuse)
     results: dict[str, dict[str, float]] = {}
     rows = None
-    for name in models:
+    start = ["warmstart.steps=0", f"model.hf_path={sft_dir / 'hf'}", f"data.tokenizer={sft_dir / 'tokenizer'}"]
+    for name in ["sft"] if args.warm_start_only else list(MODELS):
+        if name in ARMS:
+            print(f"seed {seed}: {name} -> {seed_dir / name}", flush=True)
+            times[name] = train_run(seed_dir / name, spec.config,
+                                    [*base, *spec.rl, *args.rl_extra, *start, *ARMS[name]], args.reuse)
         t0 = time.perf_counter()
         results[name], rows = evaluate(seed_dir / name / "hf", setup, seed, rows, seed_dir)
         results[name].update(train_s=times[name], eval_s=time.perf_counter() - t0)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -46,6 +47,8 @@ MAX_INTERMEDIATE = 200
 SEARCH_SHARE = 0.35  # worked solutions that write out failed attempts first
 WRONG_KINDS = ("miss", "claim", "foreign", "reuse")
 _TEST_BUCKETS, _NUM_BUCKETS = 1, 5
+_MAX_MISSES = 2000  # draws in a row without a new problem before a split's pool counts as used up
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -161,14 +164,26 @@ def _draw(level: int, rng: random.Random) -> CountdownProblem | None:
 
 
 def _stream(level: int, split: Split, seed: int) -> Iterator[CountdownProblem]:
-    """Distinct problems of `level` in `split`, in a fixed pseudo-random order."""
+    """Distinct problems of `level` in `split`, in a fixed pseudo-random order. A level's pool
+    is finite (level 3 holds a few thousand problems): after `_MAX_MISSES` draws in a row find
+    nothing new, the problems found so far repeat in a shuffled order (with a warning)."""
     rng = random.Random(f"countdown:{split}:{seed}:{level}")
-    seen: set[str] = set()
-    while True:
+    seen: dict[str, CountdownProblem] = {}
+    misses = 0
+    while misses < _MAX_MISSES:
         p = _draw(level, rng)
         if p is not None and p.key not in seen and split_of(p.key) == split:
-            seen.add(p.key)
+            seen[p.key] = p
+            misses = 0
             yield p
+        else:
+            misses += 1
+    log.warning("countdown level %d: the %s pool seems exhausted after %d distinct problems; repeating them",
+                level, split, len(seen))
+    pool = list(seen.values())
+    while True:
+        rng.shuffle(pool)
+        yield from pool
 
 
 def make_prompt(problem: CountdownProblem, split: str, index: int) -> Prompt:
