@@ -181,6 +181,8 @@ def _stream(level: int, split: Split, seed: int) -> Iterator[CountdownProblem]:
     log.warning("countdown level %d: the %s pool seems exhausted after %d distinct problems; repeating them",
                 level, split, len(seen))
     pool = list(seen.values())
+    if not pool:
+        raise ValueError(f"countdown level {level} has no {split} problems; check LEVELS[{level}]")
     while True:
         rng.shuffle(pool)
         yield from pool

@@ -92,3 +92,14 @@ def test_judge_warm_start_tasks_from_countdown_prompts(train: list) -> None:
             assert [V(c, src.answer) for c in cands] == ([1.0, 0.0] if task.answer == "A" else [0.0, 1.0])
         else:
             assert V(cands[0], src.answer) == 0.0 and V(target, task.answer) == 1.0
+
+
+def test_an_exhausted_pool_repeats_with_a_warning(monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    # a tiny level (numbers 1-3) has only a handful of problems: the stream must not spin forever
+    monkeypatch.setitem(countdown.LEVELS, 3, countdown.LevelSpec(3, 3))
+    monkeypatch.setattr(countdown, "_MAX_MISSES", 200)
+    prompts = countdown.countdown_problems([3], "train", 50, seed=0)
+    assert len(prompts) == 50 and len({p.answer for p in prompts}) < 50
+    assert "pool seems exhausted" in caplog.text
+    assert all(V(countdown.worked_solution(p), p.answer) == 1.0 for p in prompts)
