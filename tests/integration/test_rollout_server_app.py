@@ -15,12 +15,12 @@ import pytest
 import torch
 from transformers import Qwen2Config
 
-from spark_mcore.rollout import sglang_payloads as P
 from spark_mcore.rollout.base import SamplingParams
 from spark_mcore.rollout.hf_engine import HFEngine
-from spark_mcore.rollout.server_app import RolloutServerApp
-from spark_mcore.rollout.sglang import SGLangRequestError, http_json
-from spark_mcore.rollout.test_server import RolloutHTTPServer
+from spark_mcore.sglang import payloads as P
+from spark_mcore.sglang.client import SGLangRequestError, http_json
+from spark_mcore.twin.app import RolloutServerApp
+from spark_mcore.twin.server import RolloutHTTPServer
 
 _spec = importlib.util.spec_from_file_location(
     "sglang_contract", Path(__file__).parents[1] / "unit" / "test_sglang_payloads.py")

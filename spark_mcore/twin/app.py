@@ -1,4 +1,4 @@
-"""State and request handlers of the SGLang-compatible test server (HTTP lives in test_server.py).
+"""State and request handlers of the CPU twin of an SGLang server (HTTP lives in server.py).
 
 Behaviour copied from SGLang 0.5.23 where our client depends on it:
   * /generate: `input_ids` (one list or a batch), `sampling_params` (one map or one per
@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from spark_mcore.rollout.base import SamplingParams
 from spark_mcore.rollout.hf_engine import HFEngine
+from spark_mcore.twin.receiver import load_into, receive_bucket
+from spark_mcore.types import SamplingParams
 from spark_mcore.weights.bucket import BucketError, BucketHeader
 from spark_mcore.weights.groups import WeightGroupError, WeightUpdateGroup, join_weight_update_group
-from spark_mcore.weights.receiver import load_into, receive_bucket
 
 Reply = tuple[int, Any]
 _SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "sampling_seed",
