@@ -7,7 +7,7 @@ Pieces, each usable alone:
   SGLangClient       /generate across servers with retries + failover, and the control endpoints
 The rollout engine (spark_mcore.rollout.sglang_engine) and the weight sync (spark_mcore.weights)
 both build on this client; neither imports the other.
-HTTP uses the standard library only (http.client); bodies come from `sglang_payloads`.
+HTTP uses the standard library only (http.client); bodies come from `payloads.py`.
 
 Failover invariant: the samples of a generate() call are split into chunks; a chunk's results
 are stored only when its whole response has been parsed, and a chunk that fails on a server
@@ -268,7 +268,7 @@ class SGLangClient:
 
     def generate(self, prompt_ids: Sequence[list[int]], params: SamplingParams,
                  image_data: Sequence[list[str]] | None = None) -> list[list[Completion]]:
-        """For each prompt, params.n completions in sample order (see sglang_payloads)."""
+        """For each prompt, params.n completions in sample order (see payloads.py)."""
         requests = P.expand_requests(prompt_ids, params.n, image_data)
         P.build_sampling_params(params)  # validate here, in the caller's thread
         if not requests:

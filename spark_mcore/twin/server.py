@@ -2,7 +2,7 @@
 
     python -m spark_mcore.twin --model HF_DIR --port 0 --port-file /tmp/port
 
-Serves SGLang's native endpoints (see server_app.py for what is and is not like SGLang 0.5.23)
+Serves SGLang's native endpoints (see app.py for what is and is not like SGLang 0.5.23)
 on a threaded HTTP server bound to 127.0.0.1 by default. `--port 0` binds a free port; the
 bound port is printed ("listening on http://HOST:PORT") and written to --port-file.
 Launch it through `spark_mcore.sglang.client.launch_servers` (or `sglang.launch_command` in a run

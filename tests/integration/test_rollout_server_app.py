@@ -1,4 +1,4 @@
-"""The SGLang-compatible test server in-process (threaded HTTP on 127.0.0.1, port 0):
+"""The CPU twin of SGLang in-process (threaded HTTP on 127.0.0.1, port 0):
 response format, request validation, pause semantics, weight-session rules."""
 
 from __future__ import annotations
@@ -87,6 +87,13 @@ def test_generate_validation_names_the_field(server: RolloutHTTPServer, body: di
         http_json(server.url, "/generate", body)
 
 
+def _wait(cond: Any, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
 def test_pause_abort_and_blocking(server: RolloutHTTPServer) -> None:
     app: RolloutServerApp = server.app
     app.gen_delay_s = 0.3
@@ -98,14 +105,14 @@ def test_pause_abort_and_blocking(server: RolloutHTTPServer) -> None:
     try:
         t1 = threading.Thread(target=gen, args=("inflight",))
         t1.start()
-        time.sleep(0.1)  # t1 is inside its generation
+        _wait(lambda: app.running == 1, "t1 inside its generation")
         http_json(server.url, "/pause_generation", {"mode": "abort"})
         t2 = threading.Thread(target=gen, args=("queued",))
         t2.start()
         t1.join(10)
         assert results["inflight"]["meta_info"]["finish_reason"]["type"] == "abort"
-        time.sleep(0.2)
-        assert "queued" not in results  # waits while paused
+        _wait(lambda: app.waiting == 1, "t2 held by the pause")
+        assert "queued" not in results and app.running == 0  # held, not generating
         http_json(server.url, "/continue_generation", {})
         t2.join(10)
         assert results["queued"]["meta_info"]["finish_reason"]["type"] == "length"

@@ -1,4 +1,4 @@
-"""Two GRPO steps of the real loop with rollout.engine=sglang: one SGLang-compatible test server
+"""Two GRPO steps of the real loop with rollout.engine=sglang: one CPU twin of SGLang
 launched from the hf_init export, weights pushed by MegatronWeightSync over gloo (fp32 wire)."""
 
 from pathlib import Path
