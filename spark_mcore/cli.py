@@ -32,6 +32,11 @@ def _train(args: argparse.Namespace) -> int:
     from spark_mcore.config.run import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)  # a config error costs no torch import
+    import torch
+
+    from spark_mcore.engines import check_weight_mode
+
+    check_weight_mode(cfg, torch.cuda.is_available())  # before megatron and the trainer are imported
     from spark_mcore.train import train
 
     train(cfg)
