@@ -119,9 +119,10 @@ def build_rollout(ctx: EngineContext) -> tuple[RolloutEngine, WeightPusher]:
 
 @dataclass
 class EngineUpdatePusher:
-    """Full HF tensors through `engine.update_weights` (engines living in this process)."""
+    """Full HF tensors through `engine.update_weights` (engines living in this process, e.g.
+    HFEngine; weights.mode does not apply: the tensors never leave the process)."""
 
-    engine: RolloutEngine
+    engine: Any  # a RolloutEngine with update_weights(named_tensors, version)
     actor: MegatronActor
 
     def push(self, version: int) -> None:
