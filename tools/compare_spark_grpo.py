@@ -124,7 +124,7 @@ def sampled_groups(model: Any, setup: EvalSetup, seed: int) -> list[Any]:
 def build_judge_set(groups: list[Any], setup: EvalSetup, seed: int, out: Path) -> Any:
     """The seed's fixed judge set, from the warm start's own samples (or synthetic for arith);
     saved as JSONL next to the runs."""
-    from spark_mcore.spark.reward_bench import heldout_from_groups, save_jsonl
+    from spark_mcore.eval.reward_bench import heldout_from_groups, save_jsonl
 
     if setup.judge_set == "synthetic":
         from spark_mcore.eval.judge_eval import arith_judge_set

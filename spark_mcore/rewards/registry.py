@@ -25,6 +25,16 @@ class Verifier(Protocol):
 
 
 _REGISTRY: dict[str, Verifier] = {}
+# math; exact/choice/judge; countdown
+_BUILTINS = ("spark_mcore.rewards.math_verifier", "spark_mcore.rewards.verifiers", "spark_mcore.rewards.countdown")
+
+
+def _load_builtins() -> None:
+    """Registers the built-in verifiers (their modules register themselves when imported)."""
+    import importlib
+
+    for module in _BUILTINS:
+        importlib.import_module(module)
 
 
 def register_verifier(name: str) -> Callable[[Verifier], Verifier]:
@@ -52,6 +62,7 @@ def register_verifier(name: str) -> Callable[[Verifier], Verifier]:
 
 def get_verifier(name: str) -> Verifier:
     """The verifier registered under `name`; KeyError listing the registered names otherwise."""
+    _load_builtins()
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
@@ -64,6 +75,7 @@ def get_verifier(name: str) -> Verifier:
 
 def registered_verifiers() -> list[str]:
     """Names of all registered verifiers, sorted."""
+    _load_builtins()
     return sorted(_REGISTRY)
 
 
