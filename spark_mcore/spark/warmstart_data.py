@@ -3,7 +3,8 @@
 A pretrained model can already follow judge prompts a little; the tiny demo model has never
 seen one, so every recycled reward task would score 0 and GRPO would learn nothing from them.
 This module builds a small supply of reward tasks with known answers from the builtin arith
-prompts, rendered with the SAME templates and the same response views as the recycler:
+prompts (and countdown ones, with that task's own wrong-solution kinds from
+`spark_mcore.data.countdown`), rendered with the SAME templates and response views as the recycler:
 
   pointwise  — one candidate (right or wrong)       -> "\\boxed{Yes}" / "\\boxed{No}"
   pairwise   — one right and one wrong, shuffled     -> "\\boxed{A}" / "\\boxed{B}"
@@ -65,7 +66,7 @@ def _expr(prompt: Prompt) -> str:
     if not isinstance(expr, str):
         raise ValueError(
             f"prompt {prompt.id!r} has no meta['expr']: judge warm-start data needs builtin arith "
-            "prompts (data.source: builtin:arith) or warmstart.judge_fraction: 0"
+            "or countdown prompts (data.source: builtin:arith) or warmstart.judge_fraction: 0"
         )
     return expr
 
@@ -122,9 +123,9 @@ _BUILDERS: dict[str, Callable[[Prompt, _Draws, str], tuple[str, str, list[str]]]
 
 
 def build_task(prompt: Prompt, kind: str, label: str, rng: random.Random) -> tuple[Prompt, str]:
-    """One SPARK-format task from a builtin (arith or countdown) `prompt` and its SFT target. `label` is "Yes"/"No"
-    (pointwise), "A"/"B" (pairwise, the position of the right solution) or the source answer
-    (reflection). The draws from `rng` do not depend on `label`."""
+    """One SPARK-format task from a builtin `prompt` (arith or countdown) and its SFT target.
+    `label` is "Yes"/"No" (pointwise), "A"/"B" (pairwise, the position of the right solution)
+    or the source answer (reflection). The draws from `rng` do not depend on `label`."""
     if kind not in _BUILDERS:
         raise ValueError(f"warm-start task kind '{kind}' is unknown; choose from {sorted(_BUILDERS)}")
     if kind in LABELS and label not in LABELS[kind]:
