@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from spark_mcore.config.loader import check_ranges
+
 
 @dataclass
 class CheckpointConfig:
@@ -19,3 +21,6 @@ class CheckpointConfig:
     keep_last: int = 2
     export_hf: bool = True
     resume: bool = True
+
+    def __post_init__(self) -> None:
+        check_ranges("checkpoint", self, {"save_interval": ">= 0", "keep_last": ">= 1"})

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from spark_mcore.errors import read_utf8
 from spark_mcore.rollout.base import RolloutEngine, SamplingParams
 from spark_mcore.spark.judging import EncodeFn, verifier_score
 from spark_mcore.spark.reward_bench import (
@@ -62,7 +63,7 @@ def load_reward_bench(path: str | Path, limit: int = 0) -> HeldOut:
     if not p.is_file():
         raise ValueError(f"--reward-bench {p}: no such file (give a JSONL file or {BUILTIN_ARITH})")
     out = HeldOut()
-    for n, line in enumerate(p.read_text().splitlines(), start=1):
+    for n, line in enumerate(read_utf8(p, '--reward-bench', ValueError).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{p}:{n}"
