@@ -62,6 +62,15 @@ class Interrupted(Exception):
         super().__init__(f"stopped by {signame}{detail}: {saved}")
 
 
+class SignalExit(KeyboardInterrupt):
+    """A second stop signal: the run stops at once, without saving the current step."""
+
+    def __init__(self, signame: str, signum: int) -> None:
+        self.signame, self.signum = signame, signum
+        super().__init__(f"second {signame}: stopped at once without saving the current step; the next run "
+                         "resumes from the newest complete checkpoint")
+
+
 def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
@@ -86,6 +95,8 @@ def _os_error(e: OSError) -> tuple[int, str] | None:
 def describe(exc: BaseException) -> tuple[int, str]:
     """(exit code, one-line message) for an exception that reached the command line."""
     if isinstance(exc, Interrupted):
+        return 128 + exc.signum, str(exc)
+    if isinstance(exc, SignalExit):
         return 128 + exc.signum, str(exc)
     if isinstance(exc, KeyboardInterrupt):
         return 130, "interrupted (Ctrl-C)"
@@ -181,5 +192,5 @@ def check_writable_file(path: str | Path, setting: str) -> Path:
     return p
 
 
-__all__ = ["UserError", "CheckpointError", "OutputError", "DiskFullError", "Interrupted", "describe",
+__all__ = ["UserError", "CheckpointError", "OutputError", "DiskFullError", "Interrupted", "SignalExit", "describe",
            "report", "debug_enabled", "read_utf8", "check_writable_dir", "check_writable_file", "DEBUG_ENV"]

@@ -15,9 +15,17 @@ import time
 
 from tqdm import tqdm
 
-from spark_mcore.checkpoint.io import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from spark_mcore.checkpoint.io import (
+    checkpoint_root,
+    export_hf,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from spark_mcore.config.run import RunConfig
 from spark_mcore.distributed.parallel import destroy_distributed
+from spark_mcore.distributed.signals import StopOnSignal
+from spark_mcore.errors import Interrupted
 from spark_mcore.eval.runner import EvalResult, evaluate_accuracy
 from spark_mcore.rollout.base import SamplingParams
 from spark_mcore.rollout.groups import generate_groups, score_groups
@@ -106,8 +114,12 @@ def prepare(run: Run, spark: SparkState) -> tuple[int, int, dict[str, EvalResult
 
 
 def train(cfg: RunConfig) -> dict[str, EvalResult]:
-    """Runs the whole job; returns held-out results after the warm start and after RL."""
+    """Runs the whole job; returns held-out results after the warm start and after RL.
+    After a stop signal (`checkpoint.save_on_signal`) the current step finishes, a checkpoint
+    is saved and `Interrupted` names it."""
     run = build_run(cfg)
+    stop = StopOnSignal(cfg.checkpoint.save_on_signal, announce=run.pstate.rank == 0)
+    stop.__enter__()
     try:
         spark = SparkState(cfg.spark, cfg.data.prompts_per_step)
         it, policy_steps, results = prepare(run, spark)
@@ -115,7 +127,13 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
                                 max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=run.stop_ids)
         bar = tqdm(total=cfg.trainer.steps, initial=policy_steps, desc="RL policy steps",
                    disable=not (cfg.logging.progress and run.pstate.rank == 0), dynamic_ncols=True)
+        saved_it = -1
         while policy_steps < cfg.trainer.steps:
+            if stop.should_stop():  # collective: every rank stops after the same step
+                where = save_checkpoint(run, it, trainer_state(run, spark, it, policy_steps)) if saved_it != it \
+                    else checkpoint_root(run.run_dir) / f"step_{it}"
+                raise Interrupted(stop.requested or "signal", stop.signum, str(where),
+                                  f" after policy step {policy_steps}/{cfg.trainer.steps}")
             plan, reward_prompts = spark.plan()
             prompts = (next(run.loader) if plan.kind == "policy" else []) + reward_prompts
             params.seed = cfg.trainer.seed * 100003 + it  # sampling is a function of the iteration
@@ -129,15 +147,17 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
             interval = cfg.checkpoint.save_interval
             if plan.kind == "policy" and interval and policy_steps % interval == 0 and policy_steps < cfg.trainer.steps:
                 save_checkpoint(run, it, trainer_state(run, spark, it, policy_steps))
+                saved_it = it
         bar.close()
         results["rl"] = evaluate(run)
+        results["rl"].write(run.run_dir / "eval_rl.json")  # small: written before the checkpoint needs the disk
         save_checkpoint(run, it, trainer_state(run, spark, it, policy_steps))
         if cfg.checkpoint.export_hf:
             export_hf(run.actor, run.tokenizer, run.run_dir / "hf", run.run_dir / "tokenizer")
         print_results_table(results)
-        results["rl"].write(run.run_dir / "eval_rl.json")
         return results
     finally:
+        stop.__exit__()
         run.close()
         destroy_distributed()
 
