@@ -167,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
     try:
         return args.func(args)
-    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure becomes one line
-        return report(e)
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - every failure becomes one line (torch's
+        return report(e)  # CheckpointException is a BaseException)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,11 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
     """Runs the whole job; returns held-out results after the warm start and after RL.
     After a stop signal (`checkpoint.save_on_signal`) the current step finishes, a checkpoint
     is saved and `Interrupted` names it."""
-    run = build_run(cfg)
+    try:
+        run = build_run(cfg)
+    except BaseException:  # e.g. a bad dataset row: no Run to close, but the process group exists
+        destroy_distributed()
+        raise
     stop = StopOnSignal(cfg.checkpoint.save_on_signal, announce=run.pstate.rank == 0)
     stop.__enter__()
     try:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException as _CheckpointException
 from safetensors.torch import save_file
 
 from spark_mcore.checkpoint import manifest
@@ -122,7 +123,7 @@ def write_checkpoint(actor: MegatronActor, root: Path, step: int, trainer_state:
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-    except Exception as e:
+    except BaseException as e:  # torch's CheckpointException derives from BaseException
         _save_failed(e, tmp, root, needed, main)
         raise
     _barrier()
@@ -142,12 +143,12 @@ def _bytes_needed(actor: MegatronActor, root: Path) -> int:
     return weights * (2 if actor.ref_chunks is not None else 1) + moments
 
 
-def _save_failed(exc: Exception, tmp: Path, root: Path, needed: int, main: bool) -> None:
+def _save_failed(exc: BaseException, tmp: Path, root: Path, needed: int, main: bool) -> None:
     """Removes the partial checkpoint; a full disk becomes a DiskFullError naming the
     directory, the bytes needed and the fix (megatron's writer reports it opaquely)."""
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
-    if manifest.is_disk_full(exc, root, needed):
+    if isinstance(exc, Exception | _CheckpointException) and manifest.is_disk_full(exc, root, needed):
         free = shutil.disk_usage(root).free if root.is_dir() else 0
         raise DiskFullError(
             f"no space left on device while saving a checkpoint in {root}: it needs about {needed} bytes "
@@ -194,7 +195,7 @@ def load_actor_state(actor: MegatronActor, ckpt: Path) -> dict[str, Any]:
         _load_tensors(actor, ckpt, has_optim)
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 - megatron's CheckpointException and friends: 80+ lines
+    except (Exception, _CheckpointException) as e:  # noqa: BLE001 - CheckpointException and friends: 80+ lines
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{ckpt} cannot be read ({type(e).__name__}: {first}). Fix: delete or move that "
                               "directory (the run then resumes from the one before), or set "

@@ -33,6 +33,16 @@ def signal_number(name: str) -> int:
     return int(num)
 
 
+def _say(msg: str) -> None:
+    """os.write to stderr's descriptor: print() from a handler can re-enter a busy buffer."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced stream (e.g. a test's capture)
+        sys.stderr.write(msg)
+        return
+    os.write(fd, msg.encode())
+
+
 class StopOnSignal:
     """Context manager: installs the handlers for `names` and restores the previous ones.
 
@@ -52,9 +62,9 @@ class StopOnSignal:
         if self.requested is not None:
             raise SignalExit(name, signum)
         self.requested, self.signum = name, signum
-        if self.announce:  # os.write: print() from a handler can re-enter a busy stdout buffer
-            os.write(sys.stderr.fileno(), f"{name} received: finishing the current step, then saving a "
-                     f"checkpoint (send it again to stop at once without saving)\n".encode())
+        if self.announce:
+            _say(f"{name} received: finishing the current step, then saving a checkpoint (send it "
+                 "again to stop at once without saving)\n")
 
     def __enter__(self) -> StopOnSignal:
         try:
