@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -106,12 +107,21 @@ def test_checkpoint_dir_under_a_file_fails_before_work(tmp_path: Path, capsys) -
     assert code == 2 and f"checkpoint.dir={blocker}/run: cannot write there" in line and "Fix: set checkpoint.dir" in line
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
-def test_checkpoint_dir_read_only(tmp_path: Path) -> None:
+def test_checkpoint_dir_read_only(tmp_path: Path, capsys) -> None:
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o500)
-    with pytest.raises(errors.OutputError, match="checkpoint.dir"):
-        errors.check_writable_dir(ro / "run", "checkpoint.dir")
+    if os.geteuid() == 0:  # root ignores permissions: a read-only file system instead
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True)
+        if res.returncode != 0:
+            pytest.skip("root ignores directory permissions and cannot mount a read-only tmpfs here")
+    try:
+        code, err = _run(capsys, "train", "--set", f"checkpoint.dir={ro}/run", "--set", "data.train_size=8")
+        line = _one_line(err)
+        assert code == 2 and f"checkpoint.dir={ro}/run: cannot write there (" in line
+        assert "Fix: set checkpoint.dir to a writable directory" in line
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", "-l", str(ro)], check=False)
 
 
 def test_eval_out_unwritable_fails_before_evaluating(tmp_path: Path, capsys) -> None:
