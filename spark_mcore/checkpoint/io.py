@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from megatron.core import dist_checkpointing
-from torch.distributed.checkpoint.api import CheckpointException as _CheckpointException
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.api import CheckpointException as _CheckpointException
 
 from spark_mcore.checkpoint import manifest
 from spark_mcore.checkpoint.compat import check_compatible

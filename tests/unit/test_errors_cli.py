@@ -38,7 +38,7 @@ def _one_line(err: str) -> str:
 
 @pytest.fixture(autouse=True)
 def _no_debug(monkeypatch):
-    monkeypatch.delenv(errors.DEBUG_ENV, raising=False)
+    monkeypatch.setenv(errors.DEBUG_ENV, "0")  # recorded, so `--debug` setting it is undone after each test
     for name in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
 
@@ -68,9 +68,18 @@ def test_config_file_with_bad_bytes_names_file_and_line(tmp_path: Path, capsys) 
 def test_debug_shows_the_traceback(capsys, monkeypatch) -> None:
     code, err = _run(capsys, "--debug", "train", "--set", "rollout.max_new_tokens=0")
     assert code == 2 and "Traceback" in err and err.strip().endswith("e.g. rollout.max_new_tokens=64")
+    monkeypatch.setenv(errors.DEBUG_ENV, "0")
+    code, err = _run(capsys, "train", "--debug", "--set", "rollout.max_new_tokens=0")  # after the command too
+    assert code == 2 and "Traceback" in err
     monkeypatch.setenv(errors.DEBUG_ENV, "1")
     code, err = _run(capsys, "train", "--set", "rollout.max_new_tokens=0")
     assert code == 2 and "Traceback" in err
+
+
+def test_doctor_reports_the_fused_backends_once(capsys) -> None:
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "megatron-core:" in out and "transformer-engine:" in out and "apex:" in out
 
 
 def test_internal_error_is_one_line_with_exit_1(capsys) -> None:
