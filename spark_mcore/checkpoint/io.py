@@ -212,7 +212,7 @@ def _load_tensors(actor: MegatronActor, ckpt: Path, has_optim: bool) -> None:
     if actor.ref_chunks is not None:
         if not (ckpt / "ref").is_dir():
             raise CheckpointError(f"{ckpt} has no reference model but algo.kl_coef > 0; "
-                                    f"resume with algo.kl_coef=0 or from a checkpoint saved with KL")
+                                  f"resume with algo.kl_coef=0 or from a checkpoint saved with KL")
         ref_sd = actor.sharded_state_dict(reference=True)
         actor.load_state_dict(dist_checkpointing.load(ref_sd, str(ckpt / "ref")), reference=True)
     if has_optim:
