@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 
 from spark_mcore.config.loader import ConfigError, check_ranges
 
+STEP_PREFIX = "step_"  # a complete checkpoint is <dir>/checkpoints/step_<N> (io.py, convert.py)
+
 
 @dataclass
 class CheckpointConfig:
