@@ -25,7 +25,7 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_ranges("eval", self, {"max_new_tokens": ">= 1", "batch_size": ">= 1", "temperature": ">= 0"})
+        check_ranges("eval", self, {"max_new_tokens": ">= 1", "temperature": ">= 0"})
         if self.samples < 0 or self.max_new_tokens < 1 or self.limit < 0:
             raise ConfigError("eval.samples and eval.limit must be >= 0, eval.max_new_tokens >= 1")
         if self.samples and self.temperature <= 0:
