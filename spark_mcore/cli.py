@@ -119,6 +119,19 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    from spark_mcore.plan.report import add_arguments
+
+    add_arguments(p)
+
+
+@command("plan", _plan_args)
+def _plan(args: argparse.Namespace) -> int:
+    from spark_mcore.plan.report import run_plan
+
+    return run_plan(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spark-mcore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
