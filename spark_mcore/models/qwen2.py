@@ -22,6 +22,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from torch import Tensor
 
+from spark_mcore.config import accel
 from spark_mcore.config.loader import ConfigError
 from spark_mcore.models import mcore_tp
 from spark_mcore.models.config import ModelConfig
@@ -78,7 +79,8 @@ def transformer_config(cfg: ModelConfig, vocab_size: int, tp: int = 1, pp: int =
         use_cpu_initialization=not torch.cuda.is_available(),
         bias_activation_fusion=False,
         apply_rope_fusion=False,
-        masked_softmax_fusion=torch.cuda.is_available(),
+        # megatron imports apex's softmax kernels when this is on (fault 5): only when they import
+        masked_softmax_fusion=accel.fused_softmax_available(),
         persist_layer_norm=False,
     )
     kwargs.update(overrides)
@@ -88,8 +90,9 @@ def transformer_config(cfg: ModelConfig, vocab_size: int, tp: int = 1, pp: int =
 def _layer_spec(use_te: bool) -> Any:
     if not use_te:
         return get_gpt_layer_local_spec(normalization="RMSNorm")
-    if not torch.cuda.is_available():
-        raise ConfigError("use_te=True needs CUDA and Transformer Engine; use the local spec on CPU")
+    if not (accel.cuda_available() and accel.te_available()):
+        raise ConfigError("use_te=True needs CUDA and Transformer Engine "
+                          f"({accel.probe('transformer_engine.pytorch')[1]}); set model.transformer_impl=local")
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_with_transformer_engine_spec,
     )
