@@ -132,6 +132,19 @@ def _plan(args: argparse.Namespace) -> int:
     return run_plan(args)
 
 
+def _doctor_args(p: argparse.ArgumentParser) -> None:
+    from spark_mcore.doctor import add_arguments
+
+    add_arguments(p)
+
+
+@command("doctor", _doctor_args)
+def _doctor(args: argparse.Namespace) -> int:
+    from spark_mcore.doctor import run_doctor
+
+    return run_doctor(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spark-mcore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
