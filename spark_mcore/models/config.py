@@ -21,6 +21,10 @@ class ModelConfig:
         FP8, sequence parallel and context parallel); "local" = megatron's torch layers (CPU,
         and the HF parity reference); "auto" = Transformer Engine when it imports on CUDA, else
         local. Both specs map to the same HF weight names.
+    attention: core attention of the local spec. "sdpa" = torch's scaled_dot_product_attention
+        (flash / memory-efficient kernels on CUDA, no [b, h, s, s] scores); "megatron" =
+        megatron's DotProductAttention (baddbmm + softmax); "auto" = sdpa on CUDA, megatron on
+        CPU. Ignored with Transformer Engine, which has its own fused attention.
     """
 
     family: str = "qwen2"
@@ -39,6 +43,7 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    attention: Literal["auto", "sdpa", "megatron"] = "auto"
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_query_groups:
