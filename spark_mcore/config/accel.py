@@ -1,16 +1,15 @@
 """What this machine can accelerate with: CUDA, Transformer Engine, apex's fused kernels.
 
-A leaf (stdlib + torch only) so that configs can check at load time that a feature they ask
-for can run, and name what to install when it cannot. Results are cached per process;
-`clear_cache()` resets them (tests monkeypatch `_import`).
+A leaf (stdlib; torch imported only inside the functions that ask CUDA) so that configs can
+check at load time that a feature they ask for can run, and name what to install when it
+cannot, while a config that asks for none of them loads without importing torch. Results are
+cached per process; `clear_cache()` resets them (tests monkeypatch `_import`).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-
-import torch
 
 INSTALL = {
     "transformer_engine": "Transformer Engine: use the trainer image (docker/Dockerfile.trainer, NGC PyTorch ships "
@@ -39,6 +38,8 @@ def probe(name: str) -> tuple[bool, str]:
 
 
 def cuda_available() -> bool:
+    import torch
+
     return torch.cuda.is_available()
 
 
@@ -54,7 +55,11 @@ def fused_softmax_available() -> bool:
 
 def fp8_capable_gpu() -> bool:
     """FP8 GEMMs need compute capability >= 8.9 (Ada, Hopper, Blackwell)."""
-    return cuda_available() and torch.cuda.get_device_capability(0) >= (8, 9)
+    if not cuda_available():
+        return False
+    import torch
+
+    return torch.cuda.get_device_capability(0) >= (8, 9)
 
 
 def clear_cache() -> None:

@@ -22,7 +22,10 @@ def _te_missing(feature: str, model: ModelConfig) -> ConfigError:
 
 
 def check_gpu_features(model: ModelConfig, trainer: TrainerConfig, parallel: ParallelConfig) -> None:
-    """Raises ConfigError for a feature this machine or this config cannot run."""
+    """Raises ConfigError for a feature this machine or this config cannot run. Probes the
+    machine (imports torch) only when one of these features is asked for."""
+    if trainer.fp8 is None and not parallel.sequence_parallel and parallel.cp == 1:
+        return
     te = model.use_te()
     if trainer.fp8 is not None:
         feature = f"trainer.fp8={trainer.fp8}"
