@@ -1,4 +1,4 @@
-"""`spark-mcore doctor`: what this machine has (CUDA, GPUs, NCCL, Transformer Engine, apex,
+"""`spark-mcore doctor` (torch imported only when it runs): what this machine has (CUDA, GPUs, NCCL, Transformer Engine, apex,
 SGLang and its NCCL, DALI, megatron-core) and which features of a run config need what is
 missing. Exits 0 unless --strict and a configured feature cannot run."""
 
@@ -11,8 +11,6 @@ import json
 import platform
 import subprocess
 from dataclasses import dataclass, field
-
-import torch
 
 from spark_mcore.config import accel
 from spark_mcore.config.loader import ConfigError
@@ -51,6 +49,8 @@ def _version(dist: str) -> str | None:
 
 def nccl_version() -> str | None:
     """The NCCL torch is linked against (None on CPU builds)."""
+    import torch
+
     if not torch.version.cuda:
         return None
     try:
@@ -73,6 +73,8 @@ def probe_sglang_env(python: str, timeout_s: float = 120.0) -> dict[str, str | N
 
 
 def machine_findings(sglang_python: str | None) -> list[Finding]:
+    import torch
+
     cuda = accel.cuda_available()
     gpus = [f"{torch.cuda.get_device_name(i)} ({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)"
             for i in range(torch.cuda.device_count())] if cuda else []
