@@ -10,10 +10,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from spark_mcore.config.loader import ConfigError
+from spark_mcore.sglang.config import DETERMINISTIC_FLAG
 
 logger = logging.getLogger(__name__)
-
-DETERMINISTIC_FLAG = "--enable-deterministic-inference"
 
 
 def server_gpus(info: Mapping[str, Any]) -> int:
@@ -44,3 +43,9 @@ def warn_if_seeds_ignored(infos: Sequence[tuple[str, Mapping[str, Any]]]) -> lis
                        "reproducible (set sglang.deterministic=true to launch with it; slower)",
                        ", ".join(urls), DETERMINISTIC_FLAG)
     return urls
+
+
+def check_servers(infos: Sequence[tuple[str, Mapping[str, Any]]], gpus_per_server: int) -> None:
+    """Both checks, on what GET /get_server_info returned per server."""
+    check_gpus_per_server(infos, gpus_per_server)
+    warn_if_seeds_ignored(infos)
