@@ -121,3 +121,14 @@ def test_hadolint_clean() -> None:
     assert len(files) == 2  # trainer and rollout images
     res = subprocess.run(["hadolint", *files], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout
+
+
+@pytest.mark.parametrize("name", ["spark_7b", "spark_vl_7b", "spark_vl_32b"])
+def test_example_configs_carry_the_paper_hyperparameters(name: str) -> None:
+    from spark_mcore.config.run import load_run_config
+
+    cfg = load_run_config(ROOT / "examples" / "configs" / f"{name}.yaml")
+    assert (cfg.rollout.n, cfg.data.prompts_per_step, cfg.rollout.temperature) == (8, 64, 1.0)
+    assert (cfg.trainer.lr, cfg.trainer.min_lr_ratio, cfg.trainer.warmup_ratio) == (5e-7, 0.1, 0.03)
+    assert (cfg.algo.kl_estimator, cfg.algo.kl_coef, cfg.algo.clip_eps) == ("k3", 1e-3, 0.2)
+    assert cfg.rollout.max_new_tokens in (768, 1024) and cfg.spark.enabled and cfg.model.dtype == "bf16"
