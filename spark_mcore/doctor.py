@@ -1,6 +1,7 @@
-"""`spark-mcore doctor` (torch imported only when it runs): what this machine has (CUDA, GPUs, NCCL, Transformer Engine, apex,
+"""`spark-mcore doctor`: what this machine has (CUDA, GPUs, NCCL, Transformer Engine, apex,
 SGLang and its NCCL, DALI, megatron-core) and which features of a run config need what is
-missing. Exits 0 unless --strict and a configured feature cannot run."""
+missing. Exits 0 unless --strict and a configured feature cannot run. torch is imported only
+when the command runs (building the CLI parser must not import it)."""
 
 from __future__ import annotations
 
