@@ -127,16 +127,30 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    from spark_mcore.plan.report import add_arguments
+
+    add_arguments(p)
+
+
+@command("plan", _plan_args)
+def _plan(args: argparse.Namespace) -> int:
+    from spark_mcore.plan.report import run_plan
+
+    return run_plan(args)
+
+
 def _doctor_args(p: argparse.ArgumentParser) -> None:
-    pass
+    from spark_mcore.doctor import add_arguments
+
+    add_arguments(p)
 
 
 @command("doctor", _doctor_args)
 def _doctor(args: argparse.Namespace) -> int:
-    from spark_mcore.distributed.backends import describe_backends
+    from spark_mcore.doctor import run_doctor
 
-    print(describe_backends())
-    return 0
+    return run_doctor(args)
 
 
 # megatron-core warns at import that Transformer Engine / Apex are missing and it uses its torch

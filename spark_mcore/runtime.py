@@ -13,8 +13,8 @@ from spark_mcore.config.run import RunConfig
 from spark_mcore.data.chat import encode_prompt, stop_token_ids
 from spark_mcore.data.dataset import PromptLoader, check_sft_ready, load_prompts
 from spark_mcore.data.tokenizer import get_tokenizer
-from spark_mcore.distributed.backends import describe_backends
 from spark_mcore.distributed.parallel import ParallelState, init_distributed
+from spark_mcore.doctor import machine_findings
 from spark_mcore.engines import EngineContext, WeightPusher, build_rollout, check_weight_mode
 from spark_mcore.errors import check_writable_dir
 from spark_mcore.metrics import MetricsLogger
@@ -80,7 +80,8 @@ def build_run(cfg: RunConfig) -> Run:
     if main:
         check_writable_dir(run_dir, "checkpoint.dir")  # before any work, naming the setting
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        (run_dir / "backends.txt").write_text(describe_backends() + "\n")
+        # what megatron would otherwise warn about on every command (TE / apex fallbacks), once
+        (run_dir / "backends.txt").write_text("".join(f"{f.name}: {f.detail}\n" for f in machine_findings(None)))
     tokenizer = get_tokenizer(cfg.data, run_dir, extra_corpus=corpus_texts())
     vocab = cfg.model.vocab_size or len(tokenizer)
     if vocab < len(tokenizer):

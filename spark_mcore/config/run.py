@@ -19,6 +19,7 @@ from spark_mcore.rollout.config import RolloutConfig
 from spark_mcore.sglang.config import SGLangConfig
 from spark_mcore.spark.config import SparkConfig
 from spark_mcore.trainer.config import TrainerConfig, WarmStartConfig
+from spark_mcore.trainer.features import check_gpu_features
 from spark_mcore.weights.config import WeightSyncConfig
 
 
@@ -42,6 +43,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        check_gpu_features(self.model, self.trainer, self.parallel)
         # checks across sections, before any work (each section checks its own fields)
         ws, source = self.warmstart, self.data.source
         if ws.steps and ws.judge_fraction > 0 and not source.startswith("builtin:arith"):

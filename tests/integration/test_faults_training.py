@@ -67,6 +67,8 @@ def uninterrupted(tmp_path_factory) -> Path:
     traj = _trajectory(run_dir)
     assert sorted(traj) == [1, 2, 3]
     assert any(v[2] != 0 for v in traj.values()), "no gradient: comparisons would be vacuous"
+    backends = (run_dir / "backends.txt").read_text()  # TE / apex said once, here and in `doctor`
+    assert "transformer-engine:" in backends and "apex:" in backends
     return run_dir
 
 

@@ -76,12 +76,6 @@ def test_debug_shows_the_traceback(capsys, monkeypatch) -> None:
     assert code == 2 and "Traceback" in err
 
 
-def test_doctor_reports_the_fused_backends_once(capsys) -> None:
-    assert main(["doctor"]) == 0
-    out = capsys.readouterr().out
-    assert "megatron-core:" in out and "transformer-engine:" in out and "apex:" in out
-
-
 def test_internal_error_is_one_line_with_exit_1(capsys) -> None:
     code = errors.report(ZeroDivisionError("division by zero"))
     line = _one_line(capsys.readouterr().err)
