@@ -46,9 +46,9 @@ class RunConfig:
         check_gpu_features(self.model, self.trainer, self.parallel)
         # checks across sections, before any work (each section checks its own fields)
         ws, source = self.warmstart, self.data.source
-        if ws.steps and ws.judge_fraction > 0 and not source.startswith("builtin:arith"):
+        if ws.steps and ws.judge_fraction > 0 and source not in ("builtin:arith", "builtin:countdown"):
             raise ConfigError(
-                f"warmstart.judge_fraction={ws.judge_fraction} builds judge tasks from builtin arith prompts, "
+                f"warmstart.judge_fraction={ws.judge_fraction} builds judge tasks from builtin arith or countdown prompts, "
                 f"but data.source={source}. Fix: set warmstart.judge_fraction=0 (the warm start then trains "
                 f"on each row's \"solution\"), or warmstart.steps=0")
 

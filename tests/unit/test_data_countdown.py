@@ -103,3 +103,13 @@ def test_an_exhausted_pool_repeats_with_a_warning(monkeypatch: pytest.MonkeyPatc
     assert len(prompts) == 50 and len({p.answer for p in prompts}) < 50
     assert "pool seems exhausted" in caplog.text
     assert all(V(countdown.worked_solution(p), p.answer) == 1.0 for p in prompts)
+
+
+def test_the_countdown_comparison_config_loads_with_judge_warm_start_tasks() -> None:
+    from pathlib import Path
+
+    from spark_mcore.config.run import load_run_config
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "configs" / "compare_countdown.yaml"
+    cfg = load_run_config(path)
+    assert cfg.data.source == "builtin:countdown" and cfg.warmstart.judge_fraction > 0
