@@ -20,16 +20,16 @@ from spark_mcore.config.run import RunConfig
 from spark_mcore.distributed.parallel import destroy_distributed
 from spark_mcore.eval.runner import EvalResult, evaluate_accuracy
 from spark_mcore.rollout.base import SamplingParams
-from spark_mcore.rollout.groups import generate_groups, score_groups
+from spark_mcore.rollout.source import StepRequest, StepRollouts
 from spark_mcore.runtime import Run, build_run
 from spark_mcore.spark.loop import SparkState, kind_metrics
 from spark_mcore.trainer.batching import groups_to_batch, split_for_updates
 from spark_mcore.trainer.warmstart import warm_start
-from spark_mcore.types import Prompt, RolloutGroup
+from spark_mcore.types import RolloutGroup
 
 SUMMARY_KEYS = ["rollout/reward_mean", "rollout/accuracy", "rollout/judge_accuracy", "rollout/reflection_success",
                 "rollout/response_len", "train/pg_loss", "train/kl", "train/entropy", "train/grad_norm",
-                "spark/cache_size", "rollout/tokens_per_s", "time/rollout", "time/train"]
+                "spark/cache_size", "rollout/tokens_per_s", "time/rollout", "time/train", "time/trainer_idle"]
 
 
 def evaluate(run: Run) -> EvalResult:
@@ -37,13 +37,14 @@ def evaluate(run: Run) -> EvalResult:
                              run.cfg.eval)
 
 
-def rollout(run: Run, prompts: list[Prompt], params: SamplingParams) -> list[RolloutGroup]:
-    """Generate and verify; logs reward, per-kind reward, lengths and throughput."""
+def rollout(run: Run, request: StepRequest) -> StepRollouts:
+    """The step's verified groups from the rollout source; logs reward, per-kind reward,
+    lengths and throughput."""
     log = run.logger
     with log.timer("rollout"):
-        groups = generate_groups(run.engine, prompts, run.encode, params)
-    with log.timer("verify"):
-        score_groups(groups, run.pool.score)
+        step = run.source.collect(request)
+    log.update(step.metrics)
+    groups = step.groups
     rollouts = [r for g in groups for r in g.rollouts]
     policy = [r for r in rollouts if "spark_kind" not in r.prompt.meta] or rollouts
     gen_tokens = sum(len(r.completion.token_ids) for r in rollouts)
@@ -53,7 +54,7 @@ def rollout(run: Run, prompts: list[Prompt], params: SamplingParams) -> list[Rol
                 "truncated": sum(r.completion.finish_reason == "length" for r in rollouts) / len(rollouts),
                 "tokens_per_s": gen_tokens / max(log.current["time/rollout"], 1e-9),
                 **kind_metrics(rollouts)}, prefix="rollout/")
-    return groups
+    return step
 
 
 def update(run: Run, groups: list[RolloutGroup], version: int) -> None:
@@ -98,6 +99,7 @@ def prepare(run: Run, spark: SparkState) -> tuple[int, int, dict[str, EvalResult
     state = load_checkpoint(run, ckpt)
     run.loader.load_state_dict(state["loader"])
     spark.load_state_dict(state["spark"])
+    run.source.load_state_dict(state.get("source", {}))  # prompts taken but not trained: issued again
     run.push_weights(state["iteration"])
     print(f"resumed from {ckpt} (policy step {state['policy_steps']}/{cfg.trainer.steps})", flush=True)
     start_file = run.run_dir / "eval_start.json"
@@ -117,11 +119,10 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
                    disable=not (cfg.logging.progress and run.pstate.rank == 0), dynamic_ncols=True)
         while policy_steps < cfg.trainer.steps:
             plan, reward_prompts = spark.plan()
-            prompts = (next(run.loader) if plan.kind == "policy" else []) + reward_prompts
             params.seed = cfg.trainer.seed * 100003 + it  # sampling is a function of the iteration
-            groups = rollout(run, prompts, params)
-            update(run, groups, version=it + 1)
-            run.logger.update(spark.after_step(plan, groups, policy_steps))
+            step = rollout(run, StepRequest(it, policy_steps, plan.kind == "policy", reward_prompts, params))
+            update(run, step.groups, version=it + 1)
+            run.logger.update(spark.after_step(plan, step.groups, policy_steps, step.candidates))
             policy_steps, it = policy_steps + (plan.kind == "policy"), it + 1
             bar.update(plan.kind == "policy")
             run.logger.flush(it, f"[{plan.kind} step {it}, policy {policy_steps}/{cfg.trainer.steps}]",
@@ -144,7 +145,7 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
 
 def trainer_state(run: Run, spark: SparkState, it: int, policy_steps: int) -> dict[str, object]:
     return {"iteration": it, "policy_steps": policy_steps, "loader": run.loader.state_dict(),
-            "spark": spark.state_dict()}
+            "spark": spark.state_dict(), "source": run.source.state_dict()}
 
 
 def print_results_table(results: dict[str, EvalResult]) -> None:

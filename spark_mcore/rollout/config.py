@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from spark_mcore.config.loader import ConfigError
 
@@ -14,6 +15,13 @@ class RolloutConfig:
     temperature / top_p: sampling for training rollouts (evaluation is greedy).
     max_new_tokens: generation budget per response.
     batch_size: sequences per generate() call (memory bound of the hf engine).
+    source: where a step's groups come from: "inprocess" (engine, verifiers and SPARK recycler
+        in the trainer processes) or "stream" (`spark-mcore rollout-worker` processes over the
+        ZeroMQ endpoint of the `stream:` section).
+    mode: "sync" (assign step k's prompts, wait, train, push weights) or "async" (workers keep
+        generating up to `max_staleness` steps ahead while the trainer trains; stream only).
+    max_staleness: async mode: steps of prompts in flight beyond the current one, and the
+        oldest policy version (current - max_staleness) whose groups are still trained on.
     """
 
     engine: str = "hf"
@@ -22,6 +30,9 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 64
     batch_size: int = 256
+    source: Literal["inprocess", "stream"] = "inprocess"
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = 1
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -30,3 +41,8 @@ class RolloutConfig:
             raise ConfigError("rollout.temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ConfigError("rollout.top_p must be in (0, 1]")
+        if self.max_staleness < 0:
+            raise ConfigError("rollout.max_staleness must be >= 0")
+        if self.mode == "async" and self.source != "stream":
+            raise ConfigError("rollout.mode=async needs rollout.source=stream (rollout workers generate while the "
+                              "trainer trains). Fix: set rollout.source=stream or rollout.mode=sync")

@@ -1,0 +1,233 @@
+"""Rollout sources: where the training loop gets a step's verified groups.
+
+The loop asks `source.collect(request)` and does not know the topology:
+  InProcessSource  engine + verifier pool in the trainer processes (the embedded default)
+  StreamSource     `spark-mcore rollout-worker` processes over the trainer's ZeroMQ endpoint
+Both take the step's policy prompts from the loader themselves (`request.policy`), so the
+stream source can assign prompts of later steps ahead of time in async mode. Data position:
+the loader plus `state_dict()` (prompts taken from the loader but not yet trained on) is what
+a checkpoint must hold; after a resume those prompts are assigned again, so nothing is lost
+and nothing is trained twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from spark_mcore.rollout.base import RolloutEngine, SamplingParams
+from spark_mcore.rollout.groups import generate_groups, score_groups
+from spark_mcore.transport.endpoint import StreamEndpoint, StreamStalled
+from spark_mcore.transport.protocol import WorkItem, item_from_wire, item_to_wire
+from spark_mcore.types import Prompt, RewardSample, RolloutGroup
+
+
+@dataclass
+class StepRequest:
+    """iteration: the loop's step counter (sampling seed); policy_step: policy steps done before
+    this one (SPARK recycling seeds); policy: take a batch of policy prompts from the loader;
+    reward_prompts: SPARK reward tasks to roll out in this step too."""
+
+    iteration: int
+    policy_step: int
+    policy: bool
+    reward_prompts: list[Prompt]
+    params: SamplingParams
+
+
+@dataclass
+class StepRollouts:
+    """groups: policy groups first (loader order), then reward-task groups; candidates[i]: group
+    i's SPARK tasks as recycled by a worker, or None when the trainer recycles itself."""
+
+    groups: list[RolloutGroup]
+    candidates: list[list[RewardSample]] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class RolloutSource(Protocol):
+    def collect(self, request: StepRequest) -> StepRollouts:
+        """The verified groups of one step (blocks until they are all there)."""
+        ...
+
+    def weights_pushed(self, version: int) -> None:
+        """The engines now serve policy `version`."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class InProcessSource:
+    """Generates and verifies in this process (today's lock-step behaviour)."""
+
+    def __init__(self, engine: RolloutEngine, encode: Callable[[Prompt], list[int]],
+                 score: Callable[[list[tuple[str, str, str]]], list[float]], loader: Iterator[list[Prompt]]) -> None:
+        self.engine, self.encode, self.score, self.loader = engine, encode, score, loader
+
+    def collect(self, request: StepRequest) -> StepRollouts:
+        prompts = (next(self.loader) if request.policy else []) + request.reward_prompts
+        start = time.perf_counter()
+        groups = generate_groups(self.engine, prompts, self.encode, request.params)
+        mid = time.perf_counter()
+        score_groups(groups, self.score)
+        return StepRollouts(groups, None, {"time/generate": mid - start, "time/verify": time.perf_counter() - mid})
+
+    def weights_pushed(self, version: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _params(p: SamplingParams, seed: int) -> dict[str, Any]:
+    return {"n": p.n, "temperature": p.temperature, "top_p": p.top_p, "max_new_tokens": p.max_new_tokens,
+            "seed": seed, "stop_token_ids": list(p.stop_token_ids)}
+
+
+class StreamSource:
+    """Assigns prompts to rollout workers through `endpoint` and waits for their groups.
+
+    ahead: policy batches in flight (1 = sync; max_staleness + 1 in async mode). Batch j ahead
+    is trained at policy step `policy_step + j`, which seeds its SPARK recycling on the worker.
+    """
+
+    def __init__(self, endpoint: StreamEndpoint, loader: Iterator[list[Prompt]], ahead: int = 1,
+                 poll_ms: int = 20) -> None:
+        if ahead < 1:
+            raise ValueError(f"ahead: must be >= 1, got {ahead}")
+        self.endpoint, self.loader, self.ahead, self.poll_ms = endpoint, loader, ahead, poll_ms
+        self._batches: deque[list[WorkItem]] = deque()
+        self._results: dict[str, Any] = {}
+        self._counter = 0
+        self.idle_s = 0.0
+        # A pump thread owns the polling so that workers get acks and new assignments while the
+        # trainer trains (async mode). Every endpoint call holds `_lock` (ZeroMQ sockets may
+        # change threads only across a full memory barrier).
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._last_result = time.monotonic()
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._pump_thread = threading.Thread(target=self._pump, name="rollout-stream", daemon=True)
+        self._pump_thread.start()
+
+    def _pump(self) -> None:
+        try:
+            while not self._stop.is_set():
+                with self._lock:  # callers wait at most poll_ms for the lock
+                    got = self.endpoint.poll(self.poll_ms)
+                if not got:
+                    time.sleep(0.001)  # let a waiting caller take the lock
+                    continue
+                results = {a.item.sample_id: a.frames.to_result() for a in got}
+                with self._arrived:
+                    self._results.update(results)
+                    self._last_result = time.monotonic()
+                    self._arrived.notify_all()
+        except BaseException as e:  # surfaced by the next collect
+            with self._arrived:
+                self._error = e
+                self._arrived.notify_all()
+
+    def _new_id(self, tag: str) -> str:
+        self._counter += 1
+        return f"{self.endpoint.session}:{tag}{self._counter}"
+
+    def _top_up(self, request: StepRequest) -> None:
+        while len(self._batches) < self.ahead:
+            step = request.policy_step + len(self._batches)
+            seed = request.params.seed if request.params.seed is not None else 0
+            items = [WorkItem(self._new_id("p"), p, _params(request.params, seed + step * 7919 + i), step, i, True)
+                     for i, p in enumerate(next(self.loader))]
+            with self._lock:
+                self.endpoint.submit(items)
+            self._batches.append(items)
+
+    def collect(self, request: StepRequest) -> StepRollouts:
+        items: list[WorkItem] = []
+        if request.policy:
+            self._top_up(request)
+            items = self._batches.popleft()
+        seed = request.params.seed if request.params.seed is not None else 0
+        reward_items = [WorkItem(self._new_id("r"), p, _params(request.params, seed + 104729 + i), request.policy_step,
+                                 i, False) for i, p in enumerate(request.reward_prompts)]
+        with self._lock:
+            self.endpoint.submit(reward_items, front=True)  # this step needs them before later batches
+        items += reward_items
+        start = time.perf_counter()
+        self._wait({i.sample_id for i in items})
+        waited = time.perf_counter() - start
+        self.idle_s += waited
+        with self._lock:
+            results = [self._results.pop(i.sample_id) for i in items]
+            stream_metrics = self.endpoint.metrics()
+        groups = [r.to_group(i.prompt) for r, i in zip(results, items, strict=True)]
+        metrics = {"time/trainer_idle": waited, **{f"stream/{k}": v for k, v in stream_metrics.items()},
+                   "stream/batches_ahead": float(len(self._batches)),
+                   "stream/max_staleness_seen": float(max((self.endpoint.policy_version - r.policy_version
+                                                           for r in results), default=0)),
+                   "time/worker_generate": sum(r.gen_s for r in results) / max(len(results), 1)}
+        return StepRollouts(groups, [r.candidates for r in results], metrics)
+
+    def _wait(self, ids: set[str]) -> None:
+        """Waits until every id has a result; raises StreamStalled naming the workers when no
+        result arrives for stream.stall_timeout_s."""
+        stall = self.endpoint.cfg.stall_timeout_s
+        with self._arrived:
+            self._last_result = max(self._last_result, time.monotonic())  # the clock starts with this wait
+            while not ids <= self._results.keys():
+                if self._error is not None:
+                    raise RuntimeError(f"rollout stream failed: {self._error}") from self._error
+                if time.monotonic() - self._last_result > stall:
+                    missing = sorted(ids - self._results.keys())
+                    raise StreamStalled(
+                        f"no rollout result for {stall:.0f}s (stream.stall_timeout_s) at {self.endpoint.endpoint}; "
+                        f"{len(missing)} prompt(s) missing (e.g. {missing[:3]}); workers: "
+                        f"{self.endpoint.describe_workers()}. Fix: start or restart `spark-mcore rollout-worker "
+                        f"--connect {self.endpoint.endpoint} --config RUN.yaml`, or raise stream.stall_timeout_s")
+                self._arrived.wait(0.1)
+
+    def weights_pushed(self, version: int) -> None:
+        with self._lock:
+            self.endpoint.set_version(version)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Prompt batches taken from the loader and not trained yet (JSON-serialisable)."""
+        return {"batches": [[item_to_wire(i) for i in b] for b in self._batches]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Re-issues the saved batches (same sample ids: a late result from before the restart
+        still counts once)."""
+        if self._batches:
+            raise RuntimeError("StreamSource.load_state_dict: call before the first collect")
+        for b in state.get("batches", []):
+            items = [item_from_wire(d, "source.batches[]") for d in b]
+            with self._lock:
+                self.endpoint.submit(items)
+            self._batches.append(items)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._pump_thread.join(timeout=5)
+        with self._lock:
+            self.endpoint.close()
+
+
+__all__ = ["RolloutSource", "StepRequest", "StepRollouts", "InProcessSource", "StreamSource"]
