@@ -156,7 +156,7 @@ def run_worker(connect: str, cfg: RunConfig, name: str | None = None, capacity: 
         return 0
     finally:
         todo.put(None)
-        thread.join(timeout=10)
+        thread.join(timeout=2)  # a generate call in progress is abandoned (daemon thread)
         client.close()
         if gen:
             gen[0].close()

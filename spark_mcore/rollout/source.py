@@ -12,6 +12,7 @@ and nothing is trained twice.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
