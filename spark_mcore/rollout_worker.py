@@ -143,7 +143,7 @@ def run_worker(connect: str, cfg: RunConfig, name: str | None = None, capacity: 
     thread.start()
     print(f"rollout worker {client.worker} connecting to {connect}", flush=True)
     try:
-        while not stop.is_set():
+        while not stop.is_set() and not client.trainer_done:
             items = client.poll(50)
             for batch in _batches(items):
                 todo.put((batch, client.policy_version))
@@ -153,6 +153,8 @@ def run_worker(connect: str, cfg: RunConfig, name: str | None = None, capacity: 
                     raise out
                 for res in out:
                     client.send_result(res)
+        if client.trainer_done:
+            print(f"rollout worker {client.worker}: the trainer finished its run; exiting", flush=True)
         return 0
     finally:
         todo.put(None)

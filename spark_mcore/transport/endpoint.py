@@ -367,10 +367,14 @@ class StreamEndpoint:
             out[f"staleness/{age}"] = count / total
         return out
 
-    def close(self) -> None:
+    def close(self, goodbye: bool = True) -> None:
+        """`goodbye`: tell connected workers the run is over (they exit)."""
         if not self._closed:
             self._closed = True
-            self._sock.close(linger=0)
+            if goodbye:
+                for w in self.workers.values():
+                    self._send(w.identity, BYE, {"session": self.session})
+            self._sock.close(linger=500 if goodbye else 0)
             self._ctx.term()
 
     def __enter__(self) -> StreamEndpoint:

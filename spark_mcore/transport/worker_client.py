@@ -58,6 +58,7 @@ class WorkerClient:
         self.working: set[str] = set()
         self.unacked: dict[str, list[Any]] = {}
         self.resent = 0
+        self.trainer_done = False  # the trainer said goodbye (its run ended)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -141,6 +142,8 @@ class WorkerClient:
                 raise WireError("ack.ids: expected a list")
             for sid in ids:
                 self.unacked.pop(sid, None) if isinstance(sid, str) else None
+        elif msg_type == BYE:
+            self.trainer_done = True
         elif msg_type == VERSION:
             self.policy_version = max(self.policy_version, _int(meta.get("policy_version"), "version.policy_version"))
         else:
