@@ -15,6 +15,7 @@ import time
 
 from tqdm import tqdm
 
+from spark_mcore.algo.losses import logprob_mismatch
 from spark_mcore.checkpoint.io import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from spark_mcore.config.run import RunConfig
 from spark_mcore.distributed.parallel import destroy_distributed
@@ -29,7 +30,7 @@ from spark_mcore.types import RolloutGroup
 
 SUMMARY_KEYS = ["rollout/reward_mean", "rollout/accuracy", "rollout/judge_accuracy", "rollout/reflection_success",
                 "rollout/response_len", "train/pg_loss", "train/kl", "train/entropy", "train/grad_norm",
-                "spark/cache_size", "rollout/tokens_per_s", "time/rollout", "time/train", "time/trainer_idle"]
+                "spark/cache_size", "rollout/tokens_per_s", "time/rollout", "time/train", "time/trainer_idle", "rollout/logprob_mismatch"]
 
 
 def evaluate(run: Run) -> EvalResult:
@@ -57,8 +58,10 @@ def rollout(run: Run, request: StepRequest) -> StepRollouts:
     return step
 
 
-def update(run: Run, groups: list[RolloutGroup], version: int) -> None:
-    """One GRPO update of the actor on `groups`, then the new weights go to the engine."""
+def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool = False) -> None:
+    """One GRPO update of the actor on `groups`, then the new weights go to the engine.
+    `off_policy`: the groups may be older than the actor (async), so the policy term is
+    corrected by truncated importance sampling against the engine's log-probs."""
     algo, log = run.cfg.algo, run.logger
     batch, stats = groups_to_batch(groups, algo.adv_eps, algo.normalize_std, algo.filter_zero_variance,
                                    pad_id=run.tokenizer.pad_token_id or 0)
@@ -66,6 +69,9 @@ def update(run: Run, groups: list[RolloutGroup], version: int) -> None:
     if batch is not None:
         with log.timer("train"):
             batch.old_logprobs = run.actor.compute_logprobs(batch)
+            if batch.engine_logprobs is not None:
+                log.update(logprob_mismatch(batch.old_logprobs, batch.engine_logprobs, batch.loss_mask), "rollout/")
+                batch.engine_logprobs = batch.engine_logprobs if off_policy else None
             if run.actor.ref_chunks is not None:
                 batch.ref_logprobs = run.actor.compute_logprobs(batch, reference=True)
             # several optimizer steps per rollout batch: later ones are off-policy w.r.t. the
@@ -121,7 +127,7 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
             plan, reward_prompts = spark.plan()
             params.seed = cfg.trainer.seed * 100003 + it  # sampling is a function of the iteration
             step = rollout(run, StepRequest(it, policy_steps, plan.kind == "policy", reward_prompts, params))
-            update(run, step.groups, version=it + 1)
+            update(run, step.groups, version=it + 1, off_policy=step.off_policy)
             run.logger.update(spark.after_step(plan, step.groups, policy_steps, step.candidates))
             policy_steps, it = policy_steps + (plan.kind == "policy"), it + 1
             bar.update(plan.kind == "policy")

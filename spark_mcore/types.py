@@ -100,6 +100,8 @@ class TrainBatch:
       advantages     [B]    float  per-sequence advantage (broadcast over its tokens)
       old_logprobs   [B, T] float  log p_old(tokens[t] | tokens[<t]); 0 where loss_mask == 0
       ref_logprobs   [B, T] float  same under the frozen reference; None when KL is off
+      engine_logprobs [B, T] float the rollout engine's log-probs of the sampled tokens (0 off
+                                   the mask); set for truncated importance sampling, else None
     Position t of the log-prob tensors scores token t (the first position is never in the mask).
     """
 
@@ -109,6 +111,7 @@ class TrainBatch:
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     kinds: list[str] = field(default_factory=list)
+    engine_logprobs: torch.Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -123,4 +126,4 @@ class TrainBatch:
             return self
         return replace(self, tokens=move(self.tokens), loss_mask=move(self.loss_mask),
                        advantages=move(self.advantages), old_logprobs=move(self.old_logprobs),
-                       ref_logprobs=move(self.ref_logprobs))
+                       ref_logprobs=move(self.ref_logprobs), engine_logprobs=move(self.engine_logprobs))

@@ -20,6 +20,8 @@ class AlgoConfig:
     filter_zero_variance: drop groups whose rewards are all equal (they carry no signal).
     logprob_chunk_tokens: tokens per chunk when computing log-probs / entropy from logits
         (`spark_mcore.algo.logprobs`); None picks ~64 MiB of fp32 per chunk.
+    tis_cap: truncated importance sampling for off-policy rollouts (async mode): each token's
+        policy-gradient term is weighted by min(p_trainer_old / p_engine, tis_cap); 0 disables.
     """
 
     adv_eps: float = 1e-9
@@ -32,6 +34,7 @@ class AlgoConfig:
     entropy_coef: float = 0.0
     filter_zero_variance: bool = False
     logprob_chunk_tokens: int | None = None
+    tis_cap: float = 2.0
 
     def __post_init__(self) -> None:
         if self.clip_eps <= 0:
@@ -40,6 +43,8 @@ class AlgoConfig:
             raise ConfigError("algo.kl_coef must be >= 0")
         if self.clip_eps_high is not None and self.clip_eps_high <= 0:
             raise ConfigError("algo.clip_eps_high must be > 0, or null to reuse algo.clip_eps")
+        if self.tis_cap < 0:
+            raise ConfigError("algo.tis_cap must be >= 0 (0 disables truncated importance sampling; e.g. 2.0)")
         if self.adv_eps < 0:
             raise ConfigError("algo.adv_eps must be >= 0 (e.g. 1e-9)")
         if self.logprob_chunk_tokens is not None and self.logprob_chunk_tokens < 1:

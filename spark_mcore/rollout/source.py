@@ -47,6 +47,7 @@ class StepRollouts:
     groups: list[RolloutGroup]
     candidates: list[list[RewardSample]] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    off_policy: bool = False  # groups may come from older policy versions (correct with TIS)
 
 
 @runtime_checkable
@@ -185,7 +186,7 @@ class StreamSource:
                    "stream/max_staleness_seen": float(max((self.endpoint.policy_version - r.policy_version
                                                            for r in results), default=0)),
                    "time/worker_generate": sum(r.gen_s for r in results) / max(len(results), 1)}
-        return StepRollouts(groups, [r.candidates for r in results], metrics)
+        return StepRollouts(groups, [r.candidates for r in results], metrics, off_policy=self.ahead > 1)
 
     def _wait(self, ids: set[str]) -> None:
         """Waits until every id has a result; raises StreamStalled naming the workers when no

@@ -276,7 +276,8 @@ class MegatronActor:
     def _grpo_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, entropy: Callable[[], torch.Tensor]
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
-        return grpo_loss(logp, old, mb.ref_logprobs, mb.advantages, mb.loss_mask, self.algo, entropy=entropy())
+        return grpo_loss(logp, old, mb.ref_logprobs, mb.advantages, mb.loss_mask, self.algo, entropy=entropy(),
+                         engine_logp=mb.engine_logprobs)
 
     def _sft_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, entropy: Callable[[], torch.Tensor]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -36,7 +36,21 @@ def rollouts_to_batch(rollouts: list[Rollout], advantages: torch.Tensor, pad_id:
     tokens, mask = pack_sequences([r.prompt_ids for r in rollouts],
                                   [r.completion.token_ids for r in rollouts], pad_id, pad_to_multiple)
     kinds = [str(r.prompt.meta.get("spark_kind", "policy")) for r in rollouts]
-    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=advantages.float(), kinds=kinds)
+    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=advantages.float(), kinds=kinds,
+                      engine_logprobs=engine_logprobs(rollouts, tokens.shape))
+
+
+def engine_logprobs(rollouts: list[Rollout], shape: torch.Size) -> torch.Tensor | None:
+    """[B, T] the engine's log-prob of each response token at its position (as old_logprobs);
+    None unless every completion carries one log-prob per token."""
+    if not rollouts or any(r.completion.logprobs is None or len(r.completion.logprobs) != len(r.completion.token_ids)
+                           for r in rollouts):
+        return None
+    out = torch.zeros(shape, dtype=torch.float32)
+    for i, r in enumerate(rollouts):
+        start = len(r.prompt_ids)
+        out[i, start:start + len(r.completion.token_ids)] = torch.tensor(r.completion.logprobs, dtype=torch.float32)
+    return out
 
 
 def select(batch: TrainBatch, index: torch.Tensor | slice) -> TrainBatch:
@@ -50,7 +64,8 @@ def select(batch: TrainBatch, index: torch.Tensor | slice) -> TrainBatch:
         kinds = [batch.kinds[i] for i in rows]
     return replace(batch, tokens=batch.tokens[index], loss_mask=batch.loss_mask[index],
                    advantages=batch.advantages[index], old_logprobs=pick(batch.old_logprobs),
-                   ref_logprobs=pick(batch.ref_logprobs), kinds=kinds)
+                   ref_logprobs=pick(batch.ref_logprobs), kinds=kinds,
+                   engine_logprobs=pick(batch.engine_logprobs))
 
 
 def micro_batches(batch: TrainBatch, micro_batch_size: int) -> Iterator[TrainBatch]:
@@ -69,7 +84,8 @@ def pad_rows(batch: TrainBatch, multiple: int) -> TrainBatch:
 
     return replace(batch, tokens=grow(batch.tokens), loss_mask=grow(batch.loss_mask),
                    advantages=grow(batch.advantages), old_logprobs=grow(batch.old_logprobs),
-                   ref_logprobs=grow(batch.ref_logprobs), kinds=batch.kinds + ["pad"] * extra if batch.kinds else [])
+                   ref_logprobs=grow(batch.ref_logprobs), kinds=batch.kinds + ["pad"] * extra if batch.kinds else [],
+                   engine_logprobs=grow(batch.engine_logprobs))
 
 
 def split_for_updates(batch: TrainBatch, updates: int, seed: int | None = None) -> list[TrainBatch]:

@@ -31,10 +31,10 @@ RUNNER = textwrap.dedent("""
     import spark_mcore.train as t
 
     original = t.update
-    def recording_update(run, groups, version):
+    def recording_update(run, groups, version, **kw):
         with open(run.run_dir / "trained.jsonl", "a") as f:
             f.write(json.dumps({"it": version - 1, "prompts": [g.prompt.id for g in groups]}) + "\\n")
-        return original(run, groups, version)
+        return original(run, groups, version, **kw)
     t.update = recording_update
     if __name__ == "__main__":
         from spark_mcore.cli import main
