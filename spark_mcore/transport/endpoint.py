@@ -320,7 +320,11 @@ class StreamEndpoint:
 
     def _assign(self) -> None:
         """Round-robin over live workers with credit, one message per worker."""
-        live = [w for w in self.workers.values() if not w.silent]
+        # A worker is topped up once a quarter of its window is free (or the queue is short):
+        # fewer, larger assign messages for the same window.
+        live = [w for w in self.workers.values() if not w.silent
+                and min(w.capacity, self.cfg.credits_per_worker) - len(w.in_flight)
+                >= min(len(self.pending), max(1, min(w.capacity, self.cfg.credits_per_worker) // 4))]
         batches: dict[str, list[WorkItem]] = {}
         progress = True
         while self.pending and progress:

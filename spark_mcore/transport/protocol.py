@@ -111,21 +111,30 @@ def item_from_wire(d: Any, where: str = "item") -> WorkItem:
 # --- results ------------------------------------------------------------------------------------
 
 
-def encode_result(res: WorkResult, incarnation: str) -> list[Any]:
-    """Frames of one `result` message (see the module docstring)."""
-    lengths = [len(c.token_ids) for c in res.completions]
-    tensors = {"prompt_ids": torch.tensor(res.prompt_ids, dtype=torch.int32),
-               "token_ids": torch.from_numpy(np.fromiter((t for c in res.completions for t in c.token_ids),
-                                                         dtype=np.int32, count=sum(lengths)))}
+def result_tensors(res: WorkResult) -> dict[str, torch.Tensor]:
+    """The raw frames of a result: prompt ids, all responses' token ids and log-probs, flat."""
+    def flat(lists: list[list[Any]], dtype: type) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([np.asarray(x, dtype=dtype) for x in lists]) if lists
+                                else np.zeros(0, dtype=dtype))
+
+    tensors = {"prompt_ids": torch.from_numpy(np.asarray(res.prompt_ids, dtype=np.int32)),
+               "token_ids": flat([c.token_ids for c in res.completions], np.int32)}
     if res.completions and all(c.logprobs is not None for c in res.completions):
-        tensors["logprobs"] = torch.from_numpy(np.fromiter(
-            (x for c in res.completions for x in c.logprobs), dtype=np.float32, count=sum(lengths)))
-    meta = {"worker": res.worker, "incarnation": incarnation, "sample_id": res.sample_id,
-            "policy_version": res.policy_version, "lengths": lengths,
+        tensors["logprobs"] = flat([c.logprobs for c in res.completions], np.float32)
+    return tensors
+
+
+def result_meta(res: WorkResult, incarnation: str) -> dict[str, Any]:
+    return {"worker": res.worker, "incarnation": incarnation, "sample_id": res.sample_id,
+            "policy_version": res.policy_version, "lengths": [len(c.token_ids) for c in res.completions],
             "texts": [c.text for c in res.completions], "finish": [c.finish_reason for c in res.completions],
             "rewards": [float(r) for r in res.rewards],
             "reward_samples": [reward_sample_to_wire(s) for s in res.candidates], "gen_s": float(res.gen_s)}
-    return encode(RESULT, meta, tensors)
+
+
+def encode_result(res: WorkResult, incarnation: str) -> list[Any]:
+    """Frames of one `result` message (see the module docstring)."""
+    return encode(RESULT, result_meta(res, incarnation), result_tensors(res))
 
 
 @dataclass
@@ -194,12 +203,15 @@ def decode_result(meta: dict[str, Any], tensors: dict[str, torch.Tensor], max_to
     prompt_ids = _tensor(tensors, "prompt_ids", torch.int32, None)
     token_ids = _tensor(tensors, "token_ids", torch.int32, total)
     logprobs = _tensor(tensors, "logprobs", torch.float32, total) if "logprobs" in tensors else None
+    # numpy, not torch, for these checks: torch's intra-op threads cost more than the work here
     for name, t in (("prompt_ids", prompt_ids), ("token_ids", token_ids)):
-        if t.numel() and (int(t.min()) < 0 or (max_token_id and int(t.max()) >= max_token_id)):
+        a = t.numpy()
+        if a.size and (int(a.min()) < 0 or (max_token_id and int(a.max()) >= max_token_id)):
             raise WireError(f"result.tensors.{name}: token ids outside [0, {max_token_id or 'inf'})")
-    if logprobs is not None and logprobs.numel() and not (bool(torch.isfinite(logprobs).all())
-                                                          and float(logprobs.max()) <= 1e-3):
-        raise WireError("result.tensors.logprobs: expected finite values <= 0")
+    if logprobs is not None and logprobs.numel():
+        top = float(logprobs.numpy().max())  # NaN propagates into max; inf fails the bound
+        if not (math.isfinite(top) and top <= 1e-3) or not math.isfinite(float(logprobs.numpy().min())):
+            raise WireError("result.tensors.logprobs: expected finite values <= 0")
     if not isinstance(m["reward_samples"], list) or len(m["reward_samples"]) > 2:
         raise WireError("result.meta.reward_samples: expected a list of at most 2 (judge, reflection)")
     m["reward_samples"] = [reward_sample_from_wire(s, f"result.meta.reward_samples[{i}]")
@@ -238,5 +250,5 @@ def check_peer(meta: dict[str, Any], kind: str) -> PeerReport:
                       _int(m["seen_seq"], f"{kind}.meta.seen_seq"))
 
 
-__all__ = ["WorkItem", "WorkResult", "ResultFrames", "item_to_wire", "item_from_wire", "encode_result",
+__all__ = ["WorkItem", "WorkResult", "ResultFrames", "item_to_wire", "item_from_wire", "encode_result", "result_meta", "result_tensors",
            "decode_result", "check_peer", "PeerReport", "HELLO", "HEARTBEAT", "RESULT", "BYE", "WELCOME", "ASSIGN", "ACK", "VERSION"]

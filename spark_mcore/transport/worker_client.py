@@ -151,9 +151,12 @@ class WorkerClient:
 
     def send_result(self, result: WorkResult) -> None:
         """Sends a verified group; it is kept (and re-sent after a trainer restart) until acked."""
-        frames = encode_result(result, self.incarnation)
-        self.working.discard(result.sample_id)
-        self.unacked[result.sample_id] = frames
+        self.send_encoded(result.sample_id, encode_result(result, self.incarnation))
+
+    def send_encoded(self, sample_id: str, frames: list[Any]) -> None:
+        """`send_result` for frames already encoded (`protocol.encode_result`, same incarnation)."""
+        self.working.discard(sample_id)
+        self.unacked[sample_id] = frames
         self._send(frames)
 
     def close(self) -> None:
