@@ -1,0 +1,172 @@
+"""The stream endpoint's bookkeeping in one process (real sockets on 127.0.0.1): bind-address
+rules, credits, dedup by sample id, re-send after a trainer restart, re-assignment of a silent
+worker's prompts, staleness, and the StreamSource's checkpoint state."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from spark_mcore.config.loader import ConfigError
+from spark_mcore.rollout.base import SamplingParams
+from spark_mcore.rollout.source import StepRequest, StreamSource
+from spark_mcore.transport.config import StreamConfig
+from spark_mcore.transport.endpoint import StreamEndpoint
+from spark_mcore.transport.protocol import WorkItem, WorkResult
+from spark_mcore.transport.worker_client import WorkerClient
+from spark_mcore.types import Completion, Prompt
+
+FAST = {"heartbeat_s": 0.05, "worker_timeout_s": 0.5}
+
+
+def _items(n: int, prefix: str = "s") -> list[WorkItem]:
+    return [WorkItem(f"{prefix}{i}", Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1"), {"n": 1})
+            for i in range(n)]
+
+
+def _answer(client: WorkerClient, version: int = 0) -> list[str]:
+    done = []
+    for item in client.poll(10):
+        client.send_result(WorkResult(item.sample_id, client.worker, version, [1], [Completion([2], "t", [-0.1])], [1.0]))
+        done.append(item.sample_id)
+    return done
+
+
+def _pump(ep: StreamEndpoint, clients: list[WorkerClient], until, timeout: float = 10.0, answer: bool = True) -> list:
+    got, deadline = [], time.monotonic() + timeout
+    while not until(got):
+        assert time.monotonic() < deadline, f"timed out; endpoint workers: {ep.describe_workers()}"
+        got += ep.poll(10)
+        for c in clients:
+            _answer(c) if answer else c.poll(5)
+    return got
+
+
+@pytest.mark.parametrize("bind", ["tcp://0.0.0.0:5555", "tcp://*:5555", "127.0.0.1:5555", "tcp://127.0.0.1"])
+def test_bind_must_be_explicit_and_never_all_interfaces_silently(bind: str) -> None:
+    with pytest.raises(ConfigError, match="stream.bind"):
+        StreamConfig(bind=bind)
+
+
+def test_all_interfaces_only_when_asked_and_curve_keys_go_together() -> None:
+    assert StreamConfig(bind="tcp://0.0.0.0:5555", allow_all_interfaces=True).bind.endswith(":5555")
+    with pytest.raises(ConfigError, match="curve_public_key"):
+        StreamConfig(curve_secret_key="x" * 40)
+
+
+def test_credits_bound_what_a_worker_holds_and_every_item_arrives_once() -> None:
+    ep = StreamEndpoint(StreamConfig(credits_per_worker=3, **FAST))
+    client = WorkerClient(ep.endpoint, "w", capacity=8, heartbeat_s=0.05)
+    try:
+        ep.submit(_items(10))
+        held_max = [0]
+
+        def until(got: list) -> bool:
+            held_max[0] = max(held_max[0], len(client.working))
+            return len(got) == 10
+
+        got = _pump(ep, [client], until)
+        assert sorted(a.item.sample_id for a in got) == sorted(f"s{i}" for i in range(10))
+        assert held_max[0] <= 3
+    finally:
+        client.close()
+        ep.close()
+
+
+def test_resent_results_after_trainer_restart_are_deduplicated() -> None:
+    ep = StreamEndpoint(StreamConfig(credits_per_worker=4, **FAST))
+    client = WorkerClient(ep.endpoint, "w", capacity=4, heartbeat_s=0.05)
+    try:
+        ep.submit(_items(2))
+        _pump(ep, [client], lambda g: client.working == {"s0", "s1"}, answer=False)
+        assert _answer(client) == [] and len(client.working) == 2
+        for sid in sorted(client.working):  # results sent, but the trainer dies before reading them
+            client.send_result(WorkResult(sid, "w", 0, [1], [Completion([2], "t", [-0.1])], [1.0]))
+        endpoint = ep.endpoint
+        ep.close(goodbye=False)
+        deadline = time.monotonic() + 10
+        while True:  # the restarted trainer binds the same address; it still owes s1 (s0 was trained)
+            try:
+                ep = StreamEndpoint(StreamConfig(bind=endpoint, credits_per_worker=4, **FAST))
+                break
+            except ValueError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        ep.submit(_items(2)[1:])
+        got = _pump(ep, [client], lambda g: len(g) >= 1 and not client.unacked, answer=False)
+        assert [a.item.sample_id for a in got] == ["s1"], "the re-sent s1 counts once"
+        assert ep.stats.duplicates == 1, "the re-sent s0 is acknowledged and dropped"
+    finally:
+        client.close()
+        ep.close()
+
+
+def test_silent_worker_loses_its_prompts_to_a_live_one(caplog) -> None:
+    ep = StreamEndpoint(StreamConfig(credits_per_worker=4, **FAST))
+    quiet = WorkerClient(ep.endpoint, "quiet", capacity=4, heartbeat_s=0.05)
+    live = None
+    try:
+        ep.submit(_items(4))
+        _pump(ep, [quiet], lambda g: ep.in_flight().get("quiet", 0) == 4, answer=False)
+        # `quiet` is never polled again: no heartbeats, no results (a hung or unplugged worker)
+        live = WorkerClient(ep.endpoint, "live", capacity=4, heartbeat_s=0.05)
+        got = _pump(ep, [live], lambda g: len(g) == 4)
+        assert sorted(a.item.sample_id for a in got) == [f"s{i}" for i in range(4)]
+        assert ep.stats.reassigned == 4 and ep.workers["quiet"].silent
+        assert any("worker 'quiet' silent" in r.getMessage() and "re-assigning 4" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        if live is not None:
+            live.close()
+        quiet.close()
+        ep.close()
+
+
+def test_stale_results_are_dropped_and_the_prompt_reassigned() -> None:
+    ep = StreamEndpoint(StreamConfig(credits_per_worker=1, **FAST), policy_version=5, max_staleness=1)
+    client = WorkerClient(ep.endpoint, "w", capacity=1, heartbeat_s=0.05)
+    try:
+        ep.submit(_items(1))
+        deadline, got, versions = time.monotonic() + 10, [], iter([3, 5])
+        while not got:
+            assert time.monotonic() < deadline
+            got += ep.poll(10)
+            for item in client.poll(10):
+                client.send_result(WorkResult(item.sample_id, "w", next(versions), [1], [Completion([2], "t")], [0.0]))
+        assert ep.stats.stale == 1 and got[0].frames.meta["policy_version"] == 5
+        assert ep.staleness == {0: 1}
+    finally:
+        client.close()
+        ep.close()
+
+
+def test_stream_source_state_reissues_batches_in_flight() -> None:
+    prompts = [Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1") for i in range(6)]
+    loader = iter([prompts[0:2], prompts[2:4], prompts[4:6]])
+    src = StreamSource(StreamEndpoint(StreamConfig(**FAST)), loader, ahead=2)
+    client = WorkerClient(src.endpoint.endpoint, "w", capacity=8, heartbeat_s=0.05)
+    import threading
+
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            _answer(client)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        out = src.collect(StepRequest(0, 0, True, [], SamplingParams(n=1)))
+        assert [g.prompt.id for g in out.groups] == ["p0", "p1"]
+        state = src.state_dict()
+        assert [[d["prompt"]["id"] for d in b] for b in state["batches"]] == [["p2", "p3"]]
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        client.close()
+        src.close()
+    again = StreamSource(StreamEndpoint(StreamConfig(**FAST)), iter([prompts[4:6]]), ahead=1)
+    again.load_state_dict(state)
+    assert again.endpoint.outstanding() == [d["sample_id"] for d in state["batches"][0]]
+    again.close()
