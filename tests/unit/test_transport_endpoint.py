@@ -170,3 +170,22 @@ def test_stream_source_state_reissues_batches_in_flight() -> None:
     again.load_state_dict(state)
     assert again.endpoint.outstanding() == [d["sample_id"] for d in state["batches"][0]]
     again.close()
+
+
+@pytest.mark.skipif(not __import__("zmq").has("curve"), reason="libzmq built without CURVE")
+def test_curve_keys_encrypt_and_keep_out_peers_without_the_server_key() -> None:
+    import zmq
+
+    public, secret = (k.decode() for k in zmq.curve_keypair())
+    ep = StreamEndpoint(StreamConfig(curve_secret_key=secret, curve_public_key=public, **FAST))
+    good = WorkerClient(ep.endpoint, "good", capacity=2, heartbeat_s=0.05, server_public_key=public)
+    plain = WorkerClient(ep.endpoint, "plain", capacity=2, heartbeat_s=0.05)  # no key: the handshake fails
+    try:
+        ep.submit(_items(3))
+        got = _pump(ep, [good, plain], lambda g: len(g) == 3)
+        assert sorted(a.item.sample_id for a in got) == ["s0", "s1", "s2"]
+        assert "plain" not in ep.workers
+    finally:
+        good.close()
+        plain.close()
+        ep.close()
