@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from spark_mcore.metrics import MetricsLogger
 from spark_mcore.rewards import VerifierPool, registered_verifiers
 from spark_mcore.rollout.base import RolloutEngine
 from spark_mcore.rollout.builders import EngineContext, WeightPusher, build_rollout
-from spark_mcore.rollout.source import InProcessSource, RolloutSource, StreamSource
+from spark_mcore.rollout.source import InProcessSource, RankZeroSource, RolloutSource, StreamSource
 from spark_mcore.spark.templates import corpus_texts
 from spark_mcore.trainer.actor import MegatronActor
 from spark_mcore.types import Prompt
@@ -113,10 +114,12 @@ def build_source(cfg: RunConfig, run_dir: Path, pstate: ParallelState, inprocess
     connect to (bound on global rank 0; its address goes to <run_dir>/stream_endpoint)."""
     if cfg.rollout.source == "inprocess":
         return inprocess
-    if pstate.world_size > 1:
-        raise ConfigError("rollout.source=stream runs on one trainer rank for now (rank 0 owns the endpoint; "
-                          "splitting a step's rows over ranks is not wired yet). Fix: launch one trainer process")
     from spark_mcore.transport.endpoint import StreamEndpoint
+
+    if pstate.world_size > 1:  # one endpoint per run, on rank 0; every rank gets the step's groups
+        inner = build_source(cfg, run_dir, dataclasses.replace(pstate, world_size=1), inprocess) \
+            if pstate.rank == 0 else None
+        return RankZeroSource(inner, pstate.rank, pstate.device)
 
     async_ = cfg.rollout.mode == "async"
     endpoint = StreamEndpoint(cfg.stream, max_staleness=cfg.rollout.max_staleness if async_ else 0)

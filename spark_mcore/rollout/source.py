@@ -232,4 +232,54 @@ class StreamSource:
             self.endpoint.close()
 
 
-__all__ = ["RolloutSource", "StepRequest", "StepRollouts", "InProcessSource", "StreamSource"]
+class RankZeroSource:
+    """More than one trainer rank: global rank 0 runs `inner` (the stream source: one endpoint
+    per run), and every rank gets the same StepRollouts, broadcast as msgpack bytes in a tensor
+    over the default group (records, not pickles). Other ranks pass inner=None."""
+
+    def __init__(self, inner: RolloutSource | None, rank: int, device: Any = "cpu") -> None:
+        if (rank == 0) != (inner is not None):
+            raise ValueError("RankZeroSource: rank 0 (and only rank 0) passes the inner source")
+        self.inner, self.rank, self.device = inner, rank, device
+
+    def collect(self, request: StepRequest) -> StepRollouts:
+        from spark_mcore.distributed.collectives import broadcast_packed
+        from spark_mcore.transport.records import (
+            group_from_wire,
+            group_to_wire,
+            reward_sample_from_wire,
+            reward_sample_to_wire,
+        )
+
+        wire = None
+        if self.inner is not None:
+            step = self.inner.collect(request)
+            wire = {"groups": [group_to_wire(g) for g in step.groups], "metrics": step.metrics,
+                    "off_policy": step.off_policy,
+                    "candidates": None if step.candidates is None else
+                    [[reward_sample_to_wire(s) for s in c] for c in step.candidates]}
+        wire = broadcast_packed(wire, 0, None, self.device)
+        if self.inner is not None:
+            return step
+        cands = wire["candidates"]
+        return StepRollouts([group_from_wire(g) for g in wire["groups"]],
+                            None if cands is None else [[reward_sample_from_wire(s) for s in c] for c in cands],
+                            dict(wire["metrics"]), bool(wire["off_policy"]))
+
+    def weights_pushed(self, version: int) -> None:
+        if self.inner is not None:
+            self.inner.weights_pushed(version)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict() if self.inner is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.inner is not None:
+            self.inner.load_state_dict(state)
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+
+
+__all__ = ["RankZeroSource", "RolloutSource", "StepRequest", "StepRollouts", "InProcessSource", "StreamSource"]
