@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 
 def _sglang(cfg: RunConfig, tokenizer: Any) -> RolloutEngine:
-    from spark_mcore.rollout.sglang import SGLangEngine
+    from spark_mcore.rollout.sglang_engine import SGLangEngine
 
     if not cfg.sglang.urls:
         raise ConfigError("rollout-worker with rollout.engine=sglang needs sglang.urls: the servers the trainer "

@@ -9,9 +9,7 @@ from spark_mcore.spark.cache import RewardCache
 from spark_mcore.spark.config import SparkConfig
 from spark_mcore.spark.recycler import Recycler
 from spark_mcore.spark.schedule import SparkSchedule, StepKind, StepPlan
-from spark_mcore.types import Prompt, RewardSample, Rollout, RolloutGroup
-
-KINDS = ("pointwise", "pairwise", "reflection")
+from spark_mcore.types import KIND_KEY, Prompt, RewardSample, Rollout, RolloutGroup, prompt_kind
 
 
 class SparkState:
@@ -37,7 +35,7 @@ class SparkState:
         self.last_kind = plan.kind
         stats: dict[str, float] = {}
         if plan.kind == "policy" and self.cfg.enabled:
-            policy = [i for i, g in enumerate(groups) if "spark_kind" not in g.prompt.meta]
+            policy = [i for i, g in enumerate(groups) if KIND_KEY not in g.prompt.meta]
             if candidates is None:
                 self.cache.add(self.recycler.recycle([groups[i] for i in policy], step))
             else:
@@ -66,7 +64,7 @@ def kind_metrics(rollouts: list[Rollout]) -> dict[str, float]:
     out: dict[str, float] = {}
     by_kind: dict[str, list[float]] = {}
     for r in rollouts:
-        by_kind.setdefault(str(r.prompt.meta.get("spark_kind", "policy")), []).append(r.reward)
+        by_kind.setdefault(prompt_kind(r.prompt), []).append(r.reward)
     for kind, rewards in by_kind.items():
         out[f"reward_{kind}"] = sum(rewards) / len(rewards)
     judge = by_kind.get("pointwise", []) + by_kind.get("pairwise", [])

@@ -70,7 +70,7 @@ def test_three_workers_one_killed_and_restarted_every_prompt_once(tmp_path, capl
                 assert len(out.groups) == cfg.data.prompts_per_step
                 assert all(len(g.rollouts) == 4 for g in out.groups)
                 assert out.candidates is not None and len(out.candidates) == len(out.groups)
-                assert all(c.source_prompt_id == g.prompt.id for g, cs in zip(out.groups, out.candidates)
+                assert all(c.source_prompt_id == g.prompt.id for g, cs in zip(out.groups, out.candidates, strict=True)
                            for c in cs), "recycled tasks belong to their group"
                 seen += [g.prompt.id for g in out.groups]
             stats = source.endpoint.stats

@@ -22,7 +22,7 @@ import zmq
 from spark_mcore.transport.config import StreamConfig
 from spark_mcore.transport.endpoint import StreamEndpoint
 from spark_mcore.transport.protocol import RESULT, WorkItem, WorkResult, encode_result
-from spark_mcore.transport.wire import SCHEMA_VERSION, encode
+from spark_mcore.transport.wire import SCHEMA_VERSION
 from spark_mcore.transport.worker_client import WorkerClient
 from spark_mcore.types import Completion, Prompt
 
@@ -109,7 +109,7 @@ def test_endpoint_rejects_bad_frames_bounded_memory_and_honest_samples_arrive(ca
         attackers[1].send_multipart(forged)  # a well-formed result nobody asked for
         attackers[1].send_multipart([b"\0" * (2 << 20)])  # over max_message_bytes: ZeroMQ drops the peer
         junk = random.Random(1)
-        for i in range(FLOOD):  # a flood from one sender
+        for _ in range(FLOOD):  # a flood from one sender
             attackers[2].send_multipart([junk.randbytes(junk.randrange(1, 200))], flags=zmq.NOBLOCK)
         deadline = time.monotonic() + 40
         while (len(accepted) < N_ITEMS or ep.stats.malformed < len(bad) + FLOOD * 0.5) and time.monotonic() < deadline:
