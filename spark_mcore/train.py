@@ -133,8 +133,9 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
             plan, reward_prompts = spark.plan()
             params.seed = cfg.trainer.seed * 100003 + it  # sampling is a function of the iteration
             step = rollout(run, StepRequest(it, policy_steps, plan.kind == "policy", reward_prompts, params))
-            update(run, step.groups, version=it + 1, off_policy=step.off_policy)
             run.logger.update(spark.after_step(plan, step.groups, policy_steps, step.candidates))
+            run.source.prefetch(spark.peek())  # async sources start the next step's reward tasks now
+            update(run, step.groups, version=it + 1, off_policy=step.off_policy)
             policy_steps, it = policy_steps + (plan.kind == "policy"), it + 1
             bar.update(plan.kind == "policy")
             run.logger.flush(it, f"[{plan.kind} step {it}, policy {policy_steps}/{cfg.trainer.steps}]",

@@ -60,6 +60,11 @@ class RolloutSource(Protocol):
         """The engines now serve policy `version`."""
         ...
 
+    def prefetch(self, prompts: list[Prompt]) -> None:
+        """A hint: the next step will probably ask for these reward-task prompts; a source that
+        can work ahead (async) starts on them now. Never required for correctness."""
+        ...
+
     def state_dict(self) -> dict[str, Any]:
         ...
 
@@ -86,6 +91,9 @@ class InProcessSource:
         return StepRollouts(groups, None, {"time/generate": mid - start, "time/verify": time.perf_counter() - mid})
 
     def weights_pushed(self, version: int) -> None:
+        pass
+
+    def prefetch(self, prompts: list[Prompt]) -> None:
         pass
 
     def state_dict(self) -> dict[str, Any]:
@@ -119,6 +127,8 @@ class StreamSource:
         self._results: dict[str, Any] = {}
         self._counter = 0
         self.idle_s = 0.0
+        self._hinted: dict[str, WorkItem] = {}  # prompt id -> reward item started ahead (prefetch)
+        self._last: StepRequest | None = None
         # A pump thread owns the polling so that workers get acks and new assignments while the
         # trainer trains (async mode). Every endpoint call holds `_lock` (ZeroMQ sockets may
         # change threads only across a full memory barrier).
@@ -167,11 +177,7 @@ class StreamSource:
         if request.policy:
             self._top_up(request)
             items = self._batches.popleft()
-        seed = request.params.seed if request.params.seed is not None else 0
-        reward_items = [WorkItem(self._new_id("r"), p, _params(request.params, seed + 104729 + i), request.policy_step,
-                                 i, False) for i, p in enumerate(request.reward_prompts)]
-        with self._lock:
-            self.endpoint.submit(reward_items, front=True)  # this step needs them before later batches
+        reward_items = self._reward_items(request)
         items += reward_items
         start = time.perf_counter()
         self._wait({i.sample_id for i in items})
@@ -187,6 +193,40 @@ class StreamSource:
                                                            for r in results), default=0)),
                    "time/worker_generate": sum(r.gen_s for r in results) / max(len(results), 1)}
         return StepRollouts(groups, [r.candidates for r in results], metrics, off_policy=self.ahead > 1)
+
+    def _reward_items(self, request: StepRequest) -> list[WorkItem]:
+        """This step's reward-task items: those started ahead by `prefetch` when they match,
+        new ones (submitted first in line) for the rest; unused prefetched ones are cancelled."""
+        self._last = request
+        hinted, self._hinted = self._hinted, {}
+        items, new = [], []
+        for p in request.reward_prompts:
+            item = hinted.pop(p.id, None)
+            if item is None or item.prompt != p:
+                item = self._reward_item(p, request)
+                new.append(item)
+            items.append(item)
+        with self._lock:
+            self.endpoint.submit(new, front=True)  # this step needs them before later batches
+            self.endpoint.cancel([i.sample_id for i in hinted.values()])
+            for i in hinted.values():
+                self._results.pop(i.sample_id, None)
+        return items
+
+    def _reward_item(self, p: Prompt, request: StepRequest) -> WorkItem:
+        seed = request.params.seed if request.params.seed is not None else 0
+        return WorkItem(self._new_id("r"), p, _params(request.params, seed + 104729 + self._counter),
+                        request.policy_step, 0, False)
+
+    def prefetch(self, prompts: list[Prompt]) -> None:
+        """Async mode only: start the next step's reward tasks now (their groups are then at
+        most one version old, within max_staleness). Sync mode ignores the hint."""
+        if self.ahead == 1 or self._last is None or not prompts:
+            return
+        items = [self._reward_item(p, self._last) for p in prompts if p.id not in self._hinted]
+        self._hinted.update({i.prompt.id: i for i in items})
+        with self._lock:
+            self.endpoint.submit(items, front=True)
 
     def _wait(self, ids: set[str]) -> None:
         """Waits until every id has a result; raises StreamStalled naming the workers when no
@@ -269,6 +309,10 @@ class RankZeroSource:
     def weights_pushed(self, version: int) -> None:
         if self.inner is not None:
             self.inner.weights_pushed(version)
+
+    def prefetch(self, prompts: list[Prompt]) -> None:
+        if self.inner is not None:
+            self.inner.prefetch(prompts)
 
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict() if self.inner is not None else {}

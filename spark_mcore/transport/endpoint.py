@@ -151,6 +151,15 @@ class StreamEndpoint:
         else:
             self.pending.extend(ids)
 
+    def cancel(self, ids: list[str]) -> None:
+        """Withdraw submitted items (a worker still holding one gets it acknowledged and dropped)."""
+        for sid in ids:
+            if self.items.pop(sid, None) is not None:
+                owner = self.workers.get(self.owner.pop(sid, ""))
+                if owner is not None:
+                    owner.in_flight.pop(sid, None)
+                self.done.add(sid)  # a late result is a duplicate, not an error
+
     def set_version(self, version: int) -> None:
         """The engines now serve policy `version`; workers tag later groups with it."""
         self.policy_version = version

@@ -189,3 +189,38 @@ def test_curve_keys_encrypt_and_keep_out_peers_without_the_server_key() -> None:
         good.close()
         plain.close()
         ep.close()
+
+
+def test_async_prefetch_starts_reward_tasks_early_and_cancels_unused_ones() -> None:
+    import threading
+
+    prompts = [Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1") for i in range(8)]
+    rewards = [Prompt(f"r{i}", [{"role": "user", "content": "judge"}], "Yes", task="judge") for i in range(3)]
+    src = StreamSource(StreamEndpoint(StreamConfig(**FAST)), iter([prompts[0:2], prompts[2:4], prompts[4:6]]), ahead=2)
+    client = WorkerClient(src.endpoint.endpoint, "w", capacity=8, heartbeat_s=0.05)
+    stop = threading.Event()
+    answered: list[str] = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            answered.extend(_answer(client))
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        src.collect(StepRequest(0, 0, True, [], SamplingParams(n=1)))
+        src.prefetch(rewards[:2])
+        hinted = {p: i.sample_id for p, i in src._hinted.items()}
+        deadline = time.monotonic() + 10
+        while hinted["r0"] not in answered:  # generated while "training"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        out = src.collect(StepRequest(1, 1, False, [rewards[0], rewards[2]], SamplingParams(n=1)))
+        assert [g.prompt.id for g in out.groups] == ["r0", "r2"]
+        assert hinted["r1"] in src.endpoint.done and hinted["r1"] not in src.endpoint.items, "unused hint cancelled"
+        assert answered.count(hinted["r0"]) == 1, "the prefetched group was used, not generated again"
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        client.close()
+        src.close()
