@@ -104,7 +104,7 @@ def build_run(cfg: RunConfig) -> Run:
             actor=actor, engine=engine, weights=weights, pool=pool,
             logger=MetricsLogger(cfg.logging, run_dir, enabled=main),
             loader=loader, test_prompts=test_prompts,
-            source=build_source(cfg, run_dir, pstate, InProcessSource(engine, encode, pool.score, loader)),
+            source=build_source(cfg, run_dir, pstate, InProcessSource(engine, encode, pool, loader)),
         )
     except BaseException:  # no Run to close: stop launched rollout servers here
         weights.close()

@@ -75,19 +75,26 @@ class RolloutSource(Protocol):
         ...
 
 
-class InProcessSource:
-    """Generates and verifies in this process (today's lock-step behaviour)."""
+class Scorer(Protocol):
+    def score(self, items: list[tuple[str, str, str]]) -> list[float]:
+        """Rewards of (verifier, response, answer) triples (a VerifierPool)."""
+        ...
 
-    def __init__(self, engine: RolloutEngine, encode: Callable[[Prompt], list[int]],
-                 score: Callable[[list[tuple[str, str, str]]], list[float]], loader: Iterator[list[Prompt]]) -> None:
-        self.engine, self.encode, self.score, self.loader = engine, encode, score, loader
+
+class InProcessSource:
+    """Generates and verifies in this process (today's lock-step behaviour). `pool.score` is
+    looked up at each step, so a replaced scorer takes effect."""
+
+    def __init__(self, engine: RolloutEngine, encode: Callable[[Prompt], list[int]], pool: Scorer,
+                 loader: Iterator[list[Prompt]]) -> None:
+        self.engine, self.encode, self.pool, self.loader = engine, encode, pool, loader
 
     def collect(self, request: StepRequest) -> StepRollouts:
         prompts = (next(self.loader) if request.policy else []) + request.reward_prompts
         start = time.perf_counter()
         groups = generate_groups(self.engine, prompts, self.encode, request.params)
         mid = time.perf_counter()
-        score_groups(groups, self.score)
+        score_groups(groups, self.pool.score)
         return StepRollouts(groups, None, {"time/generate": mid - start, "time/verify": time.perf_counter() - mid})
 
     def weights_pushed(self, version: int) -> None:
