@@ -48,7 +48,7 @@ run_mode() {
   server_port=$(free_port)  # servers listen on server_port and server_port + 1
   local common=(--config "$CONFIG" --set "checkpoint.dir=$run_dir" --set "rollout.mode=$mode" "$@")
   echo "== $mode: trainer endpoint tcp://127.0.0.1:$stream_port, servers http://127.0.0.1:$server_port,+1; logs in $run_dir"
-  setsid spark-mcore train "${common[@]}" --set "stream.bind=tcp://127.0.0.1:$stream_port" \
+  setsid spark-mcore train "${common[@]}" --set "transport.bind=tcp://127.0.0.1:$stream_port" \
     --set "sglang.base_port=$server_port" >"$run_dir/trainer.log" 2>&1 &
   trainer=$!
   PIDS+=("$trainer")

@@ -48,7 +48,7 @@ def _worker_args(p: argparse.ArgumentParser) -> None:
                    help="the trainer's stream endpoint (printed by the trainer, and in <checkpoint.dir>/stream_endpoint)")
     _train_args(p)
     p.add_argument("--name", help="worker name in the trainer's logs (default: worker-<pid>)")
-    p.add_argument("--capacity", type=int, help="prompts to hold at once (default: stream.credits_per_worker)")
+    p.add_argument("--capacity", type=int, help="prompts to hold at once (default: transport.credits_per_worker)")
 
 
 @command("rollout-worker", _worker_args)

@@ -123,8 +123,8 @@ def run_worker(connect: str, cfg: RunConfig, name: str | None = None, capacity: 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    client = WorkerClient(connect, name, capacity or cfg.stream.credits_per_worker, cfg.stream.heartbeat_s,
-                          cfg.stream.curve_public_key, cfg.stream.high_water_mark, cfg.stream.max_message_bytes)
+    client = WorkerClient(connect, name, capacity or cfg.transport.credits_per_worker, cfg.transport.heartbeat_s,
+                          cfg.transport.curve_public_key, cfg.transport.high_water_mark, cfg.transport.max_message_bytes)
     todo: queue.Queue[tuple[list[WorkItem], int] | None] = queue.Queue()
     done: queue.Queue[list[WorkResult] | BaseException] = queue.Queue()
     gen: list[_Generator] = []

@@ -32,7 +32,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sglang: SGLangConfig = field(default_factory=SGLangConfig)  # used when rollout.engine=sglang
     weights: WeightSyncConfig = field(default_factory=WeightSyncConfig)  # trainer -> SGLang weight sync
-    stream: StreamConfig = field(default_factory=StreamConfig)  # used when rollout.source=stream
+    transport: StreamConfig = field(default_factory=StreamConfig)  # the stream endpoint, when rollout.source=stream
     reward: RewardConfig = field(default_factory=RewardConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)

@@ -17,7 +17,7 @@ class RolloutConfig:
     batch_size: sequences per generate() call (memory bound of the hf engine).
     source: where a step's groups come from: "inprocess" (engine, verifiers and SPARK recycler
         in the trainer processes) or "stream" (`spark-mcore rollout-worker` processes over the
-        ZeroMQ endpoint of the `stream:` section).
+        ZeroMQ endpoint of the `transport:` section).
     mode: "sync" (assign step k's prompts, wait, train, push weights) or "async" (workers keep
         generating up to `max_staleness` steps ahead while the trainer trains; stream only).
     max_staleness: async mode: steps of prompts in flight beyond the current one, and the

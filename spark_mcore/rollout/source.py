@@ -237,7 +237,7 @@ class StreamSource:
 
     def _wait(self, ids: set[str]) -> None:
         """Waits until every id has a result; raises StreamStalled naming the workers when no
-        result arrives for stream.stall_timeout_s."""
+        result arrives for transport.stall_timeout_s."""
         stall = self.endpoint.cfg.stall_timeout_s
         with self._arrived:
             self._last_result = max(self._last_result, time.monotonic())  # the clock starts with this wait
@@ -247,10 +247,10 @@ class StreamSource:
                 if time.monotonic() - self._last_result > stall:
                     missing = sorted(ids - self._results.keys())
                     raise StreamStalled(
-                        f"no rollout result for {stall:.0f}s (stream.stall_timeout_s) at {self.endpoint.endpoint}; "
+                        f"no rollout result for {stall:.0f}s (transport.stall_timeout_s) at {self.endpoint.endpoint}; "
                         f"{len(missing)} prompt(s) missing (e.g. {missing[:3]}); workers: "
                         f"{self.endpoint.describe_workers()}. Fix: start or restart `spark-mcore rollout-worker "
-                        f"--connect {self.endpoint.endpoint} --config RUN.yaml`, or raise stream.stall_timeout_s")
+                        f"--connect {self.endpoint.endpoint} --config RUN.yaml`, or raise transport.stall_timeout_s")
                 self._arrived.wait(0.1)
 
     def weights_pushed(self, version: int) -> None:

@@ -48,41 +48,41 @@ class StreamConfig:
         check_bind_address(self.bind, self.allow_all_interfaces)
         for name in ("credits_per_worker", "high_water_mark", "max_message_bytes"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"stream.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"transport.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("worker_timeout_s", "stall_timeout_s", "heartbeat_s"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"stream.{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"transport.{name} must be > 0, got {getattr(self, name)}")
         if self.worker_timeout_s < 2 * self.heartbeat_s:
-            raise ConfigError(f"stream.worker_timeout_s ({self.worker_timeout_s}) must be >= 2 x stream.heartbeat_s "
+            raise ConfigError(f"transport.worker_timeout_s ({self.worker_timeout_s}) must be >= 2 x transport.heartbeat_s "
                               f"({self.heartbeat_s}) or live workers look dead")
         if bool(self.curve_secret_key) != bool(self.curve_public_key):
-            raise ConfigError("stream.curve_secret_key and stream.curve_public_key go together: set both or neither")
+            raise ConfigError("transport.curve_secret_key and transport.curve_public_key go together: set both or neither")
         for name in ("curve_secret_key", "curve_public_key"):
             key = getattr(self, name)
             if key and len(key) != 40:
-                raise ConfigError(f"stream.{name}: a Z85 CURVE key has 40 characters, got {len(key)}")
+                raise ConfigError(f"transport.{name}: a Z85 CURVE key has 40 characters, got {len(key)}")
 
 
 def check_bind_address(bind: str, allow_all_interfaces: bool = False) -> None:
     """Fails for anything but an explicit `tcp://HOST:PORT` (or ipc://), and for all-interface
     binds unless they were asked for explicitly."""
     if not isinstance(bind, str) or "://" not in bind:
-        raise ConfigError(f"stream.bind: expected 'tcp://HOST:PORT', got {bind!r}")
+        raise ConfigError(f"transport.bind: expected 'tcp://HOST:PORT', got {bind!r}")
     if bind.startswith("ipc://") or bind.startswith("inproc://"):
         return
     if not bind.startswith("tcp://"):
-        raise ConfigError(f"stream.bind: only tcp://, ipc:// and inproc:// are supported, got {bind!r}")
+        raise ConfigError(f"transport.bind: only tcp://, ipc:// and inproc:// are supported, got {bind!r}")
     parts = urlsplit(bind)
     host = bind[len("tcp://"):].rsplit(":", 1)[0]
     try:
         port = parts.port
     except ValueError as e:
-        raise ConfigError(f"stream.bind: bad port in {bind!r} ({e})") from e
+        raise ConfigError(f"transport.bind: bad port in {bind!r} ({e})") from e
     if port is None or not host:
-        raise ConfigError(f"stream.bind: expected 'tcp://HOST:PORT' with an explicit host and port, got {bind!r}")
+        raise ConfigError(f"transport.bind: expected 'tcp://HOST:PORT' with an explicit host and port, got {bind!r}")
     if host in _ALL_INTERFACES and not allow_all_interfaces:
-        raise ConfigError(f"stream.bind={bind} listens on every network interface. Fix: bind the cluster "
-                          "interface's address (e.g. tcp://10.0.0.5:5555), or set stream.allow_all_interfaces=true "
+        raise ConfigError(f"transport.bind={bind} listens on every network interface. Fix: bind the cluster "
+                          "interface's address (e.g. tcp://10.0.0.5:5555), or set transport.allow_all_interfaces=true "
                           "(and CURVE keys) if that is really wanted")
 
 

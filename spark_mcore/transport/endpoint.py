@@ -7,14 +7,14 @@ Bookkeeping (all in this process, single-threaded, driven by `poll`):
   owner      sample_id -> worker it is assigned to
   done       sample ids already accepted: a second result for one (a re-send, or a re-assigned
              prompt that both workers finished) is acknowledged and dropped
-Credits: a worker holds at most min(its capacity, stream.credits_per_worker) prompts (assigned,
+Credits: a worker holds at most min(its capacity, transport.credits_per_worker) prompts (assigned,
 generating, or finished but not yet acknowledged).
-Re-assignment: a worker silent for stream.worker_timeout_s, a worker that restarted (new
+Re-assignment: a worker silent for transport.worker_timeout_s, a worker that restarted (new
 incarnation), a worker whose report no longer lists a prompt it was sent, and a result too stale
 to train on all send the prompt back to `pending`; the log names the worker.
 Bad input: every message is validated (wire format, fields, dtypes, sizes); a bad one is logged
 with its sender (rate-limited per sender) and dropped, and the stream goes on. ZeroMQ itself
-refuses messages over stream.max_message_bytes. Nothing is unpickled.
+refuses messages over transport.max_message_bytes. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ _LOG_FIRST_BAD = 5  # per sender, then every _LOG_EVERY_BAD-th
 
 
 class StreamStalled(RuntimeError):
-    """No result arrived for stream.stall_timeout_s while the trainer waited; names the workers."""
+    """No result arrived for transport.stall_timeout_s while the trainer waited; names the workers."""
 
 
 @dataclass
@@ -132,7 +132,7 @@ class StreamEndpoint:
         except zmq.ZMQError as e:
             sock.close(linger=0)
             self._ctx.term()
-            raise ValueError(f"stream.bind: cannot bind {cfg.bind!r}: {e}. Fix: pick a free port or port 0") from e
+            raise ValueError(f"transport.bind: cannot bind {cfg.bind!r}: {e}. Fix: pick a free port or port 0") from e
         last = sock.getsockopt(zmq.LAST_ENDPOINT)
         self.endpoint = last.decode() if isinstance(last, bytes) else str(last)
         return sock
@@ -323,7 +323,7 @@ class StreamEndpoint:
             if not w.silent and now - w.last_seen > self.cfg.worker_timeout_s:
                 w.silent = True
                 self._requeue(w, list(w.in_flight), f"silent for {now - w.last_seen:.1f}s "
-                              f"(stream.worker_timeout_s={self.cfg.worker_timeout_s})")
+                              f"(transport.worker_timeout_s={self.cfg.worker_timeout_s})")
                 if not w.in_flight:
                     logger.warning("rollout stream: worker '%s' silent for %.1fs", w.name, now - w.last_seen)
 

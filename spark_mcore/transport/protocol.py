@@ -2,7 +2,7 @@
 
   worker -> trainer
     hello      {worker, incarnation, capacity, held, session, seen_seq}   registers (or re-registers)
-    heartbeat  {worker, incarnation, capacity, held, session, seen_seq}   every stream.heartbeat_s
+    heartbeat  {worker, incarnation, capacity, held, session, seen_seq}   every transport.heartbeat_s
                held: sample ids the worker holds (queued, generating or unacked); seen_seq: the
                highest `assign.seq` it received from trainer `session` (-1 = none)
     result     {worker, incarnation, sample_id, policy_version, lengths, texts, finish, rewards,

@@ -32,7 +32,7 @@ def worker_config(run_dir: Path, extra: dict | None = None) -> Path:
     cfg = {"data": {"source": "builtin:arith", "train_size": 200, "test_size": 8, "prompts_per_step": 4},
            "rollout": {"engine": "scripted", "n": 4, "max_new_tokens": 8},
            "spark": {"enabled": True},
-           "stream": {"heartbeat_s": 0.2, "worker_timeout_s": 2.0, "credits_per_worker": 4},
+           "transport": {"heartbeat_s": 0.2, "worker_timeout_s": 2.0, "credits_per_worker": 4},
            "checkpoint": {"dir": str(run_dir)}, "logging": {"tensorboard": False, "progress": False}}
     for section, values in (extra or {}).items():
         cfg.setdefault(section, {}).update(values)

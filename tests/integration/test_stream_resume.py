@@ -47,7 +47,7 @@ def _train_cmd(tmp: Path, run_dir: Path, config: Path, port: int) -> list[str]:
     sets = ["model.hidden_size=32", "model.num_layers=2", "model.ffn_hidden_size=64", "warmstart.steps=0",
             f"trainer.steps={STEPS}", "trainer.micro_batch_size=8", "eval.max_new_tokens=4", "data.test_size=2",
             "rollout.engine=hf", "rollout.source=stream", "rollout.mode=async", "rollout.max_staleness=1",
-            f"stream.bind=tcp://127.0.0.1:{port}", "checkpoint.save_interval=1", "checkpoint.keep_last=5",
+            f"transport.bind=tcp://127.0.0.1:{port}", "checkpoint.save_interval=1", "checkpoint.keep_last=5",
             "checkpoint.export_hf=false", f"data.train_size={PROMPTS}"]
     return [sys.executable, str(tmp / "runner.py"), "train", "--config", str(config),
             *[a for kv in sets for a in ("--set", kv)]]
@@ -56,7 +56,7 @@ def _train_cmd(tmp: Path, run_dir: Path, config: Path, port: int) -> list[str]:
 def test_trainer_killed_with_assignments_in_flight_resumes_without_loss_or_repeats(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     config = worker_config(run_dir, {"data": {"train_size": PROMPTS}, "spark": {"enabled": False},
-                                     "stream": {"worker_timeout_s": 3.0}})
+                                     "transport": {"worker_timeout_s": 3.0}})
     port = free_port()
     cmd = _train_cmd(tmp_path, run_dir, config, port)
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -45,7 +45,7 @@ def _pump(ep: StreamEndpoint, clients: list[WorkerClient], until, timeout: float
 
 @pytest.mark.parametrize("bind", ["tcp://0.0.0.0:5555", "tcp://*:5555", "127.0.0.1:5555", "tcp://127.0.0.1"])
 def test_bind_must_be_explicit_and_never_all_interfaces_silently(bind: str) -> None:
-    with pytest.raises(ConfigError, match="stream.bind"):
+    with pytest.raises(ConfigError, match="transport.bind"):
         StreamConfig(bind=bind)
 
 
