@@ -125,8 +125,8 @@ def build_source(cfg: RunConfig, run_dir: Path, pstate: ParallelState, inprocess
         return RankZeroSource(inner, pstate.rank, pstate.device)
 
     async_ = cfg.rollout.mode == "async"
-    endpoint = StreamEndpoint(cfg.stream, max_staleness=cfg.rollout.max_staleness if async_ else 0)
+    endpoint = StreamEndpoint(cfg.transport, max_staleness=cfg.rollout.max_staleness if async_ else 0)
     (run_dir / "stream_endpoint").write_text(endpoint.endpoint + "\n")
     print(f"rollout stream: trainer endpoint {endpoint.endpoint} ({cfg.rollout.mode} mode); start workers with "
           f"`spark-mcore rollout-worker --connect {endpoint.endpoint} --config RUN.yaml`", flush=True)
-    return StreamSource(endpoint, inprocess.loader, ahead=cfg.rollout.max_staleness + 1 if async_ else 1)
+    return StreamSource(endpoint, inprocess.loader, max_staleness=cfg.rollout.max_staleness if async_ else None)

@@ -134,7 +134,7 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
             params.seed = cfg.trainer.seed * 100003 + it  # sampling is a function of the iteration
             step = rollout(run, StepRequest(it, policy_steps, plan.kind == "policy", reward_prompts, params))
             run.logger.update(spark.after_step(plan, step.groups, policy_steps, step.candidates))
-            run.source.prefetch(spark.peek())  # async sources start the next step's reward tasks now
+            run.source.prefetch(*spark.peek())  # async sources start on the next step's prompts now
             update(run, step.groups, version=it + 1, off_policy=step.off_policy)
             policy_steps, it = policy_steps + (plan.kind == "policy"), it + 1
             bar.update(plan.kind == "policy")

@@ -18,10 +18,10 @@ class RolloutConfig:
     source: where a step's groups come from: "inprocess" (engine, verifiers and SPARK recycler
         in the trainer processes) or "stream" (`spark-mcore rollout-worker` processes over the
         ZeroMQ endpoint of the `transport:` section).
-    mode: "sync" (assign step k's prompts, wait, train, push weights) or "async" (workers keep
-        generating up to `max_staleness` steps ahead while the trainer trains; stream only).
-    max_staleness: async mode: steps of prompts in flight beyond the current one, and the
-        oldest policy version (current - max_staleness) whose groups are still trained on.
+    mode: "sync" (assign step k's prompts, wait, train, push weights) or "async" (workers
+        generate the next step's prompts while the trainer trains; stream only).
+    max_staleness: async mode: the oldest policy version (current - max_staleness) whose
+        groups are still trained on (older ones are generated again); >= 1.
     """
 
     engine: str = "hf"
@@ -43,6 +43,9 @@ class RolloutConfig:
             raise ConfigError("rollout.top_p must be in (0, 1]")
         if self.max_staleness < 0:
             raise ConfigError("rollout.max_staleness must be >= 0")
+        if self.mode == "async" and self.max_staleness < 1:
+            raise ConfigError("rollout.mode=async needs rollout.max_staleness >= 1 (groups of the previous policy "
+                              "version); use rollout.mode=sync for on-policy groups")
         if self.mode == "async" and self.source != "stream":
             raise ConfigError("rollout.mode=async needs rollout.source=stream (rollout workers generate while the "
                               "trainer trains). Fix: set rollout.source=stream or rollout.mode=sync")

@@ -60,9 +60,9 @@ class RolloutSource(Protocol):
         """The engines now serve policy `version`."""
         ...
 
-    def prefetch(self, prompts: list[Prompt]) -> None:
-        """A hint: the next step will probably ask for these reward-task prompts; a source that
-        can work ahead (async) starts on them now. Never required for correctness."""
+    def prefetch(self, policy: bool, reward_prompts: list[Prompt]) -> None:
+        """A hint: the next step will probably be a policy step (`policy`) with these SPARK
+        reward-task prompts; a source that works ahead (async) starts on them now."""
         ...
 
     def state_dict(self) -> dict[str, Any]:
@@ -100,7 +100,7 @@ class InProcessSource:
     def weights_pushed(self, version: int) -> None:
         pass
 
-    def prefetch(self, prompts: list[Prompt]) -> None:
+    def prefetch(self, policy: bool, reward_prompts: list[Prompt]) -> None:
         pass
 
     def state_dict(self) -> dict[str, Any]:
@@ -121,16 +121,19 @@ def _params(p: SamplingParams, seed: int) -> dict[str, Any]:
 class StreamSource:
     """Assigns prompts to rollout workers through `endpoint` and waits for their groups.
 
-    ahead: policy batches in flight (1 = sync; max_staleness + 1 in async mode). Batch j ahead
-    is trained at policy step `policy_step + j`, which seeds its SPARK recycling on the worker.
+    max_staleness: None = sync mode (a step's prompts are assigned when the step asks for them,
+    by the engines' current policy). An integer K >= 1 = async mode: `prefetch` assigns the next
+    step's prompts (its policy batch, or its SPARK reward tasks) while the current step trains,
+    so at most two steps of prompts are in flight; a group more than K versions older than the
+    step that trains on it is generated again.
     """
 
-    def __init__(self, endpoint: StreamEndpoint, loader: Iterator[list[Prompt]], ahead: int = 1,
+    def __init__(self, endpoint: StreamEndpoint, loader: Iterator[list[Prompt]], max_staleness: int | None = None,
                  poll_ms: int = 20) -> None:
-        if ahead < 1:
-            raise ValueError(f"ahead: must be >= 1, got {ahead}")
-        self.endpoint, self.loader, self.ahead, self.poll_ms = endpoint, loader, ahead, poll_ms
-        self._batches: deque[list[WorkItem]] = deque()
+        if max_staleness is not None and max_staleness < 1:
+            raise ValueError(f"max_staleness: async mode needs >= 1 (None = sync), got {max_staleness}")
+        self.endpoint, self.loader, self.max_staleness, self.poll_ms = endpoint, loader, max_staleness, poll_ms
+        self._batches: deque[list[WorkItem]] = deque()  # policy batches taken from the loader, not yet trained
         self._results: dict[str, Any] = {}
         self._counter = 0
         self.idle_s = 0.0
@@ -169,37 +172,59 @@ class StreamSource:
         self._counter += 1
         return f"{self.endpoint.session}:{tag}{self._counter}"
 
-    def _top_up(self, request: StepRequest) -> None:
-        while len(self._batches) < self.ahead:
-            step = request.policy_step + len(self._batches)
-            seed = request.params.seed if request.params.seed is not None else 0
-            items = [WorkItem(self._new_id("p"), p, _params(request.params, seed + step * 7919 + i), step, i, True)
-                     for i, p in enumerate(next(self.loader))]
-            with self._lock:
-                self.endpoint.submit(items)
-            self._batches.append(items)
+    def _submit(self, items: list[WorkItem], front: bool = False) -> None:
+        with self._lock:
+            self.endpoint.submit(items, front=front)
+
+    def _policy_batch(self, step: int, params: SamplingParams) -> list[WorkItem]:
+        """The next loader batch as work items of policy step `step` (seeds its recycling)."""
+        seed = params.seed if params.seed is not None else 0
+        items = [WorkItem(self._new_id("p"), p, _params(params, seed + step * 7919 + i), step, i, True)
+                 for i, p in enumerate(next(self.loader))]
+        self._submit(items)
+        self._batches.append(items)
+        return items
 
     def collect(self, request: StepRequest) -> StepRollouts:
         items: list[WorkItem] = []
         if request.policy:
-            self._top_up(request)
+            if not self._batches:
+                self._policy_batch(request.policy_step, request.params)
             items = self._batches.popleft()
-        reward_items = self._reward_items(request)
-        items += reward_items
+        items += self._reward_items(request)
         start = time.perf_counter()
-        self._wait({i.sample_id for i in items})
+        results = self._wait_fresh(items)
         waited = time.perf_counter() - start
         self.idle_s += waited
         with self._lock:
-            results = [self._results.pop(i.sample_id) for i in items]
             stream_metrics = self.endpoint.metrics()
+            version = self.endpoint.policy_version
         groups = [r.to_group(i.prompt) for r, i in zip(results, items, strict=True)]
         metrics = {"time/trainer_idle": waited, **{f"stream/{k}": v for k, v in stream_metrics.items()},
                    "stream/batches_ahead": float(len(self._batches)),
-                   "stream/max_staleness_seen": float(max((self.endpoint.policy_version - r.policy_version
-                                                           for r in results), default=0)),
+                   "stream/max_staleness_seen": float(max((version - r.policy_version for r in results), default=0)),
                    "time/worker_generate": sum(r.gen_s for r in results) / max(len(results), 1)}
-        return StepRollouts(groups, [r.candidates for r in results], metrics, off_policy=self.ahead > 1)
+        return StepRollouts(groups, [r.candidates for r in results], metrics, off_policy=self.max_staleness is not None)
+
+    def _wait_fresh(self, items: list[WorkItem]) -> list[Any]:
+        """Results of `items` in order; one older than max_staleness versions now (the policy
+        moved on since it was accepted) is generated again under a new sample id."""
+        limit = self.max_staleness or 0
+        while True:
+            self._wait({i.sample_id for i in items})
+            with self._lock:
+                version = self.endpoint.policy_version
+                results = [self._results.pop(i.sample_id) for i in items]
+            stale = [k for k, r in enumerate(results) if version - r.policy_version > limit]
+            if not stale:
+                return results
+            for k in stale:
+                items[k] = WorkItem(self._new_id("s"), items[k].prompt, items[k].params, items[k].step, items[k].index,
+                                    items[k].recycle)
+            self._submit([items[k] for k in stale], front=True)
+            for k, r in enumerate(results):
+                if k not in stale:
+                    self._results[items[k].sample_id] = r
 
     def _reward_items(self, request: StepRequest) -> list[WorkItem]:
         """This step's reward-task items: those started ahead by `prefetch` when they match,
@@ -225,15 +250,17 @@ class StreamSource:
         return WorkItem(self._new_id("r"), p, _params(request.params, seed + 104729 + self._counter),
                         request.policy_step, 0, False)
 
-    def prefetch(self, prompts: list[Prompt]) -> None:
-        """Async mode only: start the next step's reward tasks now (their groups are then at
-        most one version old, within max_staleness). Sync mode ignores the hint."""
-        if self.ahead == 1 or self._last is None or not prompts:
+    def prefetch(self, policy: bool, reward_prompts: list[Prompt]) -> None:
+        """Async mode: assign what the next step will ask for while this step trains (its groups
+        are then one version old). Sync mode ignores the hint."""
+        last = self._last
+        if self.max_staleness is None or last is None:
             return
-        items = [self._reward_item(p, self._last) for p in prompts if p.id not in self._hinted]
+        if policy and not self._batches:
+            self._policy_batch(last.policy_step + int(last.policy), last.params)
+        items = [self._reward_item(p, last) for p in reward_prompts if p.id not in self._hinted]
         self._hinted.update({i.prompt.id: i for i in items})
-        with self._lock:
-            self.endpoint.submit(items, front=True)
+        self._submit(items, front=True)
 
     def _wait(self, ids: set[str]) -> None:
         """Waits until every id has a result; raises StreamStalled naming the workers when no
@@ -317,9 +344,9 @@ class RankZeroSource:
         if self.inner is not None:
             self.inner.weights_pushed(version)
 
-    def prefetch(self, prompts: list[Prompt]) -> None:
+    def prefetch(self, policy: bool, reward_prompts: list[Prompt]) -> None:
         if self.inner is not None:
-            self.inner.prefetch(prompts)
+            self.inner.prefetch(policy, reward_prompts)
 
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict() if self.inner is not None else {}

@@ -27,11 +27,11 @@ class SparkState:
         plan = self.schedule.next_step(len(self.cache), self.last_kind)
         return plan, [s.prompt for s in self.cache.pop(plan.reward_samples)]
 
-    def peek(self) -> list[Prompt]:
-        """The reward-task prompts the next `plan()` will take (nothing is taken now): a rollout
-        source may start on them while the current step trains."""
+    def peek(self) -> tuple[bool, list[Prompt]]:
+        """What the next `plan()` will ask for, taking nothing now: (a policy step?, its reward-
+        task prompts). A rollout source may start on them while the current step trains."""
         plan = self.schedule.next_step(len(self.cache), self.last_kind)
-        return [s.prompt for s in self.cache.peek(plan.reward_samples)]
+        return plan.kind == "policy", [s.prompt for s in self.cache.peek(plan.reward_samples)]
 
     def after_step(self, plan: StepPlan, groups: list[RolloutGroup], step: int,
                    candidates: list[list[RewardSample]] | None = None) -> dict[str, float]:

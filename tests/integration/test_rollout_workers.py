@@ -29,14 +29,14 @@ pytestmark = pytest.mark.timeout(120)
 STEPS = 6
 
 
-def _source(run_dir, cfg, ahead: int, stall_s: float = 60.0) -> tuple[StreamSource, list]:
+def _source(run_dir, cfg, max_staleness: int | None, stall_s: float = 60.0) -> tuple[StreamSource, list]:
     tok = get_tokenizer(cfg.data, run_dir)
     prompts = load_prompts(cfg.data, "train", tok)
     loader = PromptLoader(prompts, cfg.data.prompts_per_step, seed=0)
     order = PromptLoader(prompts, cfg.data.prompts_per_step, seed=0)  # what the loader hands out, in order
     scfg = StreamConfig(bind=f"tcp://127.0.0.1:{free_port()}", heartbeat_s=0.2, worker_timeout_s=2.0,
                         credits_per_worker=4, stall_timeout_s=stall_s)
-    return StreamSource(StreamEndpoint(scfg, max_staleness=None), loader, ahead=ahead), order
+    return StreamSource(StreamEndpoint(scfg, max_staleness=max_staleness), loader, max_staleness=max_staleness), order
 
 
 def _request(step: int) -> StepRequest:
@@ -48,7 +48,7 @@ def test_three_workers_one_killed_and_restarted_every_prompt_once(tmp_path, capl
     caplog.set_level(logging.INFO, logger="spark_mcore.transport.endpoint")
     config = worker_config(tmp_path)
     cfg = load_run_config(config)
-    source, order = _source(tmp_path, cfg, ahead=3)
+    source, order = _source(tmp_path, cfg, max_staleness=1)  # async: the next batch is assigned early
     seen: list[str] = []
     try:
         with Workers(source.endpoint.endpoint, config, tmp_path, delay_s=0.5) as workers:
@@ -73,6 +73,7 @@ def test_three_workers_one_killed_and_restarted_every_prompt_once(tmp_path, capl
                 assert all(c.source_prompt_id == g.prompt.id for g, cs in zip(out.groups, out.candidates, strict=True)
                            for c in cs), "recycled tasks belong to their group"
                 seen += [g.prompt.id for g in out.groups]
+                source.prefetch(True, [])  # the next step's batch goes out while this one "trains"
             stats = source.endpoint.stats
     finally:
         source.close()
@@ -87,7 +88,7 @@ def test_three_workers_one_killed_and_restarted_every_prompt_once(tmp_path, capl
 def test_trainer_never_waits_forever_names_the_silent_worker(tmp_path) -> None:
     config = worker_config(tmp_path)
     cfg = load_run_config(config)
-    source, _ = _source(tmp_path, cfg, ahead=1, stall_s=4.0)
+    source, _ = _source(tmp_path, cfg, max_staleness=None, stall_s=4.0)
     try:
         with Workers(source.endpoint.endpoint, config, tmp_path, delay_s=15.0) as workers:
             workers.start("slowpoke")  # takes its prompts, then generates far longer than the deadline

@@ -25,10 +25,12 @@ def _items(n: int, prefix: str = "s") -> list[WorkItem]:
             for i in range(n)]
 
 
-def _answer(client: WorkerClient, version: int = 0) -> list[str]:
+def _answer(client: WorkerClient) -> list[str]:
+    """Answers new assignments, tagged with the policy version the worker last heard of."""
     done = []
     for item in client.poll(10):
-        client.send_result(WorkResult(item.sample_id, client.worker, version, [1], [Completion([2], "t", [-0.1])], [1.0]))
+        client.send_result(WorkResult(item.sample_id, client.worker, client.policy_version, [1],
+                                      [Completion([2], "t", [-0.1])], [1.0]))
         done.append(item.sample_id)
     return done
 
@@ -144,7 +146,7 @@ def test_stale_results_are_dropped_and_the_prompt_reassigned() -> None:
 def test_stream_source_state_reissues_batches_in_flight() -> None:
     prompts = [Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1") for i in range(6)]
     loader = iter([prompts[0:2], prompts[2:4], prompts[4:6]])
-    src = StreamSource(StreamEndpoint(StreamConfig(**FAST)), loader, ahead=2)
+    src = StreamSource(StreamEndpoint(StreamConfig(**FAST)), loader, max_staleness=1)
     client = WorkerClient(src.endpoint.endpoint, "w", capacity=8, heartbeat_s=0.05)
     import threading
 
@@ -159,6 +161,7 @@ def test_stream_source_state_reissues_batches_in_flight() -> None:
     try:
         out = src.collect(StepRequest(0, 0, True, [], SamplingParams(n=1)))
         assert [g.prompt.id for g in out.groups] == ["p0", "p1"]
+        src.prefetch(True, [])  # async: the next step's batch is taken and assigned now
         state = src.state_dict()
         assert [[d["prompt"]["id"] for d in b] for b in state["batches"]] == [["p2", "p3"]]
     finally:
@@ -166,7 +169,7 @@ def test_stream_source_state_reissues_batches_in_flight() -> None:
         t.join(timeout=5)
         client.close()
         src.close()
-    again = StreamSource(StreamEndpoint(StreamConfig(**FAST)), iter([prompts[4:6]]), ahead=1)
+    again = StreamSource(StreamEndpoint(StreamConfig(**FAST)), iter([prompts[4:6]]))
     again.load_state_dict(state)
     assert again.endpoint.outstanding() == [d["sample_id"] for d in state["batches"][0]]
     again.close()
@@ -196,7 +199,8 @@ def test_async_prefetch_starts_reward_tasks_early_and_cancels_unused_ones() -> N
 
     prompts = [Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1") for i in range(8)]
     rewards = [Prompt(f"r{i}", [{"role": "user", "content": "judge"}], "Yes", task="judge") for i in range(3)]
-    src = StreamSource(StreamEndpoint(StreamConfig(**FAST)), iter([prompts[0:2], prompts[2:4], prompts[4:6]]), ahead=2)
+    src = StreamSource(StreamEndpoint(StreamConfig(**FAST)), iter([prompts[0:2], prompts[2:4], prompts[4:6]]),
+                       max_staleness=1)
     client = WorkerClient(src.endpoint.endpoint, "w", capacity=8, heartbeat_s=0.05)
     stop = threading.Event()
     answered: list[str] = []
@@ -209,7 +213,7 @@ def test_async_prefetch_starts_reward_tasks_early_and_cancels_unused_ones() -> N
     t.start()
     try:
         src.collect(StepRequest(0, 0, True, [], SamplingParams(n=1)))
-        src.prefetch(rewards[:2])
+        src.prefetch(False, rewards[:2])
         hinted = {p: i.sample_id for p, i in src._hinted.items()}
         deadline = time.monotonic() + 10
         while hinted["r0"] not in answered:  # generated while "training"
@@ -219,6 +223,43 @@ def test_async_prefetch_starts_reward_tasks_early_and_cancels_unused_ones() -> N
         assert [g.prompt.id for g in out.groups] == ["r0", "r2"]
         assert hinted["r1"] in src.endpoint.done and hinted["r1"] not in src.endpoint.items, "unused hint cancelled"
         assert answered.count(hinted["r0"]) == 1, "the prefetched group was used, not generated again"
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        client.close()
+        src.close()
+
+
+def test_async_groups_too_old_for_the_training_step_are_generated_again() -> None:
+    import threading
+
+    prompts = [Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1") for i in range(4)]
+    src = StreamSource(StreamEndpoint(StreamConfig(**FAST), max_staleness=1), iter([prompts[0:2], prompts[2:4]]),
+                       max_staleness=1)
+    client = WorkerClient(src.endpoint.endpoint, "w", capacity=8, heartbeat_s=0.05)
+    stop = threading.Event()
+    answered: list[str] = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            answered.extend(_answer(client))
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        src.collect(StepRequest(0, 0, True, [], SamplingParams(n=1)))
+        src.prefetch(True, [])  # made by version 0 ...
+        early = [i.sample_id for i in src._batches[0]]
+        deadline = time.monotonic() + 10
+        while not set(early) <= set(answered):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        src.weights_pushed(1)
+        src.weights_pushed(2)  # ... but trained at version 2 (a reward step came in between)
+        out = src.collect(StepRequest(2, 1, True, [], SamplingParams(n=1)))
+        assert [g.prompt.id for g in out.groups] == ["p2", "p3"]
+        assert {r.policy_version for g in out.groups for r in g.rollouts} == {2}, "generated again"
+        assert out.metrics["stream/max_staleness_seen"] == 0
     finally:
         stop.set()
         t.join(timeout=5)
