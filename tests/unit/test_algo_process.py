@@ -149,3 +149,22 @@ def test_spro_config() -> None:
     assert not AlgoConfig(kl_coef=0.0).needs_reference
     with pytest.raises(ConfigError, match="algo.spro_beta"):
         AlgoConfig(spro_beta=-0.1)
+
+
+def test_token_advantages_and_group_ids_travel_through_micro_batches() -> None:
+    from spark_mcore.trainer.batching import pad_rows, select
+    from spark_mcore.trainer.packing import packed_micro_batches, padded_micro_batches
+
+    logp, ref, mask = _batch_layout()
+    token = spro_token_advantages(torch.tensor([1.0, -0.5, -1.0, 0.5, 0.0]), logp.float(), ref.float(), mask,
+                                  GROUPS, BETA)
+    batch = TrainBatch(tokens=torch.arange(30).reshape(5, 6), loss_mask=mask, advantages=token, group_ids=GROUPS)
+    padded = pad_rows(batch, 4)
+    assert padded.group_ids.tolist() == [5, 9, 5, 9, 5, -1, -1, -1]
+    assert padded.advantages.shape == (8, 6) and (padded.advantages[5:] == 0).all()
+    assert torch.equal(select(batch, torch.tensor([3, 0])).advantages, token[[3, 0]])
+    for mbs in (packed_micro_batches(batch, 12, 1), padded_micro_batches(batch, 2)):
+        for mb in mbs:
+            keep = mb.index >= 0
+            assert torch.equal(mb.seqs.advantages[keep], token[mb.index[keep]])
+            assert torch.equal(mb.seqs.group_ids[keep], GROUPS[mb.index[keep]])
