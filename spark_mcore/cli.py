@@ -125,6 +125,32 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    from spark_mcore.plan.report import add_arguments
+
+    add_arguments(p)
+
+
+@command("plan", _plan_args)
+def _plan(args: argparse.Namespace) -> int:
+    from spark_mcore.plan.report import run_plan
+
+    return run_plan(args)
+
+
+def _doctor_args(p: argparse.ArgumentParser) -> None:
+    from spark_mcore.doctor import add_arguments
+
+    add_arguments(p)
+
+
+@command("doctor", _doctor_args)
+def _doctor(args: argparse.Namespace) -> int:
+    from spark_mcore.doctor import run_doctor
+
+    return run_doctor(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spark-mcore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

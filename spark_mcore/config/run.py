@@ -19,6 +19,7 @@ from spark_mcore.rollout.config import RolloutConfig
 from spark_mcore.sglang.config import SGLangConfig
 from spark_mcore.spark.config import SparkConfig
 from spark_mcore.trainer.config import TrainerConfig, WarmStartConfig
+from spark_mcore.trainer.features import check_gpu_features
 from spark_mcore.weights.config import WeightSyncConfig
 
 
@@ -40,6 +41,9 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        check_gpu_features(self.model, self.trainer, self.parallel)
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
