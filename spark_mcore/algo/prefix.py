@@ -52,7 +52,8 @@ def prefix_fraction_bounds(step: int, total_steps: int, low: tuple[float, float]
     return min(lo, hi), hi
 
 
-def draw_prefix_fractions(members: int, low: float, high: float, generator: torch.Generator | None = None) -> Tensor:
+def draw_prefix_fractions(members: int, low: float, high: float,
+                          generator: torch.Generator | None = None) -> Tensor:
     """[members] float64 fractions drawn uniformly from [low, high] (one per prefixed member)."""
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"prefix fraction bounds must satisfy 0 <= low <= high <= 1, got [{low}, {high}]")
@@ -63,7 +64,8 @@ def draw_prefix_fractions(members: int, low: float, high: float, generator: torc
 def prefix_lengths(fractions: Tensor, demo_lengths: Tensor) -> Tensor:
     """[N] long: floor(p * demonstration length) tokens of each member's prefix."""
     if fractions.shape != demo_lengths.shape:
-        raise ValueError(f"fractions {tuple(fractions.shape)} and demo_lengths {tuple(demo_lengths.shape)} differ")
+        raise ValueError(f"fractions {tuple(fractions.shape)} and demo_lengths "
+                         f"{tuple(demo_lengths.shape)} differ")
     return torch.floor(fractions.double() * demo_lengths.double() + 1e-9).long().clamp(min=0)
 
 
@@ -90,7 +92,8 @@ def entropy_keep_mask(entropy: Tensor, prefix: Tensor, keep_fraction: float = 0.
         keep_fraction: in (0, 1] (rollout.prefix.entropy_keep).
     """
     if entropy.shape != prefix.shape:
-        raise ValueError(f"entropy {tuple(entropy.shape)} must have the prefix mask's shape {tuple(prefix.shape)}")
+        raise ValueError(f"entropy {tuple(entropy.shape)} must have the prefix mask's shape "
+                         f"{tuple(prefix.shape)}")
     if not 0.0 < keep_fraction <= 1.0:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
     flat_prefix = prefix.bool().reshape(-1)
@@ -99,7 +102,8 @@ def entropy_keep_mask(entropy: Tensor, prefix: Tensor, keep_fraction: float = 0.
     if count == 0:
         return keep.reshape(prefix.shape)
     k = math.ceil(keep_fraction * count - 1e-9)
-    score = torch.where(flat_prefix, entropy.detach().reshape(-1).double(), torch.tensor(-math.inf, dtype=torch.float64))
+    lowest = torch.tensor(-math.inf, dtype=torch.float64)
+    score = torch.where(flat_prefix, entropy.detach().reshape(-1).double(), lowest)
     order = torch.argsort(score, descending=True, stable=True)
     keep[order[:k]] = True
     return keep.reshape(prefix.shape)
@@ -111,8 +115,9 @@ def dr_grpo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
 
 
 def prefix_rft_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, prefix: Tensor,
-                    keep: Tensor, clip_eps: float, clip_eps_high: float | None = None, agg: str = "token_mean",
-                    normalizer: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                    keep: Tensor, clip_eps: float, clip_eps_high: float | None = None,
+                    agg: str = "token_mean", normalizer: float | None = None
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
     """Prefix-RFT objective over one batch.
 
     On-policy tokens (mask and not prefix): -min(r A, clip(r, 1 - eps, 1 + eps_high) A), r =
@@ -129,9 +134,11 @@ def prefix_rft_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     """
     for name, t in (("old_logp", old_logp), ("mask", mask), ("prefix", prefix), ("keep", keep)):
         if t.shape != logp.shape:
-            raise ValueError(f"{name} must have shape {tuple(logp.shape)} like logp [B, T], got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape {tuple(logp.shape)} like logp [B, T], "
+                             f"got {tuple(t.shape)}")
     if advantages.shape not in (logp.shape[:1], logp.shape):
-        raise ValueError(f"advantages must be [B] or [B, T] for logp {tuple(logp.shape)}, got {tuple(advantages.shape)}")
+        raise ValueError(f"advantages must be [B] or [B, T] for logp {tuple(logp.shape)}, "
+                         f"got {tuple(advantages.shape)}")
     high = clip_eps if clip_eps_high is None else clip_eps_high
     bmask = mask.bool()
     pre = prefix.bool() & bmask

@@ -36,7 +36,8 @@ __all__ = [
 
 def _check_layout(name: str, t: Tensor, like: Tensor) -> None:
     if t.shape != like.shape:
-        raise ValueError(f"{name} must have shape {tuple(like.shape)} like the mask [N, L], got {tuple(t.shape)}")
+        raise ValueError(f"{name} must have shape {tuple(like.shape)} like the mask [N, L], "
+                         f"got {tuple(t.shape)}")
 
 
 def cumulative_process_rewards(logp: Tensor, ref_logp: Tensor, active: Tensor, beta: float) -> Tensor:
@@ -53,8 +54,9 @@ def cumulative_process_rewards(logp: Tensor, ref_logp: Tensor, active: Tensor, b
     _check_layout("ref_logp", ref_logp, active)
     _check_layout("logp", logp, active)
     act = active.bool()
-    diff = torch.where(act, logp.detach().double() - ref_logp.detach().double(), torch.zeros((), dtype=torch.float64))
-    return torch.where(act, beta * diff.cumsum(dim=1), torch.zeros((), dtype=torch.float64))
+    zero = torch.zeros((), dtype=torch.float64)
+    diff = torch.where(act, logp.detach().double() - ref_logp.detach().double(), zero)
+    return torch.where(act, beta * diff.cumsum(dim=1), zero)
 
 
 def masked_step_advantages(rewards: Tensor, active: Tensor, group_ids: Tensor) -> Tensor:
@@ -78,8 +80,8 @@ def masked_step_advantages(rewards: Tensor, active: Tensor, group_ids: Tensor) -
     groups = int(index.max()) + 1
     r = torch.where(act, rewards.double(), torch.zeros((), dtype=torch.float64))
     width = r.shape[1]
-    sums = torch.zeros(groups, width, dtype=torch.float64, device=r.device).index_add_(0, index, r)
-    counts = torch.zeros(groups, width, dtype=torch.float64, device=r.device).index_add_(0, index, act.double())
+    sums = r.new_zeros(groups, width).index_add_(0, index, r)
+    counts = r.new_zeros(groups, width).index_add_(0, index, act.double())
     mean = sums[index] / counts[index].clamp(min=1)
     shared = act & (counts[index] > 1)
     return torch.where(shared, r - mean, torch.zeros((), dtype=torch.float64))
@@ -125,7 +127,7 @@ def to_response_layout(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Te
     t = torch.arange(span, device=values.device)
     active = t[None, :] < lengths[:, None]
     src = (start[:, None] + t[None, :]).clamp(max=max(width - 1, 0))
-    aligned = torch.where(active, values.gather(1, src), torch.zeros((), dtype=values.dtype, device=values.device))
+    aligned = torch.where(active, values.gather(1, src), values.new_zeros(()))
     return aligned, active, start
 
 

@@ -122,7 +122,8 @@ def class_weights(num_pos: float, num_neg: float) -> tuple[float, float]:
     return 1.5 * num_neg / total, num_pos / total
 
 
-def step_bce_loss(logits: Tensor, labels: Tensor, keep: Tensor, pos_weight: float, neg_weight: float) -> Tensor:
+def step_bce_loss(logits: Tensor, labels: Tensor, keep: Tensor, pos_weight: float,
+                  neg_weight: float) -> Tensor:
     """Class-weighted BCE-with-logits, mean over the kept steps (weighted sum / kept count).
 
     Args:
@@ -146,7 +147,8 @@ def geometric_mean_scores(step_logits: Tensor, step_mask: Tensor) -> Tensor:
     """[N, S] logits, [N, S] bool -> [N] response scores exp(mean log sigmoid(logit)) over its
     steps (the geometric mean of the step probabilities); 0 for a response without steps."""
     if step_logits.shape != step_mask.shape:
-        raise ValueError(f"step_logits {tuple(step_logits.shape)} and step_mask {tuple(step_mask.shape)} differ")
+        raise ValueError(f"step_logits {tuple(step_logits.shape)} and step_mask "
+                         f"{tuple(step_mask.shape)} differ")
     logsig = torch.where(step_mask, F.logsigmoid(step_logits.double()), torch.zeros((), dtype=torch.float64))
     count = step_mask.sum(dim=-1)
     score = torch.exp(logsig.sum(dim=-1) / count.clamp(min=1))

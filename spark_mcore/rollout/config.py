@@ -36,12 +36,13 @@ class PrefixConfig:
     def __post_init__(self) -> None:
         for name in ("high_start", "high_end", "low_start", "low_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"rollout.prefix.{name} must be in [0, 1] (a fraction of the demonstration), "
-                                  f"got {getattr(self, name)}")
+                raise ConfigError(f"rollout.prefix.{name} must be in [0, 1] (a fraction of the "
+                                  f"demonstration), got {getattr(self, name)}")
         if self.low_start > self.high_start or self.low_end > self.high_end:
             raise ConfigError("rollout.prefix: low_start/low_end must be <= high_start/high_end")
         if not 0.0 < self.entropy_keep <= 1.0:
-            raise ConfigError(f"rollout.prefix.entropy_keep must be in (0, 1] (paper: 0.2), got {self.entropy_keep}")
+            raise ConfigError("rollout.prefix.entropy_keep must be in (0, 1] (paper: 0.2), "
+                              f"got {self.entropy_keep}")
         if self.members < 0 or self.schedule_steps < 0:
             raise ConfigError("rollout.prefix.members and rollout.prefix.schedule_steps must be >= 0")
 
@@ -77,6 +78,6 @@ class RolloutConfig:
             raise ConfigError(f"rollout.prefix.members={self.prefix.members} must be < rollout.n={self.n} "
                               "(a group needs on-policy members)")
         if self.prefix.enabled:
-            raise ConfigError("rollout.prefix.enabled=true: Prefix-RFT rollouts are not yet wired into generation "
-                              "(only the loss functions in spark_mcore.algo.prefix exist, issue 17); set "
-                              "rollout.prefix.enabled=false")
+            raise ConfigError("rollout.prefix.enabled=true: Prefix-RFT rollouts are not yet wired into "
+                              "generation (only the loss functions in spark_mcore.algo.prefix exist, "
+                              "issue 17); set rollout.prefix.enabled=false")

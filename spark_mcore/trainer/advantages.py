@@ -34,4 +34,5 @@ def refine_advantages(batch: TrainBatch, algo: AlgoConfig) -> dict[str, float]:
         return {}
     mask = batch.loss_mask > 0
     dev = (batch.advantages - outcome.unsqueeze(1)).abs()
-    return {"adv_process_abs": float(torch.where(mask, dev, torch.zeros_like(dev)).sum() / mask.sum().clamp(min=1))}
+    total = torch.where(mask, dev, torch.zeros_like(dev)).sum()
+    return {"adv_process_abs": float(total / mask.sum().clamp(min=1))}
