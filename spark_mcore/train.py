@@ -12,19 +12,29 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
 from spark_mcore.algo.losses import logprob_mismatch
-from spark_mcore.checkpoint.io import export_hf, latest_checkpoint, load_actor_state, save_checkpoint
+from spark_mcore.checkpoint.io import (
+    checkpoint_root,
+    export_hf,
+    latest_checkpoint,
+    load_actor_state,
+    save_checkpoint,
+)
 from spark_mcore.config.run import RunConfig
 from spark_mcore.distributed.parallel import destroy_distributed
+from spark_mcore.distributed.signals import StopOnSignal
+from spark_mcore.errors import Interrupted
 from spark_mcore.eval.runner import EvalResult, evaluate_accuracy
 from spark_mcore.rollout.base import SamplingParams
 from spark_mcore.rollout.source import StepRequest, StepRollouts
 from spark_mcore.runtime import Run, build_run
 from spark_mcore.spark.loop import SparkState, kind_metrics
 from spark_mcore.spark.warmstart_data import judge_sft_examples
+from spark_mcore.trainer.advantages import refine_advantages
 from spark_mcore.trainer.batching import groups_to_batch, split_for_updates
 from spark_mcore.trainer.warmstart import warm_start
 from spark_mcore.types import KIND_KEY, RolloutGroup
@@ -75,6 +85,7 @@ def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool 
                 batch.engine_logprobs = batch.engine_logprobs if off_policy else None
             if run.actor.ref_chunks is not None:
                 batch.ref_logprobs = run.actor.compute_logprobs(batch, reference=True)
+            log.update(refine_advantages(batch, algo), prefix="train/")  # SPRO: per-token advantages
             # several optimizer steps per rollout batch: later ones are off-policy w.r.t. the
             # old log-probs above, which is what the PPO clip is for
             steps = [run.actor.train_step(mini) for mini in
@@ -114,14 +125,22 @@ def prepare(run: Run, spark: SparkState) -> tuple[int, int, dict[str, EvalResult
                                                       if start_file.is_file() else {})
 
 
-def checkpoint(run: Run, it: int, state: dict) -> None:
-    save_checkpoint(run.actor, run.run_dir, it, state, keep_last=run.cfg.checkpoint.keep_last,
-                    policy_version=run.engine.policy_version)
+def checkpoint(run: Run, it: int, state: dict) -> Path:
+    return save_checkpoint(run.actor, run.run_dir, it, state, keep_last=run.cfg.checkpoint.keep_last,
+                           policy_version=run.engine.policy_version)
 
 
 def train(cfg: RunConfig) -> dict[str, EvalResult]:
-    """Runs the whole job; returns held-out results after the warm start and after RL."""
-    run = build_run(cfg)
+    """Runs the whole job; returns held-out results after the warm start and after RL.
+    After a stop signal (`checkpoint.save_on_signal`) the current step finishes, a checkpoint
+    is saved and `Interrupted` names it."""
+    try:
+        run = build_run(cfg)
+    except BaseException:  # e.g. a bad dataset row: no Run to close, but the process group exists
+        destroy_distributed()
+        raise
+    stop = StopOnSignal(cfg.checkpoint.save_on_signal, announce=run.pstate.rank == 0)
+    stop.__enter__()
     try:
         spark = SparkState(cfg.spark, cfg.data.prompts_per_step)
         it, policy_steps, results = prepare(run, spark)
@@ -129,7 +148,13 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
                                 max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=run.stop_ids)
         bar = tqdm(total=cfg.trainer.steps, initial=policy_steps, desc="RL policy steps",
                    disable=not (cfg.logging.progress and run.pstate.rank == 0), dynamic_ncols=True)
+        saved_it = -1
         while policy_steps < cfg.trainer.steps:
+            if stop.should_stop():  # collective: every rank stops after the same step
+                where = checkpoint(run, it, trainer_state(run, spark, it, policy_steps)) if saved_it != it \
+                    else checkpoint_root(run.run_dir) / f"step_{it}"
+                raise Interrupted(stop.requested or "signal", stop.signum, str(where),
+                                  f" after policy step {policy_steps}/{cfg.trainer.steps}")
             plan, reward_prompts = spark.plan()
             params.seed = cfg.trainer.seed * 100003 + it  # sampling is a function of the iteration
             step = rollout(run, StepRequest(it, policy_steps, plan.kind == "policy", reward_prompts, params))
@@ -143,15 +168,17 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
             interval = cfg.checkpoint.save_interval
             if plan.kind == "policy" and interval and policy_steps % interval == 0 and policy_steps < cfg.trainer.steps:
                 checkpoint(run, it, trainer_state(run, spark, it, policy_steps))
+                saved_it = it
         bar.close()
         results["rl"] = evaluate(run)
+        results["rl"].write(run.run_dir / "eval_rl.json")  # small: written before the checkpoint needs the disk
         checkpoint(run, it, trainer_state(run, spark, it, policy_steps))
         if cfg.checkpoint.export_hf:
             export_hf(run.actor, run.tokenizer, run.run_dir / "hf", run.run_dir / "tokenizer")
         print_results_table(results)
-        results["rl"].write(run.run_dir / "eval_rl.json")
         return results
     finally:
+        stop.__exit__()
         run.close()
         destroy_distributed()
 

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from spark_mcore.config import accel
-from spark_mcore.config.loader import ConfigError
+from spark_mcore.config.loader import ConfigError, check_ranges
 
 
 @dataclass
@@ -46,13 +46,18 @@ class ModelConfig:
     attention: Literal["auto", "sdpa", "megatron"] = "auto"
 
     def __post_init__(self) -> None:
+        check_ranges("model", self, {
+            "vocab_size": ">= 0", "hidden_size": ">= 1", "num_layers": ">= 1", "num_attention_heads": ">= 1",
+            "num_query_groups": ">= 1", "ffn_hidden_size": ">= 1", "max_position_embeddings": ">= 1",
+            "rope_theta": "> 0", "rms_norm_eps": "> 0", "init_std": "> 0"})
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"model.num_query_groups={self.num_query_groups} must divide "
                 f"model.num_attention_heads={self.num_attention_heads}"
             )
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError("model.hidden_size must be divisible by model.num_attention_heads")
+            raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by "
+                              f"model.num_attention_heads={self.num_attention_heads}")
         if self.transformer_impl == "transformer_engine" and not accel.te_available():
             raise ConfigError("model.transformer_impl=transformer_engine but Transformer Engine does not import "
                               f"here ({accel.probe('transformer_engine.pytorch')[1]}); install "
