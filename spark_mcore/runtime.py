@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from spark_mcore.errors import check_writable_dir
 from spark_mcore.metrics import MetricsLogger
 from spark_mcore.rewards import VerifierPool, registered_verifiers
 from spark_mcore.rollout.base import RolloutEngine
+from spark_mcore.rollout.source import InProcessSource, RankZeroSource, RolloutSource, StreamSource
 from spark_mcore.spark.templates import corpus_texts
 from spark_mcore.trainer.actor import MegatronActor
 from spark_mcore.types import Prompt
@@ -40,12 +42,15 @@ class Run:
     logger: MetricsLogger
     loader: PromptLoader
     test_prompts: list[Prompt]
+    source: RolloutSource  # where each step's verified groups come from (rollout.source)
 
     def push_weights(self, version: int) -> None:
         """The actor's current weights become the engine's policy `version` (collective)."""
         self.weights.push(version)
+        self.source.weights_pushed(version)
 
     def close(self) -> None:
+        self.source.close()
         self.pool.close()
         self.logger.close()
         try:
@@ -96,15 +101,38 @@ def build_run(cfg: RunConfig) -> Run:
         load_hf_weights(actor, cfg.model.hf_path)
     engine, weights = build_rollout(EngineContext(cfg, run_dir, pstate, tokenizer, actor))
     try:
+        pool = VerifierPool(cfg.reward)
+        loader = PromptLoader(train_prompts, cfg.data.prompts_per_step, seed=cfg.data.seed)
+        encode = partial(encode_prompt, tokenizer)
         return Run(
             cfg=cfg, run_dir=run_dir, pstate=pstate, tokenizer=tokenizer,
-            encode=partial(encode_prompt, tokenizer), stop_ids=stop_token_ids(tokenizer),
-            actor=actor, engine=engine, weights=weights, pool=VerifierPool(cfg.reward),
+            encode=encode, stop_ids=stop_token_ids(tokenizer),
+            actor=actor, engine=engine, weights=weights, pool=pool,
             logger=MetricsLogger(cfg.logging, run_dir, enabled=main),
-            loader=PromptLoader(train_prompts, cfg.data.prompts_per_step, seed=cfg.data.seed),
-            test_prompts=test_prompts,
+            loader=loader, test_prompts=test_prompts,
+            source=build_source(cfg, run_dir, pstate, InProcessSource(engine, encode, pool, loader)),
         )
     except BaseException:  # no Run to close: stop launched rollout servers here
         weights.close()
         engine.shutdown()
         raise
+
+
+def build_source(cfg: RunConfig, run_dir: Path, pstate: ParallelState, inprocess: InProcessSource) -> RolloutSource:
+    """`rollout.source`: the in-process source, or the stream endpoint that rollout workers
+    connect to (bound on global rank 0; its address goes to <run_dir>/stream_endpoint)."""
+    if cfg.rollout.source == "inprocess":
+        return inprocess
+    from spark_mcore.transport.endpoint import StreamEndpoint
+
+    if pstate.world_size > 1:  # one endpoint per run, on rank 0; every rank gets the step's groups
+        inner = build_source(cfg, run_dir, dataclasses.replace(pstate, world_size=1), inprocess) \
+            if pstate.rank == 0 else None
+        return RankZeroSource(inner, pstate.rank, pstate.device)
+
+    async_ = cfg.rollout.mode == "async"
+    endpoint = StreamEndpoint(cfg.transport, max_staleness=cfg.rollout.max_staleness if async_ else 0)
+    (run_dir / "stream_endpoint").write_text(endpoint.endpoint + "\n")
+    print(f"rollout stream: trainer endpoint {endpoint.endpoint} ({cfg.rollout.mode} mode); start workers with "
+          f"`spark-mcore rollout-worker --connect {endpoint.endpoint} --config RUN.yaml`", flush=True)
+    return StreamSource(endpoint, inprocess.loader, max_staleness=cfg.rollout.max_staleness if async_ else None)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from spark_mcore.algo.losses import logprob_mismatch
 from spark_mcore.checkpoint.io import (
     checkpoint_root,
     export_hf,
@@ -29,17 +30,18 @@ from spark_mcore.distributed.signals import StopOnSignal
 from spark_mcore.errors import Interrupted
 from spark_mcore.eval.runner import EvalResult, evaluate_accuracy
 from spark_mcore.rollout.base import SamplingParams
-from spark_mcore.rollout.groups import generate_groups, score_groups
+from spark_mcore.rollout.source import StepRequest, StepRollouts
 from spark_mcore.runtime import Run, build_run
 from spark_mcore.spark.loop import SparkState, kind_metrics
 from spark_mcore.spark.warmstart_data import judge_sft_examples
+from spark_mcore.trainer.advantages import refine_advantages
 from spark_mcore.trainer.batching import groups_to_batch, split_for_updates
 from spark_mcore.trainer.warmstart import warm_start
-from spark_mcore.types import KIND_KEY, Prompt, RolloutGroup
+from spark_mcore.types import KIND_KEY, RolloutGroup
 
 SUMMARY_KEYS = ["rollout/reward_mean", "rollout/accuracy", "rollout/judge_accuracy", "rollout/reflection_success",
                 "rollout/response_len", "train/pg_loss", "train/kl", "train/entropy", "train/grad_norm",
-                "spark/cache_size", "rollout/tokens_per_s", "time/rollout", "time/train"]
+                "spark/cache_size", "rollout/tokens_per_s", "time/rollout", "time/train", "time/trainer_idle", "rollout/logprob_mismatch"]
 
 
 def evaluate(run: Run) -> EvalResult:
@@ -47,13 +49,14 @@ def evaluate(run: Run) -> EvalResult:
                              run.cfg.eval)
 
 
-def rollout(run: Run, prompts: list[Prompt], params: SamplingParams) -> list[RolloutGroup]:
-    """Generate and verify; logs reward, per-kind reward, lengths and throughput."""
+def rollout(run: Run, request: StepRequest) -> StepRollouts:
+    """The step's verified groups from the rollout source; logs reward, per-kind reward,
+    lengths and throughput."""
     log = run.logger
     with log.timer("rollout"):
-        groups = generate_groups(run.engine, prompts, run.encode, params)
-    with log.timer("verify"):
-        score_groups(groups, run.pool.score)
+        step = run.source.collect(request)
+    log.update(step.metrics)
+    groups = step.groups
     rollouts = [r for g in groups for r in g.rollouts]
     policy = [r for r in rollouts if KIND_KEY not in r.prompt.meta] or rollouts
     gen_tokens = sum(len(r.completion.token_ids) for r in rollouts)
@@ -63,11 +66,13 @@ def rollout(run: Run, prompts: list[Prompt], params: SamplingParams) -> list[Rol
                 "truncated": sum(r.completion.finish_reason == "length" for r in rollouts) / len(rollouts),
                 "tokens_per_s": gen_tokens / max(log.current["time/rollout"], 1e-9),
                 **kind_metrics(rollouts)}, prefix="rollout/")
-    return groups
+    return step
 
 
-def update(run: Run, groups: list[RolloutGroup], version: int) -> None:
-    """One GRPO update of the actor on `groups`, then the new weights go to the engine."""
+def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool = False) -> None:
+    """One GRPO update of the actor on `groups`, then the new weights go to the engine.
+    `off_policy`: the groups may be older than the actor (async), so the policy term is
+    corrected by truncated importance sampling against the engine's log-probs."""
     algo, log = run.cfg.algo, run.logger
     batch, stats = groups_to_batch(groups, algo.adv_eps, algo.normalize_std, algo.filter_zero_variance,
                                    pad_id=run.tokenizer.pad_token_id or 0)
@@ -75,8 +80,12 @@ def update(run: Run, groups: list[RolloutGroup], version: int) -> None:
     if batch is not None:
         with log.timer("train"):
             batch.old_logprobs = run.actor.compute_logprobs(batch)
+            if batch.engine_logprobs is not None:
+                log.update(logprob_mismatch(batch.old_logprobs, batch.engine_logprobs, batch.loss_mask), "rollout/")
+                batch.engine_logprobs = batch.engine_logprobs if off_policy else None
             if run.actor.ref_chunks is not None:
                 batch.ref_logprobs = run.actor.compute_logprobs(batch, reference=True)
+            log.update(refine_advantages(batch, algo), prefix="train/")  # SPRO: per-token advantages
             # several optimizer steps per rollout batch: later ones are off-policy w.r.t. the
             # old log-probs above, which is what the PPO clip is for
             steps = [run.actor.train_step(mini) for mini in
@@ -108,6 +117,7 @@ def prepare(run: Run, spark: SparkState) -> tuple[int, int, dict[str, EvalResult
     state = load_actor_state(run.actor, ckpt)
     run.loader.load_state_dict(state["loader"])
     spark.load_state_dict(state["spark"])
+    run.source.load_state_dict(state.get("source", {}))  # prompts taken but not trained: issued again
     run.push_weights(state["iteration"])
     print(f"resumed from {ckpt} (policy step {state['policy_steps']}/{cfg.trainer.steps})", flush=True)
     start_file = run.run_dir / "eval_start.json"
@@ -146,11 +156,11 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
                 raise Interrupted(stop.requested or "signal", stop.signum, str(where),
                                   f" after policy step {policy_steps}/{cfg.trainer.steps}")
             plan, reward_prompts = spark.plan()
-            prompts = (next(run.loader) if plan.kind == "policy" else []) + reward_prompts
             params.seed = cfg.trainer.seed * 100003 + it  # sampling is a function of the iteration
-            groups = rollout(run, prompts, params)
-            update(run, groups, version=it + 1)
-            run.logger.update(spark.after_step(plan, groups, policy_steps))
+            step = rollout(run, StepRequest(it, policy_steps, plan.kind == "policy", reward_prompts, params))
+            run.logger.update(spark.after_step(plan, step.groups, policy_steps, step.candidates))
+            run.source.prefetch(*spark.peek())  # async sources start on the next step's prompts now
+            update(run, step.groups, version=it + 1, off_policy=step.off_policy)
             policy_steps, it = policy_steps + (plan.kind == "policy"), it + 1
             bar.update(plan.kind == "policy")
             run.logger.flush(it, f"[{plan.kind} step {it}, policy {policy_steps}/{cfg.trainer.steps}]",
@@ -175,7 +185,7 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
 
 def trainer_state(run: Run, spark: SparkState, it: int, policy_steps: int) -> dict[str, object]:
     return {"iteration": it, "policy_steps": policy_steps, "loader": run.loader.state_dict(),
-            "spark": spark.state_dict()}
+            "spark": spark.state_dict(), "source": run.source.state_dict()}
 
 
 def print_results_table(results: dict[str, EvalResult]) -> None:

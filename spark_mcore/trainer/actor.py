@@ -111,8 +111,9 @@ class MegatronActor:
             chunk.config.grad_scale_func = self.optimizer.scale_loss
 
     def snapshot_reference(self) -> None:
-        """Freezes a copy of the current policy as the KL reference (no-op when kl_coef == 0)."""
-        if self.algo.kl_coef == 0:
+        """Freezes a copy of the current policy as the reference of the KL term and of SPRO
+        (no-op when neither needs it: `AlgoConfig.needs_reference`)."""
+        if not self.algo.needs_reference:
             self.ref_chunks = None
             return
         if self.ref_chunks is None:  # modules hold process groups, so build twins instead of deepcopy
@@ -284,7 +285,8 @@ class MegatronActor:
     def _grpo_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, entropy: Callable[[], torch.Tensor]
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
-        return grpo_loss(logp, old, mb.ref_logprobs, mb.advantages, mb.loss_mask, self.algo, entropy=entropy())
+        return grpo_loss(logp, old, mb.ref_logprobs, mb.advantages, mb.loss_mask, self.algo, entropy=entropy(),
+                         engine_logp=mb.engine_logprobs)
 
     def _sft_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, entropy: Callable[[], torch.Tensor]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -36,7 +36,21 @@ def rollouts_to_batch(rollouts: list[Rollout], advantages: torch.Tensor, pad_id:
     tokens, mask = pack_sequences([r.prompt_ids for r in rollouts],
                                   [r.completion.token_ids for r in rollouts], pad_id, pad_to_multiple)
     kinds = [prompt_kind(r.prompt) for r in rollouts]
-    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=advantages.float(), kinds=kinds)
+    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=advantages.float(), kinds=kinds,
+                      engine_logprobs=engine_logprobs(rollouts, tokens.shape))
+
+
+def engine_logprobs(rollouts: list[Rollout], shape: torch.Size) -> torch.Tensor | None:
+    """[B, T] the engine's log-prob of each response token at its position (as old_logprobs);
+    None unless every completion carries one log-prob per token."""
+    if not rollouts or any(r.completion.logprobs is None or len(r.completion.logprobs) != len(r.completion.token_ids)
+                           for r in rollouts):
+        return None
+    out = torch.zeros(shape, dtype=torch.float32)
+    for i, r in enumerate(rollouts):
+        start = len(r.prompt_ids)
+        out[i, start:start + len(r.completion.token_ids)] = torch.tensor(r.completion.logprobs, dtype=torch.float32)
+    return out
 
 
 def select(batch: TrainBatch, index: torch.Tensor | slice) -> TrainBatch:
@@ -50,7 +64,8 @@ def select(batch: TrainBatch, index: torch.Tensor | slice) -> TrainBatch:
         kinds = [batch.kinds[i] for i in rows]
     return replace(batch, tokens=batch.tokens[index], loss_mask=batch.loss_mask[index],
                    advantages=batch.advantages[index], old_logprobs=pick(batch.old_logprobs),
-                   ref_logprobs=pick(batch.ref_logprobs), kinds=kinds)
+                   ref_logprobs=pick(batch.ref_logprobs), kinds=kinds, group_ids=pick(batch.group_ids),
+                   engine_logprobs=pick(batch.engine_logprobs))
 
 
 def micro_batches(batch: TrainBatch, micro_batch_size: int) -> Iterator[TrainBatch]:
@@ -69,7 +84,10 @@ def pad_rows(batch: TrainBatch, multiple: int) -> TrainBatch:
 
     return replace(batch, tokens=grow(batch.tokens), loss_mask=grow(batch.loss_mask),
                    advantages=grow(batch.advantages), old_logprobs=grow(batch.old_logprobs),
-                   ref_logprobs=grow(batch.ref_logprobs), kinds=batch.kinds + ["pad"] * extra if batch.kinds else [])
+                   ref_logprobs=grow(batch.ref_logprobs), kinds=batch.kinds + ["pad"] * extra if batch.kinds else [],
+                   engine_logprobs=grow(batch.engine_logprobs),
+                   group_ids=None if batch.group_ids is None else torch.cat(
+                       [batch.group_ids, batch.group_ids.new_full((extra,), -1)]))
 
 
 def split_for_updates(batch: TrainBatch, updates: int, seed: int | None = None) -> list[TrainBatch]:
@@ -103,4 +121,6 @@ def groups_to_batch(groups: list[RolloutGroup], eps: float, normalize_std: bool,
     if not bool(keep.any()):
         return None, stats
     kept = [r for r, k in zip(rollouts, keep.tolist(), strict=False) if k]
-    return rollouts_to_batch(kept, adv[keep], pad_id=pad_id), stats
+    batch = rollouts_to_batch(kept, adv[keep], pad_id=pad_id)
+    batch.group_ids = group_ids[keep]
+    return batch, stats

@@ -28,9 +28,10 @@ def test_spark_loop_runs_a_reward_step_and_logs_per_kind_metrics(tmp_path: Path,
     batches: list = []
     rollout = train_module.rollout
 
-    def spy(run, prompts, params):  # type: ignore[no-untyped-def]
-        batches.append(rollout(run, prompts, params))
-        return batches[-1]
+    def spy(run, request):  # type: ignore[no-untyped-def]
+        step = rollout(run, request)
+        batches.append(step.groups)
+        return step
 
     monkeypatch.setattr(train_module, "rollout", spy)
     results = train(cfg)
