@@ -12,9 +12,11 @@ from spark_mcore.config.loader import ConfigError, to_dict
 from spark_mcore.config.run import RunConfig
 from spark_mcore.data.chat import encode_prompt, stop_token_ids
 from spark_mcore.data.dataset import PromptLoader, load_prompts
+from spark_mcore.data.images import check_prompt_images
 from spark_mcore.data.tokenizer import get_tokenizer
 from spark_mcore.distributed.parallel import ParallelState, init_distributed
 from spark_mcore.metrics import MetricsLogger
+from spark_mcore.models.registry import get_adapter
 from spark_mcore.rewards import VerifierPool, registered_verifiers
 from spark_mcore.rollout.base import RolloutEngine
 from spark_mcore.rollout.builders import EngineContext, WeightPusher, build_rollout
@@ -81,6 +83,8 @@ def build_run(cfg: RunConfig) -> Run:
         raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)}); set 0")
     train_prompts = load_prompts(cfg.data, "train", tokenizer, known_tasks=registered_verifiers())
     test_prompts = load_prompts(cfg.data, "test", tokenizer, known_tasks=registered_verifiers())
+    multimodal = bool(getattr(get_adapter(cfg.model.family), "multimodal", False))
+    check_prompt_images(train_prompts + test_prompts, cfg.model.family, multimodal)
     actor = MegatronActor(cfg.model, cfg.trainer, cfg.algo, pstate, vocab, cfg.parallel)
     actor.temperature = cfg.rollout.temperature or 1.0  # log-probs of what the engine samples
     if cfg.model.hf_path:

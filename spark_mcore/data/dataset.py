@@ -41,6 +41,13 @@ def _arith(cfg: DataConfig, split: str) -> list[Prompt]:
         raise DatasetError(str(e)) from e
 
 
+@register_builtin("shapes")
+def _shapes(cfg: DataConfig, split: str) -> list[Prompt]:
+    from spark_mcore.data.shapes import shapes_problems
+
+    return shapes_problems(split, cfg.train_size if split == "train" else cfg.test_size, cfg.seed)
+
+
 def _builtin(source: str, cfg: DataConfig, split: str, key: str) -> list[Prompt]:
     name = source[len(BUILTIN_PREFIX) :]
     if name not in _BUILTINS:
@@ -79,7 +86,15 @@ def load_prompts(
         tokenizer=tokenizer,
         max_prompt_tokens=cfg.max_prompt_tokens,
         known_tasks=known_tasks,
+        image_check=_image_check(cfg),
     )
+
+
+def _image_check(cfg: DataConfig) -> Callable[[str], None]:
+    from spark_mcore.data.images import check_image, get_decoder
+
+    decoder = get_decoder(cfg.image_decoder)
+    return lambda ref: check_image(ref, decoder)
 
 
 def sft_examples(prompts: list[Prompt]) -> list[tuple[Prompt, str]]:

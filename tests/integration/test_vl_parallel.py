@@ -35,6 +35,8 @@ from spark_mcore.models.registry import get_adapter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vl_tiny import IMAGE, VOCAB, image_inputs, tiny_hf_model, tiny_vl_config, vl_tokens  # noqa: E402
 
+pytestmark = pytest.mark.slow  # ~50 s of CPU (2 spawned processes + conversions)
+
 CASES = {"one_image": ([3, 5], [(4, 4)]), "two_images": ([2, 3, 4], [(4, 8), (6, 4)]),
          "text_only": ([9], [])}
 
