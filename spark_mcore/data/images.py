@@ -29,7 +29,7 @@ import torch
 
 from spark_mcore.config.loader import ConfigError
 
-DATA_URI = re.compile(r"^data:(image/[\w.+-]+)?(;[\w=-]+)*;base64,", re.IGNORECASE)
+DATA_URI = re.compile(r"^data:([\w.+/-]+)?(;[\w=.-]+)*;base64,", re.IGNORECASE)
 _REMOTE = ("http://", "https://", "s3://", "gs://")
 DALI_INSTALL = ("pip install --extra-index-url https://pypi.nvidia.com nvidia-dali-cuda120 "
                 "(or nvidia-dali-cuda110 for CUDA 11)")
