@@ -4,11 +4,14 @@
   every tensor, vision tower included; TP1 (in this process, hub names) too;
 - logits of the TP2 model and of the PP2 pipeline (stage 0: tower + first layer, sent to
   stage 1) are within 1e-5 of transformers' for one image, two images of different sizes and
-  text only; the replicated vision tower is identical on both TP ranks.
+  text only; the replicated vision tower is identical on both TP ranks;
+- weight sync's export (weights.export.iter_hf_weights) sends every tensor, the trainable
+  vision tower included, with the HF checkpoint's bytes (sha256) at TP2 and from both PP2 stages.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -60,10 +63,25 @@ def _tp2(hf_state: dict, out: dict) -> None:
         for case in CASES:
             ids, images = _inputs(case)
             out[f"tp2_{case}"] = adapter.forward(model, ids, images=images)
+    out["tp2_sync"] = _synced(model, adapter, 2)
     tower = torch.cat([p.flatten() for p in model.vision_model.parameters()])
     gathered = [torch.empty_like(tower) for _ in range(2)]
     dist.all_gather(gathered, tower)
     out["tower_equal"] = torch.equal(gathered[0], gathered[1])
+
+
+def _synced(model: torch.nn.Module, adapter: object, tp: int) -> dict[str, str]:
+    """What weight sync sends from this rank: HF name -> sha256 of the tensor's bytes."""
+    from megatron.core import parallel_state as ps
+
+    from spark_mcore.weights.export import iter_hf_weights
+
+    return {name: _sha(t) for name, t in iter_hf_weights(
+        model, adapter, tp_group=ps.get_tensor_model_parallel_group(), tp_size=tp)}
+
+
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _pp2(rank: int, hf_state: dict, out: dict) -> None:
@@ -75,6 +93,7 @@ def _pp2(rank: int, hf_state: dict, out: dict) -> None:
     model = adapter.build_model(cfg, VOCAB, pre_process=rank == 0, post_process=rank == 1).eval()
     adapter.load_hf_state(model, hf_state)
     out["stage1_has_tower"] = rank == 1 and model.vision_model is not None
+    out["pp2_sync"] = _synced(model, adapter, 1)
     with torch.no_grad():
         for case in CASES:
             ids, images = _inputs(case)
@@ -151,3 +170,14 @@ def test_tower_is_replicated_and_only_on_the_first_stage(runs: dict) -> None:
     assert runs["ranks"][0]["tower_equal"] and runs["ranks"][1]["tower_equal"]
     assert not runs["ranks"][1]["stage1_has_tower"]
     assert mcore_tp.tp_kind("vision_model.blocks.0.attn.qkv.weight") == "replicated"
+
+
+def test_weight_sync_sends_the_vision_tower(runs: dict) -> None:
+    expected = {canonical_hf_name(k): _sha(v) for k, v in runs["state"].items()}
+    assert not tiny_vl_config().freeze_vision  # the tower trains, so it must be synced
+    for rank in range(2):
+        assert runs["ranks"][rank]["tp2_sync"] == expected
+    stage0, stage1 = runs["ranks"][0]["pp2_sync"], runs["ranks"][1]["pp2_sync"]
+    assert {k for k in stage0 if k.startswith("visual.")} == {k for k in expected if k.startswith("visual.")}
+    assert not any(k.startswith("visual.") for k in stage1)
+    assert {**stage0, **stage1} == expected
