@@ -101,6 +101,8 @@ class TrainBatch:
       old_logprobs   [B, T] float  log p_old(tokens[t] | tokens[<t]); 0 where loss_mask == 0
       ref_logprobs   [B, T] float  same under the frozen reference; None when KL is off
     Position t of the log-prob tensors scores token t (the first position is never in the mask).
+    images: per row, (pixel_values [P_i, D], image_grid_thw [N_i, 3]) of its images or None
+      (vision-language models); an empty list when no row has images.
     """
 
     tokens: torch.Tensor
@@ -109,6 +111,7 @@ class TrainBatch:
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     kinds: list[str] = field(default_factory=list)
+    images: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
 
     @property
     def num_sequences(self) -> int:

@@ -30,7 +30,7 @@ def tiny_hf_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
 
     from spark_mcore.models.registry import get_adapter
 
-    hf_cfg = get_adapter("qwen2_5_vl", cfg).hf_config(cfg, VOCAB)
+    hf_cfg = get_adapter("qwen2_5_vl", cfg).hf_config(cfg, cfg.vocab_size or VOCAB)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
     with torch.no_grad():

@@ -212,6 +212,36 @@ def expand_image_pads(ids: Sequence[int], pad_id: int, counts: Sequence[int]) ->
     return out + list(ids[prev:])
 
 
+VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
+IMAGE_PLACEHOLDER = VISION_START + IMAGE_PAD + VISION_END
+
+
+def encode_vl_prompt(tokenizer: Any, prompt: Any, processing: VisionProcessing,
+                     decoder: ImageDecoder | None = None) -> tuple[list[int], ProcessedImages | None]:
+    """Token ids of a prompt with images (Qwen2.5-VL layout) and its processed images.
+
+    The images go, in order, at the start of the first user message as
+    `<|vision_start|><|image_pad|><|vision_end|>` each (what Qwen2.5-VL's chat template writes
+    for image content); each pad is then repeated once per merged patch of its image. The
+    tokenizer must know the three tokens (Qwen2.5-VL's does). A text prompt gives
+    (encode_prompt ids, None).
+    """
+    from spark_mcore.data.chat import encode_prompt, render_chat
+
+    if not prompt.images:
+        return encode_prompt(tokenizer, prompt), None
+    pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    if pad_id is None or pad_id == tokenizer.unk_token_id:
+        raise ConfigError(f"the tokenizer has no {IMAGE_PAD} token: a vision-language model needs "
+                          "its own tokenizer (data.tokenizer: the Qwen2.5-VL checkpoint)")
+    messages = [dict(m) for m in prompt.messages]
+    first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    messages[first]["content"] = IMAGE_PLACEHOLDER * len(prompt.images) + messages[first]["content"]
+    ids = tokenizer.encode(render_chat(tokenizer, messages), add_special_tokens=False)
+    processed = process_images((decoder or PilDecoder()).decode(prompt.images), processing)
+    return expand_image_pads(ids, int(pad_id), processed.tokens_per_image(processing.merge_size)), processed
+
+
 def check_prompt_images(prompts: Sequence[Any], family: str, multimodal: bool,
                         where: str = "data.source") -> None:
     """ConfigError when a prompt carries images the run cannot use: the model family is
@@ -232,5 +262,5 @@ def check_prompt_images(prompts: Sequence[Any], family: str, multimodal: bool,
 
 __all__ = ["DALI_INSTALL", "IMAGE_DECODERS", "DaliDecoder", "ImageDecoder", "ImageError",
            "PilDecoder", "ProcessedImages", "VisionProcessing", "bytes_to_data_uri",
-           "check_image", "check_prompt_images", "describe", "expand_image_pads", "get_decoder", "image_bytes",
+           "IMAGE_PLACEHOLDER", "check_image", "check_prompt_images", "describe", "encode_vl_prompt", "expand_image_pads", "get_decoder", "image_bytes",
            "process_images", "require_dali"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,27 +34,12 @@ from spark_mcore.models.config import ModelConfig, VisionConfig
 from spark_mcore.models.mrope import mrope_position_ids
 from spark_mcore.models.packed import PackedRows
 from spark_mcore.models.registry import register_adapter
+from spark_mcore.models.vision import VisionInputs
 
 FAMILY = "qwen2_5_vl"
 VISION_PREFIX = "vision_model."  # megatron side
 HF_VISION_PREFIX = "visual."     # HF hub side
 _HF_ALIASES = (("model.visual.", "visual."), ("model.language_model.", "model."))
-
-
-@dataclass(frozen=True)
-class VisionInputs:
-    """The images of a batch, in the order their image-pad tokens appear (row-major).
-
-    pixel_values   [P, C * temporal_patch * patch * patch] float: flattened patches of all
-                   images (the Qwen2.5-VL processor's output).
-    image_grid_thw [N, 3] long: (t, h, w) in patches of each image; sum(t*h*w) == P.
-    """
-
-    pixel_values: Tensor
-    image_grid_thw: Tensor
-
-    def to(self, device: torch.device | str) -> VisionInputs:
-        return VisionInputs(self.pixel_values.to(device), self.image_grid_thw.to(device))
 
 
 def _vision(cfg: ModelConfig) -> VisionConfig:
