@@ -34,12 +34,11 @@ from spark_mcore.models.config import ModelConfig, VisionConfig
 from spark_mcore.models.mrope import mrope_position_ids
 from spark_mcore.models.packed import PackedRows
 from spark_mcore.models.registry import register_adapter
-from spark_mcore.models.vision import VisionInputs
+from spark_mcore.models.vision import VisionInputs, canonical_hf_name
 
 FAMILY = "qwen2_5_vl"
 VISION_PREFIX = "vision_model."  # megatron side
 HF_VISION_PREFIX = "visual."     # HF hub side
-_HF_ALIASES = (("model.visual.", "visual."), ("model.language_model.", "model."))
 
 
 def _vision(cfg: ModelConfig) -> VisionConfig:
@@ -261,15 +260,6 @@ def forward_logits(model: torch.nn.Module, tokens: Tensor, packed: PackedRows | 
 
 
 # ---- weight names ---------------------------------------------------------------------------
-
-def canonical_hf_name(name: str) -> str:
-    """An HF tensor name in the hub's spelling (`model.visual.x` -> `visual.x`,
-    `model.language_model.x` -> `model.x`); other names unchanged."""
-    for new, hub in _HF_ALIASES:
-        if name.startswith(new):
-            return hub + name[len(new):]
-    return name
-
 
 def mcore_to_hf(name: str, tensor: Tensor, lay: qwen2.HeadLayout) -> list[tuple[str, Tensor]]:
     """One FULL megatron tensor -> HF (hub-name, tensor) pairs (see qwen2.mcore_to_hf)."""

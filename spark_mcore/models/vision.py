@@ -32,3 +32,17 @@ class VisionInputs:
         if not present:
             return None
         return cls(torch.cat([pv for pv, _ in present]), torch.cat([g for _, g in present]))
+
+
+# transformers >= 5 names a VL model's tensors in memory as `model.visual.*` /
+# `model.language_model.*`; checkpoints on the hub (and save_pretrained) as `visual.*` / `model.*`.
+_HF_ALIASES = (("model.visual.", "visual."), ("model.language_model.", "model."))
+
+
+def canonical_hf_name(name: str) -> str:
+    """An HF tensor name in the hub's spelling (`model.visual.x` -> `visual.x`,
+    `model.language_model.x` -> `model.x`); other names unchanged."""
+    for new, hub in _HF_ALIASES:
+        if name.startswith(new):
+            return hub + name[len(new):]
+    return name

@@ -32,7 +32,7 @@ from spark_mcore.distributed.config import ParallelConfig
 from spark_mcore.distributed.launch import spawn_workers
 from spark_mcore.distributed.parallel import init_distributed
 from spark_mcore.models import mcore_tp
-from spark_mcore.models.qwen2_5_vl import VisionInputs, canonical_hf_name
+from spark_mcore.models.qwen2_5_vl import VisionInputs, canonical_hf_name  # re-exported
 from spark_mcore.models.registry import get_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -14,7 +14,7 @@ import spark_mcore.config  # noqa: F401  (before component configs)
 from spark_mcore.distributed.config import ParallelConfig
 from spark_mcore.distributed.parallel import destroy_distributed, init_distributed
 from spark_mcore.models.mrope import mrope_position_ids
-from spark_mcore.models.qwen2_5_vl import VisionInputs, canonical_hf_name
+from spark_mcore.models.qwen2_5_vl import VisionInputs, canonical_hf_name  # re-exported
 from spark_mcore.models.registry import get_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
