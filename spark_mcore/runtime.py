@@ -12,8 +12,9 @@ from spark_mcore.config.loader import ConfigError, to_dict
 from spark_mcore.config.run import RunConfig
 from spark_mcore.data.chat import encode_prompt, stop_token_ids
 from spark_mcore.data.dataset import PromptLoader, load_prompts
-from spark_mcore.data.images import check_prompt_images
+from spark_mcore.data.images import VisionProcessing, check_prompt_images, get_decoder
 from spark_mcore.data.tokenizer import get_tokenizer
+from spark_mcore.data.vision_prompts import VisionPromptEncoder, add_vision_tokens, check_token_ids
 from spark_mcore.distributed.parallel import ParallelState, init_distributed
 from spark_mcore.metrics import MetricsLogger
 from spark_mcore.models.registry import get_adapter
@@ -70,6 +71,21 @@ def load_hf_weights(actor: MegatronActor, hf_path: str) -> None:
                           "the checkpoint") from e
 
 
+def vision_encoder(cfg: RunConfig, tokenizer: object, run_dir: Path, main: bool) -> VisionPromptEncoder:
+    """The `encode` of a vision-language run: the tokenizer gets the vision tokens (saved with
+    the run's built-in tokenizer, so a resumed run keeps their ids), which must be the model's."""
+    vision = cfg.model.vision
+    if vision is None:
+        raise ConfigError(f"model.family={cfg.model.family!r} needs model.vision (the vision tower's config)")
+    before = len(tokenizer)  # type: ignore[arg-type]
+    check_token_ids(add_vision_tokens(tokenizer), vision)
+    if main and len(tokenizer) != before and not cfg.data.tokenizer:  # type: ignore[arg-type]
+        tokenizer.save_pretrained(str(run_dir / "tokenizer"))  # type: ignore[attr-defined]
+    processing = VisionProcessing(vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size,
+                                  cfg.data.image_min_pixels, cfg.data.image_max_pixels)
+    return VisionPromptEncoder(tokenizer, processing, get_decoder(cfg.data.image_decoder))
+
+
 def build_run(cfg: RunConfig) -> Run:
     run_dir = Path(cfg.checkpoint.dir)
     pstate = init_distributed(cfg.parallel, seed=cfg.trainer.seed)
@@ -78,12 +94,13 @@ def build_run(cfg: RunConfig) -> Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     tokenizer = get_tokenizer(cfg.data, run_dir, extra_corpus=corpus_texts())
+    multimodal = bool(getattr(get_adapter(cfg.model.family), "multimodal", False))
+    vision = vision_encoder(cfg, tokenizer, run_dir, main) if multimodal else None
     vocab = cfg.model.vocab_size or len(tokenizer)
     if vocab < len(tokenizer):
         raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)}); set 0")
     train_prompts = load_prompts(cfg.data, "train", tokenizer, known_tasks=registered_verifiers())
     test_prompts = load_prompts(cfg.data, "test", tokenizer, known_tasks=registered_verifiers())
-    multimodal = bool(getattr(get_adapter(cfg.model.family), "multimodal", False))
     check_prompt_images(train_prompts + test_prompts, cfg.model.family, multimodal)
     actor = MegatronActor(cfg.model, cfg.trainer, cfg.algo, pstate, vocab, cfg.parallel)
     actor.temperature = cfg.rollout.temperature or 1.0  # log-probs of what the engine samples
@@ -93,7 +110,7 @@ def build_run(cfg: RunConfig) -> Run:
     try:
         return Run(
             cfg=cfg, run_dir=run_dir, pstate=pstate, tokenizer=tokenizer,
-            encode=partial(encode_prompt, tokenizer), stop_ids=stop_token_ids(tokenizer),
+            encode=vision or partial(encode_prompt, tokenizer), stop_ids=stop_token_ids(tokenizer),
             actor=actor, engine=engine, weights=weights, pool=VerifierPool(cfg.reward),
             logger=MetricsLogger(cfg.logging, run_dir, enabled=main),
             loader=PromptLoader(train_prompts, cfg.data.prompts_per_step, seed=cfg.data.seed),

@@ -216,20 +216,15 @@ VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vi
 IMAGE_PLACEHOLDER = VISION_START + IMAGE_PAD + VISION_END
 
 
-def encode_vl_prompt(tokenizer: Any, prompt: Any, processing: VisionProcessing,
-                     decoder: ImageDecoder | None = None) -> tuple[list[int], ProcessedImages | None]:
-    """Token ids of a prompt with images (Qwen2.5-VL layout) and its processed images.
+def placeholder_ids(tokenizer: Any, prompt: Any) -> tuple[list[int], int]:
+    """Token ids of a prompt with images, one `<|image_pad|>` per image, and the pad's id.
 
     The images go, in order, at the start of the first user message as
     `<|vision_start|><|image_pad|><|vision_end|>` each (what Qwen2.5-VL's chat template writes
-    for image content); each pad is then repeated once per merged patch of its image. The
-    tokenizer must know the three tokens (Qwen2.5-VL's does). A text prompt gives
-    (encode_prompt ids, None).
-    """
-    from spark_mcore.data.chat import encode_prompt, render_chat
+    for image content). The tokenizer must know the tokens (Qwen2.5-VL's does; the built-in
+    one gets them from `vision_prompts.add_vision_tokens`)."""
+    from spark_mcore.data.chat import render_chat
 
-    if not prompt.images:
-        return encode_prompt(tokenizer, prompt), None
     pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     if pad_id is None or pad_id == tokenizer.unk_token_id:
         raise ConfigError(f"the tokenizer has no {IMAGE_PAD} token: a vision-language model needs "
@@ -237,30 +232,35 @@ def encode_vl_prompt(tokenizer: Any, prompt: Any, processing: VisionProcessing,
     messages = [dict(m) for m in prompt.messages]
     first = next(i for i, m in enumerate(messages) if m["role"] == "user")
     messages[first]["content"] = IMAGE_PLACEHOLDER * len(prompt.images) + messages[first]["content"]
-    ids = tokenizer.encode(render_chat(tokenizer, messages), add_special_tokens=False)
+    return list(tokenizer.encode(render_chat(tokenizer, messages), add_special_tokens=False)), int(pad_id)
+
+
+def encode_vl_prompt(tokenizer: Any, prompt: Any, processing: VisionProcessing,
+                     decoder: ImageDecoder | None = None) -> tuple[list[int], ProcessedImages | None]:
+    """Token ids of a prompt (each image's pad repeated once per merged patch) and its
+    processed images; a text prompt gives (encode_prompt ids, None)."""
+    from spark_mcore.data.chat import encode_prompt
+
+    if not prompt.images:
+        return encode_prompt(tokenizer, prompt), None
+    ids, pad_id = placeholder_ids(tokenizer, prompt)
     processed = process_images((decoder or PilDecoder()).decode(prompt.images), processing)
-    return expand_image_pads(ids, int(pad_id), processed.tokens_per_image(processing.merge_size)), processed
+    return expand_image_pads(ids, pad_id, processed.tokens_per_image(processing.merge_size)), processed
 
 
 def check_prompt_images(prompts: Sequence[Any], family: str, multimodal: bool,
                         where: str = "data.source") -> None:
-    """ConfigError when a prompt carries images the run cannot use: the model family is
-    text-only, or (for now) the rollout engines and the trainer's batches do not carry
-    images yet, so a vision-language run would silently train on the text alone."""
+    """ConfigError when a prompt carries images but the model family is text-only (its run
+    would otherwise silently train on the text alone)."""
     with_images = next((p for p in prompts if getattr(p, "images", None)), None)
-    if with_images is None:
+    if with_images is None or multimodal:
         return
-    head = f"{where}: prompt {with_images.id!r} has {len(with_images.images)} image(s)"
-    if not multimodal:
-        raise ConfigError(f"{head} but model.family={family!r} is text-only. Fix: use a "
-                          "vision-language model (model.family: qwen2_5_vl) or drop the rows' "
-                          "'images'")
-    raise ConfigError(f"{head}: model.family={family!r} takes images, but the rollout engines and "
-                      "the trainer's batches do not carry them yet. Fix: use text-only prompts "
-                      "for now")
+    raise ConfigError(f"{where}: prompt {with_images.id!r} has {len(with_images.images)} image(s) "
+                      f"but model.family={family!r} is text-only. Fix: use a vision-language "
+                      "model (model.family: qwen2_5_vl) or drop the rows' 'images'")
 
 
 __all__ = ["DALI_INSTALL", "IMAGE_DECODERS", "DaliDecoder", "ImageDecoder", "ImageError",
            "PilDecoder", "ProcessedImages", "VisionProcessing", "bytes_to_data_uri",
-           "IMAGE_PLACEHOLDER", "check_image", "check_prompt_images", "describe", "encode_vl_prompt", "expand_image_pads", "get_decoder", "image_bytes",
+           "IMAGE_PLACEHOLDER", "check_image", "check_prompt_images", "describe", "encode_vl_prompt", "placeholder_ids", "expand_image_pads", "get_decoder", "image_bytes",
            "process_images", "require_dali"]

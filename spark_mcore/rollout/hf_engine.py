@@ -27,6 +27,8 @@ def _auto_class(config: PretrainedConfig) -> Any:
 class HFEngine:
     """Generates with a transformers causal LM. `decode` turns ids into text."""
 
+    takes_images = True  # generate(..., images=[VisionInputs | None per prompt])
+
     def __init__(self, hf_config: PretrainedConfig, decode: callable[[list[int]], str],
                  pad_token_id: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  batch_size: int = 256) -> None:
@@ -107,7 +109,7 @@ class HFEngine:
                           image_grid_thw=images.image_grid_thw.to(self.device),
                           mm_token_type_ids=(input_ids == self.model.config.image_token_id).int().to(self.device))
         gen = self.model.generate(
-            **vision,
+            **vision, suppress_tokens=self._vision_token_ids(),
             input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
             max_new_tokens=params.max_new_tokens, do_sample=not greedy,
             temperature=None if greedy else params.temperature, top_p=None if greedy else params.top_p,
@@ -117,6 +119,14 @@ class HFEngine:
         new = gen.sequences[:, width:].cpu()
         scores = self.model.compute_transition_scores(gen.sequences, gen.scores, normalize_logits=True).cpu()
         return [self._completion(new[i], scores[i], params.stop_token_ids) for i in range(len(batch))]
+
+    def _vision_token_ids(self) -> list[int] | None:
+        """A vision-language model must not sample its image/video placeholder tokens: each
+        stands for an image's patch in the prompt (the trainer would look for its pixels)."""
+        cfg = self.model.config
+        keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        ids = [int(v) for k in keys if (v := getattr(cfg, k, None)) is not None]
+        return ids or None
 
     def _completion(self, ids: torch.Tensor, logps: torch.Tensor, stops: list[int]) -> Completion:
         tokens = ids.tolist()
