@@ -4,6 +4,7 @@ actor's log-probs on that batch (images in the forward) equal transformers' (fp3
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,9 @@ from spark_mcore.config.loader import ConfigError
 from spark_mcore.data.images import IMAGE_PLACEHOLDER, VisionProcessing, encode_vl_prompt
 from spark_mcore.data.shapes import shapes_problems
 from spark_mcore.data.tokenizer import build_tokenizer
+from spark_mcore.data.vision_prompts import VisionPromptEncoder, add_vision_tokens, check_token_ids
+from spark_mcore.rollout.base import SamplingParams
+from spark_mcore.rollout.groups import generate_groups
 from spark_mcore.distributed.config import ParallelConfig
 from spark_mcore.distributed.parallel import destroy_distributed, init_distributed
 from spark_mcore.spark.config import SparkConfig
@@ -42,8 +46,9 @@ def pstate() -> Iterator[object]:
 @pytest.fixture(scope="module")
 def setup() -> dict:
     tok = build_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": VL_TOKENS})
-    start, pad, end, video = tok.convert_tokens_to_ids(VL_TOKENS)
+    ids = add_vision_tokens(tok)
+    start, pad, end, video = (ids[t] for t in VL_TOKENS)
+    assert (start, pad, end, video) == (512, 513, 514, 515)  # what examples/configs/tiny_vl.yaml sets
     vocab = len(tok) + (-len(tok) % 8)
     cfg = tiny_vl_config(vocab_size=vocab)
     cfg.vision.image_token_id, cfg.vision.video_token_id = pad, video
@@ -64,13 +69,16 @@ def rolled(setup: dict) -> tuple[list[Rollout], dict]:
     samples = Recycler(SparkConfig(enabled=True, judge_per_prompt=1.0,
                                    reflection_per_prompt=1.0)).recycle([group], step=0)
     assert {s.kind for s in samples} >= {"reflection"} and len(samples) >= 2
+    encoder = VisionPromptEncoder(tok, processing)
     cache: dict = {}
     rollouts = []
     for p in [prompt] + [s.prompt for s in samples]:
         ids, images = encode_vl_prompt(tok, p, processing)
-        cache[p.id] = (images.pixel_values, images.image_grid_thw)
+        assert encoder(p) == ids and torch.equal(encoder.images(p)[0], images.pixel_values)
+        cache[p.id] = encoder.images(p)
         reply = tok.encode(" \\boxed{Yes}") + [tok.eos_token_id]
         rollouts.append(Rollout(p, ids, Completion(reply, "")))
+    assert len(encoder._cache) == 1  # recycled prompts reuse the source's processed image
     return rollouts, cache
 
 
@@ -117,3 +125,40 @@ def test_packed_rows_with_images_are_refused(pstate: object, setup: dict, rolled
     actor = MegatronActor(cfg, TrainerConfig(pack_sequences=True), AlgoConfig(), pstate, vocab)
     with pytest.raises(ConfigError, match="pack_sequences"):
         actor.compute_logprobs(batch)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_train_step_with_images_moves_the_tower_unless_frozen(pstate: object, setup: dict,
+                                                              rolled: tuple, frozen: bool) -> None:
+    cfg = dataclasses.replace(setup["cfg"], freeze_vision=frozen)
+    rollouts, cache = rolled
+    batch = rollouts_to_batch(rollouts, torch.linspace(-1.0, 1.0, len(rollouts)),
+                              images_of=lambda p: cache[p.id])
+    actor = MegatronActor(cfg, TrainerConfig(micro_batch_size=2, lr=1e-2, warmup_ratio=0.0),
+                          AlgoConfig(kl_coef=0.0), pstate, setup["vocab"])
+    actor.setup_optimizer(1e-2, 1, 0)
+    batch.old_logprobs = actor.compute_logprobs(batch)
+    tower = {n: p.detach().clone() for n, p in actor.unwrapped.vision_model.named_parameters()}
+    actor.train_step(batch)
+    moved = [n for n, p in actor.unwrapped.vision_model.named_parameters() if not torch.equal(p, tower[n])]
+    assert (not moved) if frozen else len(moved) == len(tower)
+
+
+def test_token_ids_must_match_the_tokenizer(setup: dict) -> None:
+    ids = add_vision_tokens(build_tokenizer())
+    check_token_ids(ids, setup["cfg"].vision)
+    wrong = dataclasses.replace(setup["cfg"].vision, image_token_id=7)
+    with pytest.raises(ConfigError, match="model.vision.image_token_id=513"):
+        check_token_ids(ids, wrong)
+
+
+def test_an_engine_without_images_is_refused(setup: dict) -> None:
+    class TextOnly:
+        policy_version = 0
+
+        def generate(self, prompt_ids: list, params: SamplingParams) -> list:
+            raise AssertionError("must not be called")
+
+    encoder = VisionPromptEncoder(setup["tok"], setup["processing"])
+    with pytest.raises(ConfigError, match="does not take images"):
+        generate_groups(TextOnly(), shapes_problems("test", 1), encoder, SamplingParams())  # type: ignore[arg-type]
