@@ -19,10 +19,10 @@ from spark_mcore.data.images import IMAGE_PLACEHOLDER, VisionProcessing, encode_
 from spark_mcore.data.shapes import shapes_problems
 from spark_mcore.data.tokenizer import build_tokenizer
 from spark_mcore.data.vision_prompts import VisionPromptEncoder, add_vision_tokens, check_token_ids
-from spark_mcore.rollout.base import SamplingParams
-from spark_mcore.rollout.groups import generate_groups
 from spark_mcore.distributed.config import ParallelConfig
 from spark_mcore.distributed.parallel import destroy_distributed, init_distributed
+from spark_mcore.rollout.base import SamplingParams
+from spark_mcore.rollout.groups import generate_groups
 from spark_mcore.spark.config import SparkConfig
 from spark_mcore.spark.recycler import Recycler
 from spark_mcore.trainer.actor import MegatronActor
