@@ -30,9 +30,15 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 @command("train", _train_args)
 def _train(args: argparse.Namespace) -> int:
     from spark_mcore.config.run import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides)  # a config error costs no torch import
+    import torch
+
+    from spark_mcore.engines import check_weight_mode
+
+    check_weight_mode(cfg, torch.cuda.is_available())  # before megatron and the trainer are imported
     from spark_mcore.train import train
 
-    cfg = load_run_config(args.config, args.overrides)
     train(cfg)
     return 0
 
@@ -117,6 +123,32 @@ def _convert(args: argparse.Namespace) -> int:
     out = _CONVERSIONS[args.direction](args)
     print(f"wrote {out}", flush=True)
     return 0
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    from spark_mcore.plan.report import add_arguments
+
+    add_arguments(p)
+
+
+@command("plan", _plan_args)
+def _plan(args: argparse.Namespace) -> int:
+    from spark_mcore.plan.report import run_plan
+
+    return run_plan(args)
+
+
+def _doctor_args(p: argparse.ArgumentParser) -> None:
+    from spark_mcore.doctor import add_arguments
+
+    add_arguments(p)
+
+
+@command("doctor", _doctor_args)
+def _doctor(args: argparse.Namespace) -> int:
+    from spark_mcore.doctor import run_doctor
+
+    return run_doctor(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,11 +7,28 @@ msgpack-friendly dicts (`to_dict` / `from_dict`) without pickle.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-import torch
+if TYPE_CHECKING:  # records carry tensors, but importing them needs no torch (config loading)
+    import torch
 
 RewardKind = Literal["pointwise", "pairwise", "reflection"]
+REWARD_KINDS: tuple[RewardKind, ...] = get_args(RewardKind)
+KIND_KEY = "spark_kind"  # Prompt.meta key: the RewardKind of a recycled reward task (absent on policy prompts)
+JUDGE_TASK = "judge"  # Prompt.task of pointwise / pairwise reward tasks (the "judge" verifier)
+
+
+@dataclass
+class SamplingParams:
+    """n samples per prompt; temperature 0 means greedy. Generation stops at any of
+    `stop_token_ids` (the stop token is kept in the returned ids) or after max_new_tokens."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
 
 
 @dataclass
@@ -122,8 +139,15 @@ class TrainBatch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
+        import torch  # a batch holds tensors, so torch is loaded by now
+
         if self.tokens.device == torch.device(device):
             return self
         return replace(self, tokens=move(self.tokens), loss_mask=move(self.loss_mask),
                        advantages=move(self.advantages), old_logprobs=move(self.old_logprobs),
                        ref_logprobs=move(self.ref_logprobs))
+
+
+def prompt_kind(prompt: Prompt) -> str:
+    """"policy" for a dataset prompt, else the RewardKind of a recycled reward task."""
+    return str(prompt.meta.get(KIND_KEY, "policy"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from spark_mcore.config import accel
 from spark_mcore.config.loader import ConfigError
 
 
@@ -53,6 +54,14 @@ class ModelConfig:
     vocab_size: 0 takes the tokenizer's size.
     num_query_groups: key/value heads (GQA); must divide num_attention_heads.
     dtype: parameter dtype of the trainer ("fp32" on CPU; "bf16" on GPU).
+    transformer_impl: megatron layer spec. "transformer_engine" = TE's fused layers (needed for
+        FP8, sequence parallel and context parallel); "local" = megatron's torch layers (CPU,
+        and the HF parity reference); "auto" = Transformer Engine when it imports on CUDA, else
+        local. Both specs map to the same HF weight names.
+    attention: core attention of the local spec. "sdpa" = torch's scaled_dot_product_attention
+        (flash / memory-efficient kernels on CUDA, no [b, h, s, s] scores); "megatron" =
+        megatron's DotProductAttention (baddbmm + softmax); "auto" = sdpa on CUDA, megatron on
+        CPU. Ignored with Transformer Engine, which has its own fused attention.
     vision: the vision tower of a vision-language family (family "qwen2_5_vl"); None for text.
     freeze_vision: keep the vision tower's weights fixed (no gradients, not synced as trained).
     """
@@ -72,6 +81,8 @@ class ModelConfig:
     qkv_bias: bool = True
     init_std: float = 0.02
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    attention: Literal["auto", "sdpa", "megatron"] = "auto"
     vision: VisionConfig | None = None
     freeze_vision: bool = False
 
@@ -89,3 +100,13 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.vision.mrope_section={self.vision.mrope_section} must sum to head_dim/2 "
                     f"= {half_head} (hidden_size / num_attention_heads / 2)")
+        if self.transformer_impl == "transformer_engine" and not accel.te_available():
+            raise ConfigError("model.transformer_impl=transformer_engine but Transformer Engine does not import "
+                              f"here ({accel.probe('transformer_engine.pytorch')[1]}); install "
+                              f"{accel.INSTALL['transformer_engine']}, or set model.transformer_impl=local")
+
+    def use_te(self) -> bool:
+        """Whether models are built with Transformer Engine's layer spec ("auto" resolved here)."""
+        if self.transformer_impl == "auto":
+            return accel.cuda_available() and accel.te_available()
+        return self.transformer_impl == "transformer_engine"

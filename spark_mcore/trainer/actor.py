@@ -8,6 +8,7 @@ Parallel groups come in through `ParallelState`; the model and losses never look
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -32,6 +33,7 @@ from spark_mcore.models.packed import uses_te_attention
 from spark_mcore.models.registry import get_adapter
 from spark_mcore.models.vision import VisionInputs
 from spark_mcore.trainer.config import TrainerConfig
+from spark_mcore.trainer.features import check_gpu_features
 from spark_mcore.trainer.logits import sequence_logprobs
 from spark_mcore.trainer.optim import build_optimizer
 from spark_mcore.trainer.packing import (
@@ -67,6 +69,7 @@ class MegatronActor:
         self.vocab_size = vocab_size
         self.parallel = parallel or ParallelConfig()
         check_packing(cfg, self.parallel)
+        check_gpu_features(model_cfg, cfg, self.parallel)
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=self.parallel.use_distributed_optimizer)
@@ -84,7 +87,8 @@ class MegatronActor:
 
     def _build_chunks(self) -> list[torch.nn.Module]:
         """One GPTModel per virtual pipeline stage of this rank (one without interleaving)."""
-        overrides = self.parallel.transformer_overrides()
+        overrides = {**self.parallel.transformer_overrides(), **self.cfg.fp8_overrides(),
+                     "use_te": self.model_cfg.use_te()}
         if self.cfg.pack_sequences:  # the fused causal softmax ignores an explicit mask
             overrides["masked_softmax_fusion"] = False
         vpp = self.pstate.vp_size
@@ -181,7 +185,8 @@ class MegatronActor:
                       logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if mb.num_sequences == 0:  # a filler micro-batch (interleaved schedule): no loss, no metrics
             return logits.sum() * 0.0, {}
-        logp = mb.unpack(sequence_logprobs(logits, mb.tokens, self.pstate, self.temperature))
+        logp = mb.unpack(sequence_logprobs(logits, mb.tokens, self.pstate, self.temperature,
+                                            self.algo.logprob_chunk_tokens))
         loss, metrics = loss_fn(mb.seqs, logp, partial(self._entropy, mb, logits))
         # Each micro-batch returns its share of the global mean: summing the shares over
         # micro-batches and DP ranks reproduces the full-batch loss exactly. Megatron divides by
@@ -196,7 +201,8 @@ class MegatronActor:
         """[b, T] entropy of the distribution that predicted each token (0 at t = 0), no grad."""
         with torch.no_grad():
             tp_group = self.pstate.tp_group if self.pstate.tp_size > 1 else None
-            ent = vocab_parallel_entropy(logits.detach()[:, :-1], tp_group, temperature=self.temperature)
+            ent = vocab_parallel_entropy(logits.detach()[:, :-1], tp_group, self.algo.logprob_chunk_tokens,
+                                         temperature=self.temperature)
         return mb.unpack(torch.nn.functional.pad(ent, (1, 0)))
 
     def _weight(self, mb: TrainBatch) -> torch.Tensor:
@@ -231,8 +237,10 @@ class MegatronActor:
         return padded_micro_batches(batch, size, multiple)
 
     def _seq_multiple(self) -> int:
-        """Sequence parallelism splits the sequence dimension over TP ranks."""
-        return self.pstate.tp_size if self.parallel.sequence_parallel else 1
+        """Sequence parallelism splits the sequence dimension over TP ranks; FP8 GEMMs want
+        token counts in multiples of 16."""
+        sp = self.pstate.tp_size if self.parallel.sequence_parallel else 1
+        return math.lcm(sp, 16) if self.cfg.fp8 else sp
 
     def _run(self, chunks: list[torch.nn.Module], batch: TrainBatch, loss_fn: LossFn,
              forward_only: bool) -> tuple[list[dict[str, torch.Tensor]], list[MicroBatch]]:

@@ -11,12 +11,12 @@ inside request k. Broadcast k completing on the sender proves that: gloo sends a
 after the peer posted the matching receive, and an NCCL broadcast finishes only when every
 rank joined. So request k+1 (and its broadcast) go out as soon as broadcast k is done, without
 waiting for k's answer: it queues behind k (SGLang holds its model-update lock for the whole
-request; the test server its model lock) and starts the moment k's weights are loaded, with no
+request; the CPU twin its model lock) and starts the moment k's weights are loaded, with no
 HTTP round trip between buckets. k's answer is collected right after, so a failed bucket is
 still reported before the next one is sent. `WeightSyncConfig.pipeline_requests=False` waits
 for k's answer before sending k+1 (servers that do not queue updates in arrival order).
 
-A full sync (MegatronWeightSync.sync, or SGLangEngine.update_weights with BucketWeightSync):
+A full sync (MegatronWeightSync.sync, or sync_once from one process):
 pause generation -> flush cache -> begin_weight_update -> buckets -> end_weight_update ->
 flush cache -> continue generation; the policy version travels as `weight_version` with every
 bucket, and the servers stamp it on every sample they generate.
@@ -24,7 +24,7 @@ bucket, and the servers stamp it on every sample they generate.
 Protocol differences worth knowing (SGLang 0.5.23, checked in tests/unit/test_weights_sync.py):
   * load_format="flattened_bucket" (default): one broadcast per bucket; the body's
     names/dtypes/shapes describe the tensors inside the bucket in order; the receiver rebuilds
-    them from the contiguous layout of `bucket.py`. Our test server speaks exactly this.
+    them from the contiguous layout of `bucket.py`. The CPU twin speaks exactly this.
   * load_format="per_tensor": SGLang's original protocol, one broadcast per tensor of the
     bucket (same HTTP body without load_format) - for servers that lack flattened_bucket.
   * SGLang 0.5.23 rejects updates outside /begin_weight_update ... /end_weight_update;
@@ -43,8 +43,9 @@ from typing import Any
 
 import torch
 
-from spark_mcore.rollout import sglang_payloads as P
-from spark_mcore.rollout.sglang import PendingCalls, ServerHandle, SGLangClient, SGLangError
+from spark_mcore.sglang import payloads as P
+from spark_mcore.sglang.client import PendingCalls, ServerHandle, SGLangClient, SGLangError
+from spark_mcore.weights.addresses import sender_address, stage_port
 from spark_mcore.weights.bucket import WIRE_DTYPES, BucketHeader, BufferRing, iter_buckets, unpack_bucket
 from spark_mcore.weights.config import WeightSyncConfig
 from spark_mcore.weights.groups import (
@@ -53,6 +54,7 @@ from spark_mcore.weights.groups import (
     join_weight_update_group,
     resolve_backend,
 )
+from spark_mcore.weights.nccl_check import explain_group_failure, log_trainer_nccl
 from spark_mcore.weights.server_calls import ServerCalls, distributed_update_body
 
 logger = logging.getLogger(__name__)
@@ -85,31 +87,48 @@ class _InFlight:
 class BucketSender:
     """Rank 0 of one weight-update group (one per pipeline stage)."""
 
-    def __init__(self, config: WeightSyncConfig, group_name: str | None = None) -> None:
+    def __init__(self, config: WeightSyncConfig, group_name: str | None = None, stage: int = 0) -> None:
+        """stage: this sender's pipeline stage (its address and a fixed port are per stage)."""
         self.config = config
         self.group_name = group_name or config.group_name
+        self.stage = stage
         self.group: WeightUpdateGroup | None = None
         self.broken: str | None = None  # set when a bucket failed mid-broadcast
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
         self.ring: BufferRing | None = None
+        self.client: SGLangClient | None = None
+        self.pipeline_requests = config.pipeline_requests is True
 
     def connect(self, client: SGLangClient) -> None:
-        """Form the group with every server (their ranks from weight_group_layout)."""
+        """Form the group with every server (their ranks from weight_group_layout).
+
+        A server keeps a group until told otherwise, and refuses to create a name it holds: after
+        a trainer restart against long-lived servers (sglang.urls) the old group is still there,
+        so it is destroyed first (a server without it just says so)."""
         if self.group is not None:
             return
         cfg = self.config
         backend = resolve_backend(cfg.backend)
+        self.pipeline_requests = cfg.resolved_pipeline_requests(backend)
+        trainer_nccl = log_trainer_nccl(backend)
+        client.destroy_weights_update_group(self.group_name)
         world = 1 + len(client.handles) * client.config.gpus_per_server
-        store = create_master_store(cfg.master_address, cfg.master_port, world, cfg.timeout_s)
-        pending = client.init_weights_update_group(cfg.master_address, store.port, self.group_name, backend)
+        address = sender_address(cfg.master_address)
+        store = create_master_store(address, stage_port(cfg.master_port, self.stage), world, cfg.timeout_s)
+        pending = client.init_weights_update_group(address, store.port, self.group_name, backend)
         try:
-            self.group = join_weight_update_group(cfg.master_address, store.port, 0, world, self.group_name,
+            self.group = join_weight_update_group(address, store.port, 0, world, self.group_name,
                                                   backend, cfg.timeout_s, store=store)
-        except BaseException:
-            pending.wait(timeout_s=5)  # a server-side error explains the failure better
+            pending.wait()
+        except BaseException as e:
+            if self.group is None:
+                _wait_quietly(pending)  # a server-side error explains the failure better
+            if isinstance(e, Exception):
+                raise WeightSyncError(explain_group_failure(e, backend, trainer_nccl)) from e
             raise
-        pending.wait()
-        logger.info("weight-update group %s formed (%d ranks, %s)", self.group_name, world, backend)
+        self.client = client
+        logger.info("weight-update group %s formed at %s:%d (%d ranks, %s)", self.group_name, address, store.port,
+                    world, backend)
 
     def send(self, calls: ServerCalls, named: Iterable[tuple[str, torch.Tensor]], version: int | None) -> SyncStats:
         """Bucket `named` and push every bucket to all live servers; returns what was sent."""
@@ -130,10 +149,10 @@ class BucketSender:
                                          first_bucket_bytes=self.config.first_bucket_bytes):
             if previous is not None:
                 self._await_broadcast(previous)  # every server is now inside request k (module doc)
-                if not self.config.pipeline_requests:
+                if not self.pipeline_requests:
                     self._await_answers(previous, later=None)
             current = self._start(calls, header, flat, version, flattened)
-            if previous is not None and self.config.pipeline_requests:
+            if previous is not None and self.pipeline_requests:
                 self._await_answers(previous, later=current)
             previous = current
             stats.buckets += 1
@@ -212,10 +231,25 @@ class BucketSender:
         return None
 
     def close(self) -> None:
+        """Leave the group here and ask the servers to drop it too, so that the name can be
+        created again (best effort: a dead server cannot answer)."""
         self.ring = None
         if self.group is not None:
             self.group.destroy()
             self.group = None
+        if self.client is not None:
+            try:
+                self.client.destroy_weights_update_group(self.group_name)
+            except SGLangError as e:
+                logger.warning("weight sync: could not destroy group %s on the servers: %s", self.group_name, e)
+            self.client = None
+
+
+def _wait_quietly(pending: PendingCalls) -> None:
+    try:
+        pending.wait(timeout_s=5)
+    except Exception as e:  # noqa: BLE001 - the server's reason, logged next to the trainer's
+        logger.error("weight-update group: a server failed to join: %s", e)
 
 
 def _when_done(works: list[Any], callback: Callable[[], None]) -> None:
@@ -231,6 +265,12 @@ def _when_done(works: list[Any], callback: Callable[[], None]) -> None:
                      name="weight-bucket-wait").start()
 
 
+def _flush_body(calls: ServerCalls) -> dict[str, Any]:
+    """Right after a pause the servers may still be finishing requests: SGLang answers a bare
+    /flush_cache with 400 until idle, so the request carries sglang.flush_timeout_s."""
+    return P.build_flush_cache_payload(calls.client.config.flush_timeout_s)
+
+
 def _control(calls: ServerCalls, path: str, body: dict[str, Any] | None) -> None:
     try:
         calls.call(path, body)
@@ -242,7 +282,7 @@ def begin_update(calls: ServerCalls, config: WeightSyncConfig, pause: bool = Tru
     """pause (optional) -> flush -> begin_weight_update (when configured)."""
     if pause:
         _control(calls, "/pause_generation", P.build_pause_generation_payload(config.pause_mode))
-    _control(calls, "/flush_cache", None)
+    _control(calls, "/flush_cache", _flush_body(calls))
     if config.weight_update_session:
         _control(calls, "/begin_weight_update", {})
 
@@ -252,7 +292,7 @@ def end_update(calls: ServerCalls, config: WeightSyncConfig, resume: bool = True
     try:
         if config.weight_update_session:
             _control(calls, "/end_weight_update", {})
-        _control(calls, "/flush_cache", None)
+        _control(calls, "/flush_cache", _flush_body(calls))
     finally:
         if resume:
             _control(calls, "/continue_generation", P.build_continue_generation_payload())
@@ -267,35 +307,22 @@ def end_update_after_failure(calls: ServerCalls, config: WeightSyncConfig, resum
         logger.warning("closing the weight-update session after a failed sync also failed: %s", e)
 
 
-class BucketWeightSync:
-    """The `WeightSync` hook of SGLangEngine for a trainer that already holds HF-named full
-    tensors in one process: `engine = SGLangEngine(cfg, weight_sync=BucketWeightSync(ws_cfg))`.
-    The engine pauses and resumes generation around the call; this flushes, opens the update
-    session, sends the buckets and closes it. The group is formed on first use."""
-
-    def __init__(self, config: WeightSyncConfig | None = None) -> None:
-        self.config = config or WeightSyncConfig()
-        self.sender = BucketSender(self.config)
-        self.last: SyncStats | None = None
-        self._calls: ServerCalls | None = None
-
-    def __call__(self, client: SGLangClient, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        if self._calls is None or self._calls.client is not client:
-            self._calls = ServerCalls(client)
-        self.sender.connect(client)
-        begin_update(self._calls, self.config, pause=False)
-        try:
-            self.last = self.sender.send(self._calls, named_tensors, version)
-        except BaseException:
-            end_update_after_failure(self._calls, self.config, resume=False)
-            raise
-        end_update(self._calls, self.config, resume=False)
-
-    def close(self) -> None:
-        self.sender.close()
-        if self._calls is not None:
-            self._calls.close()
+def sync_once(sender: BucketSender, calls: ServerCalls, config: WeightSyncConfig,
+              named: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncStats:
+    """A whole sync from one process that already holds HF-named full tensors (one stage, no
+    TP gather): pause -> flush -> session -> buckets -> session end -> flush -> continue.
+    MegatronWeightSync does the same around its stages' turns; tests and benchmarks use this."""
+    if sender.group is None:
+        sender.connect(calls.client)
+    begin_update(calls, config, pause=True)
+    try:
+        stats = sender.send(calls, named, version)
+    except BaseException:
+        end_update_after_failure(calls, config, resume=True)
+        raise
+    end_update(calls, config, resume=True)
+    return stats
 
 
-__all__ = ["WeightSyncError", "SyncStats", "BucketSender", "BucketWeightSync", "begin_update", "end_update",
+__all__ = ["WeightSyncError", "SyncStats", "BucketSender", "sync_once", "begin_update", "end_update",
            "end_update_after_failure"]
