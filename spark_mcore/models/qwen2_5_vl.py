@@ -222,7 +222,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, pre_process: bool = True,
     pp = ps.get_pipeline_model_parallel_world_size() if initialized else 1
     config = transformer_config(cfg, vocab_size, tp, pp, **config_overrides)
     return Qwen2_5_VLGPTModel(
-        config=config, transformer_layer_spec=qwen2._layer_spec(use_te), vocab_size=vocab_size,
+        config=config, transformer_layer_spec=qwen2._layer_spec(use_te, cfg.attention), vocab_size=vocab_size,
         max_sequence_length=cfg.max_position_embeddings, pre_process=pre_process,
         post_process=post_process, parallel_output=parallel_output,
         share_embeddings_and_output_weights=cfg.tie_word_embeddings,
