@@ -11,12 +11,14 @@ from pathlib import Path
 from spark_mcore.config.loader import ConfigError, to_dict
 from spark_mcore.config.run import RunConfig
 from spark_mcore.data.chat import encode_prompt, stop_token_ids
-from spark_mcore.data.dataset import PromptLoader, load_prompts
+from spark_mcore.data.dataset import PromptLoader, check_sft_ready, load_prompts
 from spark_mcore.data.images import VisionProcessing, check_prompt_images, get_decoder
 from spark_mcore.data.tokenizer import get_tokenizer
 from spark_mcore.data.vision_prompts import VisionPromptEncoder, add_vision_tokens, check_token_ids
 from spark_mcore.distributed.parallel import ParallelState, init_distributed
+from spark_mcore.doctor import machine_findings
 from spark_mcore.engines import EngineContext, WeightPusher, build_rollout, check_weight_mode
+from spark_mcore.errors import check_writable_dir
 from spark_mcore.metrics import MetricsLogger
 from spark_mcore.models.registry import get_adapter
 from spark_mcore.rewards import VerifierPool, registered_verifiers
@@ -94,8 +96,10 @@ def build_run(cfg: RunConfig) -> Run:
     pstate = init_distributed(cfg.parallel, seed=cfg.trainer.seed)
     main = pstate.rank == 0
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_writable_dir(run_dir, "checkpoint.dir")  # before any work, naming the setting
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        # what megatron would otherwise warn about on every command (TE / apex fallbacks), once
+        (run_dir / "backends.txt").write_text("".join(f"{f.name}: {f.detail}\n" for f in machine_findings(None)))
     tokenizer = get_tokenizer(cfg.data, run_dir, extra_corpus=corpus_texts())
     multimodal = bool(getattr(get_adapter(cfg.model.family), "multimodal", False))
     vision = vision_encoder(cfg, tokenizer, run_dir, main) if multimodal else None
@@ -103,6 +107,8 @@ def build_run(cfg: RunConfig) -> Run:
     if vocab < len(tokenizer):
         raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)}); set 0")
     train_prompts = load_prompts(cfg.data, "train", tokenizer, known_tasks=registered_verifiers())
+    if cfg.checkpoint.resume is False or not (run_dir / "checkpoints").is_dir():
+        check_sft_ready(train_prompts, "data.source", cfg.warmstart.steps)
     test_prompts = load_prompts(cfg.data, "test", tokenizer, known_tasks=registered_verifiers())
     check_prompt_images(train_prompts + test_prompts, cfg.model.family, multimodal)
     actor = MegatronActor(cfg.model, cfg.trainer, cfg.algo, pstate, vocab, cfg.parallel)

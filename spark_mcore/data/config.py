@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from spark_mcore.config.loader import ConfigError
+from spark_mcore.config.loader import ConfigError, check_ranges
 
 
 @dataclass
@@ -46,6 +46,7 @@ class DataConfig:
     image_max_pixels: int = 28 * 28 * 1280
 
     def __post_init__(self) -> None:
+        check_ranges("data", self, {"train_size": ">= 1", "test_size": ">= 1", "max_prompt_tokens": ">= 1"})
         if self.prompts_per_step < 1:
             raise ConfigError("data.prompts_per_step must be >= 1")
         if self.image_decoder == "dali":  # fail at config time, naming the install

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from spark_mcore.config import accel
-from spark_mcore.config.loader import ConfigError
+from spark_mcore.config.loader import ConfigError, check_ranges
 
 
 @dataclass
@@ -87,13 +87,18 @@ class ModelConfig:
     freeze_vision: bool = False
 
     def __post_init__(self) -> None:
+        check_ranges("model", self, {
+            "vocab_size": ">= 0", "hidden_size": ">= 1", "num_layers": ">= 1", "num_attention_heads": ">= 1",
+            "num_query_groups": ">= 1", "ffn_hidden_size": ">= 1", "max_position_embeddings": ">= 1",
+            "rope_theta": "> 0", "rms_norm_eps": "> 0", "init_std": "> 0"})
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"model.num_query_groups={self.num_query_groups} must divide "
                 f"model.num_attention_heads={self.num_attention_heads}"
             )
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError("model.hidden_size must be divisible by model.num_attention_heads")
+            raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by "
+                              f"model.num_attention_heads={self.num_attention_heads}")
         if self.vision is not None:
             half_head = self.hidden_size // self.num_attention_heads // 2
             if sum(self.vision.mrope_section) != half_head:

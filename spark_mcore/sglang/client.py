@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from spark_mcore.config.loader import ConfigError
+from spark_mcore.errors import UserError
 from spark_mcore.sglang import payloads as P
 from spark_mcore.sglang import placement
 from spark_mcore.sglang.config import DEFAULT_LAUNCH_COMMAND, SGLangConfig
@@ -49,6 +50,12 @@ class SGLangError(RuntimeError):
 
 class SGLangRequestError(SGLangError):
     """The server rejected a request (HTTP 4xx or success=false): our payload or state is wrong."""
+
+
+class EngineStartError(SGLangError, UserError):
+    """A launched server exited or never became healthy: its log names the cause."""
+
+    label = "rollout engine error"
 
 
 class TransientHTTPError(SGLangError):
@@ -139,7 +146,7 @@ class ServerHandle:
         deadline = time.monotonic() + timeout_s
         while True:
             if not self.alive():
-                raise SGLangError(f"{self.describe()} exited with code {self.process.returncode} before becoming "
+                raise EngineStartError(f"{self.describe()} exited with code {self.process.returncode} before becoming "
                                   f"healthy; log {self.log_path} ends with:\n{self.log_tail()}")
             try:
                 http_json(self.url, health_path, timeout_s=max(1.0, min(poll_s * 4, 30.0)))
@@ -147,7 +154,7 @@ class ServerHandle:
             except SGLangError:
                 pass
             if time.monotonic() > deadline:
-                raise SGLangError(f"{self.describe()} not healthy after {timeout_s:.0f}s (GET {health_path}); "
+                raise EngineStartError(f"{self.describe()} not healthy after {timeout_s:.0f}s (GET {health_path}); "
                                   f"log {self.log_path} ends with:\n{self.log_tail()}")
             time.sleep(poll_s)
 

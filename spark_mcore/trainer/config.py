@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from spark_mcore.config.loader import ConfigError
+from spark_mcore.config.loader import ConfigError, check_ranges
 
 
 @dataclass
@@ -65,6 +65,9 @@ class TrainerConfig:
     fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
 
     def __post_init__(self) -> None:
+        check_ranges("trainer", self, {
+            "min_lr_ratio": "in [0, 1]", "warmup_ratio": "in [0, 1]", "weight_decay": ">= 0",
+            "adam_beta1": "in [0, 1)", "adam_beta2": "in [0, 1)", "adam_eps": "> 0", "grad_clip": ">= 0"})
         if self.steps < 0:
             raise ConfigError("trainer.steps must be >= 0")
         if self.lr <= 0:
@@ -106,6 +109,7 @@ class WarmStartConfig:
     judge_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        check_ranges("warmstart", self, {"lr": "> 0", "warmup_steps": ">= 0"})
         if self.steps < 0 or self.batch_size < 1:
             raise ConfigError("warmstart.steps must be >= 0 and warmstart.batch_size >= 1")
         if not 0.0 <= self.judge_fraction < 1.0:
