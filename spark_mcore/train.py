@@ -33,6 +33,7 @@ from spark_mcore.rollout.groups import generate_groups, score_groups
 from spark_mcore.runtime import Run, build_run
 from spark_mcore.spark.loop import SparkState, kind_metrics
 from spark_mcore.spark.warmstart_data import judge_sft_examples
+from spark_mcore.trainer.advantages import refine_advantages
 from spark_mcore.trainer.batching import groups_to_batch, split_for_updates
 from spark_mcore.trainer.warmstart import warm_start
 from spark_mcore.types import KIND_KEY, Prompt, RolloutGroup
@@ -78,6 +79,7 @@ def update(run: Run, groups: list[RolloutGroup], version: int) -> None:
             batch.old_logprobs = run.actor.compute_logprobs(batch)
             if run.actor.ref_chunks is not None:
                 batch.ref_logprobs = run.actor.compute_logprobs(batch, reference=True)
+            log.update(refine_advantages(batch, algo), prefix="train/")  # SPRO: per-token advantages
             # several optimizer steps per rollout batch: later ones are off-policy w.r.t. the
             # old log-probs above, which is what the PPO clip is for
             steps = [run.actor.train_step(mini) for mini in

@@ -62,7 +62,8 @@ def select(batch: TrainBatch, index: torch.Tensor | slice) -> TrainBatch:
         images = [batch.images[i] for i in rows]
     return replace(batch, tokens=batch.tokens[index], loss_mask=batch.loss_mask[index],
                    advantages=batch.advantages[index], old_logprobs=pick(batch.old_logprobs),
-                   ref_logprobs=pick(batch.ref_logprobs), kinds=kinds, images=images)
+                   ref_logprobs=pick(batch.ref_logprobs), kinds=kinds, group_ids=pick(batch.group_ids),
+                   images=images)
 
 
 def micro_batches(batch: TrainBatch, micro_batch_size: int) -> Iterator[TrainBatch]:
@@ -82,6 +83,8 @@ def pad_rows(batch: TrainBatch, multiple: int) -> TrainBatch:
     return replace(batch, tokens=grow(batch.tokens), loss_mask=grow(batch.loss_mask),
                    advantages=grow(batch.advantages), old_logprobs=grow(batch.old_logprobs),
                    ref_logprobs=grow(batch.ref_logprobs), kinds=batch.kinds + ["pad"] * extra if batch.kinds else [],
+                   group_ids=None if batch.group_ids is None else torch.cat(
+                       [batch.group_ids, batch.group_ids.new_full((extra,), -1)]),
                    images=batch.images + [None] * extra if batch.images else [])
 
 
@@ -117,4 +120,6 @@ def groups_to_batch(groups: list[RolloutGroup], eps: float, normalize_std: bool,
     if not bool(keep.any()):
         return None, stats
     kept = [r for r, k in zip(rollouts, keep.tolist(), strict=False) if k]
-    return rollouts_to_batch(kept, adv[keep], pad_id=pad_id, images_of=images_of), stats
+    batch = rollouts_to_batch(kept, adv[keep], pad_id=pad_id, images_of=images_of)
+    batch.group_ids = group_ids[keep]
+    return batch, stats
