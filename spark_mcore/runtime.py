@@ -13,12 +13,15 @@ from spark_mcore.config.loader import ConfigError, to_dict
 from spark_mcore.config.run import RunConfig
 from spark_mcore.data.chat import encode_prompt, stop_token_ids
 from spark_mcore.data.dataset import PromptLoader, builtin_corpus, check_sft_ready, load_prompts
+from spark_mcore.data.images import VisionProcessing, check_prompt_images, get_decoder
 from spark_mcore.data.tokenizer import get_tokenizer
+from spark_mcore.data.vision_prompts import VisionPromptEncoder, add_vision_tokens, check_token_ids
 from spark_mcore.distributed.parallel import ParallelState, init_distributed
 from spark_mcore.doctor import machine_findings
 from spark_mcore.engines import EngineContext, WeightPusher, build_rollout, check_weight_mode
 from spark_mcore.errors import check_writable_dir
 from spark_mcore.metrics import MetricsLogger
+from spark_mcore.models.registry import get_adapter
 from spark_mcore.rewards import VerifierPool, registered_verifiers
 from spark_mcore.rollout.base import RolloutEngine
 from spark_mcore.rollout.source import InProcessSource, RankZeroSource, RolloutSource, StreamSource
@@ -75,6 +78,21 @@ def load_hf_weights(actor: MegatronActor, hf_path: str) -> None:
                           "the checkpoint") from e
 
 
+def vision_encoder(cfg: RunConfig, tokenizer: object, run_dir: Path, main: bool) -> VisionPromptEncoder:
+    """The `encode` of a vision-language run: the tokenizer gets the vision tokens (saved with
+    the run's built-in tokenizer, so a resumed run keeps their ids), which must be the model's."""
+    vision = cfg.model.vision
+    if vision is None:
+        raise ConfigError(f"model.family={cfg.model.family!r} needs model.vision (the vision tower's config)")
+    before = len(tokenizer)  # type: ignore[arg-type]
+    check_token_ids(add_vision_tokens(tokenizer), vision)
+    if main and len(tokenizer) != before and not cfg.data.tokenizer:  # type: ignore[arg-type]
+        tokenizer.save_pretrained(str(run_dir / "tokenizer"))  # type: ignore[attr-defined]
+    processing = VisionProcessing(vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size,
+                                  cfg.data.image_min_pixels, cfg.data.image_max_pixels)
+    return VisionPromptEncoder(tokenizer, processing, get_decoder(cfg.data.image_decoder))
+
+
 def build_run(cfg: RunConfig) -> Run:
     import torch
 
@@ -88,6 +106,8 @@ def build_run(cfg: RunConfig) -> Run:
         # what megatron would otherwise warn about on every command (TE / apex fallbacks), once
         (run_dir / "backends.txt").write_text("".join(f"{f.name}: {f.detail}\n" for f in machine_findings(None)))
     tokenizer = get_tokenizer(cfg.data, run_dir, extra_corpus=corpus_texts() + builtin_corpus(cfg.data.source))
+    multimodal = bool(getattr(get_adapter(cfg.model.family), "multimodal", False))
+    vision = vision_encoder(cfg, tokenizer, run_dir, main) if multimodal else None
     vocab = cfg.model.vocab_size or len(tokenizer)
     if vocab < len(tokenizer):
         raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)}); set 0")
@@ -95,6 +115,7 @@ def build_run(cfg: RunConfig) -> Run:
     if cfg.checkpoint.resume is False or not (run_dir / "checkpoints").is_dir():
         check_sft_ready(train_prompts, "data.source", cfg.warmstart.steps)
     test_prompts = load_prompts(cfg.data, "test", tokenizer, known_tasks=registered_verifiers())
+    check_prompt_images(train_prompts + test_prompts, cfg.model.family, multimodal)
     actor = MegatronActor(cfg.model, cfg.trainer, cfg.algo, pstate, vocab, cfg.parallel)
     actor.temperature = cfg.rollout.temperature or 1.0  # log-probs of what the engine samples
     if cfg.model.hf_path:
@@ -103,7 +124,7 @@ def build_run(cfg: RunConfig) -> Run:
     try:
         pool = VerifierPool(cfg.reward)
         loader = PromptLoader(train_prompts, cfg.data.prompts_per_step, seed=cfg.data.seed)
-        encode = partial(encode_prompt, tokenizer)
+        encode = vision or partial(encode_prompt, tokenizer)
         return Run(
             cfg=cfg, run_dir=run_dir, pstate=pstate, tokenizer=tokenizer,
             encode=encode, stop_ids=stop_token_ids(tokenizer),

@@ -75,7 +75,8 @@ def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool 
     corrected by truncated importance sampling against the engine's log-probs."""
     algo, log = run.cfg.algo, run.logger
     batch, stats = groups_to_batch(groups, algo.adv_eps, algo.normalize_std, algo.filter_zero_variance,
-                                   pad_id=run.tokenizer.pad_token_id or 0)
+                                   pad_id=run.tokenizer.pad_token_id or 0,
+                                   images_of=getattr(run.encode, "images", None))
     log.update(stats, prefix="rollout/")
     if batch is not None:
         with log.timer("train"):

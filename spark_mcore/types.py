@@ -123,6 +123,8 @@ class TrainBatch:
       engine_logprobs [B, T] float the rollout engine's log-probs of the sampled tokens (0 off
                                    the mask); set for truncated importance sampling, else None
     Position t of the log-prob tensors scores token t (the first position is never in the mask).
+    images: per row, (pixel_values [P_i, D], image_grid_thw [N_i, 3]) of its images or None
+      (vision-language models); an empty list when no row has images.
     """
 
     tokens: torch.Tensor
@@ -133,6 +135,7 @@ class TrainBatch:
     kinds: list[str] = field(default_factory=list)
     group_ids: torch.Tensor | None = None
     engine_logprobs: torch.Tensor | None = None
+    images: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
 
     @property
     def num_sequences(self) -> int:

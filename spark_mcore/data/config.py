@@ -11,7 +11,8 @@ class DataConfig:
     """Prompt data.
 
     source: "builtin:arith" (the procedural arithmetic task), "builtin:countdown" (reach a target
-        from 3-5 numbers, `spark_mcore.data.countdown`) or a path to a JSONL file (or
+        from 3-5 numbers, `spark_mcore.data.countdown`), "builtin:shapes" (procedural images,
+        for vision-language models) or a path to a JSONL file (or
         .parquet when pyarrow is installed) whose rows are
         {"prompt" | "messages", "answer", "images"?, "task"?, "id"?}.
     eval_source: held-out prompts for `eval`; None means the test split of a builtin source.
@@ -26,6 +27,10 @@ class DataConfig:
     on_bad_row: what a malformed dataset row does: stop with its line number, or skip it.
     tokenizer: path to a Hugging Face tokenizer directory; None builds the small built-in one.
     seed: order of prompts and builtin problem generation.
+    image_decoder: "pil" (CPU) or "dali" (NVIDIA DALI, GPU; must be installed) for the images
+        of vision-language rows (`spark_mcore.data.images`).
+    image_min_pixels / image_max_pixels: pixel budget of one image after the Qwen2.5-VL
+        processor's resize (each image becomes h*w / (14*14*4) tokens at the 7B/32B sizes).
     """
 
     source: str = "builtin:arith"
@@ -38,10 +43,19 @@ class DataConfig:
     on_bad_row: Literal["error", "skip"] = "error"
     tokenizer: str | None = None
     seed: int = 0
+    image_decoder: Literal["pil", "dali"] = "pil"
+    image_min_pixels: int = 56 * 56
+    image_max_pixels: int = 28 * 28 * 1280
 
     def __post_init__(self) -> None:
         check_ranges("data", self, {"train_size": ">= 1", "test_size": ">= 1", "max_prompt_tokens": ">= 1"})
         if self.prompts_per_step < 1:
             raise ConfigError("data.prompts_per_step must be >= 1")
+        if self.image_decoder == "dali":  # fail at config time, naming the install
+            from spark_mcore.data.images import require_dali
+
+            require_dali()
+        if not 0 < self.image_min_pixels <= self.image_max_pixels:
+            raise ConfigError("data.image_min_pixels must be > 0 and <= data.image_max_pixels")
         if not self.levels:
             raise ConfigError("data.levels must name at least one difficulty level, e.g. [1, 2]")

@@ -50,6 +50,11 @@ def _countdown(cfg: DataConfig, split: str) -> list[Prompt]:
         return countdown.countdown_problems(list(cfg.levels), split, size, cfg.seed)  # type: ignore[arg-type]
     except ValueError as e:
         raise DatasetError(str(e)) from e
+@register_builtin("shapes")
+def _shapes(cfg: DataConfig, split: str) -> list[Prompt]:
+    from spark_mcore.data.shapes import shapes_problems
+
+    return shapes_problems(split, cfg.train_size if split == "train" else cfg.test_size, cfg.seed)
 
 
 def _builtin(source: str, cfg: DataConfig, split: str, key: str) -> list[Prompt]:
@@ -90,6 +95,7 @@ def load_prompts(
         tokenizer=tokenizer,
         max_prompt_tokens=cfg.max_prompt_tokens,
         known_tasks=known_tasks,
+        image_check=_image_check(cfg),
     )
 
 
@@ -103,6 +109,11 @@ def worked_solution(prompt: Prompt) -> str:
 def builtin_corpus(source: str) -> list[str]:
     """Extra tokenizer corpus for a builtin task whose text the default corpus lacks."""
     return countdown.corpus_texts() if source == BUILTIN_PREFIX + countdown.SOURCE else []
+def _image_check(cfg: DataConfig) -> Callable[[str], None]:
+    from spark_mcore.data.images import check_image, get_decoder
+
+    decoder = get_decoder(cfg.image_decoder)
+    return lambda ref: check_image(ref, decoder)
 
 
 def sft_examples(prompts: list[Prompt]) -> list[tuple[Prompt, str]]:
