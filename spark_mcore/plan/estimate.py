@@ -83,6 +83,7 @@ class Layout:
     distributed_optimizer: bool = True
     recompute: bool = False
     sequence_parallel: bool | None = None  # None: on when tp > 1 (needs Transformer Engine)
+    colocated: bool = False  # weights.mode=colocated: servers on the trainer's own GPUs (rollout = trainer)
 
     @property
     def dp(self) -> int:
@@ -95,7 +96,17 @@ class Layout:
     def name(self) -> str:
         extras = (["distopt"] if self.distributed_optimizer else []) + (["recompute"] if self.recompute else [])
         return (f"tp{self.tp} pp{self.pp} cp{self.cp} dp{self.dp}{' + ' + ' + '.join(extras) if extras else ''}"
-                f" | rollout {self.rollout_gpus // self.server_tp} x tp{self.server_tp}")
+                f" | rollout {self.rollout_gpus // self.server_tp} x tp{self.server_tp}"
+                f"{' on the same GPUs' if self.colocated else ''}")
+
+    @property
+    def mode(self) -> str:
+        """The `weights.mode` this layout needs."""
+        return "colocated" if self.colocated else "distributed"
+
+    @property
+    def gpus(self) -> int:
+        return self.trainer_gpus if self.colocated else self.trainer_gpus + self.rollout_gpus
 
 
 def check_layout(shape: ModelShape, lay: Layout) -> str | None:
@@ -109,6 +120,8 @@ def check_layout(shape: ModelShape, lay: Layout) -> str | None:
                              ("num_layers", shape.layers, lay.pp)):
         if value % div:
             return f"{what}={value} not divisible by {div}"
+    if lay.colocated and lay.rollout_gpus != lay.trainer_gpus:
+        return f"colocated: rollout GPUs {lay.rollout_gpus} must be the trainer's {lay.trainer_gpus}"
     if lay.rollout_gpus < lay.server_tp or lay.rollout_gpus % lay.server_tp:
         return f"rollout GPUs {lay.rollout_gpus} not a multiple of the server TP {lay.server_tp}"
     return None
@@ -160,16 +173,25 @@ def rollout_memory(shape: ModelShape, lay: Layout, hw: Hardware, work: Workload,
                    mem_fraction: float = 0.85) -> dict[str, float]:
     """One SGLang server GPU: weights, KV bytes per token, KV capacity in tokens for all servers.
 
-    KV heads split over the server's TP, replicated once TP exceeds them."""
+    KV heads split over the server's TP, replicated once TP exceeds them. Disaggregated: the
+    server owns mem_fraction of its GPU. Colocated: the server stays resident next to the
+    trainer, so its pool is what the usable memory leaves after the trainer and the weights shard
+    ('trainer' and 'gpu_total' report that per-GPU sum)."""
     weights = 2 * shape.total_params() / lay.server_tp
     kv_heads = math.ceil(shape.kv_heads / lay.server_tp)
     kv_per_token = 2 * shape.layers * kv_heads * shape.head_dim * 2
-    pool = max(0.0, mem_fraction * hw.gpu_mem_gib * GIB - weights)
+    out: dict[str, float] = {}
+    if lay.colocated:
+        trainer = memory_breakdown(shape, lay, work)["total"]
+        pool = max(0.0, hw.gpu_mem_gib * GIB * hw.usable - trainer - weights)
+        out = {"trainer": trainer, "gpu_total": trainer + weights + pool}
+    else:
+        pool = max(0.0, mem_fraction * hw.gpu_mem_gib * GIB - weights)
     servers = lay.rollout_gpus // lay.server_tp
     capacity = servers * math.floor(pool / kv_per_token)
     return {"weights": weights, "kv_bytes_per_token": kv_per_token, "kv_pool": pool,
             "capacity_tokens": capacity, "step_tokens": work.step_tokens,
-            "waves": math.inf if capacity == 0 else math.ceil(work.step_tokens / capacity)}
+            "waves": math.inf if capacity == 0 else math.ceil(work.step_tokens / capacity), **out}
 
 
 def forward_flops_per_token(shape: ModelShape, seq_len: int) -> float:
@@ -188,60 +210,97 @@ def step_seconds(shape: ModelShape, lay: Layout, hw: Hardware, work: Workload) -
 
 def sync_seconds(shape: ModelShape, lay: Layout, hw: Hardware) -> float:
     """One sender per PP stage broadcasts its stage's full (TP-gathered) bf16 weights; stages
-    send in parallel, so the largest stage sets the time."""
+    send in parallel, so the largest stage sets the time. Colocated sends CUDA IPC handles on
+    the same GPUs: no bytes cross the link (0 here; the server's copy runs at HBM speed)."""
+    if lay.colocated:
+        return 0.0
     biggest = max(stage_params(shape, lay, True), stage_params(shape, lay, False)) * lay.tp
     return 2 * biggest / (hw.link_gbps * 1e9)
 
 
 def feasible(shape: ModelShape, lay: Layout, hw: Hardware, work: Workload) -> bool:
+    """The trainer (plus, colocated, the server's weights shard) fits the usable memory and the
+    KV pool holds at least one sequence."""
     budget = hw.gpu_mem_gib * GIB * hw.usable
     if memory_breakdown(shape, lay, work)["total"] > budget:
         return False
-    return rollout_memory(shape, lay, hw, work)["capacity_tokens"] >= work.seq_len
+    roll = rollout_memory(shape, lay, hw, work)
+    if lay.colocated and roll["trainer"] + roll["weights"] > budget:
+        return False
+    return roll["capacity_tokens"] >= work.seq_len
 
 
 def _pow2_upto(n: int) -> list[int]:
     return [v for v in (1, 2, 4, 8, 16, 32, 64) if v <= n]
 
 
+PLACEMENTS = ("auto", "disaggregated", "colocated")
+
+
+def _trainer_layouts(shape: ModelShape, hw: Hardware, trainer_gpus: int, rollout_gpus: int,
+                     server_tp: int, cp: int, distributed_optimizer: bool, colocated: bool) -> list[Layout]:
+    out = []
+    for tp in _pow2_upto(hw.gpus_per_node):
+        for pp in (p for p in range(1, shape.layers + 1) if shape.layers % p == 0 and p <= 16):
+            if trainer_gpus % (tp * pp * cp):
+                continue
+            for recompute in (False, True):
+                lay = Layout(tp, pp, cp, trainer_gpus, rollout_gpus, server_tp, distributed_optimizer,
+                             recompute, colocated=colocated)
+                if check_layout(shape, lay) is None:
+                    out.append(lay)
+    return out
+
+
 def candidate_layouts(shape: ModelShape, gpus: int, hw: Hardware, rollout_gpus: int | None,
-                      cp: int = 1, distributed_optimizer: bool = True) -> list[Layout]:
-    """Every buildable layout: trainer TP within a node, PP dividing the layers, rollout_gpus
-    (default half of all) for SGLang servers of the smallest TP whose weights take at most half
-    a GPU (the rest is KV cache)."""
+                      cp: int = 1, distributed_optimizer: bool = True,
+                      placement: str = "disaggregated") -> list[Layout]:
+    """Every buildable layout. Disaggregated: trainer TP within a node, PP dividing the layers,
+    every rollout split (or the given rollout_gpus) for SGLang servers of the smallest TP whose
+    weights take at most half a GPU (the rest is KV cache). Colocated: trainer and servers on
+    all gpus, every server TP within a node dividing them (the trainer's memory leaves less room
+    for the weights shard, so larger server TPs matter)."""
+    if placement not in ("disaggregated", "colocated"):
+        raise ConfigError(f"placement {placement!r}: use disaggregated or colocated")
+    out: list[Layout] = []
+    if placement == "colocated":
+        if gpus < 1:
+            raise ConfigError(f"--gpus {gpus}: need at least 1")
+        for stp in (t for t in _pow2_upto(min(gpus, hw.gpus_per_node)) if gpus % t == 0):
+            out += _trainer_layouts(shape, hw, gpus, gpus, stp, cp, distributed_optimizer, True)
+        return out
     if gpus < 2:
         raise ConfigError(f"--gpus {gpus}: need at least 2 (trainer and SGLang GPUs are disjoint)")
-    out = []
-    for rg in [rollout_gpus if rollout_gpus is not None else gpus // 2]:
+    splits = [rollout_gpus] if rollout_gpus is not None else range(1, gpus)
+    for rg in splits:
         server_tp = next((t for t in _pow2_upto(min(rg, hw.gpus_per_node))
                           if 2 * shape.total_params() / t <= 0.5 * hw.gpu_mem_gib * GIB), None)
-        if server_tp is None:
+        if server_tp is None or rg % server_tp:
             continue
-        for tp in _pow2_upto(hw.gpus_per_node):
-            for pp in (p for p in range(1, shape.layers + 1) if shape.layers % p == 0 and p <= 16):
-                for recompute in (False, True):
-                    lay = Layout(tp, pp, cp, gpus - rg, rg, server_tp, distributed_optimizer, recompute)
-                    if check_layout(shape, lay) is None:
-                        out.append(lay)
+        out += _trainer_layouts(shape, hw, gpus - rg, rg, server_tp, cp, distributed_optimizer, False)
     return out
 
 
 def smallest_feasible(shape: ModelShape, gpus: int, hw: Hardware, work: Workload,
                       rollout_gpus: int | None = None, cp: int = 1, distributed_optimizer: bool = True,
-                      limit: int = 5) -> list[Layout]:
-    """Feasible layouts, smallest model-parallel size first (more DP, less communication), then
-    without recompute, then most trainer GPUs, then less PP (smaller bubble)."""
-    ok = [lay for lay in candidate_layouts(shape, gpus, hw, rollout_gpus, cp, distributed_optimizer)
+                      limit: int = 5, placement: str = "disaggregated") -> list[Layout]:
+    """Feasible layouts of one placement, smallest model-parallel size first (more DP, less
+    communication), then without recompute, then the most even trainer/rollout split (both
+    sides run for comparable times), then more trainer GPUs, then smaller server TP (more
+    servers), then less PP (smaller bubble)."""
+    ok = [lay for lay in candidate_layouts(shape, gpus, hw, rollout_gpus, cp, distributed_optimizer, placement)
           if feasible(shape, lay, hw, work)]
-    ok.sort(key=lambda lay: (lay.tp * lay.pp * lay.cp, lay.recompute, -lay.trainer_gpus, lay.pp))
+    ok.sort(key=lambda lay: (lay.tp * lay.pp * lay.cp, lay.recompute,
+                             0 if lay.colocated else abs(lay.trainer_gpus - lay.rollout_gpus),
+                             -lay.trainer_gpus, lay.server_tp, lay.pp))
     return ok[:limit]
 
 
-def min_gpus(shape: ModelShape, hw: Hardware, work: Workload, up_to: int = 256) -> Layout | None:
+def min_gpus(shape: ModelShape, hw: Hardware, work: Workload, up_to: int = 256,
+             placement: str = "disaggregated") -> Layout | None:
     """The smallest layout at the first GPU count (whole nodes) at which one fits."""
     for gpus in range(hw.gpus_per_node, up_to + 1, hw.gpus_per_node):
-        found = smallest_feasible(shape, gpus, hw, work, limit=1)
+        found = smallest_feasible(shape, gpus, hw, work, limit=1, placement=placement)
         if found:
             return found[0]
     return None
-

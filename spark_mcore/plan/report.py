@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--preset", choices=sorted(PRESETS), help="a built-in model shape")
     src.add_argument("--hf-config", help="an HF config.json (or its directory) instead of a preset")
     hw = p.add_argument_group("hardware")
-    hw.add_argument("--gpus", type=int, required=True, help="all GPUs: trainer + SGLang (disjoint)")
+    hw.add_argument("--gpus", type=int, required=True, help="all GPUs (disaggregated: trainer + SGLang)")
     hw.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
     hw.add_argument("--usable", type=float, default=0.9, help="share of GPU memory a layout may use")
     hw.add_argument("--gpus-per-node", type=int, default=8)
@@ -27,7 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lay.add_argument("--tp", type=int)
     lay.add_argument("--pp", type=int)
     lay.add_argument("--cp", type=int, default=1)
-    lay.add_argument("--rollout-gpus", type=int, help="GPUs for SGLang servers (default: half of --gpus)")
+    lay.add_argument("--placement", choices=est.PLACEMENTS, default="auto",
+                     help="disaggregated: trainer and SGLang on disjoint GPUs (weights.mode=distributed); "
+                          "colocated: SGLang servers resident on the trainer's GPUs (weights.mode=colocated, "
+                          "CUDA IPC); auto (default): both")
+    lay.add_argument("--rollout-gpus", type=int,
+                     help="disaggregated: GPUs for SGLang servers (default: every split; with --tp, half)")
     lay.add_argument("--server-tp", type=int, help="GPUs per SGLang server (default: smallest that fits)")
     lay.add_argument("--no-distributed-optimizer", action="store_true")
     lay.add_argument("--recompute", action="store_true", help="full activation recompute")
@@ -49,23 +54,41 @@ def describe(shape: ModelShape, lay: est.Layout, hw: est.Hardware, work: est.Wor
     mem = est.memory_breakdown(shape, lay, work)
     roll = est.rollout_memory(shape, lay, hw, work)
     budget = hw.gpu_mem_gib * GIB * hw.usable
-    lines = [f"layout: {lay.name()}  (trainer {lay.trainer_gpus} GPUs, SGLang {lay.rollout_gpus} GPUs)",
+    where = "the same GPUs" if lay.colocated else f"{lay.rollout_gpus} GPUs of their own"
+    lines = [f"layout: {lay.name()}  (trainer {lay.trainer_gpus} GPUs, SGLang on {where})",
+             f"config: {config_line(lay)}",
              "trainer memory per GPU (fuller pipeline stage):"]
     lines += [f"  {k:<12}{_gib(v)}" for k, v in mem.items() if k != "total"]
     verdict = "fits" if mem["total"] <= budget else "DOES NOT FIT"
     lines.append(f"  {'total':<12}{_gib(mem['total'])}  of {budget / GIB:.1f} GiB usable: {verdict}")
-    lines += ["SGLang server GPU:",
+    lines += ["SGLang server GPU" + (" (resident next to the trainer):" if lay.colocated else ":"),
               f"  weights     {_gib(roll['weights'])}",
               f"  KV cache    {roll['kv_bytes_per_token'] / 1024:.1f} KiB/token per GPU, pool {_gib(roll['kv_pool'])}",
               f"  capacity    {roll['capacity_tokens']:,} tokens on all servers; a step needs "
               f"{roll['step_tokens']:,} ({roll['waves']} wave(s))"]
+    if lay.colocated:
+        both = roll["trainer"] + roll["weights"]
+        lines.append(f"per GPU: trainer {_gib(roll['trainer'])} + server weights {_gib(roll['weights'])} = "
+                     f"{_gib(both)}, KV pool takes the rest up to {budget / GIB:.1f} GiB usable: "
+                     f"{'fits' if both <= budget and roll['kv_pool'] > 0 else 'DOES NOT FIT'}")
     flops = est.step_flops(shape, work)
     lines += [f"step: {flops:.3e} model FLOPs (5 forwards: train fwd+bwd, old and reference log-probs)",
               f"  trainer time {est.step_seconds(shape, lay, hw, work):.1f} s at MFU {hw.mfu:.0%} of "
               f"{hw.peak_tflops:.0f} TFLOP/s x {lay.trainer_gpus} GPUs",
-              f"  weight sync {est.sync_seconds(shape, lay, hw):.2f} s "
-              f"({2 * shape.total_params() / 1e9:.1f} GB bf16 at {hw.link_gbps:g} GB/s, PP stages in parallel)"]
+              (f"  weight sync by CUDA IPC handles on the same GPUs (no bytes over the {hw.link_gbps:g} GB/s link)"
+               if lay.colocated else
+               f"  weight sync {est.sync_seconds(shape, lay, hw):.2f} s "
+               f"({2 * shape.total_params() / 1e9:.1f} GB bf16 at {hw.link_gbps:g} GB/s, PP stages in parallel)")]
     return lines
+
+
+def config_line(lay: est.Layout) -> str:
+    """The run-config overrides that select this layout's placement."""
+    par = f"parallel.tp={lay.tp} parallel.pp={lay.pp} parallel.cp={lay.cp}"
+    if lay.colocated:
+        return (f"weights.mode=colocated {par} (start {lay.rollout_gpus // lay.server_tp} SGLang servers of tp"
+                f"{lay.server_tp} on the trainer's GPUs and attach them with sglang.urls)")
+    return f"weights.mode=distributed {par}"
 
 
 def _objects(args: argparse.Namespace) -> tuple[ModelShape, est.Hardware, est.Workload]:
@@ -76,16 +99,47 @@ def _objects(args: argparse.Namespace) -> tuple[ModelShape, est.Hardware, est.Wo
     return shape, hw, work
 
 
-def _given_layout(args: argparse.Namespace, shape: ModelShape, hw: est.Hardware) -> est.Layout:
-    rollout = args.rollout_gpus if args.rollout_gpus is not None else args.gpus // 2
-    server_tp = args.server_tp or next(
-        (t for t in (1, 2, 4, 8) if t <= rollout and 2 * shape.total_params() / t <= 0.5 * hw.gpu_mem_gib * GIB), 8)
-    lay = est.Layout(args.tp or 1, args.pp or 1, args.cp, args.gpus - rollout, rollout, server_tp,
-                     not args.no_distributed_optimizer, args.recompute)
+def _given_layout(args: argparse.Namespace, shape: ModelShape, hw: est.Hardware,
+                  work: est.Workload) -> est.Layout:
+    colocated = args.placement == "colocated"
+    rollout = args.gpus if colocated else (args.rollout_gpus if args.rollout_gpus is not None else args.gpus // 2)
+    trainer = args.gpus if colocated else args.gpus - rollout
+
+    def layout(server_tp: int) -> est.Layout:
+        return est.Layout(args.tp or 1, args.pp or 1, args.cp, trainer, rollout, server_tp,
+                          not args.no_distributed_optimizer, args.recompute, colocated=colocated)
+
+    tps = [t for t in (1, 2, 4, 8) if t <= rollout and rollout % t == 0] or [8]
+    if args.server_tp:
+        server_tp = args.server_tp
+    elif colocated:  # the smallest server TP whose shard still fits beside the trainer
+        server_tp = next((t for t in tps if est.feasible(shape, layout(t), hw, work)), tps[-1])
+    else:
+        server_tp = next((t for t in tps if 2 * shape.total_params() / t <= 0.5 * hw.gpu_mem_gib * GIB), 8)
+    lay = layout(server_tp)
     problem = est.check_layout(shape, lay)
     if problem:
         raise ConfigError(f"layout {lay.name()}: {problem}")
     return lay
+
+
+def _suggest(args: argparse.Namespace, shape: ModelShape, hw: est.Hardware,
+             work: est.Workload) -> dict[str, list[est.Layout]]:
+    """Feasible layouts per placement the flag asks for."""
+    if args.placement == "colocated" and args.rollout_gpus is not None:
+        raise ConfigError("--rollout-gpus: colocated servers run on all --gpus; drop it or use "
+                          "--placement disaggregated")
+    modes = ["disaggregated", "colocated"] if args.placement == "auto" else [args.placement]
+    if args.placement == "auto" and args.gpus < 2:  # disaggregated needs one GPU per side
+        modes = ["colocated"]
+    return {m: est.smallest_feasible(shape, args.gpus, hw, work, args.rollout_gpus, args.cp,
+                                     not args.no_distributed_optimizer, placement=m) for m in modes}
+
+
+def _none_fits(shape: ModelShape, hw: est.Hardware, work: est.Workload, mode: str, gpus: int) -> str:
+    least = est.min_gpus(shape, hw, work, placement=mode)
+    hint = f"the smallest fit is {least.gpus} GPUs: {least.name()}" if least else "none up to 256 GPUs"
+    return f"{mode}: no layout fits {gpus} x {hw.gpu_mem_gib:g} GiB GPUs; {hint}"
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -94,20 +148,25 @@ def run_plan(args: argparse.Namespace) -> int:
           f"({shape.vision_params() / 1e9:.2f}B vision), {shape.layers} layers, hidden {shape.hidden}")
     print(f"step: {work.prompts} prompts x n={work.n} x {work.seq_len} tokens = {work.step_tokens:,} tokens")
     if args.tp or args.pp:
-        for line in describe(shape, _given_layout(args, shape, hw), hw, work):
+        for line in describe(shape, _given_layout(args, shape, hw, work), hw, work):
             print(line)
         return 0
-    found = est.smallest_feasible(shape, args.gpus, hw, work, args.rollout_gpus, args.cp,
-                                  not args.no_distributed_optimizer)
-    if not found:
-        least = est.min_gpus(shape, hw, work)
-        hint = f"the smallest fit is {least.trainer_gpus + least.rollout_gpus} GPUs: {least.name()}" if least \
-            else "none up to 256 GPUs"
-        print(f"no layout fits {args.gpus} x {args.gpu_mem:g} GiB GPUs; {hint}")
+    found = _suggest(args, shape, hw, work)
+    for mode, lays in found.items():
+        if not lays:
+            print(_none_fits(shape, hw, work, mode, args.gpus))
+            continue
+        print(f"smallest feasible {mode} layouts (weights.mode={lays[0].mode}):")
+        for lay in lays:
+            print(f"  [{mode}] {lay.name()}  ({est.memory_breakdown(shape, lay, work)['total'] / GIB:.1f} GiB "
+                  f"per trainer GPU{' before the server' if lay.colocated else ''})")
+    best = next((lays[0] for lays in found.values() if lays), None)
+    if best is None:
         return 1
-    print("smallest feasible layouts:")
-    for lay in found:
-        print(f"  {lay.name()}  ({est.memory_breakdown(shape, lay, work)['total'] / GIB:.1f} GiB per trainer GPU)")
-    for line in describe(shape, found[0], hw, work):
+    if best.colocated and "disaggregated" in found:
+        print(f"disaggregated does not fit {args.gpus} GPUs, colocated does: the trainer keeps all "
+              f"{args.gpus} GPUs (more DP shards the optimizer further) and SGLang stays resident "
+              "beside it, weights passed by CUDA IPC")
+    for line in describe(shape, best, hw, work):
         print(line)
     return 0

@@ -112,6 +112,69 @@ def test_cli_plan_prints_a_feasible_layout(capsys) -> None:
     assert main(["plan", "--preset", "qwen2.5-vl-32b", "--gpus", "32", "--gpu-mem", "80"]) == 0
     out = capsys.readouterr().out
     assert "tp8 pp1 cp1 dp2" in out and ": fits" in out and "weight sync" in out
-    assert main(["plan", "--preset", "qwen2.5-vl-32b", "--gpus", "16"]) == 1
-    assert "smallest fit is 32 GPUs" in capsys.readouterr().out
+    # disaggregated alone: 16 GPUs hold no layout; 24 do (trainer tp8 dp2 on 16, 8 SGLang GPUs)
+    assert main(["plan", "--preset", "qwen2.5-vl-32b", "--gpus", "16", "--placement", "disaggregated"]) == 1
+    assert "smallest fit is 24 GPUs: tp8 pp1 cp1 dp2" in capsys.readouterr().out
     assert main(["plan", "--preset", "qwen2.5-7b", "--gpus", "8", "--tp", "3"]) == 2  # config error
+
+
+VL32 = PRESETS["qwen2.5-vl-32b"]
+
+
+def test_colocated_per_gpu_sum_by_hand() -> None:
+    # 32B, 16 GPUs: trainer tp8 pp1 dp2 on all 16, 2 SGLang servers of tp8 resident on the same GPUs
+    lay = est.Layout(tp=8, pp=1, cp=1, trainer_gpus=16, rollout_gpus=16, server_tp=8, colocated=True)
+    hw, work = est.Hardware(gpu_mem_gib=80), est.Workload()
+    # params: 64 layers * 487,605,248 + embed and lm_head 2 * 778,567,680 + norm 5,120 + vision 688,841,984
+    total = 64 * 487_605_248 + 2 * 778_567_680 + 5_120 + 688_841_984
+    assert VL32.total_params() == total == 33_452_718_336
+    p = total / 8  # pp1: every parameter on the one stage, over tp 8
+    # activations, SP on (s = 8), T = 2048: 2*T*(4h/8 + (2h + 2*8*128 + 3f)/8) = 4096*(2,560 + 11,904)
+    per_layer = 4096 * (2_560 + 11_904)
+    logits = 4 * 2048 * 152_064 / 8
+    acts = 64 * per_layer + logits
+    assert acts == 3_947_364_352
+    # trainer: weights 2 + grads 4 + reference 2 + Adam 12 / dp 2 = 14 bytes per parameter
+    trainer = 14 * p + acts
+    assert est.memory_breakdown(VL32, lay, work)["total"] == trainer == 62_489_621_440
+    roll = est.rollout_memory(VL32, lay, hw, work)
+    shard = 2 * total / 8  # the server's bf16 weights over its tp 8
+    assert roll["trainer"] == trainer and roll["weights"] == shard == 8_363_179_584
+    budget = 0.9 * 80 * 1024**3  # 77,309,411,328 usable
+    assert trainer + shard == 70_852_801_024 <= budget
+    # the resident KV pool is the rest; K and V, 64 layers, 8 kv heads / tp 8 = 1 of 128, bf16 = 32,768 B/token
+    assert roll["kv_pool"] == budget - trainer - shard == 6_456_610_304
+    assert roll["kv_bytes_per_token"] == 2 * 64 * 1 * 128 * 2 == 32_768
+    assert roll["capacity_tokens"] == 2 * (6_456_610_304 // 32_768) == 394_080
+    assert roll["gpu_total"] == budget and est.feasible(VL32, lay, hw, work)
+    assert est.sync_seconds(VL32, lay, hw) == 0.0  # CUDA IPC, nothing crosses the link
+    # the same trainer with servers of tp2 does not fit: 62.49e9 + 2 * 33.45e9 / 2 > 77.31e9
+    assert not est.feasible(VL32, est.Layout(8, 1, 1, 16, 16, 2, colocated=True), hw, work)
+
+
+def test_vl32b_on_16_gpus_colocated_fits_disaggregated_does_not() -> None:
+    hw, work = est.Hardware(gpu_mem_gib=80), est.Workload()
+    # disaggregated, every split: at most 15 trainer GPUs, so tp*pp = 8 runs dp1 on 8 of them:
+    # 20 bytes * 33.45e9 / 8 = 83.6e9 > 77.3e9 usable; smaller tp*pp hold even more per GPU
+    assert est.smallest_feasible(VL32, 16, hw, work, placement="disaggregated") == []
+    best = est.smallest_feasible(VL32, 16, hw, work, placement="colocated")[0]
+    assert best.colocated and best.mode == "colocated"
+    assert (best.tp, best.pp, best.dp, best.server_tp, best.recompute) == (8, 1, 2, 8, False)
+    with pytest.raises(ConfigError, match="placement"):
+        est.candidate_layouts(VL32, 16, hw, None, placement="both")
+
+
+def test_cli_plan_auto_explains_colocated(capsys) -> None:
+    assert main(["plan", "--preset", "qwen2.5-vl-32b", "--gpus", "16", "--gpu-mem", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "disaggregated: no layout fits 16" in out
+    assert "[colocated] tp8 pp1 cp1 dp2" in out and "config: weights.mode=colocated parallel.tp=8" in out
+    assert "disaggregated does not fit 16 GPUs, colocated does" in out
+    assert "trainer   58.20 GiB + server weights    7.79 GiB" in out and ": fits" in out
+    # 32 GPUs: both modes fit; the disaggregated one (weights.mode=distributed) is described
+    assert main(["plan", "--preset", "qwen2.5-vl-32b", "--gpus", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "[disaggregated] tp8 pp1 cp1 dp2" in out and "[colocated]" in out
+    assert "config: weights.mode=distributed" in out and "does not fit" not in out
+    assert main(["plan", "--preset", "qwen2.5-vl-32b", "--gpus", "16", "--placement", "colocated",
+                 "--rollout-gpus", "4"]) == 2
