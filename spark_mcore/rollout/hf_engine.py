@@ -9,10 +9,52 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList, PretrainedConfig
 
 from spark_mcore.rollout.base import SamplingParams
 from spark_mcore.types import Completion
+
+
+class SeededSampler(LogitsProcessor):
+    """Per-row seeded sampling for a batch decoded greedily.
+
+    Each step, row r's logits are divided by the temperature, cut to the top-p nucleus and
+    normalised; the token is the Gumbel-max draw argmax(log p + g), g from row r's own
+    generator (seeded once with `seeds[r]`, one draw of the vocabulary per step). That is an
+    exact sample of the tempered, nucleus-filtered distribution, and it depends only on the
+    row's seed and logits, not on the other rows of the batch. The returned scores are 0 at
+    the chosen token and -inf elsewhere, so greedy decoding takes it; `chosen_logprobs` gives
+    log p of each chosen token ([rows, steps])."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float) -> None:
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+        self._logps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logp = torch.log_softmax(scores.float().cpu() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            logp = torch.log_softmax(_nucleus(logp, self.top_p), dim=-1)
+        noise = torch.stack([torch.rand(logp.shape[-1], generator=g) for g in self.generators])
+        gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
+        chosen = torch.argmax(logp + gumbel, dim=-1)
+        self._logps.append(logp.gather(1, chosen[:, None])[:, 0])
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(chosen)), chosen.to(scores.device)] = 0.0
+        return out
+
+    def chosen_logprobs(self) -> torch.Tensor:
+        return torch.stack(self._logps, dim=1) if self._logps else torch.zeros(len(self.generators), 0)
+
+
+def _nucleus(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """-inf outside the smallest set of most likely tokens whose mass reaches top_p (the most
+    likely token always stays)."""
+    sorted_logp, order = torch.sort(logp, dim=-1, descending=True)
+    before = torch.cumsum(sorted_logp.exp(), dim=-1) - sorted_logp.exp()  # mass of the tokens ranked above
+    drop_sorted = before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logp.masked_fill(drop, float("-inf"))
 
 
 class HFEngine:
@@ -62,15 +104,20 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        flat = [ids for ids in prompt_ids for _ in range(params.n)]
+        """Sampled rows are batched, but each draws its tokens from its own seed (see
+        `SeededSampler`), so a completion does not depend on the batch it was generated in."""
+        seeds = params.seeds_for(len(prompt_ids))
+        if seeds is None:  # unseeded: fresh seeds from the global generator (unused when greedy)
+            seeds = (torch.randint(0, 2**62, (len(prompt_ids), params.n)).tolist() if params.temperature > 0
+                     else [[0] * params.n for _ in prompt_ids])
+        flat = [(ids, seeds[i][j]) for i, ids in enumerate(prompt_ids) for j in range(params.n)]
         out: list[Completion] = []
         for start in range(0, len(flat), self.batch_size):
-            out.extend(self._generate_batch(flat[start:start + self.batch_size], params))
+            chunk = flat[start:start + self.batch_size]
+            out.extend(self._generate_batch([ids for ids, _ in chunk], [s for _, s in chunk], params))
         return [out[i * params.n:(i + 1) * params.n] for i in range(len(prompt_ids))]
 
-    def _generate_batch(self, batch: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def _generate_batch(self, batch: list[list[int]], seeds: list[int], params: SamplingParams) -> list[Completion]:
         width = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros_like(input_ids)
@@ -78,15 +125,20 @@ class HFEngine:
             input_ids[i, width - len(ids):] = torch.tensor(ids)
             attention[i, width - len(ids):] = 1
         greedy = params.temperature == 0
+        sampler = None if greedy else SeededSampler(seeds, params.temperature, params.top_p)
+        # sampling runs inside greedy decoding: the sampler's scores have one finite entry
         gen = self.model.generate(
             input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-            max_new_tokens=params.max_new_tokens, do_sample=not greedy,
-            temperature=None if greedy else params.temperature, top_p=None if greedy else params.top_p,
-            top_k=0 if not greedy else None, eos_token_id=params.stop_token_ids or None,
-            pad_token_id=self.pad_token_id, output_scores=True, return_dict_in_generate=True,
+            max_new_tokens=params.max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+            logits_processor=LogitsProcessorList([sampler] if sampler is not None else []),
+            eos_token_id=params.stop_token_ids or None, pad_token_id=self.pad_token_id,
+            output_scores=greedy, return_dict_in_generate=True,
         )
         new = gen.sequences[:, width:].cpu()
-        scores = self.model.compute_transition_scores(gen.sequences, gen.scores, normalize_logits=True).cpu()
+        if sampler is not None:
+            scores = sampler.chosen_logprobs()
+        else:
+            scores = self.model.compute_transition_scores(gen.sequences, gen.scores, normalize_logits=True).cpu()
         return [self._completion(new[i], scores[i], params.stop_token_ids) for i in range(len(batch))]
 
     def _completion(self, ids: torch.Tensor, logps: torch.Tensor, stops: list[int]) -> Completion:
