@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -129,13 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank_prefix() -> str:
+    """"[rank N] " under torchrun (WORLD_SIZE > 1), so every rank's error names its rank."""
+    return f"[rank {os.environ.get('RANK', '?')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"{_rank_prefix()}config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if _rank_prefix():  # the traceback follows; this line says which rank it comes from
+            print(f"{_rank_prefix()}{args.command} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
 
 
 if __name__ == "__main__":

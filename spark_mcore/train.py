@@ -6,6 +6,12 @@
         -> old/ref log-probs -> GRPO update on the Megatron actor -> push weights to the engine
         -> recycle the policy groups into pointwise / pairwise / reflection tasks (SPARK)
     -> eval -> save (dist checkpoint + HF export)
+
+Under torchrun every rank runs this loop (any TP / PP / DP layout). Work is divided, not
+repeated: each DP replica generates and verifies its share of a step's prompts and of the
+held-out set (`rollout.divide.DividedRollout`), and trains on its slice of the warm-start and
+GRPO batches; every rank sees all groups, so the plan, the batch and the SPARK cache are the
+same everywhere. One writer: only global rank 0 prints and writes logs and result files.
 """
 
 from __future__ import annotations
@@ -20,30 +26,58 @@ from spark_mcore.config.run import RunConfig
 from spark_mcore.distributed.parallel import destroy_distributed
 from spark_mcore.eval.runner import EvalResult, evaluate_accuracy
 from spark_mcore.rollout.base import SamplingParams
+from spark_mcore.rollout.divide import DividedRollout
 from spark_mcore.rollout.groups import generate_groups, score_groups
 from spark_mcore.runtime import Run, build_run
 from spark_mcore.spark.loop import SparkState, kind_metrics
-from spark_mcore.trainer.batching import groups_to_batch, split_for_updates
+from spark_mcore.trainer.batching import dp_slice, groups_to_batch, split_for_updates
 from spark_mcore.trainer.warmstart import warm_start
 from spark_mcore.types import Prompt, RolloutGroup
+from spark_mcore.weights.gather import actor_hf_weights
 
 SUMMARY_KEYS = ["rollout/reward_mean", "rollout/accuracy", "rollout/judge_accuracy", "rollout/reflection_success",
                 "rollout/response_len", "train/pg_loss", "train/kl", "train/entropy", "train/grad_norm",
                 "spark/cache_size", "rollout/tokens_per_s", "time/rollout", "time/train"]
 
 
-def evaluate(run: Run) -> EvalResult:
-    return evaluate_accuracy(run.engine, run.test_prompts, run.encode, run.stop_ids, run.pool.score,
-                             run.cfg.eval)
+def say(run: Run, text: str) -> None:
+    """One writer: only global rank 0 prints."""
+    if run.pstate.rank == 0:
+        print(text, flush=True)
 
 
-def rollout(run: Run, prompts: list[Prompt], params: SamplingParams) -> list[RolloutGroup]:
-    """Generate and verify; logs reward, per-kind reward, lengths and throughput."""
-    log = run.logger
-    with log.timer("rollout"):
+def divided_rollout(run: Run) -> DividedRollout:
+    """Generate + verify on this rank's engine, for this DP replica's share of the prompts.
+    Its `stats` hold the last call's generate / verify seconds on this rank."""
+    timings: dict[str, float] = {}
+
+    def produce(prompts: list[Prompt], params: SamplingParams) -> list[RolloutGroup]:
+        start = time.perf_counter()
         groups = generate_groups(run.engine, prompts, run.encode, params)
-    with log.timer("verify"):
+        timings["generate"] = time.perf_counter() - start
         score_groups(groups, run.pool.score)
+        timings["verify"] = time.perf_counter() - start - timings["generate"]
+        return groups
+
+    return DividedRollout(produce, run.pstate, stats=timings)
+
+
+def evaluate(run: Run, produce: DividedRollout) -> EvalResult:
+    before = produce.total_responses
+    result = evaluate_accuracy(run.engine, run.test_prompts, run.encode, run.stop_ids, run.pool.score,
+                               run.cfg.eval, produce=produce)
+    run.logger.update({"responses_this_rank": produce.total_responses - before}, prefix="eval/")
+    return result
+
+
+def rollout(run: Run, produce: DividedRollout, prompts: list[Prompt], params: SamplingParams) -> list[RolloutGroup]:
+    """Generate and verify (divided over DP replicas); logs reward, per-kind reward, lengths and
+    throughput of the whole step, and how many responses this rank generated."""
+    log = run.logger
+    produce.stats.clear()
+    with log.timer("rollout"):
+        groups = produce(prompts, params)
+    log.update(produce.stats, prefix="time/")
     rollouts = [r for g in groups for r in g.rollouts]
     policy = [r for r in rollouts if "spark_kind" not in r.prompt.meta] or rollouts
     gen_tokens = sum(len(r.completion.token_ids) for r in rollouts)
@@ -51,32 +85,39 @@ def rollout(run: Run, prompts: list[Prompt], params: SamplingParams) -> list[Rol
                 "accuracy": sum(r.correct for r in policy) / len(policy),
                 "response_len": gen_tokens / len(rollouts),
                 "truncated": sum(r.completion.finish_reason == "length" for r in rollouts) / len(rollouts),
-                "tokens_per_s": gen_tokens / max(log.current["time/rollout"], 1e-9),
+                # the world's tokens over this rank's generation time (DP replicas run alike)
+                "tokens_per_s": gen_tokens / max(produce.stats.get("generate", log.current["time/rollout"]), 1e-9),
+                "responses": len(rollouts), "responses_this_rank": produce.last_responses,
                 **kind_metrics(rollouts)}, prefix="rollout/")
     return groups
 
 
 def update(run: Run, groups: list[RolloutGroup], version: int) -> None:
-    """One GRPO update of the actor on `groups`, then the new weights go to the engine."""
-    algo, log = run.cfg.algo, run.logger
+    """One GRPO update of the actor on `groups`, then the new weights go to the engine.
+
+    Every rank builds the same global batch and the same update split; each trains on its DP
+    slice of every mini-batch (the actor normalises the loss over DP ranks)."""
+    algo, log, ps = run.cfg.algo, run.logger, run.pstate
     batch, stats = groups_to_batch(groups, algo.adv_eps, algo.normalize_std, algo.filter_zero_variance,
                                    pad_id=run.tokenizer.pad_token_id or 0)
     log.update(stats, prefix="rollout/")
     if batch is not None:
         with log.timer("train"):
-            batch.old_logprobs = run.actor.compute_logprobs(batch)
-            if run.actor.ref_chunks is not None:
-                batch.ref_logprobs = run.actor.compute_logprobs(batch, reference=True)
+            minis = [dp_slice(mini, ps.dp_rank, ps.dp_size)
+                     for mini in split_for_updates(batch, run.cfg.trainer.updates_per_step, seed=version)]
+            for mini in minis:  # every old/ref log-prob comes from the policy before the first update
+                mini.old_logprobs = run.actor.compute_logprobs(mini)
+                if run.actor.ref_chunks is not None:
+                    mini.ref_logprobs = run.actor.compute_logprobs(mini, reference=True)
             # several optimizer steps per rollout batch: later ones are off-policy w.r.t. the
             # old log-probs above, which is what the PPO clip is for
-            steps = [run.actor.train_step(mini) for mini in
-                     split_for_updates(batch, run.cfg.trainer.updates_per_step, seed=version)]
+            steps = [run.actor.train_step(mini) for mini in minis]
             log.update({k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}, prefix="train/")
     with log.timer("sync"):
         run.push_weights(version)
 
 
-def prepare(run: Run, spark: SparkState) -> tuple[int, int, dict[str, EvalResult]]:
+def prepare(run: Run, spark: SparkState, produce: DividedRollout) -> tuple[int, int, dict[str, EvalResult]]:
     """Resumes from the newest checkpoint in the run directory, or warm-starts and evaluates.
     Returns (iteration, policy steps done, results so far)."""
     cfg = run.cfg
@@ -84,22 +125,25 @@ def prepare(run: Run, spark: SparkState) -> tuple[int, int, dict[str, EvalResult
     ckpt = latest_checkpoint(run.run_dir) if cfg.checkpoint.resume else None
     if ckpt is None and cfg.warmstart.steps:
         start = time.perf_counter()
-        warm_start(run.actor, run.loader.prompts, run.tokenizer, run.encode, cfg.warmstart, cfg.data.seed,
-                   cfg.logging.progress and run.pstate.rank == 0)
-        print(f"warm start: {cfg.warmstart.steps} SFT steps in {time.perf_counter() - start:.1f}s")
+        last = warm_start(run.actor, run.loader.prompts, run.tokenizer, run.encode, cfg.warmstart, cfg.data.seed,
+                          cfg.logging.progress and run.pstate.rank == 0)
+        run.logger.update({"sft_loss": last["sft_loss"], "rows_this_rank": last["rows_this_rank"]},
+                          prefix="warmstart/")
+        say(run, f"warm start: {cfg.warmstart.steps} SFT steps in {time.perf_counter() - start:.1f}s")
     run.actor.setup_optimizer(cfg.trainer.lr, updates, math.ceil(cfg.trainer.warmup_ratio * updates))
     run.actor.snapshot_reference()
     if ckpt is None:
         run.push_weights(0)
-        results = {"start": evaluate(run)}
-        results["start"].write(run.run_dir / "eval_start.json")
-        print(f"held-out accuracy before RL: {results['start'].summary()}", flush=True)
+        results = {"start": evaluate(run, produce)}
+        if run.pstate.rank == 0:
+            results["start"].write(run.run_dir / "eval_start.json")
+        say(run, f"held-out accuracy before RL: {results['start'].summary()}")
         return 0, 0, results
     state = load_checkpoint(run, ckpt)
     run.loader.load_state_dict(state["loader"])
     spark.load_state_dict(state["spark"])
     run.push_weights(state["iteration"])
-    print(f"resumed from {ckpt} (policy step {state['policy_steps']}/{cfg.trainer.steps})", flush=True)
+    say(run, f"resumed from {ckpt} (policy step {state['policy_steps']}/{cfg.trainer.steps})")
     start_file = run.run_dir / "eval_start.json"
     return state["iteration"], state["policy_steps"], ({"start": EvalResult.read(start_file)}
                                                       if start_file.is_file() else {})
@@ -110,7 +154,8 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
     run = build_run(cfg)
     try:
         spark = SparkState(cfg.spark, cfg.data.prompts_per_step)
-        it, policy_steps, results = prepare(run, spark)
+        produce = divided_rollout(run)
+        it, policy_steps, results = prepare(run, spark, produce)
         params = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=run.stop_ids)
         bar = tqdm(total=cfg.trainer.steps, initial=policy_steps, desc="RL policy steps",
@@ -119,7 +164,7 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
             plan, reward_prompts = spark.plan()
             prompts = (next(run.loader) if plan.kind == "policy" else []) + reward_prompts
             params.seed = cfg.trainer.seed * 100003 + it  # sampling is a function of the iteration
-            groups = rollout(run, prompts, params)
+            groups = rollout(run, produce, prompts, params)
             update(run, groups, version=it + 1)
             run.logger.update(spark.after_step(plan, groups, policy_steps))
             policy_steps, it = policy_steps + (plan.kind == "policy"), it + 1
@@ -130,12 +175,14 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
             if plan.kind == "policy" and interval and policy_steps % interval == 0 and policy_steps < cfg.trainer.steps:
                 save_checkpoint(run, it, trainer_state(run, spark, it, policy_steps))
         bar.close()
-        results["rl"] = evaluate(run)
+        results["rl"] = evaluate(run, produce)
         save_checkpoint(run, it, trainer_state(run, spark, it, policy_steps))
         if cfg.checkpoint.export_hf:
-            export_hf(run.actor, run.tokenizer, run.run_dir / "hf", run.run_dir / "tokenizer")
-        print_results_table(results)
-        results["rl"].write(run.run_dir / "eval_rl.json")
+            export_hf(run.actor, run.tokenizer, run.run_dir / "hf", run.run_dir / "tokenizer",
+                      tensors=actor_hf_weights(run.actor))
+        if run.pstate.rank == 0:
+            print_results_table(results)
+            results["rl"].write(run.run_dir / "eval_rl.json")
         return results
     finally:
         run.close()

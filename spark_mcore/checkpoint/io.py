@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -120,7 +121,7 @@ def write_checkpoint(actor: MegatronActor, root: Path, step: int, trainer_state:
 def save_checkpoint(run: Run, step: int, trainer_state: dict[str, Any] | None = None) -> Path:
     """Writes model/optimizer/reference + trainer state; keeps the newest `checkpoint.keep_last`."""
     final = write_checkpoint(run.actor, checkpoint_root(run.run_dir), step, trainer_state,
-                             {"policy_version": run.engine.policy_version})
+                             {"policy_version": run.policy_version})
     if run.pstate.rank == 0:
         for old in list_checkpoints(run.run_dir)[: -max(run.cfg.checkpoint.keep_last, 1)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -170,24 +171,28 @@ def load_checkpoint(run: Run, ckpt: Path) -> dict[str, Any]:
     return load_actor_state(run.actor, ckpt)
 
 
-def export_hf(actor: MegatronActor, tokenizer: Any, out_dir: Path, tokenizer_dir: Path | None = None) -> Path:
+def export_hf(actor: MegatronActor, tokenizer: Any, out_dir: Path, tokenizer_dir: Path | None = None, *,
+              tensors: Iterable[tuple[str, torch.Tensor]]) -> Path:
     """safetensors + config.json + tokenizer that `AutoModelForCausalLM.from_pretrained` loads.
 
+    Collective: `tensors` is the whole model's (HF name, full tensor) stream from the
+    `weights/` exporter (`spark_mcore.weights.gather.actor_hf_weights`), which every rank runs
+    to the end and which yields the tensors on global rank 0, the one writer.
     `tokenizer_dir` (the run's saved tokenizer) is copied byte for byte when given: a
     save_pretrained round trip can re-serialise the tokenizer (transformers 5 rewrote its
     normaliser), changing the ids of the export. Without it, `tokenizer.save_pretrained` is used.
     """
-    tensors = {name: t.detach().contiguous().clone() for name, t in actor.export_hf()}
-    if actor.pstate.rank != 0:
-        return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    actor.hf_config(tokenizer).save_pretrained(out_dir)
-    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
-        shutil.copytree(tokenizer_dir, out_dir, dirs_exist_ok=True)
-    else:
-        tokenizer.save_pretrained(out_dir)
-    print(f"exported Hugging Face model to {out_dir}", flush=True)
+    named = {name: t.detach().contiguous().clone() for name, t in tensors}
+    if actor.pstate.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(named, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        actor.hf_config(tokenizer).save_pretrained(out_dir)
+        if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
+            shutil.copytree(tokenizer_dir, out_dir, dirs_exist_ok=True)
+        else:
+            tokenizer.save_pretrained(out_dir)
+        print(f"exported Hugging Face model to {out_dir}", flush=True)
+    _barrier()  # the export is complete before any rank reads it (e.g. a launched server)
     return out_dir
 
 

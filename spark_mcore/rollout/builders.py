@@ -98,13 +98,22 @@ def build_rollout(ctx: EngineContext) -> tuple[RolloutEngine, WeightPusher]:
 
 @dataclass
 class EngineUpdatePusher:
-    """Full HF tensors through `engine.update_weights` (engines living in this process)."""
+    """Full HF tensors through `engine.update_weights` (engines living in this process): the
+    `weights/` exporter gathers TP shards and PP stages onto each replica's first rank, which
+    holds the engine (`engine` is None on the replica's other ranks, which drive the gathers)."""
 
-    engine: RolloutEngine
+    engine: RolloutEngine | None
     actor: MegatronActor
 
     def push(self, version: int) -> None:
-        self.engine.update_weights(self.actor.export_hf(), version=version)
+        from spark_mcore.weights.export import drain
+        from spark_mcore.weights.gather import actor_hf_weights
+
+        tensors = actor_hf_weights(self.actor)
+        if self.engine is None:
+            drain(tensors)
+        else:
+            self.engine.update_weights(tensors, version=version)
 
     def close(self) -> None:
         pass
@@ -113,9 +122,10 @@ class EngineUpdatePusher:
 @register_engine_builder("hf")
 def build_hf(ctx: EngineContext) -> tuple[RolloutEngine, WeightPusher]:
     from spark_mcore.rollout.hf_engine import HFEngine
+    from spark_mcore.weights.gather import is_replica_root
 
     cfg, tok = ctx.cfg, ctx.tokenizer
-    engine = HFEngine(ctx.actor.hf_config(tok), decode=partial(tok.decode, skip_special_tokens=True),
+    engine = None if not is_replica_root(ctx.pstate) else HFEngine(ctx.actor.hf_config(tok), decode=partial(tok.decode, skip_special_tokens=True),
                       pad_token_id=tok.pad_token_id or 0, dtype=_DTYPES[cfg.model.dtype],
                       batch_size=cfg.rollout.batch_size)
     pusher = EngineUpdatePusher(engine, ctx.actor)
@@ -156,15 +166,15 @@ def _sglang_engine(ctx: EngineContext) -> SGLangEngine:
     A relative `sglang.log_dir` is taken under checkpoint.dir so each run keeps its server logs."""
     from spark_mcore.checkpoint.io import export_hf
     from spark_mcore.rollout.sglang import SGLangEngine
+    from spark_mcore.weights.gather import actor_hf_weights
 
     cfg = ctx.cfg.sglang
     if not Path(cfg.log_dir).is_absolute():
         cfg = dataclasses.replace(cfg, log_dir=str(ctx.run_dir / cfg.log_dir))
     if not cfg.urls:
         init_dir = ctx.run_dir / HF_INIT_DIR
-        export_hf(ctx.actor, ctx.tokenizer, init_dir, ctx.run_dir / "tokenizer")
-        if dist.is_initialized() and ctx.pstate.world_size > 1:
-            dist.barrier()  # rank 0 has written the export before any server reads it
+        export_hf(ctx.actor, ctx.tokenizer, init_dir, ctx.run_dir / "tokenizer",
+                  tensors=actor_hf_weights(ctx.actor))  # collective; returns when rank 0 has written it
         cfg = dataclasses.replace(cfg, model_path=str(init_dir))
     engine = SGLangEngine(cfg) if ctx.pstate.rank == 0 or cfg.urls else None
     urls = _broadcast_urls([h.url for h in engine.client.handles] if engine is not None else [], ctx.pstate)
