@@ -21,6 +21,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from spark_mcore.data.arith import arith_problems
@@ -187,3 +188,19 @@ def test_tp_and_pp_peers_do_not_generate(runs: dict) -> None:  # type: ignore[ty
         assert first["generated"] == [16, 16, 16, 16] and peer["generated"] == [] and peer["verified"] == []
     # TP2xPP2 is one replica: only global rank 0 generates
     assert [bool(r["generated"]) for r in runs["tp2pp2"]["ranks"]] == [True, False, False, False]
+
+
+def test_tp2pp2_export_equals_its_checkpoint(runs: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    # the HF export (TP shards gathered, stage 1 sent to stage 0 by the weights/ exporter) is the
+    # policy the dist checkpoint holds, read back by the offline converter: bit for bit
+    from spark_mcore.checkpoint.convert import convert_mcore_to_hf
+
+    run_dir = runs["tp2pp2"]["dir"]
+    out = convert_mcore_to_hf(run_dir / "checkpoints" / "step_2", tmp_path / "hf", progress=False)
+    offline = {}
+    for f in out.glob("*.safetensors"):
+        offline.update(load_file(str(f)))
+    exported = load_file(str(run_dir / "hf" / "model.safetensors"))
+    assert set(exported) <= set(offline) and len(exported) > 10
+    for key, value in exported.items():
+        assert torch.equal(value, offline[key]), key
