@@ -10,10 +10,13 @@ alike. Each run is the tiny model on the built-in arith task with no warm start 
 not a step's), a small held-out set, and `data.prompts_per_step` x `rollout.n` responses per
 step; the step times come from the run's metrics.jsonl (`time/rollout`: generation, verification
 and the exchange of rows; `time/train`: old/ref log-probs and the GRPO update). The first step
-of each run is dropped (warm-up). Threads: world size 1 gets `--cores` intra-op threads, each
-DP2 rank `--cores / 2`, so both use the same cores. Prints per-run medians, the medians over
-runs, and as its last line the ratio of world size 1's (rollout + train) time per step to DP2's
-(above 1: DP2 is faster).
+of each run is dropped (warm-up). Threads: by default every process gets one intra-op thread
+(`--threads 1`), so DP2 uses twice the cores of world size 1: the ratio is what data
+parallelism buys. `--threads 0` instead splits `--cores` between the processes (world size 1
+gets them all, each DP2 rank half): the same cores for both; on a loaded machine two OpenMP
+threads that wait for each other can be much slower than one. Prints per-run medians, the
+medians over runs, and as its last line the ratio of world size 1's (rollout + train) time per
+step to DP2's (above 1: DP2 is faster).
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def _command(nproc: int, run_dir: Path, args: argparse.Namespace) -> list[str]:
 
 def _run(nproc: int, root: Path, index: int, args: argparse.Namespace) -> dict[str, float]:
     run_dir = root / f"run{index}_n{nproc}"
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.cores // nproc))}
+    threads = args.threads or max(1, args.cores // nproc)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(_command(nproc, run_dir, args), capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
         raise SystemExit(f"world size {nproc} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -64,7 +68,8 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=16, help="data.prompts_per_step")
     p.add_argument("--n", type=int, default=8, help="rollout.n")
     p.add_argument("--tokens", type=int, default=32, help="rollout.max_new_tokens")
-    p.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="intra-op threads in total")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per process (0: split --cores)")
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="cores to split with --threads 0")
     p.add_argument("--config", default=Path(__file__).resolve().parents[1] / "examples/configs/tiny_cpu.yaml")
     p.add_argument("--quick", action="store_true", help="1 pair of 2-step runs")
     args = p.parse_args()
