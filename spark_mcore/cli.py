@@ -31,9 +31,15 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 @command("train", _train_args)
 def _train(args: argparse.Namespace) -> int:
     from spark_mcore.config.run import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides)  # a config error costs no torch import
+    import torch
+
+    from spark_mcore.engines import check_weight_mode
+
+    check_weight_mode(cfg, torch.cuda.is_available())  # before megatron and the trainer are imported
     from spark_mcore.train import train
 
-    cfg = load_run_config(args.config, args.overrides)
     train(cfg)
     return 0
 

@@ -6,9 +6,20 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from spark_mcore.config.run import LoggingConfig
+
+@dataclass
+class LoggingConfig:
+    """Console and tensorboard output.
+
+    tensorboard: write scalars under <checkpoint.dir>/tb.
+    progress: show tqdm bars per phase.
+    """
+
+    tensorboard: bool = True
+    progress: bool = True
 
 
 class MetricsLogger:

@@ -14,10 +14,10 @@ from spark_mcore.data.chat import encode_prompt, stop_token_ids
 from spark_mcore.data.dataset import PromptLoader, load_prompts
 from spark_mcore.data.tokenizer import get_tokenizer
 from spark_mcore.distributed.parallel import ParallelState, init_distributed
+from spark_mcore.engines import EngineContext, WeightPusher, build_rollout, check_weight_mode
 from spark_mcore.metrics import MetricsLogger
 from spark_mcore.rewards import VerifierPool, registered_verifiers
 from spark_mcore.rollout.base import RolloutEngine
-from spark_mcore.rollout.builders import EngineContext, WeightPusher, build_rollout
 from spark_mcore.spark.templates import corpus_texts
 from spark_mcore.trainer.actor import MegatronActor
 from spark_mcore.types import Prompt
@@ -33,7 +33,7 @@ class Run:
     stop_ids: list[int]
     actor: MegatronActor
     engine: RolloutEngine | None  # None on ranks that never generate (hf engine: all but each replica's first)
-    weights: WeightPusher  # how the actor's weights reach `engine` (see spark_mcore.rollout.builders)
+    weights: WeightPusher  # how the actor's weights reach `engine` (see spark_mcore.engines)
     pool: VerifierPool
     logger: MetricsLogger
     loader: PromptLoader
@@ -72,6 +72,9 @@ def load_hf_weights(actor: MegatronActor, hf_path: str) -> None:
 
 
 def build_run(cfg: RunConfig) -> Run:
+    import torch
+
+    check_weight_mode(cfg, torch.cuda.is_available())  # before any process group or model
     run_dir = Path(cfg.checkpoint.dir)
     pstate = init_distributed(cfg.parallel, seed=cfg.trainer.seed)
     main = pstate.rank == 0

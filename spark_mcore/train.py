@@ -21,7 +21,7 @@ import time
 
 from tqdm import tqdm
 
-from spark_mcore.checkpoint.io import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from spark_mcore.checkpoint.io import export_hf, latest_checkpoint, load_actor_state, save_checkpoint
 from spark_mcore.config.run import RunConfig
 from spark_mcore.distributed.parallel import destroy_distributed
 from spark_mcore.eval.runner import EvalResult, evaluate_accuracy
@@ -30,9 +30,10 @@ from spark_mcore.rollout.divide import DividedRollout
 from spark_mcore.rollout.groups import generate_groups, score_groups
 from spark_mcore.runtime import Run, build_run
 from spark_mcore.spark.loop import SparkState, kind_metrics
+from spark_mcore.spark.warmstart_data import judge_sft_examples
 from spark_mcore.trainer.batching import dp_slice, groups_to_batch, split_for_updates
 from spark_mcore.trainer.warmstart import warm_start
-from spark_mcore.types import Prompt, RolloutGroup
+from spark_mcore.types import KIND_KEY, Prompt, RolloutGroup
 from spark_mcore.weights.gather import actor_hf_weights
 
 SUMMARY_KEYS = ["rollout/reward_mean", "rollout/accuracy", "rollout/judge_accuracy", "rollout/reflection_success",
@@ -79,7 +80,7 @@ def rollout(run: Run, produce: DividedRollout, prompts: list[Prompt], params: Sa
         groups = produce(prompts, params)
     log.update(produce.stats, prefix="time/")
     rollouts = [r for g in groups for r in g.rollouts]
-    policy = [r for r in rollouts if "spark_kind" not in r.prompt.meta] or rollouts
+    policy = [r for r in rollouts if KIND_KEY not in r.prompt.meta] or rollouts
     gen_tokens = sum(len(r.completion.token_ids) for r in rollouts)
     log.update({"reward_mean": sum(r.reward for r in rollouts) / len(rollouts),
                 "accuracy": sum(r.correct for r in policy) / len(policy),
@@ -126,7 +127,7 @@ def prepare(run: Run, spark: SparkState, produce: DividedRollout) -> tuple[int, 
     if ckpt is None and cfg.warmstart.steps:
         start = time.perf_counter()
         last = warm_start(run.actor, run.loader.prompts, run.tokenizer, run.encode, cfg.warmstart, cfg.data.seed,
-                          cfg.logging.progress and run.pstate.rank == 0)
+                          cfg.logging.progress and run.pstate.rank == 0, judge_examples=judge_sft_examples)
         run.logger.update({"sft_loss": last["sft_loss"], "rows_this_rank": last["rows_this_rank"]},
                           prefix="warmstart/")
         say(run, f"warm start: {cfg.warmstart.steps} SFT steps in {time.perf_counter() - start:.1f}s")
@@ -139,7 +140,7 @@ def prepare(run: Run, spark: SparkState, produce: DividedRollout) -> tuple[int, 
             results["start"].write(run.run_dir / "eval_start.json")
         say(run, f"held-out accuracy before RL: {results['start'].summary()}")
         return 0, 0, results
-    state = load_checkpoint(run, ckpt)
+    state = load_actor_state(run.actor, ckpt)
     run.loader.load_state_dict(state["loader"])
     spark.load_state_dict(state["spark"])
     run.push_weights(state["iteration"])
@@ -147,6 +148,11 @@ def prepare(run: Run, spark: SparkState, produce: DividedRollout) -> tuple[int, 
     start_file = run.run_dir / "eval_start.json"
     return state["iteration"], state["policy_steps"], ({"start": EvalResult.read(start_file)}
                                                       if start_file.is_file() else {})
+
+
+def checkpoint(run: Run, it: int, state: dict) -> None:
+    save_checkpoint(run.actor, run.run_dir, it, state, keep_last=run.cfg.checkpoint.keep_last,
+                    policy_version=run.policy_version)
 
 
 def train(cfg: RunConfig) -> dict[str, EvalResult]:
@@ -173,10 +179,10 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
                              SUMMARY_KEYS)
             interval = cfg.checkpoint.save_interval
             if plan.kind == "policy" and interval and policy_steps % interval == 0 and policy_steps < cfg.trainer.steps:
-                save_checkpoint(run, it, trainer_state(run, spark, it, policy_steps))
+                checkpoint(run, it, trainer_state(run, spark, it, policy_steps))
         bar.close()
         results["rl"] = evaluate(run, produce)
-        save_checkpoint(run, it, trainer_state(run, spark, it, policy_steps))
+        checkpoint(run, it, trainer_state(run, spark, it, policy_steps))
         if cfg.checkpoint.export_hf:
             export_hf(run.actor, run.tokenizer, run.run_dir / "hf", run.run_dir / "tokenizer",
                       tensors=actor_hf_weights(run.actor))

@@ -7,11 +7,46 @@ msgpack-friendly dicts (`to_dict` / `from_dict`) without pickle.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-import torch
+if TYPE_CHECKING:  # records carry tensors, but importing them needs no torch (config loading)
+    import torch
 
 RewardKind = Literal["pointwise", "pairwise", "reflection"]
+REWARD_KINDS: tuple[RewardKind, ...] = get_args(RewardKind)
+KIND_KEY = "spark_kind"  # Prompt.meta key: the RewardKind of a recycled reward task (absent on policy prompts)
+JUDGE_TASK = "judge"  # Prompt.task of pointwise / pairwise reward tasks (the "judge" verifier)
+
+
+@dataclass
+class SamplingParams:
+    """n samples per prompt; temperature 0 means greedy. Generation stops at any of
+    `stop_token_ids` (the stop token is kept in the returned ids) or after max_new_tokens.
+
+    Seeds: `sample_seeds[i][j]` is the seed of sample j of prompt i (see
+    `spark_mcore.rollout.groups.response_seeds`: a function of the step seed, the prompt id and
+    the sample index, so a response does not depend on which rank or batch generates it).
+    Without it, `seed` gives sample (i, j) the seed `seed + i * n + j`; with neither, sampling
+    is unseeded."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+    sample_seeds: list[list[int]] | None = None
+
+    def seeds_for(self, num_prompts: int) -> list[list[int]] | None:
+        """Per-sample seeds [num_prompts][n] (None: unseeded); validates `sample_seeds`."""
+        if self.sample_seeds is not None:
+            if len(self.sample_seeds) != num_prompts or any(len(s) != self.n for s in self.sample_seeds):
+                raise ValueError(f"params.sample_seeds: expected {num_prompts} lists of n={self.n} seeds, got "
+                                 f"{[len(s) for s in self.sample_seeds]}")
+            return [list(s) for s in self.sample_seeds]
+        if self.seed is None:
+            return None
+        return [[self.seed + i * self.n + j for j in range(self.n)] for i in range(num_prompts)]
 
 
 @dataclass
@@ -119,8 +154,15 @@ class TrainBatch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
+        import torch  # a batch holds tensors, so torch is loaded by now
+
         if self.tokens.device == torch.device(device):
             return self
         return replace(self, tokens=move(self.tokens), loss_mask=move(self.loss_mask),
                        advantages=move(self.advantages), old_logprobs=move(self.old_logprobs),
                        ref_logprobs=move(self.ref_logprobs))
+
+
+def prompt_kind(prompt: Prompt) -> str:
+    """"policy" for a dataset prompt, else the RewardKind of a recycled reward task."""
+    return str(prompt.meta.get(KIND_KEY, "policy"))

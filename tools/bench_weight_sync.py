@@ -48,11 +48,11 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spark_mcore.rollout.sglang import PendingCalls  # noqa: E402
+from spark_mcore.sglang.client import PendingCalls  # noqa: E402
+from spark_mcore.twin.receiver import load_into, receive_bucket  # noqa: E402
 from spark_mcore.weights.bucket import plan_buckets  # noqa: E402
 from spark_mcore.weights.config import WeightSyncConfig  # noqa: E402
 from spark_mcore.weights.groups import create_master_store, join_weight_update_group  # noqa: E402
-from spark_mcore.weights.receiver import load_into, receive_bucket  # noqa: E402
 from spark_mcore.weights.sync import BucketSender  # noqa: E402
 
 PARAMS_7B, PARAMS_32B = 7.6e9, 32.8e9

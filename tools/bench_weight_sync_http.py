@@ -1,11 +1,11 @@
-"""Whole weight syncs into a live test server over HTTP + gloo: requests pipelined vs not.
+"""Whole weight syncs into a live CPU twin server over HTTP + gloo: requests pipelined vs not.
 
     python tools/bench_weight_sync_http.py [--hidden 1024 --layers 8 --ffn 2816 --vocab 4096]
                                            [--bucket-mb 8] [--repeats 7]
 
-One SGLang-compatible test server (spark_mcore.rollout.test_server, its own process) holds a
-Qwen2 model in fp32; this process is the trainer: SGLangEngine.update_weights with
-BucketWeightSync sends the same bf16 weights over the real path (pause, flush,
+One CPU twin of SGLang (spark_mcore.twin, its own process) holds a Qwen2 model in fp32;
+this process is the trainer: `sync_once` (BucketSender) sends the same bf16 weights over the
+real path (pause, flush,
 begin_weight_update, one /update_weights_from_distributed + one gloo broadcast per bucket,
 end_weight_update, flush, continue). Each bucket is loaded into the model by the server, under
 its model lock, before it answers.
@@ -29,10 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spark_mcore.rollout.sglang import SGLangConfig, SGLangEngine, launch_servers  # noqa: E402
-from spark_mcore.rollout.test_server import TEST_SERVER_COMMAND  # noqa: E402
+from spark_mcore.sglang.client import SGLangClient, SGLangConfig, launch_servers  # noqa: E402
+from spark_mcore.twin.server import TWIN_SERVER_COMMAND  # noqa: E402
 from spark_mcore.weights.config import WeightSyncConfig  # noqa: E402
-from spark_mcore.weights.sync import BucketWeightSync  # noqa: E402
+from spark_mcore.weights.server_calls import ServerCalls  # noqa: E402
+from spark_mcore.weights.sync import BucketSender, SyncStats, sync_once  # noqa: E402
 
 
 def _save_model(path: Path, args: argparse.Namespace) -> dict[str, torch.Tensor]:
@@ -49,11 +50,11 @@ def _save_model(path: Path, args: argparse.Namespace) -> dict[str, torch.Tensor]
     return {n: p.detach().to(torch.bfloat16).contiguous() for n, p in model.named_parameters()}
 
 
-def _sync_seconds(engine: SGLangEngine, sync: BucketWeightSync, weights: dict[str, torch.Tensor],
-                  version: int, pipelined: bool) -> float:
-    sync.config.pipeline_requests = pipelined
+def _sync_seconds(sender: BucketSender, calls: ServerCalls, weights: dict[str, torch.Tensor],
+                  version: int, pipelined: bool, last: list[SyncStats]) -> float:
+    sender.config.pipeline_requests = pipelined
     start = time.perf_counter()
-    engine.update_weights(weights.items(), version=version)
+    last[:] = [sync_once(sender, calls, sender.config, weights.items(), version)]
     return time.perf_counter() - start
 
 
@@ -70,28 +71,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_wsync_http_") as tmp:
         weights = _save_model(Path(tmp) / "hf", args)
         servers = launch_servers(1, str(Path(tmp) / "hf"), 0, ["--threads", "1"], Path(tmp) / "logs",
-                                 command=TEST_SERVER_COMMAND)
+                                 command=TWIN_SERVER_COMMAND)
         for s in servers:
             s.wait_healthy(300, "/health")
-        sync = BucketWeightSync(WeightSyncConfig(bucket_mb=args.bucket_mb, backend="gloo", alone_mb=0,
-                                                 first_bucket_mb=0))
-        engine = SGLangEngine(SGLangConfig(), weight_sync=sync, handles=servers)
+        sender = BucketSender(WeightSyncConfig(bucket_mb=args.bucket_mb, backend="gloo", alone_mb=0,
+                                               first_bucket_mb=0))
+        client = SGLangClient(servers, SGLangConfig())
+        calls = ServerCalls(client)
+        last: list[SyncStats] = []
         try:
-            _sync_seconds(engine, sync, weights, 1, True)  # warm-up: group, buffers, server-side buffer
-            _sync_seconds(engine, sync, weights, 2, False)
+            _sync_seconds(sender, calls, weights, 1, True, last)  # warm-up: group, buffers, server-side buffer
+            _sync_seconds(sender, calls, weights, 2, False, last)
             times: dict[bool, list[float]] = {True: [], False: []}
             version = 3
             for cycle in range(args.repeats):
                 for pipelined in ((True, False) if cycle % 2 == 0 else (False, True)):
-                    times[pipelined].append(_sync_seconds(engine, sync, weights, version, pipelined))
+                    times[pipelined].append(_sync_seconds(sender, calls, weights, version, pipelined, last))
                     version += 1
         finally:
-            engine.shutdown()
-            sync.close()
+            calls.close()
+            client.close()
+            sender.close()
             for s in servers:
                 s.terminate(timeout_s=10)
     nbytes = sum(t.numel() * 2 for t in weights.values())
-    buckets = sync.last.buckets if sync.last else 0
+    buckets = last[0].buckets if last else 0
     print(f"model {sum(t.numel() for t in weights.values()) / 1e6:.0f}M params, {nbytes / 2**20:.0f} MiB bf16, "
           f"{buckets} buckets of <= {args.bucket_mb} MiB, repeats={args.repeats}")
     for i, (a, b) in enumerate(zip(times[True], times[False], strict=True)):

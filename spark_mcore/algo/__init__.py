@@ -1,30 +1,26 @@
-"""Pure tensor functions of the GRPO objective: advantages, losses, log-probs from logits."""
+"""Pure tensor functions of the GRPO objective: advantages, losses, log-probs from logits.
 
-# spark_mcore.config imports every component config (algo.config included) and algo.config
-# imports spark_mcore.config.loader: importing the config package first keeps that cycle from
-# failing when a caller's first import is `spark_mcore.algo.<module>`.
-import spark_mcore.config  # noqa: F401  (import order matters, see above)
-from spark_mcore.algo.advantages import grpo_advantages, zero_variance_groups
-from spark_mcore.algo.config import AlgoConfig
-from spark_mcore.algo.logprobs import (
-    token_entropy,
-    token_logprobs,
-    vocab_parallel_entropy,
-    vocab_parallel_logprobs,
-)
-from spark_mcore.algo.losses import aggregate, grpo_loss, kl_penalty, policy_loss, sft_loss
+The names below are loaded on first use (PEP 562), so that `spark_mcore.algo.config` (read by
+the run config) imports no torch: a config error must not cost a torch import.
+"""
 
-__all__ = [
-    "AlgoConfig",
-    "aggregate",
-    "grpo_advantages",
-    "grpo_loss",
-    "kl_penalty",
-    "policy_loss",
-    "sft_loss",
-    "token_entropy",
-    "token_logprobs",
-    "vocab_parallel_entropy",
-    "vocab_parallel_logprobs",
-    "zero_variance_groups",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "grpo_advantages": "advantages", "zero_variance_groups": "advantages",
+    "AlgoConfig": "config",
+    "token_entropy": "logprobs", "token_logprobs": "logprobs", "vocab_parallel_entropy": "logprobs",
+    "vocab_parallel_logprobs": "logprobs",
+    "aggregate": "losses", "grpo_loss": "losses", "kl_penalty": "losses", "policy_loss": "losses",
+    "sft_loss": "losses",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'spark_mcore.algo' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"spark_mcore.algo.{_EXPORTS[name]}"), name)

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+STEP_PREFIX = "step_"  # a complete checkpoint is <dir>/checkpoints/step_<N> (io.py, convert.py)
+
 
 @dataclass
 class CheckpointConfig:

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from spark_mcore.checkpoint.config import STEP_PREFIX
 from spark_mcore.checkpoint.hf_io import (
     DEFAULT_MAX_SHARD_BYTES,
     INDEX_NAME,
@@ -72,7 +73,6 @@ __all__ = ["ConversionError", "SUPPORTED_HF_MODELS", "HFModelKind", "HFToMcoreJo
            "convert_hf_to_mcore", "convert_mcore_to_hf", "fill_model_from_hf", "finish_hf_to_mcore",
            "plan_hf_to_mcore", "resolve_step_dir", "run_hf_to_mcore_jobs", "run_hf_to_mcore_rank"]
 
-STEP_PREFIX = "step_"  # as checkpoint/io.py (not imported: it pulls in megatron)
 AUX_DIRNAME = "hf"
 # checkpoint/io.py loads the KL reference model from <step>/ref when algo.kl_coef > 0; for a
 # converted model the reference is the model itself, so `ref` is a symlink to `model`.

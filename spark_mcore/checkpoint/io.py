@@ -26,14 +26,13 @@ from megatron.core import dist_checkpointing
 from safetensors.torch import save_file
 
 from spark_mcore.checkpoint.compat import check_compatible
+from spark_mcore.checkpoint.config import STEP_PREFIX
 from spark_mcore.config.loader import to_dict
 from spark_mcore.distributed.cpu_shims import check_dist_checkpointing_ready
 
 if TYPE_CHECKING:
-    from spark_mcore.runtime import Run
     from spark_mcore.trainer.actor import MegatronActor
 
-STEP_PREFIX = "step_"
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -118,12 +117,14 @@ def write_checkpoint(actor: MegatronActor, root: Path, step: int, trainer_state:
     return final
 
 
-def save_checkpoint(run: Run, step: int, trainer_state: dict[str, Any] | None = None) -> Path:
-    """Writes model/optimizer/reference + trainer state; keeps the newest `checkpoint.keep_last`."""
-    final = write_checkpoint(run.actor, checkpoint_root(run.run_dir), step, trainer_state,
-                             {"policy_version": run.policy_version})
-    if run.pstate.rank == 0:
-        for old in list_checkpoints(run.run_dir)[: -max(run.cfg.checkpoint.keep_last, 1)]:
+def save_checkpoint(actor: MegatronActor, run_dir: Path, step: int, trainer_state: dict[str, Any] | None = None,
+                    keep_last: int = 1, policy_version: int = 0) -> Path:
+    """Collective: writes model/optimizer/reference + trainer state under `run_dir/checkpoints`
+    (meta.json records `policy_version`, the engine's); keeps the newest `keep_last`."""
+    final = write_checkpoint(actor, checkpoint_root(run_dir), step, trainer_state,
+                             {"policy_version": policy_version})
+    if actor.pstate.rank == 0:
+        for old in list_checkpoints(run_dir)[: -max(keep_last, 1)]:
             shutil.rmtree(old, ignore_errors=True)
         print(f"saved checkpoint {final}", flush=True)
     _barrier()
@@ -163,12 +164,6 @@ def load_actor_state(actor: MegatronActor, ckpt: Path) -> dict[str, Any]:
     if actor.scheduler is not None and "scheduler" in state:
         actor.scheduler.load_state_dict(state["scheduler"])
     return state
-
-
-def load_checkpoint(run: Run, ckpt: Path) -> dict[str, Any]:
-    """Restores model, reference and optimizer (resharded to this run's TP/PP) and returns the
-    trainer state. Call after `setup_optimizer` and `snapshot_reference`."""
-    return load_actor_state(run.actor, ckpt)
 
 
 def export_hf(actor: MegatronActor, tokenizer: Any, out_dir: Path, tokenizer_dir: Path | None = None, *,

@@ -1,3 +1,6 @@
+"""RunConfig: every component's config section; importing it imports neither torch nor megatron
+(tests/unit/test_config.py checks that a config error costs no torch import)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,25 +12,14 @@ from spark_mcore.config.loader import build
 from spark_mcore.data.config import DataConfig
 from spark_mcore.distributed.config import ParallelConfig
 from spark_mcore.eval.config import EvalConfig
+from spark_mcore.metrics import LoggingConfig
 from spark_mcore.models.config import ModelConfig
 from spark_mcore.rewards.config import RewardConfig
 from spark_mcore.rollout.config import RolloutConfig
-from spark_mcore.rollout.sglang import SGLangConfig
+from spark_mcore.sglang.config import SGLangConfig
 from spark_mcore.spark.config import SparkConfig
 from spark_mcore.trainer.config import TrainerConfig, WarmStartConfig
 from spark_mcore.weights.config import WeightSyncConfig
-
-
-@dataclass
-class LoggingConfig:
-    """Console and tensorboard output.
-
-    tensorboard: write scalars under <checkpoint.dir>/tb.
-    progress: show tqdm bars per phase.
-    """
-
-    tensorboard: bool = True
-    progress: bool = True
 
 
 @dataclass

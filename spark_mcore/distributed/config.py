@@ -3,8 +3,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-
 from spark_mcore.config.loader import ConfigError
 
 
@@ -54,6 +52,8 @@ class ParallelConfig:
 
     def check_device(self) -> None:
         """Fails early, naming the field, for features that cannot run without CUDA."""
+        import torch  # here, not at module level: loading a config imports no torch
+
         if torch.cuda.is_available():
             return
         if self.sequence_parallel:

@@ -11,16 +11,15 @@ class EvalConfig:
 
     max_new_tokens: generation budget per answer.
     limit: evaluate at most this many prompts (0 = all).
-    batch_size: prompts per generate() call.
     samples: also draw this many responses per prompt at `temperature` and report their mean
         accuracy (avg@k, what the RL objective optimises); 0 = greedy only.
     temperature: sampling temperature for `samples` (use the rollout temperature).
     seed: sampling seed, so that two evaluations of the same weights agree.
+    Generation batches are the engine's (rollout.batch_size for the transformers engine).
     """
 
     max_new_tokens: int = 64
     limit: int = 0
-    batch_size: int = 256
     samples: int = 0
     temperature: float = 1.0
     seed: int = 0

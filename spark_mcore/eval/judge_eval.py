@@ -16,9 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from spark_mcore.rollout.base import RolloutEngine, SamplingParams
-from spark_mcore.spark.judging import EncodeFn, verifier_score
-from spark_mcore.spark.reward_bench import (
+from spark_mcore.data.worked import right_solution, wrong_solution
+from spark_mcore.eval.reward_bench import (
     HeldOut,
     PairwiseResult,
     PointwiseResult,
@@ -28,9 +27,10 @@ from spark_mcore.spark.reward_bench import (
     point_row_from_dict,
     pointwise_accuracy,
 )
-from spark_mcore.spark.self_reflect import SelfReflectResult, self_reflect
+from spark_mcore.eval.self_reflect import SelfReflectResult, self_reflect
+from spark_mcore.rollout.base import RolloutEngine, SamplingParams
+from spark_mcore.spark.judging import EncodeFn, verifier_score
 from spark_mcore.spark.templates import View
-from spark_mcore.spark.warmstart_data import right_solution, wrong_solution
 from spark_mcore.types import Prompt
 
 BUILTIN_ARITH = "builtin:arith"
@@ -57,7 +57,7 @@ def arith_judge_set(prompts: Sequence[Prompt], seed: int = 0, limit: int = 0) ->
 
 def load_reward_bench(path: str | Path, limit: int = 0) -> HeldOut:
     """RewardBench-style JSONL: rows with question/chosen/rejected are pairwise rows, rows with
-    question/response/label pointwise rows (see spark_mcore.spark.reward_bench)."""
+    question/response/label pointwise rows (see spark_mcore.eval.reward_bench)."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--reward-bench {p}: no such file (give a JSONL file or {BUILTIN_ARITH})")

@@ -1,19 +1,23 @@
 """Verifiers (math via math-verify, exact, choice, judge) behind one registry, and a pool that
-runs them with a per-item time limit. Importing this package registers the built-in verifiers."""
+runs them with a per-item time limit. The registry loads the built-in verifiers on first use.
 
-from spark_mcore.rewards import math_verifier as _math_verifier  # noqa: F401  (registers "math")
-from spark_mcore.rewards import verifiers as _verifiers  # noqa: F401  (registers exact/choice/judge)
-from spark_mcore.rewards.boxed import extract_boxed
-from spark_mcore.rewards.config import RewardConfig
-from spark_mcore.rewards.pool import VerifierPool
-from spark_mcore.rewards.registry import Verifier, get_verifier, register_verifier, registered_verifiers
+The names below are loaded on first use (PEP 562): `spark_mcore.rewards.config` (read by the
+run config) must not pull in sympy and math-verify.
+"""
 
-__all__ = [
-    "RewardConfig",
-    "Verifier",
-    "VerifierPool",
-    "extract_boxed",
-    "get_verifier",
-    "register_verifier",
-    "registered_verifiers",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "extract_boxed": "boxed", "RewardConfig": "config", "VerifierPool": "pool", "Verifier": "registry",
+    "get_verifier": "registry", "register_verifier": "registry", "registered_verifiers": "registry",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'spark_mcore.rewards' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"spark_mcore.rewards.{_EXPORTS[name]}"), name)

@@ -25,6 +25,15 @@ class Verifier(Protocol):
 
 
 _REGISTRY: dict[str, Verifier] = {}
+_BUILTINS = ("spark_mcore.rewards.math_verifier", "spark_mcore.rewards.verifiers")  # math; exact/choice/judge
+
+
+def _load_builtins() -> None:
+    """Registers the built-in verifiers (their modules register themselves when imported)."""
+    import importlib
+
+    for module in _BUILTINS:
+        importlib.import_module(module)
 
 
 def register_verifier(name: str) -> Callable[[Verifier], Verifier]:
@@ -52,6 +61,7 @@ def register_verifier(name: str) -> Callable[[Verifier], Verifier]:
 
 def get_verifier(name: str) -> Verifier:
     """The verifier registered under `name`; KeyError listing the registered names otherwise."""
+    _load_builtins()
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
@@ -64,6 +74,7 @@ def get_verifier(name: str) -> Verifier:
 
 def registered_verifiers() -> list[str]:
     """Names of all registered verifiers, sorted."""
+    _load_builtins()
     return sorted(_REGISTRY)
 
 

@@ -1,6 +1,6 @@
 """The transformers rollout engine: `Qwen2ForCausalLM.generate` in this process.
 
-Used for the CPU demo, for tests, and behind the SGLang-compatible test server. Weights arrive
+Used for the CPU demo, for tests, and behind the CPU twin of SGLang (spark_mcore.twin). Weights arrive
 as HF-named full tensors from the trainer (`update_weights`).
 """
 

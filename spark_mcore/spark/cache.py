@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from spark_mcore.types import Prompt, RewardSample
+from spark_mcore.types import REWARD_KINDS, Prompt, RewardSample
 
 _STATE_VERSION = 1
-_KINDS = ("pointwise", "pairwise", "reflection")
 
 
 class RewardCache:
@@ -88,8 +87,8 @@ def _sample_from_dict(row: Any, i: int) -> RewardSample:
     for key in ("kind", "label", "source_prompt_id", "prompt"):
         if key not in row:
             raise ValueError(f"{where} lacks '{key}'")
-    if row["kind"] not in _KINDS:
-        raise ValueError(f"{where}.kind {row['kind']!r} is not one of {_KINDS}")
+    if row["kind"] not in REWARD_KINDS:
+        raise ValueError(f"{where}.kind {row['kind']!r} is not one of {REWARD_KINDS}")
     try:
         prompt = Prompt.from_dict(row["prompt"])
     except TypeError as e:

@@ -9,9 +9,7 @@ from spark_mcore.spark.cache import RewardCache
 from spark_mcore.spark.config import SparkConfig
 from spark_mcore.spark.recycler import Recycler
 from spark_mcore.spark.schedule import SparkSchedule, StepKind, StepPlan
-from spark_mcore.types import Prompt, Rollout, RolloutGroup
-
-KINDS = ("pointwise", "pairwise", "reflection")
+from spark_mcore.types import KIND_KEY, Prompt, Rollout, RolloutGroup, prompt_kind
 
 
 class SparkState:
@@ -34,7 +32,7 @@ class SparkState:
         self.last_kind = plan.kind
         stats: dict[str, float] = {}
         if plan.kind == "policy" and self.cfg.enabled:
-            policy_groups = [g for g in groups if "spark_kind" not in g.prompt.meta]
+            policy_groups = [g for g in groups if KIND_KEY not in g.prompt.meta]
             self.cache.add(self.recycler.recycle(policy_groups, step))
             stats.update({k: float(v) for k, v in self.recycler.last_stats.items()})
         stats["spark/cache_size"] = float(len(self.cache))
@@ -60,7 +58,7 @@ def kind_metrics(rollouts: list[Rollout]) -> dict[str, float]:
     out: dict[str, float] = {}
     by_kind: dict[str, list[float]] = {}
     for r in rollouts:
-        by_kind.setdefault(str(r.prompt.meta.get("spark_kind", "policy")), []).append(r.reward)
+        by_kind.setdefault(prompt_kind(r.prompt), []).append(r.reward)
     for kind, rewards in by_kind.items():
         out[f"reward_{kind}"] = sum(rewards) / len(rewards)
     judge = by_kind.get("pointwise", []) + by_kind.get("pairwise", [])

@@ -36,9 +36,15 @@ from spark_mcore.spark.templates import (
     render_reflection,
 )
 from spark_mcore.spark.text import question_text, show_response
-from spark_mcore.types import Prompt, RewardKind, RewardSample, RolloutGroup
-
-JUDGE_TASK = "judge"
+from spark_mcore.types import (
+    JUDGE_TASK,
+    KIND_KEY,
+    REWARD_KINDS,
+    Prompt,
+    RewardKind,
+    RewardSample,
+    RolloutGroup,
+)
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ class Recycler:
     def _from_group(
         self, group: RolloutGroup, step: int, rng: random.Random
     ) -> tuple[RewardSample | None, RewardSample | None]:
-        if "spark_kind" in group.prompt.meta:
+        if KIND_KEY in group.prompt.meta:
             return None, None
         cands = [
             _Candidate(i, r.correct, r.completion.text, r.policy_version)
@@ -173,7 +179,7 @@ def _sample(
 ) -> RewardSample:
     src = group.prompt
     meta = {
-        "spark_kind": kind,
+        KIND_KEY: kind,
         "source_prompt_id": src.id,
         "source_task": src.task,
         "source_rollouts": [c.index for c in shown],
@@ -204,7 +210,7 @@ def _capped(samples: list[RewardSample | None], cap: int, rng: random.Random) ->
 def _stats(
     out: list[RewardSample], judges: list[RewardSample | None], reflections: list[RewardSample | None]
 ) -> dict[str, int]:
-    stats = {f"spark/{k}": sum(s.kind == k for s in out) for k in ("pointwise", "pairwise", "reflection")}
+    stats = {f"spark/{k}": sum(s.kind == k for s in out) for k in REWARD_KINDS}
     stats["spark/capped_judge"] = (
         sum(s is not None for s in judges) - stats["spark/pointwise"] - stats["spark/pairwise"]
     )

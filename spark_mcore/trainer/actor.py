@@ -177,7 +177,8 @@ class MegatronActor:
                       logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if mb.num_sequences == 0:  # a filler micro-batch (interleaved schedule): no loss, no metrics
             return logits.sum() * 0.0, {}
-        logp = mb.unpack(sequence_logprobs(logits, mb.tokens, self.pstate, self.temperature))
+        logp = mb.unpack(sequence_logprobs(logits, mb.tokens, self.pstate, self.temperature,
+                                            self.algo.logprob_chunk_tokens))
         loss, metrics = loss_fn(mb.seqs, logp, partial(self._entropy, mb, logits))
         # Each micro-batch returns its share of the global mean: summing the shares over
         # micro-batches and DP ranks reproduces the full-batch loss exactly. Megatron divides by
@@ -192,7 +193,8 @@ class MegatronActor:
         """[b, T] entropy of the distribution that predicted each token (0 at t = 0), no grad."""
         with torch.no_grad():
             tp_group = self.pstate.tp_group if self.pstate.tp_size > 1 else None
-            ent = vocab_parallel_entropy(logits.detach()[:, :-1], tp_group, temperature=self.temperature)
+            ent = vocab_parallel_entropy(logits.detach()[:, :-1], tp_group, self.algo.logprob_chunk_tokens,
+                                         temperature=self.temperature)
         return mb.unpack(torch.nn.functional.pad(ent, (1, 0)))
 
     def _weight(self, mb: TrainBatch) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import torch
 
-from spark_mcore.types import Rollout, RolloutGroup, TrainBatch
+from spark_mcore.types import Rollout, RolloutGroup, TrainBatch, prompt_kind
 
 
 def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int = 0,
@@ -35,7 +35,7 @@ def rollouts_to_batch(rollouts: list[Rollout], advantages: torch.Tensor, pad_id:
     """advantages [N] aligns with `rollouts`; kinds record the task kind for per-kind metrics."""
     tokens, mask = pack_sequences([r.prompt_ids for r in rollouts],
                                   [r.completion.token_ids for r in rollouts], pad_id, pad_to_multiple)
-    kinds = [str(r.prompt.meta.get("spark_kind", "policy")) for r in rollouts]
+    kinds = [prompt_kind(r.prompt) for r in rollouts]
     return TrainBatch(tokens=tokens, loss_mask=mask, advantages=advantages.float(), kinds=kinds)
 
 

@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from tqdm import tqdm
 
 from spark_mcore.data.chat import encode_response
 from spark_mcore.data.dataset import sft_examples
-from spark_mcore.spark.warmstart_data import judge_sft_examples
 from spark_mcore.trainer.actor import MegatronActor
 from spark_mcore.trainer.batching import dp_slice, pack_sequences
 from spark_mcore.trainer.config import WarmStartConfig
-from spark_mcore.types import Prompt, TrainBatch
+from spark_mcore.types import Prompt, TrainBatch, prompt_kind
 
 Example = tuple[Prompt, str]
+# (prompts, count, seed) -> `count` reward-task examples with known answers, e.g.
+# spark_mcore.spark.warmstart_data.judge_sft_examples (passed in by the assembly: the trainer
+# does not depend on how SPARK renders its tasks).
+JudgeExamples = Callable[[list[Prompt], int, int], list[Example]]
 
 
 def judge_batches(steps: int, fraction: float) -> list[bool]:
@@ -39,14 +42,17 @@ def _endless(examples: list[Example], rng: random.Random) -> Iterator[Example]:
 
 
 def sft_batches(prompts: list[Prompt], tokenizer: object, encode: object, batch_size: int,
-                seed: int, judge_fraction: float = 0.0, steps: int = 0) -> Iterator[TrainBatch]:
+                seed: int, judge_fraction: float = 0.0, steps: int = 0,
+                judge_examples: JudgeExamples | None = None) -> Iterator[TrainBatch]:
     """Endless shuffled batches of (prompt, target) with the loss on the target only: worked
     solutions and, with `judge_fraction` > 0, batches of reward tasks (`judge_batches` over
-    `steps` planned batches; batches after those repeat the plan)."""
+    `steps` planned batches; batches after those repeat the plan), drawn from `judge_examples`."""
+    if judge_fraction > 0 and judge_examples is None:
+        raise ValueError("sft_batches: judge_fraction > 0 needs judge_examples (the reward-task source)")
     rng = random.Random(seed)
     solutions = _endless(sft_examples(prompts), rng)
     plan = judge_batches(max(steps, 1), judge_fraction) if judge_fraction > 0 else [False]
-    tasks = judge_sft_examples(prompts, sum(plan) * batch_size, seed) if any(plan) else []
+    tasks = judge_examples(prompts, sum(plan) * batch_size, seed) if any(plan) and judge_examples else []
     judge = _endless(tasks, rng) if tasks else None
     pad = getattr(tokenizer, "pad_token_id", 0) or 0
     for j in range(10**12):
@@ -55,16 +61,19 @@ def sft_batches(prompts: list[Prompt], tokenizer: object, encode: object, batch_
         tokens, mask = pack_sequences([encode(p) for p, _ in chunk],
                                       [encode_response(tokenizer, s) for _, s in chunk], pad_id=pad)
         yield TrainBatch(tokens=tokens, loss_mask=mask, advantages=torch.zeros(len(chunk)),
-                         kinds=[str(p.meta.get("spark_kind", "policy")) for p, _ in chunk])
+                         kinds=[prompt_kind(p) for p, _ in chunk])
 
 
 def warm_start(actor: MegatronActor, prompts: list[Prompt], tokenizer: object, encode: object,
-               cfg: WarmStartConfig, seed: int, progress: bool = True) -> dict[str, float]:
-    """Runs `cfg.steps` SFT steps; returns the last step's metrics. Every rank draws the same
-    global batches of `cfg.batch_size` rows and trains on its DP slice of each (the loss is
-    normalised over the DP ranks), so DP ranks share the work of one process."""
+               cfg: WarmStartConfig, seed: int, progress: bool = True,
+               judge_examples: JudgeExamples | None = None) -> dict[str, float]:
+    """Runs `cfg.steps` SFT steps; returns the last step's metrics. `judge_examples` supplies the
+    reward-task batches when `cfg.judge_fraction` > 0. Every rank draws the same global batches
+    of `cfg.batch_size` rows and trains on its DP slice of each (the loss is normalised over
+    the DP ranks), so DP ranks share the work of one process."""
     actor.setup_optimizer(cfg.lr, cfg.steps, cfg.warmup_steps)
-    batches = sft_batches(prompts, tokenizer, encode, cfg.batch_size, seed, cfg.judge_fraction, cfg.steps)
+    batches = sft_batches(prompts, tokenizer, encode, cfg.batch_size, seed, cfg.judge_fraction, cfg.steps,
+                          judge_examples)
     metrics: dict[str, float] = {}
     bar = tqdm(range(cfg.steps), desc="warm start (SFT)", disable=not progress, dynamic_ncols=True)
     for _ in bar:

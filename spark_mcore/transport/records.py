@@ -8,14 +8,20 @@ tensors (see `train_batch_to_wire`).
 
 from __future__ import annotations
 
-from typing import Any, get_args
+from typing import Any
 
 import torch
 
 from spark_mcore.transport.wire import WireError
-from spark_mcore.types import Completion, Prompt, RewardKind, RewardSample, Rollout, RolloutGroup, TrainBatch
-
-_REWARD_KINDS = set(get_args(RewardKind))
+from spark_mcore.types import (
+    REWARD_KINDS,
+    Completion,
+    Prompt,
+    RewardSample,
+    Rollout,
+    RolloutGroup,
+    TrainBatch,
+)
 
 
 def _expect_map(d: Any, where: str, required: set[str], optional: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -154,8 +160,8 @@ def reward_sample_to_wire(s: RewardSample) -> dict[str, Any]:
 
 def reward_sample_from_wire(d: Any, where: str = "reward_sample") -> RewardSample:
     d = _expect_map(d, where, {"kind", "prompt", "source_prompt_id", "label"})
-    if d["kind"] not in _REWARD_KINDS:
-        raise WireError(f"{where}.kind: {d['kind']!r} is not one of {sorted(_REWARD_KINDS)}")
+    if d["kind"] not in REWARD_KINDS:
+        raise WireError(f"{where}.kind: {d['kind']!r} is not one of {list(REWARD_KINDS)}")
     return RewardSample(kind=d["kind"], prompt=prompt_from_wire(d["prompt"], f"{where}.prompt"),
                         source_prompt_id=_str(d["source_prompt_id"], f"{where}.source_prompt_id"),
                         label=_str(d["label"], f"{where}.label"))

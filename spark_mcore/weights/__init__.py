@@ -1,26 +1,14 @@
-"""Weight sync: gather shards, HF names, flat buckets, broadcast / IPC, receivers.
+"""Weight sync: gather shards, HF names, flat buckets, broadcast / IPC.
 
-    config.py         WeightSyncConfig
+    config.py         WeightSyncConfig (weights.mode: distributed | colocated)
     bucket.py         flat bucket layout (SGLang's FlattenedTensorBucket), msgpack header, streaming packer
     export.py         HF-named full tensors from a Megatron model (TP gather per bucket, PP global names)
     groups.py         the weight-update process group (SGLang's rendezvous), gloo or NCCL
-    sync.py           BucketSender (one broadcast per bucket + HTTP announce), BucketWeightSync hook
-    megatron_sync.py  MegatronWeightSync: all trainer ranks, any TP/PP/DP layout
-    colocated.py      CUDA IPC path through /update_weights_from_tensor
-    receiver.py       receive_bucket / load_into (test server, benchmarks)
-    registry.py       build_weight_sync(config): WeightSync hooks by mode (distributed, colocated)
+    server_calls.py   weight-update HTTP calls to every live server of an SGLangClient
+    sync.py           BucketSender (one broadcast per bucket + HTTP announce), sync_once
+    colocated.py      ColocatedSender: CUDA IPC through /update_weights_from_tensor
+    megatron_sync.py  MegatronWeightSync: THE sync path, all trainer ranks, any TP/PP/DP layout, any mode
+
+The receiving side of a broadcast lives with the CPU twin of SGLang (spark_mcore.twin.receiver).
+Import the submodules directly: this init imports nothing so `weights.config` stays cheap.
 """
-
-from spark_mcore.weights.bucket import (
-           BucketError,
-           BucketHeader,
-           TensorSpec,
-           iter_buckets,
-           pack_bucket,
-           unpack_bucket,
-)
-from spark_mcore.weights.config import WeightSyncConfig
-from spark_mcore.weights.groups import WeightUpdateGroup, create_master_store, join_weight_update_group
-
-__all__ = ["BucketError", "BucketHeader", "TensorSpec", "iter_buckets", "pack_bucket", "unpack_bucket",
-           "WeightSyncConfig", "WeightUpdateGroup", "create_master_store", "join_weight_update_group"]

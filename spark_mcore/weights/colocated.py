@@ -10,7 +10,7 @@ FlattenedTensorMetadata fields, sent as SimpleNamespace, a type SGLang's restric
 unpickler accepts) and copies them into its weights before it answers.
 
 This is the one place where we PRODUCE a pickle, because SGLang's endpoint takes nothing
-else; we never unpickle anything (our test server rejects this endpoint). The buffer must
+else; we never unpickle anything (the CPU twin rejects this endpoint). The buffer must
 stay alive and unmodified until the server has answered, so buckets go one at a time per
 buffer (two buffers alternate). Needs CUDA; tested in tests/gpu/test_weights_gpu.py.
 
@@ -30,11 +30,11 @@ from types import SimpleNamespace
 import torch
 from torch.multiprocessing import reductions
 
-from spark_mcore.rollout.sglang import SGLangClient, SGLangError
+from spark_mcore.sglang.client import SGLangClient, SGLangError
 from spark_mcore.weights.bucket import DTYPES, WIRE_DTYPES, BucketHeader, iter_buckets
 from spark_mcore.weights.config import WeightSyncConfig
 from spark_mcore.weights.server_calls import ServerCalls, tensor_update_body
-from spark_mcore.weights.sync import SyncStats, WeightSyncError, begin_update, end_update
+from spark_mcore.weights.sync import SyncStats, WeightSyncError
 
 
 def ipc_payload(header: BucketHeader, flat: torch.Tensor) -> dict[str, object]:
@@ -53,25 +53,23 @@ def serialize_for_ipc(obj: object) -> bytes:
     return buf.getvalue()
 
 
-class ColocatedWeightSync:
-    """`WeightSync` hook (and standalone sender) for colocated SGLang servers.
+class ColocatedSender:
+    """The stage sender of weights.mode=colocated (see MegatronWeightSync): no process group,
+    each bucket goes as CUDA IPC handles, one serialized blob per server TP rank.
 
     server_tp_size: TP ranks per server (one blob each); default client.config.gpus_per_server.
     """
 
-    def __init__(self, config: WeightSyncConfig | None = None, server_tp_size: int | None = None) -> None:
-        self.config = config or WeightSyncConfig(mode="colocated")
+    def __init__(self, config: WeightSyncConfig, group_name: str | None = None,
+                 server_tp_size: int | None = None) -> None:
+        self.config = config
         self.server_tp_size = server_tp_size
-        self.last: SyncStats | None = None
 
-    def __call__(self, client: SGLangClient, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        calls = ServerCalls(client)
-        try:
-            begin_update(calls, self.config, pause=False)
-            self.last = self.send(calls, named_tensors, version)
-            end_update(calls, self.config, resume=False)
-        finally:
-            calls.close()
+    def connect(self, client: SGLangClient) -> None:
+        """Nothing to form: IPC handles need no group (the servers share this machine's GPUs)."""
+
+    def close(self) -> None:
+        pass
 
     def send(self, calls: ServerCalls, named: Iterable[tuple[str, torch.Tensor]], version: int | None) -> SyncStats:
         if not torch.cuda.is_available():
@@ -95,4 +93,4 @@ class ColocatedWeightSync:
         return stats
 
 
-__all__ = ["ColocatedWeightSync", "ipc_payload", "serialize_for_ipc"]
+__all__ = ["ColocatedSender", "ipc_payload", "serialize_for_ipc"]

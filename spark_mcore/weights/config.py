@@ -6,16 +6,19 @@ from typing import Literal
 from spark_mcore.config.loader import ConfigError
 
 MiB = 1024 * 1024
+MODES = ("distributed", "colocated")  # the stage senders of spark_mcore.weights.megatron_sync.stage_sender
 
 
 @dataclass
 class WeightSyncConfig:
     """Trainer -> rollout weight transfer.
 
-    mode: weight-sync registry name (spark_mcore.weights.registry): "distributed" = NCCL/gloo
+    mode: how weights reach SGLang servers (rollout.engine=sglang): "distributed" = NCCL/gloo
         broadcast to separate rollout servers (/init_weights_update_group +
         /update_weights_from_distributed); "colocated" = CUDA IPC handles through
-        /update_weights_from_tensor (trainer and server share GPUs).
+        /update_weights_from_tensor (trainer and servers share GPUs: needs CUDA, and servers
+        the user started on the trainer's GPUs, attached with sglang.urls). The in-process
+        transformers engine (rollout.engine=hf) takes the weights directly in either mode.
     bucket_mb: size of one flat bucket (one collective each); tensors larger than this travel
         alone in a bucket of their own size.
     wire_dtype: dtype on the wire ("bf16" default; "fp32" for bitwise tests; "keep" = as trained).
@@ -44,7 +47,7 @@ class WeightSyncConfig:
     pipeline_requests: send bucket k+1's update request as soon as every server joined bucket
         k's broadcast, so it waits on the server while k loads (no HTTP round trip between
         buckets); needs servers that serve weight updates one at a time in arrival order (SGLang
-        and the test server hold a lock for the whole request). False: wait for k's answer first.
+        and the CPU twin hold a lock for the whole request). False: wait for k's answer first.
     """
 
     mode: str = "distributed"
@@ -65,6 +68,8 @@ class WeightSyncConfig:
     pipeline_requests: bool = True
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"weights.mode={self.mode!r} is unknown. Fix: set weights.mode to one of {list(MODES)}")
         if not self.bucket_mb > 0:
             raise ConfigError(f"weights.bucket_mb={self.bucket_mb} must be > 0 (default 512)")
         if self.alone_mb < 0:

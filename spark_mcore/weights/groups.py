@@ -1,7 +1,7 @@
 """The weight-update process group between a trainer rank and rollout-engine ranks.
 
 It follows SGLang's `/init_weights_update_group` rendezvous exactly, so a trainer built on it
-can talk to real SGLang servers and to our test server alike:
+can talk to real SGLang servers and to the CPU twin (spark_mcore.twin) alike:
   * rank 0 (the trainer) hosts a TCPStore at master_address:master_port; the other ranks
     (rank_offset + tp_rank of each server) connect to it as clients;
   * the store is wrapped in PrefixStore(group_name) and the group is created from it with

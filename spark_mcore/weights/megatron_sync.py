@@ -6,6 +6,12 @@ The other TP ranks of dp replica 0 only take part in their stage's TP gathers; o
 replicas hold the same weights and do nothing. The stage-0 sender coordinates the servers
 (pause / flush / session / resume).
 
+The stage sender depends on `weights.mode` (`stage_sender`): "distributed" = BucketSender (a
+weight-update group per stage, one NCCL/gloo broadcast per bucket), "colocated" =
+ColocatedSender (CUDA IPC handles through /update_weights_from_tensor). This is the one
+weight-sync path to SGLang servers; spark_mcore.engines checks before a run builds anything
+that the mode can run there.
+
 Stages take turns (a barrier over the senders' PP group between turns): an SGLang server
 handles one weight request at a time, so two stages feeding two servers concurrently could
 each leave a server waiting inside the other stage's group - a deadlock.
@@ -20,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from spark_mcore.rollout.sglang import SGLangClient
+from spark_mcore.sglang.client import SGLangClient
 from spark_mcore.weights.bucket import WIRE_DTYPES
 from spark_mcore.weights.config import WeightSyncConfig
 from spark_mcore.weights.export import drain, iter_hf_weights
@@ -41,6 +47,16 @@ def stage_group_name(base: str, pp_rank: int, pp_size: int) -> str:
     return base if pp_size == 1 else f"{base}_pp{pp_rank}"
 
 
+def stage_sender(config: WeightSyncConfig, group_name: str) -> Any:
+    """The sender of one pipeline stage for `config.mode` (connect(client), send(calls, named,
+    version) -> SyncStats, close())."""
+    if config.mode == "colocated":
+        from spark_mcore.weights.colocated import ColocatedSender  # torch.multiprocessing reductions
+
+        return ColocatedSender(config, group_name)
+    return BucketSender(config, group_name)
+
+
 class MegatronWeightSync:
     """Call `connect()` once and `sync(models, version)` after each optimizer step, on EVERY
     trainer rank (collective). Senders need an SGLangClient for the servers (`client`)."""
@@ -56,7 +72,7 @@ class MegatronWeightSync:
                                   "attach_servers(urls), cfg) on tp_rank 0 / dp_rank 0 ranks")
         self.client = client
         self.calls = ServerCalls(client) if client is not None else None
-        self.sender = BucketSender(config, stage_group_name(config.group_name, ps.pp_rank, ps.pp_size)) \
+        self.sender = stage_sender(config, stage_group_name(config.group_name, ps.pp_rank, ps.pp_size)) \
             if self.is_sender else None
         self.policy_version = 0
         self.last: SyncStats | None = None
@@ -139,4 +155,4 @@ class MegatronWeightSync:
             self.calls.close()
 
 
-__all__ = ["MegatronWeightSync", "stage_group_name"]
+__all__ = ["MegatronWeightSync", "stage_group_name", "stage_sender"]

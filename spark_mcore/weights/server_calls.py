@@ -1,4 +1,4 @@
-"""Weight-update HTTP calls to every live SGLang server (or test server) of an SGLangClient.
+"""Weight-update HTTP calls to every live SGLang server (or CPU twin) of an SGLangClient.
 
 `SGLangClient` offers pause/continue/flush and a per-tensor update call; the bucketed sync
 needs a few more bodies (load_format="flattened_bucket", /begin_weight_update,
@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from spark_mcore.rollout import sglang_payloads as P
-from spark_mcore.rollout.sglang import (
+from spark_mcore.sglang import payloads as P
+from spark_mcore.sglang.client import (
     PendingCalls,
     ServerHandle,
     SGLangClient,

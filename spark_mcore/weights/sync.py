@@ -11,12 +11,12 @@ inside request k. Broadcast k completing on the sender proves that: gloo sends a
 after the peer posted the matching receive, and an NCCL broadcast finishes only when every
 rank joined. So request k+1 (and its broadcast) go out as soon as broadcast k is done, without
 waiting for k's answer: it queues behind k (SGLang holds its model-update lock for the whole
-request; the test server its model lock) and starts the moment k's weights are loaded, with no
+request; the CPU twin its model lock) and starts the moment k's weights are loaded, with no
 HTTP round trip between buckets. k's answer is collected right after, so a failed bucket is
 still reported before the next one is sent. `WeightSyncConfig.pipeline_requests=False` waits
 for k's answer before sending k+1 (servers that do not queue updates in arrival order).
 
-A full sync (MegatronWeightSync.sync, or SGLangEngine.update_weights with BucketWeightSync):
+A full sync (MegatronWeightSync.sync, or sync_once from one process):
 pause generation -> flush cache -> begin_weight_update -> buckets -> end_weight_update ->
 flush cache -> continue generation; the policy version travels as `weight_version` with every
 bucket, and the servers stamp it on every sample they generate.
@@ -24,7 +24,7 @@ bucket, and the servers stamp it on every sample they generate.
 Protocol differences worth knowing (SGLang 0.5.23, checked in tests/unit/test_weights_sync.py):
   * load_format="flattened_bucket" (default): one broadcast per bucket; the body's
     names/dtypes/shapes describe the tensors inside the bucket in order; the receiver rebuilds
-    them from the contiguous layout of `bucket.py`. Our test server speaks exactly this.
+    them from the contiguous layout of `bucket.py`. The CPU twin speaks exactly this.
   * load_format="per_tensor": SGLang's original protocol, one broadcast per tensor of the
     bucket (same HTTP body without load_format) - for servers that lack flattened_bucket.
   * SGLang 0.5.23 rejects updates outside /begin_weight_update ... /end_weight_update;
@@ -43,8 +43,8 @@ from typing import Any
 
 import torch
 
-from spark_mcore.rollout import sglang_payloads as P
-from spark_mcore.rollout.sglang import PendingCalls, ServerHandle, SGLangClient, SGLangError
+from spark_mcore.sglang import payloads as P
+from spark_mcore.sglang.client import PendingCalls, ServerHandle, SGLangClient, SGLangError
 from spark_mcore.weights.bucket import WIRE_DTYPES, BucketHeader, BufferRing, iter_buckets, unpack_bucket
 from spark_mcore.weights.config import WeightSyncConfig
 from spark_mcore.weights.groups import (
@@ -267,35 +267,22 @@ def end_update_after_failure(calls: ServerCalls, config: WeightSyncConfig, resum
         logger.warning("closing the weight-update session after a failed sync also failed: %s", e)
 
 
-class BucketWeightSync:
-    """The `WeightSync` hook of SGLangEngine for a trainer that already holds HF-named full
-    tensors in one process: `engine = SGLangEngine(cfg, weight_sync=BucketWeightSync(ws_cfg))`.
-    The engine pauses and resumes generation around the call; this flushes, opens the update
-    session, sends the buckets and closes it. The group is formed on first use."""
-
-    def __init__(self, config: WeightSyncConfig | None = None) -> None:
-        self.config = config or WeightSyncConfig()
-        self.sender = BucketSender(self.config)
-        self.last: SyncStats | None = None
-        self._calls: ServerCalls | None = None
-
-    def __call__(self, client: SGLangClient, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        if self._calls is None or self._calls.client is not client:
-            self._calls = ServerCalls(client)
-        self.sender.connect(client)
-        begin_update(self._calls, self.config, pause=False)
-        try:
-            self.last = self.sender.send(self._calls, named_tensors, version)
-        except BaseException:
-            end_update_after_failure(self._calls, self.config, resume=False)
-            raise
-        end_update(self._calls, self.config, resume=False)
-
-    def close(self) -> None:
-        self.sender.close()
-        if self._calls is not None:
-            self._calls.close()
+def sync_once(sender: BucketSender, calls: ServerCalls, config: WeightSyncConfig,
+              named: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncStats:
+    """A whole sync from one process that already holds HF-named full tensors (one stage, no
+    TP gather): pause -> flush -> session -> buckets -> session end -> flush -> continue.
+    MegatronWeightSync does the same around its stages' turns; tests and benchmarks use this."""
+    if sender.group is None:
+        sender.connect(calls.client)
+    begin_update(calls, config, pause=True)
+    try:
+        stats = sender.send(calls, named, version)
+    except BaseException:
+        end_update_after_failure(calls, config, resume=True)
+        raise
+    end_update(calls, config, resume=True)
+    return stats
 
 
-__all__ = ["WeightSyncError", "SyncStats", "BucketSender", "BucketWeightSync", "begin_update", "end_update",
+__all__ = ["WeightSyncError", "SyncStats", "BucketSender", "sync_once", "begin_update", "end_update",
            "end_update_after_failure"]

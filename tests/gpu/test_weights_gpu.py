@@ -70,11 +70,11 @@ def test_ipc_bucket_opens_in_another_process() -> None:
 
 
 def _nccl_worker(rank: int, port_q: Any, out: Any) -> None:
-    from spark_mcore.rollout.sglang import PendingCalls
+    from spark_mcore.sglang.client import PendingCalls
+    from spark_mcore.twin.receiver import receive_bucket
     from spark_mcore.weights.bucket import plan_buckets
     from spark_mcore.weights.config import WeightSyncConfig
     from spark_mcore.weights.groups import create_master_store, join_weight_update_group
-    from spark_mcore.weights.receiver import receive_bucket
     from spark_mcore.weights.sync import BucketSender
 
     torch.cuda.set_device(rank)

@@ -83,7 +83,7 @@ def test_tp2pp2_checkpoint_loads_at_tp1_with_transformers_logits(converted: dict
         adapter = get_adapter("qwen2", cfg)
         model = adapter.build_model(cfg, VOCAB)
         state = dist_checkpointing.load(model.sharded_state_dict(prefix=""), str(step_dir / "model"))
-        model.load_state_dict(state)  # strict, as the trainer's load_checkpoint
+        model.load_state_dict(state)  # strict, as the trainer's load_actor_state
         with torch.no_grad():
             got = adapter.forward(model.eval(), tokens)
     finally:

@@ -1,4 +1,4 @@
-"""The SGLang-compatible test server in-process (threaded HTTP on 127.0.0.1, port 0):
+"""The CPU twin of SGLang in-process (threaded HTTP on 127.0.0.1, port 0):
 response format, request validation, pause semantics, weight-session rules."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import pytest
 import torch
 from transformers import Qwen2Config
 
-from spark_mcore.rollout import sglang_payloads as P
 from spark_mcore.rollout.base import SamplingParams
 from spark_mcore.rollout.hf_engine import HFEngine
-from spark_mcore.rollout.server_app import RolloutServerApp
-from spark_mcore.rollout.sglang import SGLangRequestError, http_json
-from spark_mcore.rollout.test_server import RolloutHTTPServer
+from spark_mcore.sglang import payloads as P
+from spark_mcore.sglang.client import SGLangRequestError, http_json
+from spark_mcore.twin.app import RolloutServerApp
+from spark_mcore.twin.server import RolloutHTTPServer
 
 _spec = importlib.util.spec_from_file_location(
     "sglang_contract", Path(__file__).parents[1] / "unit" / "test_sglang_payloads.py")
@@ -87,6 +87,13 @@ def test_generate_validation_names_the_field(server: RolloutHTTPServer, body: di
         http_json(server.url, "/generate", body)
 
 
+def _wait(cond: Any, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
 def test_pause_abort_and_blocking(server: RolloutHTTPServer) -> None:
     app: RolloutServerApp = server.app
     app.gen_delay_s = 0.3
@@ -98,14 +105,14 @@ def test_pause_abort_and_blocking(server: RolloutHTTPServer) -> None:
     try:
         t1 = threading.Thread(target=gen, args=("inflight",))
         t1.start()
-        time.sleep(0.1)  # t1 is inside its generation
+        _wait(lambda: app.running == 1, "t1 inside its generation")
         http_json(server.url, "/pause_generation", {"mode": "abort"})
         t2 = threading.Thread(target=gen, args=("queued",))
         t2.start()
         t1.join(10)
         assert results["inflight"]["meta_info"]["finish_reason"]["type"] == "abort"
-        time.sleep(0.2)
-        assert "queued" not in results  # waits while paused
+        _wait(lambda: app.waiting == 1, "t2 held by the pause")
+        assert "queued" not in results and app.running == 0  # held, not generating
         http_json(server.url, "/continue_generation", {})
         t2.join(10)
         assert results["queued"]["meta_info"]["finish_reason"]["type"] == "length"

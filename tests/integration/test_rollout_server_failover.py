@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from spark_mcore.rollout.base import SamplingParams
-from spark_mcore.rollout.sglang import ServerHandle, SGLangConfig, SGLangEngine, launch_servers
-from spark_mcore.rollout.test_server import TEST_SERVER_COMMAND
+from spark_mcore.rollout.sglang_engine import SGLangEngine
+from spark_mcore.sglang.client import ServerHandle, SGLangConfig, launch_servers
+from spark_mcore.twin.server import TWIN_SERVER_COMMAND
 
 pytestmark = pytest.mark.slow  # ~30 s on 2 shared cores (2 server processes)
 
@@ -36,7 +37,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerHan
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
                      ).save_pretrained(tmp / "hf")
     handles = launch_servers(2, str(tmp / "hf"), 0, ["--threads", "1", "--gen-delay-s", "0.4"], tmp / "logs",
-                             command=TEST_SERVER_COMMAND)
+                             command=TWIN_SERVER_COMMAND)
     try:
         for h in handles:
             h.wait_healthy(120, "/health")

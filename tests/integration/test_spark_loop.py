@@ -4,8 +4,13 @@ a warm start that mixes in SPARK-format reward tasks."""
 import json
 from pathlib import Path
 
+import pytest
+
+import spark_mcore.train as train_module
 from spark_mcore.config.run import load_run_config
+from spark_mcore.rewards import get_verifier
 from spark_mcore.train import train
+from spark_mcore.types import prompt_kind
 
 MICRO = [
     "model.hidden_size=32", "model.num_layers=2", "model.ffn_hidden_size=64",
@@ -18,8 +23,16 @@ MICRO = [
 KINDS = ("pointwise", "pairwise", "reflection")
 
 
-def test_spark_loop_runs_a_reward_step_and_logs_per_kind_metrics(tmp_path: Path, capsys) -> None:
+def test_spark_loop_runs_a_reward_step_and_logs_per_kind_metrics(tmp_path: Path, capsys, monkeypatch) -> None:
     cfg = load_run_config(None, [*MICRO, f"checkpoint.dir={tmp_path}"])
+    batches: list = []
+    rollout = train_module.rollout
+
+    def spy(run, prompts, params):  # type: ignore[no-untyped-def]
+        batches.append(rollout(run, prompts, params))
+        return batches[-1]
+
+    monkeypatch.setattr(train_module, "rollout", spy)
     results = train(cfg)
     out = capsys.readouterr().out
     for line in ("[policy step 1, policy 1/2]", "[reward step 2, policy 1/2]", "[policy step 3, policy 2/2]"):
@@ -37,7 +50,14 @@ def test_spark_loop_runs_a_reward_step_and_logs_per_kind_metrics(tmp_path: Path,
     # reward step 2: only the 2 oldest cached tasks, scored per kind, nothing recycled from them
     kinds = [k for k in KINDS if f"rollout/reward_{k}" in reward]
     assert kinds and "rollout/reward_policy" not in reward
-    assert all(0.0 <= reward[f"rollout/reward_{k}"] <= 1.0 for k in kinds)
+    # the logged per-kind reward is the mean of the verifier's scores of that step's responses
+    reward_rollouts = [r for g in batches[1] for r in g.rollouts]
+    assert {prompt_kind(r.prompt) for r in reward_rollouts} == set(kinds)
+    for r in reward_rollouts:
+        assert r.reward == get_verifier(r.prompt.task)(r.completion.text, r.prompt.answer)
+    for k in kinds:
+        mine = [r.reward for r in reward_rollouts if prompt_kind(r.prompt) == k]
+        assert reward[f"rollout/reward_{k}"] == pytest.approx(sum(mine) / len(mine))
     assert reward["spark/cache_size"] == first["spark/cache_size"] - 2
     assert not any(f"spark/{k}" in reward for k in KINDS)
     assert ("rollout/judge_accuracy" in reward) == any(k in kinds for k in ("pointwise", "pairwise"))
@@ -48,7 +68,6 @@ def test_model_hf_path_starts_the_actor_and_engine_from_an_export(tmp_path: Path
     """model.hf_path (used by tools/compare_spark_grpo.py to start both arms from one SFT
     export): the actor and the engine hold exactly the exported tensors; a model of other
     sizes is refused with the field named."""
-    import pytest
     import torch
     from safetensors.torch import load_file
 

@@ -1,12 +1,14 @@
 """Two full GRPO steps of the real loop (Megatron actor, transformers engine, verifier pool) on CPU."""
 
 import json
+import zlib
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import spark_mcore.train as train_module
 from spark_mcore.config.run import load_run_config
 from spark_mcore.data.tokenizer import load_tokenizer
 from spark_mcore.train import train
@@ -19,9 +21,30 @@ MICRO = [
 ]
 
 
-def test_two_grpo_steps_end_to_end(tmp_path: Path, capsys) -> None:
+def _merged(actor) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in actor.export_hf()}
+
+
+def test_two_grpo_steps_end_to_end(tmp_path: Path, capsys, monkeypatch) -> None:
     cfg = load_run_config(None, [*MICRO, f"checkpoint.dir={tmp_path}", "trainer.updates_per_step=2",
                                  "eval.samples=2"])
+    runs, after_sft = [], {}
+    build_run, warm_start = train_module.build_run, train_module.warm_start
+
+    def spy_build(c):
+        runs.append(build_run(c))
+        # A tiny model 3 SFT steps in answers nothing right, so every group would have the same
+        # reward and GRPO no gradient: score by a parity of the text instead (mixed groups).
+        runs[-1].pool.score = lambda items: [float(zlib.crc32(text.encode()) % 2) for _, text, _ in items]
+        return runs[-1]
+
+    def spy_warm(actor, *args, **kw):
+        out = warm_start(actor, *args, **kw)
+        after_sft.update(_merged(actor))
+        return out
+
+    monkeypatch.setattr(train_module, "build_run", spy_build)
+    monkeypatch.setattr(train_module, "warm_start", spy_warm)
     results = train(cfg)
     out = capsys.readouterr().out
     assert "[policy step 1, policy 1/2]" in out and "[policy step 2, policy 2/2]" in out
@@ -44,7 +67,12 @@ def test_two_grpo_steps_end_to_end(tmp_path: Path, capsys) -> None:
     trained = load_tokenizer(tmp_path / "tokenizer")
     text = "6+72=?\nSolve step by step. Put the final answer in \\boxed{}."
     assert tok.encode(text) == trained.encode(text)
+    # the export is the actor's final merged weights, and the GRPO steps changed them
     exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
-    for name, tensor in model.state_dict().items():
-        if name in exported:
-            assert torch.equal(tensor, exported[name]), name
+    final = _merged(runs[0].actor)
+    assert set(exported) == set(final) == set(after_sft)
+    assert all(torch.equal(exported[n], final[n]) for n in final)
+    changed = [n for n in final if not torch.equal(final[n], after_sft[n])]
+    assert len(changed) > len(final) // 2, f"GRPO changed only {changed}"
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[n], final[n]) for n in final if n in loaded)

@@ -1,4 +1,4 @@
-"""Two GRPO steps of the real loop with rollout.engine=sglang: one SGLang-compatible test server
+"""Two GRPO steps of the real loop with rollout.engine=sglang: one CPU twin of SGLang
 launched from the hf_init export, weights pushed by MegatronWeightSync over gloo (fp32 wire)."""
 
 from pathlib import Path
@@ -7,14 +7,14 @@ from typing import Any
 import pytest
 import torch
 
-import spark_mcore.rollout.sglang_payloads as payloads
+import spark_mcore.sglang.payloads as payloads
 import spark_mcore.train as train_mod
 from spark_mcore.config.run import load_run_config
-from spark_mcore.rollout.server_app import tensor_sha256
-from spark_mcore.rollout.sglang import http_json
-from spark_mcore.rollout.test_server import TEST_SERVER_COMMAND
 from spark_mcore.runtime import Run
+from spark_mcore.sglang.client import http_json
 from spark_mcore.train import train
+from spark_mcore.twin.app import tensor_sha256
+from spark_mcore.twin.server import TWIN_SERVER_COMMAND
 
 MICRO = [  # same micro run as tests/integration/test_train_loop.py
     "model.hidden_size=32", "model.num_layers=2", "model.ffn_hidden_size=64",
@@ -28,7 +28,7 @@ SGLANG = ["rollout.engine=sglang", "sglang.num_servers=1", "sglang.base_port=0",
 
 def test_two_grpo_steps_with_sglang_server(tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_run_config(None, [*MICRO, *SGLANG, f"checkpoint.dir={tmp_path}"])
-    cfg.sglang.launch_command = list(TEST_SERVER_COMMAND)
+    cfg.sglang.launch_command = list(TWIN_SERVER_COMMAND)
     cfg.sglang.extra_args = ["--threads", "1"]
 
     served: list[str] = []  # weight_version the server stamped on each sample, in call order

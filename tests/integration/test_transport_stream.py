@@ -26,7 +26,7 @@ VERSIONS = [3, 3, 1, 3, 2, 3]
 
 PRODUCER = textwrap.dedent("""
     import sys, msgpack, zmq
-    from spark_mcore.transport.stream import RolloutProducer
+    from spark_mcore.transport.stream import BackPressureTimeout, RolloutProducer
     from spark_mcore.types import Completion, Prompt, Rollout, RolloutGroup
 
     endpoint, versions = sys.argv[1], [int(v) for v in sys.argv[2].split(",")]
@@ -41,7 +41,15 @@ PRODUCER = textwrap.dedent("""
         p = Prompt(id=f"g{i}", messages=[{"role": "user", "content": str(i)}], answer=str(i))
         r = Rollout(prompt=p, prompt_ids=[i], completion=Completion([i, i + 1], str(i), [-0.5, -1.0]), reward=1.0,
                     policy_version=v)
-        producer.send_groups([RolloutGroup(prompt=p, rollouts=[r])], policy_version=v)
+        said = False
+        while True:  # short timeouts: say once that message i waits for credit, then keep waiting
+            try:
+                producer.send_groups([RolloutGroup(prompt=p, rollouts=[r])], policy_version=v, timeout_ms=100)
+                break
+            except BackPressureTimeout:
+                if not said:
+                    print(f"blocked {i}", flush=True)
+                    said = True
         print(f"sent {i}", flush=True)
     producer.close()
     raw.close()
@@ -82,12 +90,10 @@ def test_two_process_stream_back_pressure_staleness_and_malformed_frames() -> No
         # Serve control traffic until the producer has said hello (credits go out in recv).
         _wait(lambda: _collect(consumer, got) or consumer.num_producers == 1, 90, f"producer hello; output {lines}")
         consumed = consumer.stats.messages
-        # Stop reading: the producer can send only what has been granted, then must block. It
-        # may be slow to get there on a loaded machine, so wait for the granted sends, then
-        # give it time to (wrongly) send more.
+        # Stop reading: the producer can send only what has been granted, then must block on the
+        # next message (it says so). A producer that sent more would never block on that one.
         granted = min(len(VERSIONS), consumed + WINDOW)
-        _wait(lambda: sum(ln.startswith("sent") for ln in lines) >= granted, 60, f"granted sends; output {lines}")
-        time.sleep(1.0)
+        _wait(lambda: f"blocked {granted}" in lines, 60, f"the producer to block on message {granted}; output {lines}")
         assert sum(ln.startswith("sent") for ln in lines) == granted, (lines, consumed)
         assert "done" not in lines
         _wait(lambda: _collect(consumer, got) or ("done" in lines and consumer.stats.malformed == 2

@@ -26,8 +26,7 @@ from spark_mcore.distributed.parallel import init_distributed
 from spark_mcore.models import mcore_tp
 from spark_mcore.models.config import ModelConfig
 from spark_mcore.models.registry import get_adapter
-from spark_mcore.rollout.server_app import tensor_sha256
-from spark_mcore.rollout.sglang import (
+from spark_mcore.sglang.client import (
     ServerHandle,
     SGLangClient,
     SGLangConfig,
@@ -35,7 +34,8 @@ from spark_mcore.rollout.sglang import (
     http_json,
     launch_servers,
 )
-from spark_mcore.rollout.test_server import TEST_SERVER_COMMAND
+from spark_mcore.twin.app import tensor_sha256
+from spark_mcore.twin.server import TWIN_SERVER_COMMAND
 
 pytestmark = pytest.mark.slow  # ~45 s on 2 shared cores (3 processes)
 
@@ -101,7 +101,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("wsync")
     torch.manual_seed(0)
     Qwen2ForCausalLM(get_adapter("qwen2").hf_config(_cfg(), VOCAB)).save_pretrained(tmp / "hf")
-    servers = launch_servers(1, str(tmp / "hf"), 0, ["--threads", "1"], tmp / "logs", command=TEST_SERVER_COMMAND)
+    servers = launch_servers(1, str(tmp / "hf"), 0, ["--threads", "1"], tmp / "logs", command=TWIN_SERVER_COMMAND)
     try:
         spawn_workers(_trainer, 2, args=(servers[0].url, str(tmp)), timeout_s=240)
         yield {"dir": tmp, **{name: json.loads((tmp / f"{name}_result.json").read_text()) for name, *_ in PHASES}}

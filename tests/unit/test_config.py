@@ -77,3 +77,57 @@ def test_parallel_features_that_need_cuda_fail_early_on_cpu() -> None:
             ParallelConfig(tp=2, sequence_parallel=True).check_device()
     overrides = ParallelConfig(tp=2, cp=2, recompute_granularity="selective").transformer_overrides()
     assert overrides["context_parallel_size"] == 2 and overrides["recompute_granularity"] == "selective"
+
+
+_NO_TORCH = """
+import contextlib, io, sys
+from spark_mcore.cli import main
+err = io.StringIO()
+with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    code = main(sys.argv[1:]) if sys.argv[1:] != ["--help"] else None
+    if code is None:
+        try:
+            main(["train", "--help"])
+        except SystemExit as e:
+            code = e.code
+heavy = sorted(m for m in ("torch", "megatron", "transformers", "sympy") if m in sys.modules)
+print(code, heavy, err.getvalue().strip())
+"""
+
+
+@pytest.mark.parametrize("argv,code,message,imported", [
+    (["train", "--set", "trainer.lrr=1"], "2", "config error: unknown config key 'trainer.lrr'.*Did you mean 'lr'",
+     "["),
+    (["train", "--set", "weights.mode=ipc"], "2", "config error: weights.mode='ipc' is unknown", "["),
+    (["--help"], "0", "", "["),
+    # needs torch to ask for CUDA, but fails before megatron, transformers or any model
+    (["train", "--set", "weights.mode=colocated"], "2", "config error: weights.mode=colocated .*no CUDA",
+     "['torch'"),
+])
+def test_config_errors_and_help_import_no_torch(argv: list[str], code: str, message: str, imported: str) -> None:
+    """`spark-mcore train --help` and a config typo answer without importing torch or megatron."""
+    import re
+
+    import torch
+
+    if "weights.mode=colocated" in argv and torch.cuda.is_available():
+        pytest.skip("colocated can run here")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _NO_TORCH, *argv], capture_output=True, text=True, timeout=120,
+                         check=True).stdout.strip()
+    got_code, rest = out.split(" ", 1)
+    assert got_code == code, out
+    assert rest.split("]")[0] == imported, f"imported {rest.split(']')[0]}]: {out}"
+    assert re.search(message, rest), out
+
+
+def test_import_run_config_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, spark_mcore.config.run as r; r.load_run_config(None, ['rollout.engine=sglang']); "
+            "print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          check=True).stdout.strip() == "[]"

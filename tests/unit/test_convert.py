@@ -70,7 +70,7 @@ def megatron_logits(step_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
         ref = dist_checkpointing.load(model.sharded_state_dict(prefix=""), str(step_dir / "ref"))
         assert ref.keys() == state.keys()
         assert all(torch.equal(ref[k], v) for k, v in state.items() if isinstance(v, torch.Tensor))
-        model.load_state_dict(state)  # strict, as the trainer's load_checkpoint
+        model.load_state_dict(state)  # strict, as the trainer's load_actor_state
         with torch.no_grad():
             return adapter.forward(model.eval(), tokens)
     finally:

@@ -20,10 +20,10 @@ import pytest
 
 from spark_mcore.config.loader import ConfigError, from_dict
 from spark_mcore.rollout.base import SamplingParams
-from spark_mcore.rollout.sglang import (
+from spark_mcore.rollout.sglang_engine import SGLangEngine
+from spark_mcore.sglang.client import (
     SGLangClient,
     SGLangConfig,
-    SGLangEngine,
     SGLangError,
     SGLangRequestError,
     attach_servers,
@@ -244,27 +244,14 @@ def test_control_calls_reach_every_server_with_rank_offsets(servers: list[FakeSG
         client.init_weights_update_group("10.1.1.1", 29555)
 
 
-def test_engine_update_weights_pauses_syncs_and_continues(servers: list[FakeSGLang]) -> None:
-    seen: list[tuple[str, int]] = []
-
-    def weight_sync(client: SGLangClient, named_tensors: Any, version: int) -> None:
-        names = [n for n, _ in named_tensors]
-        client.update_weights_from_distributed(names, ["float32"], [[1]], weight_version=str(version)).wait(5)
-        seen.append((names[0], version))
-
-    import torch
-
-    engine = SGLangEngine(SGLangConfig(urls=[servers[0].url]), weight_sync=weight_sync)
-    engine.update_weights([("lm_head.weight", torch.zeros(1))], version=4)
-    assert engine.policy_version == 4 and seen == [("lm_head.weight", 4)]
-    assert [p for p, _ in servers[0].calls] == ["/pause_generation", "/update_weights_from_distributed",
-                                                "/continue_generation"]
+def test_engine_generates_through_attached_servers_and_keeps_them(servers: list[FakeSGLang]) -> None:
+    engine = SGLangEngine(SGLangConfig(urls=[servers[0].url]))
+    assert engine.policy_version == 0
     assert engine.generate([[1, 2]], SamplingParams(n=1, max_new_tokens=2))[0][0].token_ids == [13, 2]
-    bare = SGLangEngine(SGLangConfig(urls=[servers[0].url]))
-    with pytest.raises(SGLangError, match="needs a weight_sync"):
-        bare.update_weights([], version=1)
-    engine.shutdown()
-    bare.shutdown()
+    engine.shutdown()  # attached servers are not ours: they keep serving
+    client = SGLangClient(attach_servers([servers[0].url]), SGLangConfig())
+    assert client.generate([[1, 2]], SamplingParams(n=1, max_new_tokens=2))[0][0].token_ids == [13, 2]
+    client.close()
 
 
 def test_config_validation_names_the_field() -> None:

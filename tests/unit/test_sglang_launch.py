@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from spark_mcore.rollout.base import SamplingParams
-from spark_mcore.rollout.sglang import SGLangClient, SGLangConfig, SGLangEngine, SGLangError, launch_servers
+from spark_mcore.rollout.sglang_engine import SGLangEngine
+from spark_mcore.sglang.client import SGLangClient, SGLangConfig, SGLangError, launch_servers
 
 FAKE_SERVER = textwrap.dedent("""
     import argparse, json, sys, time

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import torch
 
-from spark_mcore.rollout import sglang_payloads as P
 from spark_mcore.rollout.base import SamplingParams
+from spark_mcore.sglang import payloads as P
 from spark_mcore.types import Completion
 
 SPEC = json.loads((Path(__file__).parent / "sglang_io_struct_fields.json").read_text())

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 import spark_mcore.rewards as rewards
-from spark_mcore.rollout.base import SamplingParams
-from spark_mcore.spark.reward_bench import (
+from spark_mcore.eval.reward_bench import (
     PairRow,
     PointRow,
     heldout_from_groups,
@@ -22,7 +21,8 @@ from spark_mcore.spark.reward_bench import (
     pointwise_accuracy,
     save_jsonl,
 )
-from spark_mcore.spark.self_reflect import self_reflect
+from spark_mcore.eval.self_reflect import self_reflect
+from spark_mcore.rollout.base import SamplingParams
 from spark_mcore.types import Completion, Prompt, Rollout, RolloutGroup
 
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")

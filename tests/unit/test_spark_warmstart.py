@@ -11,17 +11,11 @@ from spark_mcore.config.loader import ConfigError
 from spark_mcore.data.arith import arith_problems, solve, worked_solution
 from spark_mcore.data.chat import encode_prompt, encode_response
 from spark_mcore.data.tokenizer import build_tokenizer
+from spark_mcore.data.worked import ERRORS, right_solution, wrong_solution
 from spark_mcore.rewards import extract_boxed, get_verifier
 from spark_mcore.spark.templates import corpus_texts, get_template
 from spark_mcore.spark.text import show_response
-from spark_mcore.spark.warmstart_data import (
-    ERRORS,
-    KINDS,
-    build_task,
-    judge_sft_examples,
-    right_solution,
-    wrong_solution,
-)
+from spark_mcore.spark.warmstart_data import KINDS, build_task, judge_sft_examples
 from spark_mcore.trainer.config import WarmStartConfig
 from spark_mcore.trainer.warmstart import judge_batches, sft_batches
 from spark_mcore.types import Prompt
@@ -167,7 +161,7 @@ def test_sft_batches_alternate_solution_and_task_batches_with_the_loss_on_target
     tok = build_tokenizer(None, corpus_texts())
     prompts = arith_problems([1], "train", 40, seed=0)
     batches = sft_batches(prompts, tok, lambda p: encode_prompt(tok, p), batch_size=4, seed=0,
-                          judge_fraction=0.5, steps=3)
+                          judge_fraction=0.5, steps=3, judge_examples=judge_sft_examples)
     # the plan [task, solution, task] draws 2 * 4 reward tasks, each used once
     judge_targets = [t for _, t in judge_sft_examples(prompts, 8, seed=0)]
     solutions = {worked_solution(p) for p in prompts}

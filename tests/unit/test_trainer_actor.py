@@ -114,3 +114,23 @@ class _Recorder:
         mb = next(self.it)
         self.seen.append(mb.num_sequences)
         return mb
+
+
+def test_logprob_chunk_tokens_reaches_the_log_prob_kernel(pstate: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """algo.logprob_chunk_tokens sets the chunk of the fp32 log-prob computation; results agree."""
+    import spark_mcore.trainer.logits as logits_mod
+
+    seen: list[int | None] = []
+    kernel = logits_mod.token_logprobs
+
+    def spy(*args: object, chunk_size: int | None = None, **kw: object) -> torch.Tensor:
+        seen.append(chunk_size)
+        return kernel(*args, chunk_size=chunk_size, **kw)
+
+    monkeypatch.setattr(logits_mod, "token_logprobs", spy)
+    actor = _actor(pstate, mbs=6)
+    auto = actor.compute_logprobs(_batch())
+    actor.algo = AlgoConfig(logprob_chunk_tokens=3)
+    chunked = actor.compute_logprobs(_batch())
+    assert seen == [None, 3]
+    assert torch.allclose(auto, chunked, atol=1e-6)

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spark_mcore.rollout.sglang import SGLangClient, SGLangConfig, attach_servers
+from spark_mcore.sglang.client import SGLangClient, SGLangConfig, attach_servers
 from spark_mcore.weights.bucket import pack_bucket
-from spark_mcore.weights.colocated import ColocatedWeightSync, ipc_payload
+from spark_mcore.weights.colocated import ColocatedSender, ipc_payload
+from spark_mcore.weights.config import WeightSyncConfig
 from spark_mcore.weights.server_calls import ServerCalls, tensor_update_body
 from spark_mcore.weights.sync import WeightSyncError
 
@@ -41,7 +42,7 @@ def test_colocated_needs_cuda() -> None:
     calls = ServerCalls(client)
     try:
         with pytest.raises(WeightSyncError, match="needs CUDA"):
-            ColocatedWeightSync().send(calls, [("w", torch.zeros(2))], version=1)
+            ColocatedSender(WeightSyncConfig(mode="colocated")).send(calls, [("w", torch.zeros(2))], version=1)
     finally:
         calls.close()
         client.close()

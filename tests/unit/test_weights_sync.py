@@ -1,5 +1,5 @@
-"""Bucketed weight sync protocol, in one process: SGLangEngine + BucketWeightSync -> HTTP ->
-the test server's RolloutServerApp, with a loopback stand-in for the broadcast group (the
+"""Bucketed weight sync protocol, in one process: BucketSender (sync_once) -> HTTP -> the CPU
+twin's RolloutServerApp, with a loopback stand-in for the broadcast group (the
 real gloo group is exercised in tests/integration/test_weight_sync_tp.py)."""
 
 from __future__ import annotations
@@ -16,16 +16,17 @@ import pytest
 import torch
 from transformers import Qwen2Config
 
-from spark_mcore.rollout import server_app
 from spark_mcore.rollout.hf_engine import HFEngine
-from spark_mcore.rollout.server_app import RolloutServerApp, tensor_sha256
-from spark_mcore.rollout.sglang import SGLangConfig, SGLangEngine, attach_servers, http_json
-from spark_mcore.rollout.test_server import RolloutHTTPServer
+from spark_mcore.rollout.sglang_engine import SGLangEngine
+from spark_mcore.sglang.client import SGLangConfig, attach_servers, http_json
+from spark_mcore.twin import app as server_app
+from spark_mcore.twin.app import RolloutServerApp, tensor_sha256
+from spark_mcore.twin.receiver import load_into
+from spark_mcore.twin.server import RolloutHTTPServer
 from spark_mcore.weights.bucket import pack_bucket
 from spark_mcore.weights.config import WeightSyncConfig
-from spark_mcore.weights.receiver import load_into
-from spark_mcore.weights.server_calls import distributed_update_body
-from spark_mcore.weights.sync import BucketWeightSync, WeightSyncError
+from spark_mcore.weights.server_calls import ServerCalls, distributed_update_body
+from spark_mcore.weights.sync import BucketSender, WeightSyncError, sync_once
 
 _spec = importlib.util.spec_from_file_location("sglang_contract", Path(__file__).with_name("test_sglang_payloads.py"))
 contract = importlib.util.module_from_spec(_spec)
@@ -95,10 +96,16 @@ class Setup:
         self.q: queue.Queue = queue.Queue()
         q = self.q
         self.app.groups["weight_update_group"] = LoopbackGroup(1, q)  # type: ignore[assignment]
-        self.sync = BucketWeightSync(config)
-        self.sync.sender.group = LoopbackGroup(0, q)  # type: ignore[assignment]
-        self.engine = SGLangEngine(SGLangConfig(max_retries=0, control_timeout_s=30), weight_sync=self.sync,
+        self.config = config
+        self.sender = BucketSender(config)
+        self.sender.group = LoopbackGroup(0, q)  # type: ignore[assignment]
+        self.engine = SGLangEngine(SGLangConfig(max_retries=0, control_timeout_s=30),
                                    handles=attach_servers([self.httpd.url]))
+        self.calls = ServerCalls(self.engine.client)
+
+    def push(self, named: Any, version: int) -> None:
+        self.last = sync_once(self.sender, self.calls, self.config, named, version)
+        self.engine.policy_version = version  # as the run's pusher does
 
     def _logged(self, path: str, fn: Any) -> Any:
         def call(body: Any) -> Any:
@@ -115,7 +122,8 @@ class Setup:
 
     def close(self) -> None:
         self.engine.shutdown()
-        self.sync.close()
+        self.calls.close()
+        self.sender.close()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -136,13 +144,13 @@ def make() -> Iterator[Any]:
 def test_full_sync_sequence_bitwise_and_version(make: Any) -> None:
     s = make(wire_dtype="fp32", bucket_mb=0.01, backend="gloo")  # ~10 KiB buckets -> several
     new = s.new_state()
-    s.engine.update_weights(new.items(), version=3)
+    s.push(new.items(), version=3)
     paths = [p for p, _ in s.paths]
     n_updates = paths.count("/update_weights_from_distributed")
     assert paths == (["/pause_generation", "/flush_cache", "/begin_weight_update"]
                      + ["/update_weights_from_distributed"] * n_updates
                      + ["/end_weight_update", "/flush_cache", "/continue_generation"])
-    assert n_updates == s.sync.last.buckets >= 3 and s.sync.last.tensors == len(new)
+    assert n_updates == s.last.buckets >= 3 and s.last.tensors == len(new)
     assert s.app.groups["weight_update_group"].broadcasts == n_updates  # ONE collective per bucket
     for path, body in s.paths:
         cls = {"/update_weights_from_distributed": "UpdateWeightsFromDistributedReqInput",
@@ -175,9 +183,9 @@ def test_next_bucket_is_queued_on_the_server_before_the_previous_answer(make: An
     monkeypatch.setattr(server_app, "load_into", slow_load)
     s = make(wire_dtype="fp32", bucket_mb=0.01, backend="gloo", pipeline_requests=pipelined)
     new = s.new_state()
-    s.engine.update_weights(new.items(), version=2)
+    s.push(new.items(), version=2)
     updates = [e for e in s.events if e[1] == "/update_weights_from_distributed"]
-    n = s.sync.last.buckets
+    n = s.last.buckets
     assert n >= 3 and len(updates) == 2 * n
     arrive = [i for i, (kind, _) in enumerate(updates) if kind == "arrive"]
     answer = [i for i, (kind, _) in enumerate(updates) if kind == "answer"]
@@ -191,7 +199,7 @@ def test_next_bucket_is_queued_on_the_server_before_the_previous_answer(make: An
 def test_bf16_wire_and_per_tensor_protocol(make: Any) -> None:
     s = make(wire_dtype="bf16", load_format="per_tensor", bucket_mb=1.0, backend="gloo")
     new = s.new_state()
-    s.engine.update_weights(new.items(), version=1)
+    s.push(new.items(), version=1)
     body = dict(s.paths)["/update_weights_from_distributed"]
     assert "load_format" not in body and set(body["dtypes"]) == {"bfloat16"}
     assert s.app.groups["weight_update_group"].broadcasts == len(new)  # per-tensor: one each
@@ -203,7 +211,7 @@ def test_bf16_wire_and_per_tensor_protocol(make: Any) -> None:
 def test_server_refusal_is_reported_not_hung(make: Any) -> None:
     s = make(wire_dtype="fp32", weight_update_session=False, backend="gloo")
     with pytest.raises(WeightSyncError, match="between begin_weight_update"):
-        s.engine.update_weights(s.new_state().items(), version=1)
+        s.push(s.new_state().items(), version=1)
     assert [p for p, _ in s.paths][-1] == "/continue_generation"  # the engine resumed generation anyway
 
 
@@ -234,26 +242,26 @@ def test_refusal_before_the_broadcast_fails_fast_and_marks_the_group(make: Any) 
     import time
 
     s = make(wire_dtype="fp32", weight_update_session=False, backend="gloo")
-    s.sync.sender.group = _NeverJoined()  # type: ignore[assignment]
+    s.sender.group = _NeverJoined()  # type: ignore[assignment]
     start = time.monotonic()
     with pytest.raises(WeightSyncError, match="between begin_weight_update"):
-        s.engine.update_weights(s.new_state().items(), version=1)
+        s.push(s.new_state().items(), version=1)
     assert time.monotonic() - start < 10  # not the 600 s collective timeout
-    assert "during a bucket broadcast" in s.sync.sender.broken
+    assert "during a bucket broadcast" in s.sender.broken
     with pytest.raises(WeightSyncError, match="out of step after an earlier failure"):
-        s.engine.update_weights(s.new_state().items(), version=2)
+        s.push(s.new_state().items(), version=2)
 
 
 def test_unknown_name_and_partial_update_fail_with_names(make: Any) -> None:
     s = make(wire_dtype="fp32", backend="gloo")
     with pytest.raises(WeightSyncError, match="no parameter in the receiving model"):
-        s.engine.update_weights([("model.bogus.weight", torch.zeros(2))], version=1)
-    s.engine.update_weights(s.new_state().items(), version=2)  # the failed sync closed the session: next one works
+        s.push([("model.bogus.weight", torch.zeros(2))], version=1)
+    s.push(s.new_state().items(), version=2)  # the failed sync closed the session: next one works
     assert http_json(s.httpd.url, "/debug/weights")["weight_version"] == "2"
     s2 = make(wire_dtype="fp32", backend="gloo")
     partial = list(s2.new_state().items())[:3]
     with pytest.raises(WeightSyncError, match="/end_weight_update failed.*parameters were not updated in this session"):
-        s2.engine.update_weights(partial, version=1)
+        s2.push(partial, version=1)
 
 
 def test_update_body_describes_bucket_tensors_in_order() -> None:
@@ -264,18 +272,17 @@ def test_update_body_describes_bucket_tensors_in_order() -> None:
     assert contract.check_object(body, "UpdateWeightsFromDistributedReqInput") == []
 
 
-def test_registry_builds_each_mode_and_they_fit_the_weightsync_hook() -> None:
-    import inspect
-
+def test_each_mode_has_its_stage_sender_and_unknown_modes_fail_at_config() -> None:
     from spark_mcore.config.loader import ConfigError
-    from spark_mcore.weights.registry import build_weight_sync, registered_weight_syncs
+    from spark_mcore.weights.colocated import ColocatedSender
+    from spark_mcore.weights.config import MODES
+    from spark_mcore.weights.megatron_sync import stage_sender
 
-    assert registered_weight_syncs() == ["colocated", "distributed"]
-    for mode in registered_weight_syncs():
-        sync = build_weight_sync(WeightSyncConfig(mode=mode))
-        assert list(inspect.signature(sync.__call__).parameters) == ["client", "named_tensors", "version"]
-    with pytest.raises(ConfigError, match="weights.mode 'ipc' is unknown; registered: \\['colocated', 'distributed'\\]"):
-        build_weight_sync(WeightSyncConfig(mode="ipc"))
+    assert MODES == ("distributed", "colocated")
+    assert isinstance(stage_sender(WeightSyncConfig(mode="distributed"), "g"), BucketSender)
+    assert isinstance(stage_sender(WeightSyncConfig(mode="colocated"), "g"), ColocatedSender)
+    with pytest.raises(ConfigError, match="weights.mode='ipc' is unknown.*'distributed', 'colocated'"):
+        WeightSyncConfig(mode="ipc")
 
 
 @pytest.mark.parametrize("kw,match", [({"bucket_mb": 0}, "weights.bucket_mb=0"),

@@ -1,12 +1,13 @@
-"""SGLang rollout engine: launch or attach to servers, and talk to their native HTTP API.
+"""SGLang servers: launch or attach to them, and talk to their native HTTP API.
 
 Pieces, each usable alone:
-  SGLangConfig       what to launch/attach, timeouts, retries (the lead wires it into RunConfig)
+  SGLangConfig       what to launch/attach, timeouts, retries (spark_mcore.sglang.config)
   launch_servers     `python -m sglang.launch_server ...` per server (command configurable), tracked
                      PIDs in their own process groups, one log file each; ServerHandle.wait_healthy
   SGLangClient       /generate across servers with retries + failover, and the control endpoints
-  SGLangEngine       the RolloutEngine protocol on top (built by rollout.builders for "sglang")
-HTTP uses the standard library only (http.client); bodies come from `sglang_payloads`.
+The rollout engine (spark_mcore.rollout.sglang_engine) and the weight sync (spark_mcore.weights)
+both build on this client; neither imports the other.
+HTTP uses the standard library only (http.client); bodies come from `payloads.py`.
 
 Failover invariant: the samples of a generate() call are split into chunks; a chunk's results
 are stored only when its whole response has been parsed, and a chunk that fails on a server
@@ -28,79 +29,18 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import Any
 
 from spark_mcore.config.loader import ConfigError
-from spark_mcore.rollout import sglang_payloads as P
-from spark_mcore.rollout.base import SamplingParams
-from spark_mcore.types import Completion
+from spark_mcore.sglang import payloads as P
+from spark_mcore.sglang.config import DEFAULT_LAUNCH_COMMAND, SGLangConfig
+from spark_mcore.types import Completion, SamplingParams
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_LAUNCH_COMMAND = ["{python}", "-m", "sglang.launch_server", "--model-path", "{model_path}",
-                          "--host", "{host}", "--port", "{port}", "--base-gpu-id", "{base_gpu_id}"]
-
-
-@dataclass
-class SGLangConfig:
-    """SGLang servers for rollouts.
-
-    urls: attach to these running servers (e.g. ["http://10.0.0.5:30000"]); empty = launch.
-    num_servers / model_path / launch_command / extra_args: what to launch. `launch_command`
-        placeholders: {python} {model_path} {host} {port} {index} {base_gpu_id}.
-    base_port: port of server 0 (server i uses base_port + i * port_stride); 0 = free ports.
-    gpus_per_server: GPUs each server uses (tp x dp); sets {base_gpu_id} and weight-group ranks.
-    router_url: send /generate to an sgl-router instead (control calls still go to each server).
-    chunk_size: samples per /generate request; concurrency_per_server: requests in flight each.
-    max_retries / backoff_s / max_backoff_s: per-request retries of transient errors (connection
-        refused/reset, timeouts, HTTP 408/429/5xx, aborted requests), exponential backoff.
-    """
-
-    urls: list[str] = field(default_factory=list)
-    num_servers: int = 1
-    model_path: str = ""
-    launch_command: list[str] = field(default_factory=lambda: list(DEFAULT_LAUNCH_COMMAND))
-    extra_args: list[str] = field(default_factory=list)
-    host: str = "127.0.0.1"
-    base_port: int = 30000
-    port_stride: int = 10
-    gpus_per_server: int = 1
-    log_dir: str = "logs/sglang"
-    router_url: str | None = None
-    health_path: str = "/health_generate"
-    startup_timeout_s: float = 900.0
-    request_timeout_s: float = 3600.0
-    control_timeout_s: float = 300.0
-    max_retries: int = 3
-    backoff_s: float = 0.5
-    max_backoff_s: float = 16.0
-    chunk_size: int = 64
-    concurrency_per_server: int = 4
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.urls or self.num_servers >= 1, "num_servers must be >= 1"),
-            (all(u.startswith(("http://", "https://")) for u in self.urls), "urls must start with http:// or https://"),
-            (self.router_url is None or self.router_url.startswith(("http://", "https://")),
-             "router_url must start with http:// or https://"),
-            (0 <= self.base_port < 65536 and self.port_stride >= 1, "base_port must be in 0..65535, port_stride >= 1"),
-            (self.gpus_per_server >= 1, "gpus_per_server must be >= 1"),
-            (min(self.startup_timeout_s, self.request_timeout_s, self.control_timeout_s) > 0, "timeouts must be > 0"),
-            (self.max_retries >= 0 and self.backoff_s >= 0 and self.max_backoff_s >= self.backoff_s,
-             "max_retries >= 0 and 0 <= backoff_s <= max_backoff_s"),
-            (self.chunk_size >= 1 and self.concurrency_per_server >= 1, "chunk_size and concurrency_per_server must be >= 1"),
-            (self.health_path.startswith("/"), "health_path must start with '/' (e.g. /health_generate)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"sglang: {message}")
-
 
 class SGLangError(RuntimeError):
     """An SGLang server failed in a way retries cannot fix; the text says which and why."""
@@ -328,7 +268,7 @@ class SGLangClient:
 
     def generate(self, prompt_ids: Sequence[list[int]], params: SamplingParams,
                  image_data: Sequence[list[str]] | None = None) -> list[list[Completion]]:
-        """For each prompt, params.n completions in sample order (see sglang_payloads)."""
+        """For each prompt, params.n completions in sample order (see payloads.py)."""
         requests = P.expand_requests(prompt_ids, params.n, image_data)
         P.build_sampling_params(params)  # validate here, in the caller's thread
         if not requests:
@@ -501,67 +441,8 @@ class _ChunkQueue:
             self._cond.notify_all()
 
 
-# --- engine ---------------------------------------------------------------------------------------
-
-
-class WeightSync(Protocol):
-    """Moves HF-named full tensors into the servers (e.g. NCCL broadcast, spark_mcore.weights)."""
-
-    def __call__(self, client: SGLangClient, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        ...
-
-
-class SGLangEngine:
-    """RolloutEngine over SGLang servers. Launches them unless `config.urls` names running ones."""
-
-    def __init__(self, config: SGLangConfig, weight_sync: WeightSync | None = None,
-                 handles: Sequence[ServerHandle] | None = None) -> None:
-        self.config = config
-        self.weight_sync = weight_sync
-        self.policy_version = 0
-        self._owned: list[ServerHandle] = []
-        if handles is None:
-            if not config.urls and not config.model_path:
-                raise ConfigError("sglang.model_path: required to launch servers (or set sglang.urls to attach)")
-            if config.urls:
-                handles = attach_servers(config.urls)
-            else:
-                handles = self._owned = launch_servers(
-                    config.num_servers, config.model_path, config.base_port, config.extra_args, config.log_dir,
-                    config.launch_command, config.host, config.port_stride, config.gpus_per_server)
-            try:
-                for h in handles:
-                    h.wait_healthy(config.startup_timeout_s, config.health_path)
-            except BaseException:
-                self.shutdown()
-                raise
-        self.client = SGLangClient(handles, config)
-
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams,
-                 image_data: Sequence[list[str]] | None = None) -> list[list[Completion]]:
-        """`image_data[i]`: image paths/URLs of prompt i for vision-language models."""
-        return self.client.generate(prompt_ids, params, image_data)
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        if self.weight_sync is None:
-            raise SGLangError("SGLangEngine.update_weights needs a weight_sync (e.g. the NCCL broadcaster from "
-                              "spark_mcore.weights); pass weight_sync= when building the 'sglang' engine")
-        self.client.pause_generation()
-        try:
-            self.weight_sync(self.client, named_tensors, version)
-        finally:
-            self.client.continue_generation()
-        self.policy_version = version
-
-    def shutdown(self) -> None:
-        if hasattr(self, "client"):
-            self.client.close()
-        for h in self._owned:
-            h.terminate()
-
-
 __all__ = [
     "SGLangConfig", "SGLangError", "SGLangRequestError", "TransientHTTPError", "ServerHandle", "launch_servers",
     "attach_servers", "weight_group_layout", "free_port", "http_json", "with_retries", "PendingCalls",
-    "SGLangClient", "WeightSync", "SGLangEngine",
+    "SGLangClient",
 ]

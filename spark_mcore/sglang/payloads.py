@@ -21,8 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from spark_mcore.rollout.base import SamplingParams
-from spark_mcore.types import Completion
+from spark_mcore.types import Completion, SamplingParams
 
 DEFAULT_GROUP_NAME = "weight_update_group"  # SGLang's default for the NCCL weight-update group
 PauseMode = Literal["abort", "retract", "in_place"]

@@ -1,9 +1,8 @@
-"""Contract of the rollout-engine registry (spark_mcore.rollout.builders): the one place where
-`rollout.engine` names become an engine plus its weight pusher."""
+"""Contract of spark_mcore.engines: the one place where `rollout.engine` names become an engine
+plus its weight pusher, and where `weights.mode` is checked before a run builds anything."""
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -12,16 +11,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from spark_mcore.config.loader import ConfigError
 from spark_mcore.config.run import load_run_config
-from spark_mcore.rollout import base
-from spark_mcore.rollout.base import RolloutEngine
-from spark_mcore.rollout.builders import (
+from spark_mcore.engines import (
     EngineContext,
     WeightPusher,
     build_rollout,
+    check_weight_mode,
     register_engine_builder,
     registered_engine_builders,
 )
+from spark_mcore.rollout.base import RolloutEngine
 
 
 class _StubActor:
@@ -41,22 +41,59 @@ class _StubActor:
         return list(self.state.items())
 
 
-def test_registry_names_and_unknown_engine() -> None:
-    assert registered_engine_builders() == ["hf", "sglang"]
-    assert not hasattr(base, "build_engine") and not hasattr(base, "register_engine")  # one registry only
+def test_unknown_engine_and_double_registration_fail_with_names() -> None:
+    assert {"hf", "sglang"} <= set(registered_engine_builders())
     cfg = load_run_config(None, ["rollout.engine=nope"])
-    with pytest.raises(KeyError, match="rollout.engine 'nope' has no engine builder"):
+    with pytest.raises(KeyError, match="rollout.engine 'nope' has no engine builder; registered: .*'hf'"):
         build_rollout(EngineContext(cfg, Path("."), None, None, None))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="registered twice"):
         register_engine_builder("hf")(lambda ctx: (None, None))  # type: ignore[arg-type,return-value]
 
 
-def test_every_builder_takes_only_the_engine_context() -> None:
-    from spark_mcore.rollout import builders
+def test_a_registered_builder_is_what_rollout_engine_builds() -> None:
+    made: list[EngineContext] = []
 
-    for name in registered_engine_builders():
-        params = list(inspect.signature(builders._BUILDERS[name]).parameters)
-        assert params == ["ctx"], (name, params)
+    class _Engine:
+        policy_version = 0
+
+        def generate(self, prompt_ids: Any, params: Any) -> Any:
+            return [[] for _ in prompt_ids]
+
+        def shutdown(self) -> None:
+            pass
+
+    class _Pusher:
+        def push(self, version: int) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    @register_engine_builder("test-engines-stub")
+    def build(ctx: EngineContext) -> Any:
+        made.append(ctx)
+        return _Engine(), _Pusher()
+
+    cfg = load_run_config(None, ["rollout.engine=test-engines-stub"])
+    ctx = EngineContext(cfg, Path("."), None, None, None)  # type: ignore[arg-type]
+    engine, pusher = build_rollout(ctx)
+    assert made == [ctx] and isinstance(engine, RolloutEngine) and isinstance(pusher, WeightPusher)
+
+
+@pytest.mark.parametrize("overrides,cuda,match", [
+    (["weights.mode=colocated"], False, "weights.mode=colocated .*no CUDA"),
+    (["weights.mode=colocated", "rollout.engine=sglang"], True, "weights.mode=colocated .*sglang.urls is empty"),
+    (["weights.mode=colocated", "rollout.engine=sglang", 'sglang.urls=["http://127.0.0.1:1"]'], True, None),
+    (["weights.mode=colocated"], True, None),
+    (["rollout.engine=sglang"], False, None),
+])
+def test_weight_mode_is_checked_before_anything_is_built(overrides: list[str], cuda: bool, match: str | None) -> None:
+    cfg = load_run_config(None, overrides)
+    if match is None:
+        check_weight_mode(cfg, cuda_available=cuda)
+    else:
+        with pytest.raises(ConfigError, match=match):
+            check_weight_mode(cfg, cuda_available=cuda)
 
 
 def test_hf_builder_returns_engine_and_pusher_at_version_0(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,12 +1,12 @@
-"""An SGLang-compatible rollout server on top of HFEngine, for CPU tests and demos.
+"""The CPU twin of an SGLang server: SGLang's native HTTP API on top of HFEngine.
 
-    python -m spark_mcore.rollout.test_server --model HF_DIR --port 0 --port-file /tmp/port
+    python -m spark_mcore.twin --model HF_DIR --port 0 --port-file /tmp/port
 
-Serves SGLang's native endpoints (see server_app.py for what is and is not like SGLang 0.5.23)
+Serves SGLang's native endpoints (see app.py for what is and is not like SGLang 0.5.23)
 on a threaded HTTP server bound to 127.0.0.1 by default. `--port 0` binds a free port; the
 bound port is printed ("listening on http://HOST:PORT") and written to --port-file.
-Launch it through `spark_mcore.rollout.sglang.launch_servers` with
-launch_command=TEST_SERVER_COMMAND to get the same process handling as real SGLang servers.
+Launch it through `spark_mcore.sglang.client.launch_servers` (or `sglang.launch_command` in a run
+config) with TWIN_SERVER_COMMAND to get the same process handling as real SGLang servers.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from spark_mcore.rollout.server_app import RequestError, RolloutServerApp
+from spark_mcore.twin.app import RequestError, RolloutServerApp
 
-logger = logging.getLogger("spark_mcore.test_server")
+logger = logging.getLogger("spark_mcore.twin")
 
-TEST_SERVER_COMMAND = ["{python}", "-m", "spark_mcore.rollout.test_server", "--model", "{model_path}",
+TWIN_SERVER_COMMAND = ["{python}", "-m", "spark_mcore.twin", "--model", "{model_path}",
                        "--host", "{host}", "--port", "{port}"]
 MAX_BODY_BYTES = 256 * 1024 * 1024
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     app = build_app(args.model, args.allow_partial_update, args.gen_delay_s)
     httpd = RolloutHTTPServer(app, args.host, args.port)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=httpd.shutdown, daemon=True).start())
-    print(f"spark_mcore test server listening on {httpd.url}", flush=True)
+    print(f"spark_mcore twin server listening on {httpd.url}", flush=True)
     if args.port_file:
         _write_port_file(args.port_file, httpd.server_address[1])
     try:

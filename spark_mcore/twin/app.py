@@ -1,4 +1,4 @@
-"""State and request handlers of the SGLang-compatible test server (HTTP lives in test_server.py).
+"""State and request handlers of the CPU twin of an SGLang server (HTTP lives in server.py).
 
 Behaviour copied from SGLang 0.5.23 where our client depends on it:
   * /generate: `input_ids` (one list or a batch), `sampling_params` (one map or one per
@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from spark_mcore.rollout.base import SamplingParams
 from spark_mcore.rollout.hf_engine import HFEngine
+from spark_mcore.twin.receiver import load_into, receive_bucket
+from spark_mcore.types import SamplingParams
 from spark_mcore.weights.bucket import BucketError, BucketHeader
 from spark_mcore.weights.groups import WeightGroupError, WeightUpdateGroup, join_weight_update_group
-from spark_mcore.weights.receiver import load_into, receive_bucket
 
 Reply = tuple[int, Any]
 _SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "sampling_seed",
@@ -92,6 +92,8 @@ class RolloutServerApp:
         self._model_lock = threading.Lock()  # generation and weight loading never overlap
         self._cond = threading.Condition()
         self._paused, self._pause_epoch = False, 0
+        self.waiting = 0  # /generate requests held by a pause (observable by tests and operators)
+        self.running = 0  # /generate requests past the pause check (their abort epoch is fixed)
         self._session: set[str] | None = None  # names updated in the open weight-update session
         self._recv_buffer: torch.Tensor | None = None  # reused by every bucket (grown to the largest)
 
@@ -99,7 +101,7 @@ class RolloutServerApp:
 
     def generate(self, body: dict[str, Any]) -> Reply:
         if "text" in body or "image_data" in body:
-            raise RequestError("text / image_data: the test server takes token ids only (input_ids)")
+            raise RequestError("text / image_data: the CPU twin takes token ids only (input_ids)")
         ids = _field(body, "input_ids", list)
         single = bool(ids) and all(isinstance(t, int) for t in ids)
         batch = [ids] if single else ids
@@ -111,14 +113,21 @@ class RolloutServerApp:
         params = [sampling_from_json(sps[i] if isinstance(sps, list) else sps, f"sampling_params[{i}]")
                   for i in range(len(batch))]
         with self._cond:
+            self.waiting += 1
             while self._paused:
                 self._cond.wait()
+            self.waiting -= 1
+            self.running += 1
             epoch = self._pause_epoch
-        with self._model_lock:
-            if self.gen_delay_s:
-                time.sleep(self.gen_delay_s)
-            version = self.weight_version
-            comps = [self.engine.generate([p], sp)[0][0] for p, sp in zip(batch, params, strict=False)]
+        try:
+            with self._model_lock:
+                if self.gen_delay_s:
+                    time.sleep(self.gen_delay_s)
+                version = self.weight_version
+                comps = [self.engine.generate([p], sp)[0][0] for p, sp in zip(batch, params, strict=False)]
+        finally:
+            with self._cond:
+                self.running -= 1
         aborted = self._pause_epoch != epoch
         out = [self._item(c, k, version, aborted) for k, c in enumerate(comps)]
         return 200, out[0] if single else out
@@ -158,7 +167,7 @@ class RolloutServerApp:
         name = _field(body, "group_name", str, "weight_update_group")
         backend = _field(body, "backend", str, "nccl")
         if backend == "nccl" and not torch.cuda.is_available():
-            return _fail("backend 'nccl' needs CUDA; this test server runs on CPU: use backend 'gloo'")
+            return _fail("backend 'nccl' needs CUDA; the CPU twin runs on CPU: use backend 'gloo'")
         if name in self.groups:
             return _fail(f"group {name!r} already exists; /destroy_weights_update_group first")
         try:
@@ -235,7 +244,7 @@ class RolloutServerApp:
             self.engine.policy_version = int(self.weight_version)
 
     def update_from_tensor(self, body: Any = None) -> Reply:
-        return _fail("update_weights_from_tensor carries pickled CUDA IPC handles; the test server never unpickles "
+        return _fail("update_weights_from_tensor carries pickled CUDA IPC handles; the CPU twin never unpickles "
                      "and runs on CPU: use update_weights_from_distributed")
 
     # -- inspection ---------------------------------------------------------------------------

@@ -1,0 +1,54 @@
+"""SGLangEngine: the RolloutEngine protocol over SGLang servers (spark_mcore.sglang.client).
+
+It launches the servers unless `config.urls` names running ones, and generates through the
+client (retries, failover across servers). Weights reach the servers through the weight sync
+of spark_mcore.weights, wired by spark_mcore.engines; the engine only records the version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from spark_mcore.config.loader import ConfigError
+from spark_mcore.sglang.client import ServerHandle, SGLangClient, attach_servers, launch_servers
+from spark_mcore.sglang.config import SGLangConfig
+from spark_mcore.types import Completion, SamplingParams
+
+
+class SGLangEngine:
+    """RolloutEngine over SGLang servers. Launches them unless `config.urls` names running ones."""
+
+    def __init__(self, config: SGLangConfig, handles: Sequence[ServerHandle] | None = None) -> None:
+        self.config = config
+        self.policy_version = 0
+        self._owned: list[ServerHandle] = []
+        if handles is None:
+            if not config.urls and not config.model_path:
+                raise ConfigError("sglang.model_path: required to launch servers (or set sglang.urls to attach)")
+            if config.urls:
+                handles = attach_servers(config.urls)
+            else:
+                handles = self._owned = launch_servers(
+                    config.num_servers, config.model_path, config.base_port, config.extra_args, config.log_dir,
+                    config.launch_command, config.host, config.port_stride, config.gpus_per_server)
+            try:
+                for h in handles:
+                    h.wait_healthy(config.startup_timeout_s, config.health_path)
+            except BaseException:
+                self.shutdown()
+                raise
+        self.client = SGLangClient(handles, config)
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams,
+                 image_data: Sequence[list[str]] | None = None) -> list[list[Completion]]:
+        """`image_data[i]`: image paths/URLs of prompt i for vision-language models."""
+        return self.client.generate(prompt_ids, params, image_data)
+
+    def shutdown(self) -> None:
+        if hasattr(self, "client"):
+            self.client.close()
+        for h in self._owned:
+            h.terminate()
+
+
+__all__ = ["SGLangEngine"]
