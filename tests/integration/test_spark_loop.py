@@ -28,8 +28,8 @@ def test_spark_loop_runs_a_reward_step_and_logs_per_kind_metrics(tmp_path: Path,
     batches: list = []
     rollout = train_module.rollout
 
-    def spy(run, prompts, params):  # type: ignore[no-untyped-def]
-        batches.append(rollout(run, prompts, params))
+    def spy(*args):  # type: ignore[no-untyped-def]
+        batches.append(rollout(*args))
         return batches[-1]
 
     monkeypatch.setattr(train_module, "rollout", spy)

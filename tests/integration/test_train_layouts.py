@@ -35,7 +35,7 @@ MICRO = [
     "warmstart.steps=2", "warmstart.batch_size=8", "trainer.steps=2", "trainer.micro_batch_size=4",
     "trainer.lr=0.001", "eval.max_new_tokens=8", "logging.progress=false", "logging.tensorboard=false",
 ]
-TWIN_SERVER = '["{python}","-m","spark_mcore.rollout.test_server","--model","{model_path}","--host","{host}","--port","{port}"]'
+TWIN_SERVER = '["{python}","-m","spark_mcore.twin","--model","{model_path}","--host","{host}","--port","{port}"]'
 SGLANG = ["rollout.engine=sglang", "sglang.num_servers=1", "sglang.base_port=0", "sglang.startup_timeout_s=120",
           "weights.wire_dtype=fp32", "weights.timeout_s=60", f"sglang.launch_command={TWIN_SERVER}",
           'sglang.extra_args=["--threads","1"]']

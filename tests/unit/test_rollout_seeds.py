@@ -12,7 +12,7 @@ from transformers import Qwen2Config
 from spark_mcore.rollout.base import SamplingParams
 from spark_mcore.rollout.groups import response_seeds
 from spark_mcore.rollout.hf_engine import HFEngine, SeededSampler, _nucleus
-from spark_mcore.rollout.sglang_payloads import build_generate_payload, expand_requests
+from spark_mcore.sglang.payloads import build_generate_payload, expand_requests
 from spark_mcore.types import Prompt
 
 
