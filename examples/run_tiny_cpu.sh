@@ -22,5 +22,5 @@ fi
 # the ranks share the machine's cores: cores / NPROC intra-op threads each unless set
 THREADS=$(( $(nproc) / NPROC ))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( THREADS > 0 ? THREADS : 1 ))}
-exec python -m torch.distributed.run --nproc-per-node "$NPROC" --master-addr 127.0.0.1 \
-    --master-port "${MASTER_PORT:-29517}" -m spark_mcore.cli "${ARGS[@]}"
+# --standalone: a local rendezvous on a free port (several runs can share the machine)
+exec python -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m spark_mcore.cli "${ARGS[@]}"
