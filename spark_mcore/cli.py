@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from spark_mcore.config.loader import ConfigError
+from spark_mcore.errors import DEBUG_ENV, report
 
 Command = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command]] = {}
@@ -126,32 +127,70 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    from spark_mcore.plan.report import add_arguments
+
+    add_arguments(p)
+
+
+@command("plan", _plan_args)
+def _plan(args: argparse.Namespace) -> int:
+    from spark_mcore.plan.report import run_plan
+
+    return run_plan(args)
+
+
+def _doctor_args(p: argparse.ArgumentParser) -> None:
+    from spark_mcore.doctor import add_arguments
+
+    add_arguments(p)
+
+
+@command("doctor", _doctor_args)
+def _doctor(args: argparse.Namespace) -> int:
+    from spark_mcore.doctor import run_doctor
+
+    return run_doctor(args)
+
+
+# megatron-core warns at import that Transformer Engine / Apex are missing and it uses its torch
+# fallbacks (8 lines per command on CPU). That is a fact about the installation, reported once
+# by `spark-mcore doctor` and in the run directory's backends.txt, not on every command.
+_KNOWN_WARNINGS = [r".*(Transformer Engine|Apex).* not installed", r"full scope is deprecated"]
+
+
+def quiet_known_warnings() -> None:
+    for pattern in _KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spark-mcore", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"print the traceback of an error (also: {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (configure, fn) in _COMMANDS.items():
         p = sub.add_parser(name)
         configure(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help=f"print the traceback of an error (also: {DEBUG_ENV}=1)")
         p.set_defaults(func=fn)
     return parser
 
 
-def _rank_prefix() -> str:
-    """"[rank N] " under torchrun (WORLD_SIZE > 1), so every rank's error names its rank."""
-    return f"[rank {os.environ.get('RANK', '?')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command. An error is one line naming the setting or file and the fix (exit 2 for
+    user errors, 1 for internal ones; `--debug` shows the traceback): see spark_mcore/errors.py."""
     args = build_parser().parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"  # also for torchrun ranks and helper processes
+    quiet_known_warnings()
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"{_rank_prefix()}config error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        if _rank_prefix():  # the traceback follows; this line says which rank it comes from
-            print(f"{_rank_prefix()}{args.command} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    except SystemExit:
         raise
+    except BaseException as e:  # noqa: BLE001 - every failure becomes one line (torch's
+        return report(e)  # CheckpointException is a BaseException)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ from pathlib import Path
 from spark_mcore.config.loader import ConfigError, to_dict
 from spark_mcore.config.run import RunConfig
 from spark_mcore.data.chat import encode_prompt, stop_token_ids
-from spark_mcore.data.dataset import PromptLoader, load_prompts
+from spark_mcore.data.dataset import PromptLoader, check_sft_ready, load_prompts
 from spark_mcore.data.tokenizer import get_tokenizer
 from spark_mcore.distributed.parallel import ParallelState, init_distributed
+from spark_mcore.doctor import machine_findings
 from spark_mcore.engines import EngineContext, WeightPusher, build_rollout, check_weight_mode
+from spark_mcore.errors import check_writable_dir
 from spark_mcore.metrics import MetricsLogger
 from spark_mcore.rewards import VerifierPool, registered_verifiers
 from spark_mcore.rollout.base import RolloutEngine
@@ -79,13 +81,17 @@ def build_run(cfg: RunConfig) -> Run:
     pstate = init_distributed(cfg.parallel, seed=cfg.trainer.seed)
     main = pstate.rank == 0
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_writable_dir(run_dir, "checkpoint.dir")  # before any work, naming the setting
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        # what megatron would otherwise warn about on every command (TE / apex fallbacks), once
+        (run_dir / "backends.txt").write_text("".join(f"{f.name}: {f.detail}\n" for f in machine_findings(None)))
     tokenizer = get_tokenizer(cfg.data, run_dir, extra_corpus=corpus_texts())
     vocab = cfg.model.vocab_size or len(tokenizer)
     if vocab < len(tokenizer):
         raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)}); set 0")
     train_prompts = load_prompts(cfg.data, "train", tokenizer, known_tasks=registered_verifiers())
+    if cfg.checkpoint.resume is False or not (run_dir / "checkpoints").is_dir():
+        check_sft_ready(train_prompts, "data.source", cfg.warmstart.steps)
     test_prompts = load_prompts(cfg.data, "test", tokenizer, known_tasks=registered_verifiers())
     actor = MegatronActor(cfg.model, cfg.trainer, cfg.algo, pstate, vocab, cfg.parallel)
     actor.temperature = cfg.rollout.temperature or 1.0  # log-probs of what the engine samples

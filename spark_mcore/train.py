@@ -18,12 +18,21 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
-from spark_mcore.checkpoint.io import export_hf, latest_checkpoint, load_actor_state, save_checkpoint
+from spark_mcore.checkpoint.io import (
+    checkpoint_root,
+    export_hf,
+    latest_checkpoint,
+    load_actor_state,
+    save_checkpoint,
+)
 from spark_mcore.config.run import RunConfig
 from spark_mcore.distributed.parallel import destroy_distributed
+from spark_mcore.distributed.signals import StopOnSignal
+from spark_mcore.errors import Interrupted
 from spark_mcore.eval.runner import EvalResult, evaluate_accuracy
 from spark_mcore.rollout.base import SamplingParams
 from spark_mcore.rollout.divide import DividedRollout
@@ -150,14 +159,22 @@ def prepare(run: Run, spark: SparkState, produce: DividedRollout) -> tuple[int, 
                                                       if start_file.is_file() else {})
 
 
-def checkpoint(run: Run, it: int, state: dict) -> None:
-    save_checkpoint(run.actor, run.run_dir, it, state, keep_last=run.cfg.checkpoint.keep_last,
-                    policy_version=run.policy_version)
+def checkpoint(run: Run, it: int, state: dict) -> Path:
+    return save_checkpoint(run.actor, run.run_dir, it, state, keep_last=run.cfg.checkpoint.keep_last,
+                           policy_version=run.policy_version)
 
 
 def train(cfg: RunConfig) -> dict[str, EvalResult]:
-    """Runs the whole job; returns held-out results after the warm start and after RL."""
-    run = build_run(cfg)
+    """Runs the whole job; returns held-out results after the warm start and after RL.
+    After a stop signal (`checkpoint.save_on_signal`) the current step finishes, a checkpoint
+    is saved and `Interrupted` names it."""
+    try:
+        run = build_run(cfg)
+    except BaseException:  # e.g. a bad dataset row: no Run to close, but the process group exists
+        destroy_distributed()
+        raise
+    stop = StopOnSignal(cfg.checkpoint.save_on_signal, announce=run.pstate.rank == 0)
+    stop.__enter__()
     try:
         spark = SparkState(cfg.spark, cfg.data.prompts_per_step)
         produce = divided_rollout(run)
@@ -166,7 +183,13 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
                                 max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=run.stop_ids)
         bar = tqdm(total=cfg.trainer.steps, initial=policy_steps, desc="RL policy steps",
                    disable=not (cfg.logging.progress and run.pstate.rank == 0), dynamic_ncols=True)
+        saved_it = -1
         while policy_steps < cfg.trainer.steps:
+            if stop.should_stop():  # collective: every rank stops after the same step
+                where = checkpoint(run, it, trainer_state(run, spark, it, policy_steps)) if saved_it != it \
+                    else checkpoint_root(run.run_dir) / f"step_{it}"
+                raise Interrupted(stop.requested or "signal", stop.signum, str(where),
+                                  f" after policy step {policy_steps}/{cfg.trainer.steps}")
             plan, reward_prompts = spark.plan()
             prompts = (next(run.loader) if plan.kind == "policy" else []) + reward_prompts
             params.seed = cfg.trainer.seed * 100003 + it  # sampling is a function of the iteration
@@ -180,17 +203,20 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
             interval = cfg.checkpoint.save_interval
             if plan.kind == "policy" and interval and policy_steps % interval == 0 and policy_steps < cfg.trainer.steps:
                 checkpoint(run, it, trainer_state(run, spark, it, policy_steps))
+                saved_it = it
         bar.close()
         results["rl"] = evaluate(run, produce)
+        if run.pstate.rank == 0:  # small: written before the checkpoint needs the disk
+            results["rl"].write(run.run_dir / "eval_rl.json")
         checkpoint(run, it, trainer_state(run, spark, it, policy_steps))
         if cfg.checkpoint.export_hf:
             export_hf(run.actor, run.tokenizer, run.run_dir / "hf", run.run_dir / "tokenizer",
                       tensors=actor_hf_weights(run.actor))
         if run.pstate.rank == 0:
             print_results_table(results)
-            results["rl"].write(run.run_dir / "eval_rl.json")
         return results
     finally:
+        stop.__exit__()
         run.close()
         destroy_distributed()
 

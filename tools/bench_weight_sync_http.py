@@ -52,7 +52,7 @@ def _save_model(path: Path, args: argparse.Namespace) -> dict[str, torch.Tensor]
 
 def _sync_seconds(sender: BucketSender, calls: ServerCalls, weights: dict[str, torch.Tensor],
                   version: int, pipelined: bool, last: list[SyncStats]) -> float:
-    sender.config.pipeline_requests = pipelined
+    sender.pipeline_requests = pipelined
     start = time.perf_counter()
     last[:] = [sync_once(sender, calls, sender.config, weights.items(), version)]
     return time.perf_counter() - start

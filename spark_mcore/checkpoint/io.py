@@ -24,11 +24,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from megatron.core import dist_checkpointing
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.api import CheckpointException as _CheckpointException
 
+from spark_mcore.checkpoint import manifest
 from spark_mcore.checkpoint.compat import check_compatible
 from spark_mcore.checkpoint.config import STEP_PREFIX
 from spark_mcore.config.loader import to_dict
 from spark_mcore.distributed.cpu_shims import check_dist_checkpointing_ready
+from spark_mcore.distributed.orphans import die_with_parent
+from spark_mcore.errors import CheckpointError, DiskFullError
 
 if TYPE_CHECKING:
     from spark_mcore.trainer.actor import MegatronActor
@@ -51,8 +55,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    """The newest complete checkpoint whose files match its manifest; newer damaged ones are
+    reported (once, by rank 0) and skipped."""
+    main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    return manifest.newest_intact(list_checkpoints(run_dir), lambda msg: main and print(msg, flush=True))
 
 
 def _save_sharded(tmp: Path, actor: MegatronActor) -> None:
@@ -97,24 +103,58 @@ def write_checkpoint(actor: MegatronActor, root: Path, step: int, trainer_state:
     the LR schedule, meta.json last) through a temporary directory renamed when complete."""
     final, tmp = root / f"{STEP_PREFIX}{step}", root / f".tmp-{STEP_PREFIX}{step}"
     main = actor.pstate.rank == 0
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    _save_sharded(tmp, actor)
-    _barrier()
-    if main:
-        state = dict(trainer_state or {})
-        if actor.scheduler is not None:
-            state["scheduler"] = actor.scheduler.state_dict()
-        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
-        meta = {"step": step, **(extra_meta or {}), **actor_meta(actor)}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks completeness
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+    needed = _bytes_needed(actor, root)
+    die_with_parent()  # megatron's writer starts helper processes: they must not outlive a SIGKILL
+    try:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        _save_sharded(tmp, actor)
+        _barrier()
+        if main:
+            state = dict(trainer_state or {})
+            if actor.scheduler is not None:
+                state["scheduler"] = actor.scheduler.state_dict()
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+            manifest.write_manifest(tmp)  # every file and its size, checked before a load
+            meta = {"step": step, **(extra_meta or {}), **actor_meta(actor)}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks completeness
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+    except BaseException as e:  # torch's CheckpointException derives from BaseException
+        _save_failed(e, tmp, root, needed, main)
+        raise
     _barrier()
     return final
+
+
+def _bytes_needed(actor: MegatronActor, root: Path) -> int:
+    """About what one checkpoint takes: the newest existing one's size, else this rank's
+    parameters x (model + reference + Adam's two fp32 moments)."""
+    done = sorted((p for p in root.glob(f"{STEP_PREFIX}*") if (p / "meta.json").is_file()),
+                  key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    if done:
+        return manifest.checkpoint_bytes(done[-1])
+    params = [p for chunk in actor.chunks for p in chunk.parameters()]
+    weights = sum(p.numel() * p.element_size() for p in params)
+    moments = 2 * 4 * sum(p.numel() for p in params) if actor.optimizer is not None else 0
+    return weights * (2 if actor.ref_chunks is not None else 1) + moments
+
+
+def _save_failed(exc: BaseException, tmp: Path, root: Path, needed: int, main: bool) -> None:
+    """Removes the partial checkpoint; a full disk becomes a DiskFullError naming the
+    directory, the bytes needed and the fix (megatron's writer reports it opaquely)."""
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(exc, Exception | _CheckpointException) and manifest.is_disk_full(exc, root, needed):
+        free = shutil.disk_usage(root).free if root.is_dir() else 0
+        raise DiskFullError(
+            f"no space left on device while saving a checkpoint in {root}: it needs about {needed} bytes "
+            f"({manifest.human_bytes(needed)}), {free} bytes are free (the partial {tmp.name} was removed). "
+            "Fix: free space there, lower checkpoint.keep_last, or set checkpoint.dir to a larger disk"
+        ) from exc
 
 
 def save_checkpoint(actor: MegatronActor, run_dir: Path, step: int, trainer_state: dict[str, Any] | None = None,
@@ -149,21 +189,38 @@ def load_actor_state(actor: MegatronActor, ckpt: Path) -> dict[str, Any]:
     saved, ours = (meta.get("tp"), meta.get("pp")), (actor.pstate.tp_size, actor.pstate.pp_size)
     if saved != ours and actor.pstate.rank == 0:
         print(f"resharding {ckpt} from tp={saved[0]} pp={saved[1]} to tp={ours[0]} pp={ours[1]}", flush=True)
+    problem = manifest.check(ckpt)
+    if problem is not None:
+        raise CheckpointError(f"{ckpt}: {problem}. Fix: delete or move that directory (the run then resumes "
+                              "from the one before), or set checkpoint.resume=false")
+    try:
+        _load_tensors(actor, ckpt, has_optim)
+    except CheckpointError:
+        raise
+    except (Exception, _CheckpointException) as e:  # noqa: BLE001 - CheckpointException and friends: 80+ lines
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{ckpt} cannot be read ({type(e).__name__}: {first}). Fix: delete or move that "
+                              "directory (the run then resumes from the one before), or set "
+                              "checkpoint.resume=false") from e
+    state = json.loads((ckpt / TRAINER_STATE).read_text()) if (ckpt / TRAINER_STATE).is_file() else {}
+    if actor.scheduler is not None and "scheduler" in state:
+        actor.scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+def _load_tensors(actor: MegatronActor, ckpt: Path, has_optim: bool) -> None:
+    """Collective: model, reference and optimizer state from the dist checkpoints of `ckpt`."""
     actor.load_state_dict(dist_checkpointing.load(actor.sharded_state_dict(), str(ckpt / "model")))
     if actor.ref_chunks is not None:
         if not (ckpt / "ref").is_dir():
-            raise FileNotFoundError(f"{ckpt} has no reference model but algo.kl_coef > 0; "
-                                    f"resume with algo.kl_coef=0 or from a checkpoint saved with KL")
+            raise CheckpointError(f"{ckpt} has no reference model but algo.kl_coef > 0; "
+                                  f"resume with algo.kl_coef=0 or from a checkpoint saved with KL")
         ref_sd = actor.sharded_state_dict(reference=True)
         actor.load_state_dict(dist_checkpointing.load(ref_sd, str(ckpt / "ref")), reference=True)
     if has_optim:
         actor.optimizer.reload_model_params()
         optim_sd = _optimizer_sharded_state_dict(actor, is_loading=True)
         actor.optimizer.load_state_dict(dist_checkpointing.load(optim_sd, str(ckpt / "optim")))
-    state = json.loads((ckpt / TRAINER_STATE).read_text()) if (ckpt / TRAINER_STATE).is_file() else {}
-    if actor.scheduler is not None and "scheduler" in state:
-        actor.scheduler.load_state_dict(state["scheduler"])
-    return state
 
 
 def export_hf(actor: MegatronActor, tokenizer: Any, out_dir: Path, tokenizer_dir: Path | None = None, *,

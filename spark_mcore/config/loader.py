@@ -13,11 +13,15 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from spark_mcore.errors import UserError, read_utf8
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value or key is invalid; the message names the key and the fix."""
+
+    label = "config error"
 
 
 def _closest(name: str, options: list[str]) -> str:
@@ -106,6 +110,27 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     return obj
 
 
+_RANGE_CHECKS: dict[str, Any] = {
+    ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0,
+    "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1]": lambda v: 0 < v <= 1,
+}
+
+
+def check_ranges(section: str, obj: Any, rules: dict[str, str]) -> None:
+    """Checks numeric fields of config `obj` against `rules` ({field: ">= 1" | "> 0" | ">= 0" |
+    "in [0, 1]" | "in [0, 1)" | "in (0, 1]"}); None values are skipped (they mean "automatic").
+    The error names `section.field`, the value, the range and the default as an example."""
+    defaults = {f.name: f.default for f in dataclasses.fields(obj)}
+    for name, rule in rules.items():
+        value = getattr(obj, name)
+        if value is None or _RANGE_CHECKS[rule](value):
+            continue
+        example = defaults.get(name)
+        hint = f", e.g. {section}.{name}={example}" if example is not dataclasses.MISSING and \
+            _RANGE_CHECKS[rule](example) else ""
+        raise ConfigError(f"{section}.{name}={value} must be {rule}. Fix: set a value {rule}{hint}")
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
@@ -145,7 +170,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file '{p}' does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(read_utf8(p, 'config file', ConfigError)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from e
     if not isinstance(data, dict):
@@ -158,4 +183,4 @@ def build(cls: type[T], path: str | Path | None = None, overrides: list[str] | N
     return from_dict(cls, apply_overrides(tree, overrides or [], cls))
 
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "apply_overrides", "load_yaml", "build"]
+__all__ = ["ConfigError", "check_ranges", "from_dict", "to_dict", "apply_overrides", "load_yaml", "build"]

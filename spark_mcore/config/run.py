@@ -8,7 +8,7 @@ from pathlib import Path
 
 from spark_mcore.algo.config import AlgoConfig
 from spark_mcore.checkpoint.config import CheckpointConfig
-from spark_mcore.config.loader import build
+from spark_mcore.config.loader import ConfigError, build
 from spark_mcore.data.config import DataConfig
 from spark_mcore.distributed.config import ParallelConfig
 from spark_mcore.eval.config import EvalConfig
@@ -19,6 +19,7 @@ from spark_mcore.rollout.config import RolloutConfig
 from spark_mcore.sglang.config import SGLangConfig
 from spark_mcore.spark.config import SparkConfig
 from spark_mcore.trainer.config import TrainerConfig, WarmStartConfig
+from spark_mcore.trainer.features import check_gpu_features
 from spark_mcore.weights.config import WeightSyncConfig
 
 
@@ -40,6 +41,16 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        check_gpu_features(self.model, self.trainer, self.parallel)
+        # checks across sections, before any work (each section checks its own fields)
+        ws, source = self.warmstart, self.data.source
+        if ws.steps and ws.judge_fraction > 0 and not source.startswith("builtin:arith"):
+            raise ConfigError(
+                f"warmstart.judge_fraction={ws.judge_fraction} builds judge tasks from builtin arith prompts, "
+                f"but data.source={source}. Fix: set warmstart.judge_fraction=0 (the warm start then trains "
+                f"on each row's \"solution\"), or warmstart.steps=0")
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

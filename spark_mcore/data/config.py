@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from spark_mcore.config.loader import ConfigError
+from spark_mcore.config.loader import ConfigError, check_ranges
 
 
 @dataclass
@@ -38,6 +38,7 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_ranges("data", self, {"train_size": ">= 1", "test_size": ">= 1", "max_prompt_tokens": ">= 1"})
         if self.prompts_per_step < 1:
             raise ConfigError("data.prompts_per_step must be >= 1")
         if not self.levels:

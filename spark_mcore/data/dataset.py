@@ -83,11 +83,35 @@ def load_prompts(
 
 
 def sft_examples(prompts: list[Prompt]) -> list[tuple[Prompt, str]]:
-    """Pairs each builtin arith prompt with its worked solution (SFT warm-up data)."""
-    try:
-        return [(p, worked_solution(p)) for p in prompts]
-    except ValueError as e:
-        raise DatasetError(f"sft_examples: {e}") from e
+    """Pairs each prompt with its worked solution (SFT warm-up data): the row's "solution"
+    field (a dataset file), or the builtin arith task's generated solution."""
+    check_sft_ready(prompts, "data.source")
+    return [(p, _solution(p) or worked_solution(p)) for p in prompts]
+
+
+def _solution(prompt: Prompt) -> str | None:
+    sol = prompt.meta.get("solution")
+    return sol if isinstance(sol, str) and sol.strip() else None
+
+
+def check_sft_ready(prompts: list[Prompt], key: str = "data.source", steps: int | None = None) -> None:
+    """A warm start needs a worked solution per prompt; fails before any work, naming the rows
+    without one and the two fixes (a "solution" field per row, or warmstart.steps=0)."""
+    if steps == 0:
+        return
+    missing = []
+    for p in prompts:
+        if _solution(p) is not None:
+            continue
+        try:
+            worked_solution(p)
+        except ValueError:
+            missing.append(p)
+    if missing:
+        raise DatasetError(
+            f"warmstart.steps={steps if steps else '>0'} trains on worked solutions, but {len(missing)} of {len(prompts)} prompts of "
+            f"{key} have none (first: id {missing[0].id!r}). Fix: add a \"solution\" field (the full answer "
+            'text the model should learn, e.g. "2+2=4. \\\\boxed{4}") to every row, or set warmstart.steps=0')
 
 
 class PromptLoader:
@@ -160,4 +184,4 @@ class PromptLoader:
         self._order = self._permutation(self.epoch)
 
 
-__all__ = ["BUILTIN_PREFIX", "register_builtin", "load_prompts", "sft_examples", "PromptLoader"]
+__all__ = ["BUILTIN_PREFIX", "register_builtin", "load_prompts", "sft_examples", "check_sft_ready", "PromptLoader"]

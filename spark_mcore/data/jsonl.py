@@ -5,6 +5,7 @@ One row:
     "answer": str or number (required)   "images": [str, ...] (optional; relative paths are
     resolved against the dataset's folder and must exist; URLs are kept as they are)
     "task": verifier name (default "math")   "id": str or int (default "<file stem>-<line>")
+    "solution": str (optional; the worked solution a warm start (warmstart.steps > 0) trains on)
 Other keys are kept in `Prompt.meta`. A null value counts as absent.
 
 A bad row is reported as `FILE:LINE: field 'F': what is wrong. Fix: how`. With
@@ -23,6 +24,7 @@ from typing import Any, Literal
 from transformers import PreTrainedTokenizerBase
 
 from spark_mcore.data.chat import encode_prompt
+from spark_mcore.errors import UserError
 from spark_mcore.types import Prompt
 
 log = logging.getLogger(__name__)
@@ -33,8 +35,10 @@ _KNOWN_KEYS = {"prompt", "messages", "answer", "images", "task", "id"}
 _URL_PREFIXES = ("http://", "https://", "data:", "s3://", "gs://", "file://")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file or row is invalid; the message names the file, line, field and fix."""
+
+    label = "data error"
 
 
 class _RowError(Exception):
@@ -153,27 +157,35 @@ def parse_row(row: Any, default_id: str, base: Path, known_tasks: Collection[str
     if known_tasks is not None and task not in known_tasks:
         raise _RowError("task", f"no verifier named {task!r}", f"use one of {', '.join(sorted(known_tasks))}")
     pid = _scalar(row, "id", default_id, (str, int))
+    if row.get("solution") is not None:  # worked solution for a warm start (kept in meta)
+        _scalar(row, "solution", "", (str,))
     meta = {k: v for k, v in row.items() if k not in _KNOWN_KEYS}
     return Prompt(id=pid, messages=messages, answer=answer, task=task, images=_images(row, base), meta=meta)
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, decoded row or _RowError); blank lines are skipped."""
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    """(line number, decoded row or _RowError); blank lines are skipped.
+
+    Each line is decoded as UTF-8 on its own, so a line with bad bytes is a bad row (named by
+    its line and byte column, and skipped under on_bad_row=skip) rather than a failure of the
+    whole file."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                yield lineno, _RowError("<row>", f"not UTF-8 text (byte 0x{raw[e.start]:02x} at byte column "
+                                                 f"{e.start + 1})", "save the file as UTF-8")
+                continue
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of the row
             if not line.strip():
                 continue
             try:
                 yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield (
-                    lineno,
-                    _RowError(
-                        "<row>",
-                        f"invalid JSON ({e.msg} at column {e.colno})",
-                        "write one complete JSON object per line",
-                    ),
-                )
+            except json.JSONDecodeError as e:  # the newline is stripped: colno is the row's column
+                yield lineno, _RowError("<row>", f"invalid JSON ({e.msg} at column {e.colno})",
+                                        "write one complete JSON object per line")
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:

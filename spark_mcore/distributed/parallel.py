@@ -49,6 +49,7 @@ class ParallelState:
     backend: str
     seed: int
     vp_size: int | None = None
+    cp_rank: int = 0  # context-parallel rank (dp_rank excludes CP: CP ranks share a dp_rank)
 
     @property
     def is_first_stage(self) -> bool:
@@ -166,6 +167,7 @@ def init_distributed(cfg: ParallelConfig, seed: int = 1234, timeout_s: int = 600
         backend=backend,
         seed=seed,
         vp_size=ps.get_virtual_pipeline_model_parallel_world_size(),
+        cp_rank=ps.get_context_parallel_rank(),
     )
 
 

@@ -17,6 +17,7 @@ from spark_mcore.data.chat import encode_prompt, stop_token_ids
 from spark_mcore.data.config import DataConfig
 from spark_mcore.data.dataset import load_prompts
 from spark_mcore.data.tokenizer import load_tokenizer
+from spark_mcore.errors import CheckpointError, check_writable_file
 from spark_mcore.eval.config import EvalConfig
 from spark_mcore.eval.judge_eval import (
     BUILTIN_ARITH,
@@ -98,8 +99,23 @@ def load_export_tokenizer(hf_dir: Path) -> Any:
 _PLAIN_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
+def check_weight_files(hf_dir: Path) -> None:
+    """Every *.safetensors file of `hf_dir` opens (header and size agree), or a CheckpointError
+    names the file; transformers' own error names neither the file nor the fix."""
+    from safetensors import safe_open
+
+    for path in sorted(hf_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: all mean a damaged file
+            raise CheckpointError(f"--checkpoint: {path} is not a readable safetensors file ({e}). Fix: "
+                                  "re-export the model (spark-mcore convert mcore-to-hf) or copy it again") from None
+
+
 def open_model(checkpoint: str) -> EvalModel:
     hf_dir, run_dir = resolve_hf_dir(checkpoint)
+    check_weight_files(hf_dir)
     tokenizer = load_export_tokenizer(hf_dir)
     engine = HFEngine.from_pretrained(str(hf_dir), partial(tokenizer.decode, skip_special_tokens=True),
                                       pad_token_id=tokenizer.pad_token_id or 0)
@@ -147,6 +163,8 @@ def run_eval(args: argparse.Namespace) -> int:
     for name in ("limit", "rounds", "max_new_tokens"):
         if getattr(args, name, 0) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
+    if args.out:  # before any work: results must not be lost to an unwritable path at the end
+        check_writable_file(args.out, "--out")
     model = open_model(args.checkpoint)
     self_reflect, bench = getattr(args, "self_reflect", False), getattr(args, "reward_bench", None)
     report: dict[str, Any] = {"checkpoint": str(model.hf_dir)}
@@ -160,7 +178,6 @@ def run_eval(args: argparse.Namespace) -> int:
     if bench:
         report["reward_bench"] = _reward_bench(model, args)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         # the plain greedy run keeps its original format (an EvalResult)
         out = report["greedy"] if set(report) == {"checkpoint", "greedy"} else report
         Path(args.out).write_text(json.dumps(out, indent=2))

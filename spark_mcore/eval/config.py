@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from spark_mcore.config.loader import ConfigError
+from spark_mcore.config.loader import ConfigError, check_ranges
 
 
 @dataclass
@@ -25,6 +25,7 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_ranges("eval", self, {"max_new_tokens": ">= 1", "temperature": ">= 0"})
         if self.samples < 0 or self.max_new_tokens < 1 or self.limit < 0:
             raise ConfigError("eval.samples and eval.limit must be >= 0, eval.max_new_tokens >= 1")
         if self.samples and self.temperature <= 0:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from spark_mcore.data.worked import right_solution, wrong_solution
+from spark_mcore.errors import read_utf8
 from spark_mcore.eval.reward_bench import (
     HeldOut,
     PairwiseResult,
@@ -62,7 +63,7 @@ def load_reward_bench(path: str | Path, limit: int = 0) -> HeldOut:
     if not p.is_file():
         raise ValueError(f"--reward-bench {p}: no such file (give a JSONL file or {BUILTIN_ARITH})")
     out = HeldOut()
-    for n, line in enumerate(p.read_text().splitlines(), start=1):
+    for n, line in enumerate(read_utf8(p, '--reward-bench', ValueError).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{p}:{n}"

@@ -3,7 +3,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from spark_mcore.config.loader import ConfigError
+from spark_mcore.config import accel
+from spark_mcore.config.loader import ConfigError, check_ranges
 
 
 @dataclass
@@ -16,6 +17,14 @@ class ModelConfig:
     vocab_size: 0 takes the tokenizer's size.
     num_query_groups: key/value heads (GQA); must divide num_attention_heads.
     dtype: parameter dtype of the trainer ("fp32" on CPU; "bf16" on GPU).
+    transformer_impl: megatron layer spec. "transformer_engine" = TE's fused layers (needed for
+        FP8, sequence parallel and context parallel); "local" = megatron's torch layers (CPU,
+        and the HF parity reference); "auto" = Transformer Engine when it imports on CUDA, else
+        local. Both specs map to the same HF weight names.
+    attention: core attention of the local spec. "sdpa" = torch's scaled_dot_product_attention
+        (flash / memory-efficient kernels on CUDA, no [b, h, s, s] scores); "megatron" =
+        megatron's DotProductAttention (baddbmm + softmax); "auto" = sdpa on CUDA, megatron on
+        CPU. Ignored with Transformer Engine, which has its own fused attention.
     """
 
     family: str = "qwen2"
@@ -33,12 +42,29 @@ class ModelConfig:
     qkv_bias: bool = True
     init_std: float = 0.02
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    attention: Literal["auto", "sdpa", "megatron"] = "auto"
 
     def __post_init__(self) -> None:
+        check_ranges("model", self, {
+            "vocab_size": ">= 0", "hidden_size": ">= 1", "num_layers": ">= 1", "num_attention_heads": ">= 1",
+            "num_query_groups": ">= 1", "ffn_hidden_size": ">= 1", "max_position_embeddings": ">= 1",
+            "rope_theta": "> 0", "rms_norm_eps": "> 0", "init_std": "> 0"})
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"model.num_query_groups={self.num_query_groups} must divide "
                 f"model.num_attention_heads={self.num_attention_heads}"
             )
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError("model.hidden_size must be divisible by model.num_attention_heads")
+            raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by "
+                              f"model.num_attention_heads={self.num_attention_heads}")
+        if self.transformer_impl == "transformer_engine" and not accel.te_available():
+            raise ConfigError("model.transformer_impl=transformer_engine but Transformer Engine does not import "
+                              f"here ({accel.probe('transformer_engine.pytorch')[1]}); install "
+                              f"{accel.INSTALL['transformer_engine']}, or set model.transformer_impl=local")
+
+    def use_te(self) -> bool:
+        """Whether models are built with Transformer Engine's layer spec ("auto" resolved here)."""
+        if self.transformer_impl == "auto":
+            return accel.cuda_available() and accel.te_available()
+        return self.transformer_impl == "transformer_engine"

@@ -22,11 +22,13 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from torch import Tensor
 
+from spark_mcore.config import accel
 from spark_mcore.config.loader import ConfigError
 from spark_mcore.models import mcore_tp
 from spark_mcore.models.config import ModelConfig
 from spark_mcore.models.packed import PackedRows, forward_packed
 from spark_mcore.models.registry import register_adapter
+from spark_mcore.models.sdpa import local_spec_with_sdpa, sdpa_default
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -78,18 +80,23 @@ def transformer_config(cfg: ModelConfig, vocab_size: int, tp: int = 1, pp: int =
         use_cpu_initialization=not torch.cuda.is_available(),
         bias_activation_fusion=False,
         apply_rope_fusion=False,
-        masked_softmax_fusion=torch.cuda.is_available(),
+        # megatron imports apex's softmax kernels when this is on (fault 5): only when they import
+        masked_softmax_fusion=accel.fused_softmax_available(),
         persist_layer_norm=False,
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
 
-def _layer_spec(use_te: bool) -> Any:
+def _layer_spec(use_te: bool, attention: str = "megatron") -> Any:
     if not use_te:
-        return get_gpt_layer_local_spec(normalization="RMSNorm")
-    if not torch.cuda.is_available():
-        raise ConfigError("use_te=True needs CUDA and Transformer Engine; use the local spec on CPU")
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        if attention == "sdpa" or (attention == "auto" and sdpa_default()):
+            spec = local_spec_with_sdpa(spec)
+        return spec
+    if not (accel.cuda_available() and accel.te_available()):
+        raise ConfigError("use_te=True needs CUDA and Transformer Engine "
+                          f"({accel.probe('transformer_engine.pytorch')[1]}); set model.transformer_impl=local")
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_with_transformer_engine_spec,
     )
@@ -116,7 +123,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, pre_process: bool = True,
     config = transformer_config(cfg, vocab_size, tp, pp, **config_overrides)
     return GPTModel(
         config=config,
-        transformer_layer_spec=_layer_spec(use_te),
+        transformer_layer_spec=_layer_spec(use_te, cfg.attention),
         vocab_size=vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from spark_mcore.config.loader import ConfigError
+from spark_mcore.config.loader import ConfigError, check_ranges
 
 
 @dataclass
@@ -24,6 +24,7 @@ class RolloutConfig:
     batch_size: int = 256
 
     def __post_init__(self) -> None:
+        check_ranges("rollout", self, {"max_new_tokens": ">= 1", "batch_size": ">= 1"})
         if self.n < 1:
             raise ConfigError("rollout.n must be >= 1 (use >= 2 for GRPO advantages)")
         if self.temperature < 0:

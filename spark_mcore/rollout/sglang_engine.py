@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from spark_mcore.config.loader import ConfigError
+from spark_mcore.sglang.checks import check_servers
 from spark_mcore.sglang.client import ServerHandle, SGLangClient, attach_servers, launch_servers
-from spark_mcore.sglang.config import SGLangConfig
+from spark_mcore.sglang.config import SGLangConfig, launch_extra_args
 from spark_mcore.types import Completion, SamplingParams
 
 
@@ -22,6 +23,7 @@ class SGLangEngine:
         self.config = config
         self.policy_version = 0
         self._owned: list[ServerHandle] = []
+        self._given_handles = handles is not None  # the caller's servers: not ours to check
         if handles is None:
             if not config.urls and not config.model_path:
                 raise ConfigError("sglang.model_path: required to launch servers (or set sglang.urls to attach)")
@@ -29,8 +31,9 @@ class SGLangEngine:
                 handles = attach_servers(config.urls)
             else:
                 handles = self._owned = launch_servers(
-                    config.num_servers, config.model_path, config.base_port, config.extra_args, config.log_dir,
-                    config.launch_command, config.host, config.port_stride, config.gpus_per_server)
+                    config.num_servers, config.model_path, config.base_port, launch_extra_args(config),
+                    config.log_dir, config.launch_command, config.host, config.port_stride, config.gpus_per_server,
+                    python=config.python or None, first_gpu=config.first_gpu)
             try:
                 for h in handles:
                     h.wait_healthy(config.startup_timeout_s, config.health_path)
@@ -38,6 +41,12 @@ class SGLangEngine:
                 self.shutdown()
                 raise
         self.client = SGLangClient(handles, config)
+        if config.check_server_info and not self._given_handles:
+            try:  # what the servers run must match what the weight-update group assumes
+                check_servers(self.client.server_info(), config.gpus_per_server)
+            except BaseException:
+                self.shutdown()
+                raise
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams,
                  image_data: Sequence[list[str]] | None = None) -> list[list[Completion]]:

@@ -36,7 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from spark_mcore.config.loader import ConfigError
+from spark_mcore.errors import UserError
 from spark_mcore.sglang import payloads as P
+from spark_mcore.sglang import placement
 from spark_mcore.sglang.config import DEFAULT_LAUNCH_COMMAND, SGLangConfig
 from spark_mcore.types import Completion, SamplingParams
 
@@ -48,6 +50,12 @@ class SGLangError(RuntimeError):
 
 class SGLangRequestError(SGLangError):
     """The server rejected a request (HTTP 4xx or success=false): our payload or state is wrong."""
+
+
+class EngineStartError(SGLangError, UserError):
+    """A launched server exited or never became healthy: its log names the cause."""
+
+    label = "rollout engine error"
 
 
 class TransientHTTPError(SGLangError):
@@ -138,7 +146,7 @@ class ServerHandle:
         deadline = time.monotonic() + timeout_s
         while True:
             if not self.alive():
-                raise SGLangError(f"{self.describe()} exited with code {self.process.returncode} before becoming "
+                raise EngineStartError(f"{self.describe()} exited with code {self.process.returncode} before becoming "
                                   f"healthy; log {self.log_path} ends with:\n{self.log_tail()}")
             try:
                 http_json(self.url, health_path, timeout_s=max(1.0, min(poll_s * 4, 30.0)))
@@ -146,7 +154,7 @@ class ServerHandle:
             except SGLangError:
                 pass
             if time.monotonic() > deadline:
-                raise SGLangError(f"{self.describe()} not healthy after {timeout_s:.0f}s (GET {health_path}); "
+                raise EngineStartError(f"{self.describe()} not healthy after {timeout_s:.0f}s (GET {health_path}); "
                                   f"log {self.log_path} ends with:\n{self.log_tail()}")
             time.sleep(poll_s)
 
@@ -172,20 +180,39 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def launch_servers(n: int, model_path: str, base_port: int, extra_args: Sequence[str], log_dir: str | Path,
                    command: Sequence[str] | None = None, host: str = "127.0.0.1", port_stride: int = 10,
-                   gpus_per_server: int = 1, env: dict[str, str] | None = None) -> list[ServerHandle]:
+                   gpus_per_server: int = 1, env: dict[str, str] | None = None, python: str | None = None,
+                   first_gpu: int | None = None, gpu_count: int | None = None) -> list[ServerHandle]:
     """Start n servers (not waiting for them); base_port 0 picks free ports. Each runs in its own
-    process group and writes stdout+stderr to <log_dir>/sglang_server_<i>.log."""
+    process group and writes stdout+stderr to <log_dir>/sglang_server_<i>.log.
+
+    python: interpreter for {python} (the rollout environment; default this one). With GPUs
+    (gpu_count, default this node's), server i sees only its own GPUs, placed after the trainer's
+    (first_gpu, default the trainer's local GPU count; `spark_mcore.sglang.placement`), and
+    starts with {base_gpu_id} 0. Every server gets this environment without torchrun's
+    rendezvous variables, plus `env`."""
     log_root = Path(log_dir)
     log_root.mkdir(parents=True, exist_ok=True)
     template = list(command or DEFAULT_LAUNCH_COMMAND)
+    gpus = _gpu_count() if gpu_count is None else gpu_count
+    start = placement.trainer_local_gpus(cuda=gpus > 0) if first_gpu is None or first_gpu < 0 else first_gpu
+    gpu_ids = placement.server_gpu_ids(n, gpus_per_server, start, gpus) if gpus else None
     handles: list[ServerHandle] = []
     try:
         for i in range(n):
             port = free_port(host) if base_port == 0 else base_port + i * port_stride
-            values = {"python": sys.executable, "model_path": model_path, "host": host, "port": port, "index": i,
-                      "base_gpu_id": i * gpus_per_server}
+            values = {"python": python or sys.executable, "model_path": model_path, "host": host, "port": port,
+                      "index": i, "base_gpu_id": 0 if gpu_ids else i * gpus_per_server}
+            extra_env = dict(env or {})
+            if gpu_ids:
+                extra_env["CUDA_VISIBLE_DEVICES"] = placement.visible_devices(gpu_ids[i])
             try:
                 argv = [part.format(**values) for part in template] + list(extra_args)
             except (KeyError, IndexError) as e:
@@ -195,7 +222,7 @@ def launch_servers(n: int, model_path: str, base_port: int, extra_args: Sequence
                 log.write(f"$ {' '.join(argv)}\n".encode())
                 log.flush()
                 proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env={**os.environ, **(env or {})}, start_new_session=True)
+                                        env=placement.scrubbed_env(extra=extra_env), start_new_session=True)
             handles.append(ServerHandle(url=f"http://{host}:{port}", index=i, process=proc, log_path=log_path))
             logger.info("launched %s, log %s", handles[-1].describe(), log_path)
     except BaseException:
@@ -360,8 +387,31 @@ class SGLangClient:
     def continue_generation(self) -> None:
         self._call_all("/continue_generation", lambda k, h: P.build_continue_generation_payload()).wait()
 
-    def flush_cache(self) -> None:
-        self._call_all("/flush_cache", lambda k, h: None, method="POST").wait()
+    def flush_cache(self, timeout_s: float | None = None) -> None:
+        """/flush_cache on every server; SGLang waits up to timeout_s (default
+        sglang.flush_timeout_s) for running requests instead of answering 400 at once."""
+        body = P.build_flush_cache_payload(self.config.flush_timeout_s if timeout_s is None else timeout_s)
+        self._call_all("/flush_cache", lambda k, h: body, method="POST").wait()
+
+    def server_info(self) -> list[tuple[str, dict[str, Any]]]:
+        """(url, GET /get_server_info) of every live server."""
+        answers = self._call_all("/get_server_info", lambda k, h: None, method="GET").wait()
+        return [(h.url, a if isinstance(a, dict) else {}) for h, a in zip(self.live(), answers, strict=True)]
+
+    def destroy_weights_update_group(self, group_name: str = P.DEFAULT_GROUP_NAME) -> list[str]:
+        """Asks every live server to drop `group_name`; returns the servers that had none (their
+        refusal is expected after a fresh start, so it is not an error)."""
+        body = P.build_destroy_weights_update_group_payload(group_name)
+        missing = []
+        for h in self.live():
+            try:
+                res = http_json(h.url, "/destroy_weights_update_group", body, self.config.control_timeout_s)
+            except SGLangRequestError:
+                missing.append(h.url)
+                continue
+            if isinstance(res, dict) and res.get("success") is False:
+                missing.append(h.url)
+        return missing
 
     def init_weights_update_group(self, master_address: str, master_port: int,
                                   group_name: str = P.DEFAULT_GROUP_NAME, backend: str = "nccl") -> PendingCalls:

@@ -10,6 +10,9 @@ DEFAULT_LAUNCH_COMMAND = ["{python}", "-m", "sglang.launch_server", "--model-pat
                           "--host", "{host}", "--port", "{port}", "--base-gpu-id", "{base_gpu_id}"]
 
 
+DETERMINISTIC_FLAG = "--enable-deterministic-inference"
+
+
 @dataclass
 class SGLangConfig:
     """SGLang servers for rollouts.
@@ -23,6 +26,18 @@ class SGLangConfig:
     chunk_size: samples per /generate request; concurrency_per_server: requests in flight each.
     max_retries / backoff_s / max_backoff_s: per-request retries of transient errors (connection
         refused/reset, timeouts, HTTP 408/429/5xx, aborted requests), exponential backoff.
+    python: interpreter of the SGLang environment for {python} (SGLang pins its own torch, so
+        on GPU clusters it lives in another venv or image, e.g. /opt/sglang/bin/python); "" =
+        this interpreter.
+    first_gpu: local GPU of launched server 0; -1 = right after the trainer's GPUs on this
+        node (LOCAL_WORLD_SIZE under torchrun). Server i then sees only GPUs
+        first_gpu + i * gpus_per_server ... (CUDA_VISIBLE_DEVICES), never a trainer rank's.
+    deterministic: launch with --enable-deterministic-inference. SGLang ignores per-request
+        sampling seeds without it (rollouts are then not reproducible); it costs throughput.
+    flush_timeout_s: /flush_cache waits up to this long for running requests to finish (SGLang
+        answers 400 while requests are still running, e.g. right after a pause).
+    check_server_info: after startup, compare each server's tp_size x pp_size (GET
+        /get_server_info) with gpus_per_server and note servers that ignore seeds.
     """
 
     urls: list[str] = field(default_factory=list)
@@ -45,6 +60,11 @@ class SGLangConfig:
     max_backoff_s: float = 16.0
     chunk_size: int = 64
     concurrency_per_server: int = 4
+    python: str = ""
+    first_gpu: int = -1
+    deterministic: bool = False
+    flush_timeout_s: float = 60.0
+    check_server_info: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -59,7 +79,17 @@ class SGLangConfig:
              "max_retries >= 0 and 0 <= backoff_s <= max_backoff_s"),
             (self.chunk_size >= 1 and self.concurrency_per_server >= 1, "chunk_size and concurrency_per_server must be >= 1"),
             (self.health_path.startswith("/"), "health_path must start with '/' (e.g. /health_generate)"),
+            (self.first_gpu >= -1, "first_gpu must be >= 0, or -1 for right after the trainer's GPUs"),
+            (self.flush_timeout_s > 0, "flush_timeout_s must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"sglang: {message}")
+
+
+def launch_extra_args(cfg: SGLangConfig) -> list[str]:
+    """extra_args plus the flags other fields imply (deterministic inference)."""
+    extra = list(cfg.extra_args)
+    if cfg.deterministic and DETERMINISTIC_FLAG not in extra:
+        extra.append(DETERMINISTIC_FLAG)
+    return extra

@@ -239,10 +239,18 @@ def build_destroy_weights_update_group_payload(group_name: str = DEFAULT_GROUP_N
     return {"group_name": group_name}
 
 
+def build_flush_cache_payload(timeout_s: float | None = None) -> dict[str, Any]:
+    """FlushCacheReqInput: with timeout_s the server waits that long for running requests to
+    finish before flushing (without it, a flush right after a pause answers 400 until idle)."""
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"flush timeout_s={timeout_s} must be > 0")
+    return {} if timeout_s is None else {"timeout_s": float(timeout_s)}
+
+
 __all__ = [
     "SampleRequest", "SGLangResponseError", "SGLangAbortedError", "expand_requests", "build_sampling_params",
     "build_generate_payload", "parse_generate_response", "tensor_metadata",
     "build_init_weights_update_group_payload", "build_update_weights_from_distributed_payload",
-    "build_update_weights_from_tensor_payload", "build_pause_generation_payload",
+    "build_update_weights_from_tensor_payload", "build_pause_generation_payload", "build_flush_cache_payload",
     "build_continue_generation_payload", "build_destroy_weights_update_group_payload",
 ]

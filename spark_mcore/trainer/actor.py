@@ -8,6 +8,7 @@ Parallel groups come in through `ParallelState`; the model and losses never look
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -31,6 +32,7 @@ from spark_mcore.models.config import ModelConfig
 from spark_mcore.models.packed import uses_te_attention
 from spark_mcore.models.registry import get_adapter
 from spark_mcore.trainer.config import TrainerConfig
+from spark_mcore.trainer.features import check_gpu_features
 from spark_mcore.trainer.logits import sequence_logprobs
 from spark_mcore.trainer.optim import build_optimizer
 from spark_mcore.trainer.packing import (
@@ -66,6 +68,7 @@ class MegatronActor:
         self.vocab_size = vocab_size
         self.parallel = parallel or ParallelConfig()
         check_packing(cfg, self.parallel)
+        check_gpu_features(model_cfg, cfg, self.parallel)
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=self.parallel.use_distributed_optimizer)
@@ -83,7 +86,8 @@ class MegatronActor:
 
     def _build_chunks(self) -> list[torch.nn.Module]:
         """One GPTModel per virtual pipeline stage of this rank (one without interleaving)."""
-        overrides = self.parallel.transformer_overrides()
+        overrides = {**self.parallel.transformer_overrides(), **self.cfg.fp8_overrides(),
+                     "use_te": self.model_cfg.use_te()}
         if self.cfg.pack_sequences:  # the fused causal softmax ignores an explicit mask
             overrides["masked_softmax_fusion"] = False
         vpp = self.pstate.vp_size
@@ -226,8 +230,10 @@ class MegatronActor:
         return padded_micro_batches(batch, size, multiple)
 
     def _seq_multiple(self) -> int:
-        """Sequence parallelism splits the sequence dimension over TP ranks."""
-        return self.pstate.tp_size if self.parallel.sequence_parallel else 1
+        """Sequence parallelism splits the sequence dimension over TP ranks; FP8 GEMMs want
+        token counts in multiples of 16."""
+        sp = self.pstate.tp_size if self.parallel.sequence_parallel else 1
+        return math.lcm(sp, 16) if self.cfg.fp8 else sp
 
     def _run(self, chunks: list[torch.nn.Module], batch: TrainBatch, loss_fn: LossFn,
              forward_only: bool) -> tuple[list[dict[str, torch.Tensor]], list[MicroBatch]]:

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from spark_mcore.config.loader import ConfigError
+from spark_mcore.config.loader import ConfigError, check_ranges
 
 
 @dataclass
@@ -32,6 +33,15 @@ class TrainerConfig:
         does not run on the CPU test machines. Not with parallel.cp > 1.
     updates_per_step: optimizer steps per policy step (the batch is split into this many).
     seed: model init and sampling seed.
+    fp8: FP8 GEMMs through Transformer Engine (megatron TransformerConfig.fp8): null = off,
+        "hybrid" = e4m3 forward, e5m2 gradients (the usual choice), "e4m3" = e4m3 everywhere.
+        Needs model.transformer_impl=transformer_engine (or auto with TE), model.dtype bf16 or
+        fp16, and a GPU of compute capability >= 8.9; checked when the run config loads.
+    fp8_recipe: TransformerConfig.fp8_recipe: "delayed" (amax history), "tensorwise" (current
+        per-tensor scaling), "blockwise", "mxfp8" (Blackwell only).
+    fp8_margin / fp8_amax_history_len / fp8_amax_compute_algo: the delayed recipe's scaling
+        factor margin (power of 2), amax window and how the window is reduced ("max" or
+        "most_recent"); passed to the same-named TransformerConfig fields.
     """
 
     steps: int = 30
@@ -48,8 +58,16 @@ class TrainerConfig:
     pack_sequences: bool = False
     updates_per_step: int = 1
     seed: int = 1234
+    fp8: Literal["hybrid", "e4m3"] | None = None
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    fp8_margin: int = 0
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
 
     def __post_init__(self) -> None:
+        check_ranges("trainer", self, {
+            "min_lr_ratio": "in [0, 1]", "warmup_ratio": "in [0, 1]", "weight_decay": ">= 0",
+            "adam_beta1": "in [0, 1)", "adam_beta2": "in [0, 1)", "adam_eps": "> 0", "grad_clip": ">= 0"})
         if self.steps < 0:
             raise ConfigError("trainer.steps must be >= 0")
         if self.lr <= 0:
@@ -59,6 +77,16 @@ class TrainerConfig:
         if self.max_tokens_per_micro_batch < 0:
             raise ConfigError(f"trainer.max_tokens_per_micro_batch={self.max_tokens_per_micro_batch} must be "
                               ">= 0 (0 turns the token budget off)")
+        if self.fp8_margin < 0 or self.fp8_amax_history_len < 1:
+            raise ConfigError("trainer.fp8_margin must be >= 0 and trainer.fp8_amax_history_len >= 1")
+
+    def fp8_overrides(self) -> dict[str, object]:
+        """megatron TransformerConfig fields for trainer.fp8 (empty when FP8 is off)."""
+        if self.fp8 is None:
+            return {}
+        return {"fp8": self.fp8, "fp8_recipe": self.fp8_recipe, "fp8_margin": self.fp8_margin,
+                "fp8_amax_history_len": self.fp8_amax_history_len,
+                "fp8_amax_compute_algo": self.fp8_amax_compute_algo}
 
 
 @dataclass
@@ -81,6 +109,7 @@ class WarmStartConfig:
     judge_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        check_ranges("warmstart", self, {"lr": "> 0", "warmup_steps": ">= 0"})
         if self.steps < 0 or self.batch_size < 1:
             raise ConfigError("warmstart.steps must be >= 0 and warmstart.batch_size >= 1")
         if not 0.0 <= self.judge_fraction < 1.0:

@@ -267,6 +267,13 @@ class RolloutServerApp:
     def model_info(self, body: Any = None) -> Reply:
         return 200, {"model_path": self.model_path, "weight_version": self.weight_version, "is_generation": True}
 
+    def server_info(self, body: Any = None) -> Reply:
+        """The ServerArgs fields clients check (spark_mcore.sglang.checks): one rank, and seeds
+        are honoured (sampling_seed seeds the transformers engine)."""
+        return 200, {"model_path": self.model_path, "tp_size": 1, "pp_size": 1, "dp_size": 1,
+                     "enable_deterministic_inference": True, "weight_version": self.weight_version,
+                     "version": "cpu-twin"}
+
     def routes(self) -> dict[str, Callable[[Any], Reply]]:
         return {"/generate": self.generate, "/pause_generation": self.pause, "/continue_generation": self.resume,
                 "/flush_cache": lambda b: (200, "Cache flushed."), "/init_weights_update_group": self.init_group,
@@ -274,6 +281,7 @@ class RolloutServerApp:
                 "/end_weight_update": self.end_update, "/update_weights_from_distributed": self.update_from_distributed,
                 "/update_weights_from_tensor": self.update_from_tensor, "/get_weights_by_name": self.get_weights_by_name,
                 "/debug/weights": self.weights_digest, "/get_model_info": self.model_info,
+                "/get_server_info": self.server_info,
                 "/health": lambda b: (200, {"status": "ok"}), "/health_generate": lambda b: (200, {"status": "ok"})}
 
 

@@ -21,18 +21,16 @@ are not implemented.
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Iterable
-from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
 
 import torch
-from torch.multiprocessing import reductions
 
 from spark_mcore.sglang.client import SGLangClient, SGLangError
 from spark_mcore.weights.bucket import DTYPES, WIRE_DTYPES, BucketHeader, iter_buckets
 from spark_mcore.weights.config import WeightSyncConfig
+from spark_mcore.weights.ipc_device import dumps_with_device_uuids
 from spark_mcore.weights.server_calls import ServerCalls, tensor_update_body
 from spark_mcore.weights.sync import SyncStats, WeightSyncError
 
@@ -45,12 +43,10 @@ def ipc_payload(header: BucketHeader, flat: torch.Tensor) -> dict[str, object]:
 
 
 def serialize_for_ipc(obj: object) -> bytes:
-    """ForkingPickler bytes of `obj`; CUDA tensors inside become IPC handles via
-    reductions.reduce_tensor (registered by init_reductions)."""
-    reductions.init_reductions()
-    buf = io.BytesIO()
-    ForkingPickler(buf).dump(obj)
-    return buf.getvalue()
+    """ForkingPickler bytes of `obj`; CUDA tensors inside become IPC handles that name their GPU
+    by UUID, as SGLang's patched rebuild expects (`spark_mcore.weights.ipc_device`): a server
+    whose CUDA_VISIBLE_DEVICES differs from the trainer's still opens the right GPU."""
+    return dumps_with_device_uuids(obj)
 
 
 class ColocatedSender:

@@ -30,6 +30,10 @@ class WeightSyncConfig:
     backend: "auto" = nccl with CUDA, gloo without.
     master_address / master_port: where the trainer's rendezvous store listens (rank 0 of the
         weight-update group); port 0 picks a free port. Must be reachable from the servers.
+        Each pipeline stage's sender advertises an address of its own node: SPARK_NODE_ADDR
+        when set (the launch scripts export it), else master_address when this host owns it,
+        else this host's address ("auto" asks for that directly); a fixed port is offset by
+        the stage (`spark_mcore.weights.addresses`).
     group_name: SGLang group name; with pipeline parallelism stage s uses "<group_name>_pp<s>".
     pause_mode: /pause_generation mode before a sync ("abort" lets the cache be flushed).
     timeout_s: rendezvous and collective timeout.
@@ -48,6 +52,10 @@ class WeightSyncConfig:
         k's broadcast, so it waits on the server while k loads (no HTTP round trip between
         buckets); needs servers that serve weight updates one at a time in arrival order (SGLang
         and the CPU twin hold a lock for the whole request). False: wait for k's answer first.
+        None (default) = on for gloo, off for nccl: an NCCL root's broadcast can complete once
+        the data sits in the peer's buffers, before the server has joined the collective, so
+        request k+1 could overtake request k (gloo's completion means the receiver took part,
+        and there it is measured).
     """
 
     mode: str = "distributed"
@@ -65,7 +73,7 @@ class WeightSyncConfig:
     alone_mb: float = 64.0
     first_bucket_mb: float = 16.0
     keep_buffers: bool = True
-    pipeline_requests: bool = True
+    pipeline_requests: bool | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -89,6 +97,10 @@ class WeightSyncConfig:
         if self.pause_mode == "in_place":
             raise ConfigError("weights.pause_mode='in_place' keeps the KV cache, so the flush before a sync "
                               "fails; use 'abort' or 'retract'")
+
+    def resolved_pipeline_requests(self, backend: str) -> bool:
+        """pipeline_requests with None resolved for the group's backend (see the field)."""
+        return self.pipeline_requests if self.pipeline_requests is not None else backend == "gloo"
 
     @property
     def bucket_bytes(self) -> int:

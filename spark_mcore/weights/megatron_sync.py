@@ -47,14 +47,14 @@ def stage_group_name(base: str, pp_rank: int, pp_size: int) -> str:
     return base if pp_size == 1 else f"{base}_pp{pp_rank}"
 
 
-def stage_sender(config: WeightSyncConfig, group_name: str) -> Any:
+def stage_sender(config: WeightSyncConfig, group_name: str, stage: int = 0) -> Any:
     """The sender of one pipeline stage for `config.mode` (connect(client), send(calls, named,
     version) -> SyncStats, close())."""
     if config.mode == "colocated":
         from spark_mcore.weights.colocated import ColocatedSender  # torch.multiprocessing reductions
 
         return ColocatedSender(config, group_name)
-    return BucketSender(config, group_name)
+    return BucketSender(config, group_name, stage)
 
 
 class MegatronWeightSync:
@@ -65,14 +65,15 @@ class MegatronWeightSync:
         """`adapter`: model-family adapter bound to the ModelConfig; `ps`: ParallelState
         (tp/pp/dp ranks and sizes, tp_group, pp_group)."""
         self.config, self.adapter, self.ps = config, adapter, ps
-        self.is_sender = ps.tp_rank == 0 and ps.dp_rank == 0
+        # one sender per stage: dp_rank excludes context parallelism, so CP ranks share it (fault 6)
+        self.is_sender = ps.tp_rank == 0 and ps.dp_rank == 0 and getattr(ps, "cp_rank", 0) == 0
         self.is_coordinator = self.is_sender and ps.pp_rank == 0
         if self.is_sender and client is None:
             raise WeightSyncError(f"rank {ps.rank} sends stage {ps.pp_rank}'s weights: pass client=SGLangClient("
                                   "attach_servers(urls), cfg) on tp_rank 0 / dp_rank 0 ranks")
         self.client = client
         self.calls = ServerCalls(client) if client is not None else None
-        self.sender = stage_sender(config, stage_group_name(config.group_name, ps.pp_rank, ps.pp_size)) \
+        self.sender = stage_sender(config, stage_group_name(config.group_name, ps.pp_rank, ps.pp_size), ps.pp_rank) \
             if self.is_sender else None
         self.policy_version = 0
         self.last: SyncStats | None = None

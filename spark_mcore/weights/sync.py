@@ -45,6 +45,7 @@ import torch
 
 from spark_mcore.sglang import payloads as P
 from spark_mcore.sglang.client import PendingCalls, ServerHandle, SGLangClient, SGLangError
+from spark_mcore.weights.addresses import sender_address, stage_port
 from spark_mcore.weights.bucket import WIRE_DTYPES, BucketHeader, BufferRing, iter_buckets, unpack_bucket
 from spark_mcore.weights.config import WeightSyncConfig
 from spark_mcore.weights.groups import (
@@ -53,6 +54,7 @@ from spark_mcore.weights.groups import (
     join_weight_update_group,
     resolve_backend,
 )
+from spark_mcore.weights.nccl_check import explain_group_failure, log_trainer_nccl
 from spark_mcore.weights.server_calls import ServerCalls, distributed_update_body
 
 logger = logging.getLogger(__name__)
@@ -85,31 +87,48 @@ class _InFlight:
 class BucketSender:
     """Rank 0 of one weight-update group (one per pipeline stage)."""
 
-    def __init__(self, config: WeightSyncConfig, group_name: str | None = None) -> None:
+    def __init__(self, config: WeightSyncConfig, group_name: str | None = None, stage: int = 0) -> None:
+        """stage: this sender's pipeline stage (its address and a fixed port are per stage)."""
         self.config = config
         self.group_name = group_name or config.group_name
+        self.stage = stage
         self.group: WeightUpdateGroup | None = None
         self.broken: str | None = None  # set when a bucket failed mid-broadcast
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
         self.ring: BufferRing | None = None
+        self.client: SGLangClient | None = None
+        self.pipeline_requests = config.pipeline_requests is True
 
     def connect(self, client: SGLangClient) -> None:
-        """Form the group with every server (their ranks from weight_group_layout)."""
+        """Form the group with every server (their ranks from weight_group_layout).
+
+        A server keeps a group until told otherwise, and refuses to create a name it holds: after
+        a trainer restart against long-lived servers (sglang.urls) the old group is still there,
+        so it is destroyed first (a server without it just says so)."""
         if self.group is not None:
             return
         cfg = self.config
         backend = resolve_backend(cfg.backend)
+        self.pipeline_requests = cfg.resolved_pipeline_requests(backend)
+        trainer_nccl = log_trainer_nccl(backend)
+        client.destroy_weights_update_group(self.group_name)
         world = 1 + len(client.handles) * client.config.gpus_per_server
-        store = create_master_store(cfg.master_address, cfg.master_port, world, cfg.timeout_s)
-        pending = client.init_weights_update_group(cfg.master_address, store.port, self.group_name, backend)
+        address = sender_address(cfg.master_address)
+        store = create_master_store(address, stage_port(cfg.master_port, self.stage), world, cfg.timeout_s)
+        pending = client.init_weights_update_group(address, store.port, self.group_name, backend)
         try:
-            self.group = join_weight_update_group(cfg.master_address, store.port, 0, world, self.group_name,
+            self.group = join_weight_update_group(address, store.port, 0, world, self.group_name,
                                                   backend, cfg.timeout_s, store=store)
-        except BaseException:
-            pending.wait(timeout_s=5)  # a server-side error explains the failure better
+            pending.wait()
+        except BaseException as e:
+            if self.group is None:
+                _wait_quietly(pending)  # a server-side error explains the failure better
+            if isinstance(e, Exception):
+                raise WeightSyncError(explain_group_failure(e, backend, trainer_nccl)) from e
             raise
-        pending.wait()
-        logger.info("weight-update group %s formed (%d ranks, %s)", self.group_name, world, backend)
+        self.client = client
+        logger.info("weight-update group %s formed at %s:%d (%d ranks, %s)", self.group_name, address, store.port,
+                    world, backend)
 
     def send(self, calls: ServerCalls, named: Iterable[tuple[str, torch.Tensor]], version: int | None) -> SyncStats:
         """Bucket `named` and push every bucket to all live servers; returns what was sent."""
@@ -130,10 +149,10 @@ class BucketSender:
                                          first_bucket_bytes=self.config.first_bucket_bytes):
             if previous is not None:
                 self._await_broadcast(previous)  # every server is now inside request k (module doc)
-                if not self.config.pipeline_requests:
+                if not self.pipeline_requests:
                     self._await_answers(previous, later=None)
             current = self._start(calls, header, flat, version, flattened)
-            if previous is not None and self.config.pipeline_requests:
+            if previous is not None and self.pipeline_requests:
                 self._await_answers(previous, later=current)
             previous = current
             stats.buckets += 1
@@ -212,10 +231,25 @@ class BucketSender:
         return None
 
     def close(self) -> None:
+        """Leave the group here and ask the servers to drop it too, so that the name can be
+        created again (best effort: a dead server cannot answer)."""
         self.ring = None
         if self.group is not None:
             self.group.destroy()
             self.group = None
+        if self.client is not None:
+            try:
+                self.client.destroy_weights_update_group(self.group_name)
+            except SGLangError as e:
+                logger.warning("weight sync: could not destroy group %s on the servers: %s", self.group_name, e)
+            self.client = None
+
+
+def _wait_quietly(pending: PendingCalls) -> None:
+    try:
+        pending.wait(timeout_s=5)
+    except Exception as e:  # noqa: BLE001 - the server's reason, logged next to the trainer's
+        logger.error("weight-update group: a server failed to join: %s", e)
 
 
 def _when_done(works: list[Any], callback: Callable[[], None]) -> None:
@@ -231,6 +265,12 @@ def _when_done(works: list[Any], callback: Callable[[], None]) -> None:
                      name="weight-bucket-wait").start()
 
 
+def _flush_body(calls: ServerCalls) -> dict[str, Any]:
+    """Right after a pause the servers may still be finishing requests: SGLang answers a bare
+    /flush_cache with 400 until idle, so the request carries sglang.flush_timeout_s."""
+    return P.build_flush_cache_payload(calls.client.config.flush_timeout_s)
+
+
 def _control(calls: ServerCalls, path: str, body: dict[str, Any] | None) -> None:
     try:
         calls.call(path, body)
@@ -242,7 +282,7 @@ def begin_update(calls: ServerCalls, config: WeightSyncConfig, pause: bool = Tru
     """pause (optional) -> flush -> begin_weight_update (when configured)."""
     if pause:
         _control(calls, "/pause_generation", P.build_pause_generation_payload(config.pause_mode))
-    _control(calls, "/flush_cache", None)
+    _control(calls, "/flush_cache", _flush_body(calls))
     if config.weight_update_session:
         _control(calls, "/begin_weight_update", {})
 
@@ -252,7 +292,7 @@ def end_update(calls: ServerCalls, config: WeightSyncConfig, resume: bool = True
     try:
         if config.weight_update_session:
             _control(calls, "/end_weight_update", {})
-        _control(calls, "/flush_cache", None)
+        _control(calls, "/flush_cache", _flush_body(calls))
     finally:
         if resume:
             _control(calls, "/continue_generation", P.build_continue_generation_payload())

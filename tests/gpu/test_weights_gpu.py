@@ -34,8 +34,26 @@ class _Restricted(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def _patch_rebuild_like_sglang() -> None:
+    """SGLang's monkey_patch_torch_reductions: the device arrives as a UUID (asserted) and is
+    mapped to this process's index, whatever its CUDA_VISIBLE_DEVICES."""
+    from torch.multiprocessing import reductions
+
+    original = reductions.rebuild_cuda_tensor
+
+    def rebuild(*args: Any) -> Any:
+        uuid = args[6]
+        assert isinstance(uuid, str), "the sender did not send a device UUID"
+        index = next(i for i in range(torch.cuda.device_count())
+                     if str(torch.cuda.get_device_properties(i).uuid) == uuid)
+        return original(*args[:6], index, *args[7:])
+
+    reductions.rebuild_cuda_tensor = rebuild
+
+
 def _open_bucket(blob: bytes, out: Any) -> None:
     """Receiver process: rebuild the tensors from the IPC bucket, report checksums."""
+    _patch_rebuild_like_sglang()
     obj = _Restricted(io.BytesIO(blob)).load()
     flat = obj["flattened_tensor"]
     tensors = {m.name: flat[m.start_idx:m.end_idx].view(m.dtype).view(m.shape) for m in obj["metadata"]}

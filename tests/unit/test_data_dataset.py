@@ -70,7 +70,7 @@ def test_sft_examples() -> None:
     pairs = sft_examples(prompts)
     assert [p for p, _ in pairs] == prompts
     assert all(sol.endswith(f"\\boxed{{{p.answer}}}") for p, sol in pairs)
-    with pytest.raises(DatasetError, match="sft_examples: prompt 'p0'"):
+    with pytest.raises(DatasetError, match="warmstart.steps.*id 'p0'.*warmstart.steps=0"):
         sft_examples(_prompts(1))
 
 

@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parents[2] / "spark_mcore"
 # module (`runtime`); `config.loader` and `config.run` are units of their own: the loader is a
 # leaf every component config uses, RunConfig composes every component config.
 LAYERS: dict[str, int] = {
-    "types": 0, "config.loader": 0, "config": 0,
+    "types": 0, "config.loader": 0, "config": 0, "config.accel": 0, "errors": 0,
     "algo": 1, "rewards": 1, "data": 1, "transport": 1, "models": 1, "distributed": 1, "sglang": 1,
     "metrics": 1,
     "trainer": 2, "weights": 2, "rollout": 2, "spark": 2, "checkpoint": 2, "eval": 2,
-    "config.run": 3, "engines": 3, "runtime": 3, "train": 3, "cli": 3, "twin": 3,
+    "config.run": 3, "engines": 3, "runtime": 3, "train": 3, "cli": 3, "twin": 3, "plan": 3, "doctor": 3,
 }
 LAYER_NAMES = ["leaves", "foundations", "components", "assembly and programs"]
 # Same-layer pairs that must not import each other in either direction.

@@ -191,6 +191,8 @@ def test_weight_update_payloads_fit_sglang() -> None:
     assert_fits(P.build_pause_generation_payload("retract"), "PauseGenerationReqInput")
     assert_fits(P.build_continue_generation_payload(), "ContinueGenerationReqInput")
     assert_fits(P.build_destroy_weights_update_group_payload(), "DestroyWeightsUpdateGroupReqInput")
+    assert_fits(P.build_flush_cache_payload(30.0), "FlushCacheReqInput")  # fault 10: flush waits for idle
+    assert P.build_flush_cache_payload(30) == {"timeout_s": 30.0} and P.build_flush_cache_payload() == {}
 
 
 def test_weight_update_payload_validation() -> None:
