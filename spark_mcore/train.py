@@ -20,6 +20,8 @@ import math
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from spark_mcore.checkpoint.io import (
@@ -40,9 +42,10 @@ from spark_mcore.rollout.groups import generate_groups, score_groups
 from spark_mcore.runtime import Run, build_run
 from spark_mcore.spark.loop import SparkState, kind_metrics
 from spark_mcore.spark.warmstart_data import judge_sft_examples
+from spark_mcore.trainer.advantages import refine_advantages
 from spark_mcore.trainer.batching import dp_slice, groups_to_batch, split_for_updates
 from spark_mcore.trainer.warmstart import warm_start
-from spark_mcore.types import KIND_KEY, Prompt, RolloutGroup
+from spark_mcore.types import KIND_KEY, Prompt, RolloutGroup, TrainBatch
 from spark_mcore.weights.gather import actor_hf_weights
 
 SUMMARY_KEYS = ["rollout/reward_mean", "rollout/accuracy", "rollout/judge_accuracy", "rollout/reflection_success",
@@ -102,6 +105,19 @@ def rollout(run: Run, produce: DividedRollout, prompts: list[Prompt], params: Sa
     return groups
 
 
+def batch_logprobs(run: Run, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
+    """[B, T] log-probs of every row of the global `batch` (policy or reference): each DP rank
+    computes those of its slice, then the slices are all-gathered over the DP group (refining
+    advantages needs whole groups, and every rank splits the same batch into updates)."""
+    ps = run.pstate
+    logp = run.actor.compute_logprobs(dp_slice(batch, ps.dp_rank, ps.dp_size), reference=reference)
+    if ps.dp_size == 1:
+        return logp
+    parts = [torch.empty_like(logp, device=ps.device) for _ in range(ps.dp_size)]
+    dist.all_gather(parts, logp.to(ps.device).contiguous(), group=ps.dp_group)
+    return torch.cat([p.cpu() for p in parts])[: batch.num_sequences]
+
+
 def update(run: Run, groups: list[RolloutGroup], version: int) -> None:
     """One GRPO update of the actor on `groups`, then the new weights go to the engine.
 
@@ -113,12 +129,12 @@ def update(run: Run, groups: list[RolloutGroup], version: int) -> None:
     log.update(stats, prefix="rollout/")
     if batch is not None:
         with log.timer("train"):
+            batch.old_logprobs = batch_logprobs(run, batch)
+            if run.actor.ref_chunks is not None:
+                batch.ref_logprobs = batch_logprobs(run, batch, reference=True)
+            log.update(refine_advantages(batch, algo), prefix="train/")  # SPRO: per-token advantages
             minis = [dp_slice(mini, ps.dp_rank, ps.dp_size)
                      for mini in split_for_updates(batch, run.cfg.trainer.updates_per_step, seed=version)]
-            for mini in minis:  # every old/ref log-prob comes from the policy before the first update
-                mini.old_logprobs = run.actor.compute_logprobs(mini)
-                if run.actor.ref_chunks is not None:
-                    mini.ref_logprobs = run.actor.compute_logprobs(mini, reference=True)
             # several optimizer steps per rollout batch: later ones are off-policy w.r.t. the
             # old log-probs above, which is what the PPO clip is for
             steps = [run.actor.train_step(mini) for mini in minis]

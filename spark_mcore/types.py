@@ -132,9 +132,12 @@ class TrainBatch:
     Shapes: B sequences, T = longest prompt+response length.
       tokens         [B, T] long   prompt + response token ids (pad = 0)
       loss_mask      [B, T] float  1 on response tokens that are *predicted*, aligned with tokens
-      advantages     [B]    float  per-sequence advantage (broadcast over its tokens)
+      advantages     [B]    float  per-sequence advantage (broadcast over its tokens), or
+                     [B, T] float  per-token advantage (SPRO), 0 where loss_mask == 0
       old_logprobs   [B, T] float  log p_old(tokens[t] | tokens[<t]); 0 where loss_mask == 0
       ref_logprobs   [B, T] float  same under the frozen reference; None when KL is off
+      group_ids      [B]    long   prompt group of each sequence (token-level advantages need
+                                   it); None when unknown, -1 on padding rows
     Position t of the log-prob tensors scores token t (the first position is never in the mask).
     """
 
@@ -144,6 +147,7 @@ class TrainBatch:
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     kinds: list[str] = field(default_factory=list)
+    group_ids: torch.Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -160,7 +164,7 @@ class TrainBatch:
             return self
         return replace(self, tokens=move(self.tokens), loss_mask=move(self.loss_mask),
                        advantages=move(self.advantages), old_logprobs=move(self.old_logprobs),
-                       ref_logprobs=move(self.ref_logprobs))
+                       ref_logprobs=move(self.ref_logprobs), group_ids=move(self.group_ids))
 
 
 def prompt_kind(prompt: Prompt) -> str:

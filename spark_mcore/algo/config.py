@@ -20,6 +20,15 @@ class AlgoConfig:
     filter_zero_variance: drop groups whose rewards are all equal (they carry no signal).
     logprob_chunk_tokens: tokens per chunk when computing log-probs / entropy from logits
         (`spark_mcore.algo.logprobs`); None picks ~64 MiB of fp32 per chunk.
+    advantage: "grpo" (one outcome advantage per response) or "spro" (SPRO, arXiv 2507.01551:
+        the outcome advantage plus the Masked Step Advantage of the policy's own cumulative
+        process reward spro_beta * sum_{j<=t} (log pi_old - log pi_ref), centred over the
+        group's responses still active at token t; `spark_mcore.algo.process`). "spro" needs
+        the reference model, which is then kept even with kl_coef 0. With
+        filter_zero_variance, groups of equal outcome rewards are dropped under "spro" as well,
+        although their MSA is not zero.
+    spro_beta: SPRO's process-reward scale beta (not published with confidence; 0.05 is the
+        implicit-PRM value PRIME used). 0 reduces "spro" to "grpo".
     """
 
     adv_eps: float = 1e-9
@@ -32,6 +41,8 @@ class AlgoConfig:
     entropy_coef: float = 0.0
     filter_zero_variance: bool = False
     logprob_chunk_tokens: int | None = None
+    advantage: Literal["grpo", "spro"] = "grpo"
+    spro_beta: float = 0.05
 
     def __post_init__(self) -> None:
         if self.clip_eps <= 0:
@@ -44,3 +55,10 @@ class AlgoConfig:
             raise ConfigError("algo.adv_eps must be >= 0 (e.g. 1e-9)")
         if self.logprob_chunk_tokens is not None and self.logprob_chunk_tokens < 1:
             raise ConfigError("algo.logprob_chunk_tokens must be >= 1, or null for automatic")
+        if self.spro_beta < 0:
+            raise ConfigError(f"algo.spro_beta must be >= 0 (e.g. 0.05), got {self.spro_beta}")
+
+    @property
+    def needs_reference(self) -> bool:
+        """The frozen reference is needed for the KL term and for SPRO's process reward."""
+        return self.kl_coef > 0 or self.advantage == "spro"

@@ -181,7 +181,8 @@ def policy_loss(
     Args:
         logp: [B, T] current policy log-probs (requires grad).
         old_logp: [B, T] log-probs of the policy that sampled the tokens.
-        advantages: [B] one advantage per sequence, broadcast over its tokens.
+        advantages: [B] one advantage per sequence, broadcast over its tokens, or [B, T] one
+            per token (SPRO); values under mask == 0 are ignored.
         mask: [B, T] response-token mask.
         clip_eps, clip_eps_high: clip range [1 - clip_eps, 1 + clip_eps_high];
             clip_eps_high None means clip_eps (symmetric).
@@ -192,10 +193,10 @@ def policy_loss(
         ratio_mean, approx_kl (k3 of old vs new: exp(old - new) - (old - new) - 1).
     """
     _check_bt("old_logp", old_logp, logp)
-    if logp.dim() != 2 or advantages.shape != logp.shape[:1]:
+    if logp.dim() != 2 or advantages.shape not in (logp.shape[:1], logp.shape):
         raise ValueError(
-            f"advantages must be [B] = {tuple(logp.shape[:1])} for logp [B, T] "
-            f"{tuple(logp.shape)}, got {tuple(advantages.shape)}; pass one value per sequence"
+            f"advantages must be [B] = {tuple(logp.shape[:1])} or [B, T] = {tuple(logp.shape)} for logp "
+            f"[B, T], got {tuple(advantages.shape)}; pass one value per sequence or per token"
         )
     high = clip_eps if clip_eps_high is None else clip_eps_high
     if clip_eps <= 0 or high <= 0:
@@ -205,7 +206,10 @@ def policy_loss(
     # Masked positions get log-ratio 0 (ratio 1) so padding values cannot overflow exp().
     log_ratio = torch.where(bmask, logp - old_logp.detach(), zero)
     ratio = torch.exp(log_ratio)
-    adv = advantages.detach().to(logp.dtype).unsqueeze(-1)
+    adv = advantages.detach().to(logp.dtype)
+    # per-sequence values broadcast over the tokens; per-token ones are zeroed under the mask so
+    # that padding (even inf) cannot reach the surrogate's gradient
+    adv = adv.unsqueeze(-1) if adv.dim() == 1 else torch.where(bmask, adv, zero)
     surr = ratio * adv
     surr_clipped = ratio.clamp(1.0 - clip_eps, 1.0 + high) * adv
     loss = aggregate(-torch.minimum(surr, surr_clipped), bmask, agg, normalizer)
@@ -233,7 +237,7 @@ def grpo_loss(
     only when cfg.kl_coef == 0, `entropy` only when cfg.entropy_coef == 0.
 
     Args:
-        logp, old_logp: [B, T]; ref_logp: [B, T] or None; advantages: [B]; mask: [B, T].
+        logp, old_logp: [B, T]; ref_logp: [B, T] or None; advantages: [B] or [B, T]; mask: [B, T].
         cfg: AlgoConfig (clip_eps, clip_eps_high, kl_coef, kl_estimator, loss_agg, entropy_coef).
         entropy: [B, T] per-token policy entropy (with grad if entropy_coef != 0) or None.
         normalizer: see `aggregate`.

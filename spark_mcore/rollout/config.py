@@ -1,8 +1,50 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from spark_mcore.config.loader import ConfigError, check_ranges
+
+
+@dataclass
+class PrefixConfig:
+    """Prefix-RFT (arXiv 2507.01679): some members of each group continue from a prefix of the
+    prompt's demonstration. NOT YET WIRED INTO GENERATION: only the loss-side pure functions
+    exist (`spark_mcore.algo.prefix`), so enabled=true is refused at config time.
+
+    enabled: turn prefix rollouts on (refused for now, see above).
+    members: members of each group of rollout.n that get a prefix (the rest are on-policy);
+        must be < rollout.n.
+    high_start / high_end, low_start / low_end: the prefix fraction p of each prefixed member
+        is drawn uniformly from [low, high]; each bound follows a cosine decay from its start to
+        its end value over schedule_steps policy steps, then stays at the end value. The paper
+        reports a cosine decay from 0.95 to 0.05 (the high bound here); the low bound's
+        schedule is not confirmed.
+    schedule_steps: length of the decay in policy steps; 0 means trainer.steps.
+    entropy_keep: share of the batch's prefix tokens, the highest-entropy ones, that keep their
+        advantage in the prefix loss (the others contribute 0); the paper uses 0.2.
+    """
+
+    enabled: bool = False
+    members: int = 1
+    high_start: float = 0.95
+    high_end: float = 0.05
+    low_start: float = 0.05
+    low_end: float = 0.05
+    schedule_steps: int = 0
+    entropy_keep: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name in ("high_start", "high_end", "low_start", "low_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"rollout.prefix.{name} must be in [0, 1] (a fraction of the "
+                                  f"demonstration), got {getattr(self, name)}")
+        if self.low_start > self.high_start or self.low_end > self.high_end:
+            raise ConfigError("rollout.prefix: low_start/low_end must be <= high_start/high_end")
+        if not 0.0 < self.entropy_keep <= 1.0:
+            raise ConfigError("rollout.prefix.entropy_keep must be in (0, 1] (paper: 0.2), "
+                              f"got {self.entropy_keep}")
+        if self.members < 0 or self.schedule_steps < 0:
+            raise ConfigError("rollout.prefix.members and rollout.prefix.schedule_steps must be >= 0")
 
 
 @dataclass
@@ -14,6 +56,7 @@ class RolloutConfig:
     temperature / top_p: sampling for training rollouts (evaluation is greedy).
     max_new_tokens: generation budget per response.
     batch_size: sequences per generate() call (memory bound of the hf engine).
+    prefix: Prefix-RFT demonstration prefixes (`PrefixConfig`; not yet wired, off).
     """
 
     engine: str = "hf"
@@ -22,6 +65,7 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 64
     batch_size: int = 256
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
 
     def __post_init__(self) -> None:
         check_ranges("rollout", self, {"max_new_tokens": ">= 1", "batch_size": ">= 1"})
@@ -31,3 +75,10 @@ class RolloutConfig:
             raise ConfigError("rollout.temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ConfigError("rollout.top_p must be in (0, 1]")
+        if self.prefix.enabled and self.prefix.members >= self.n:
+            raise ConfigError(f"rollout.prefix.members={self.prefix.members} must be < rollout.n={self.n} "
+                              "(a group needs on-policy members)")
+        if self.prefix.enabled:
+            raise ConfigError("rollout.prefix.enabled=true: Prefix-RFT rollouts are not yet wired into "
+                              "generation (only the loss functions in spark_mcore.algo.prefix exist, "
+                              "issue 17); set rollout.prefix.enabled=false")

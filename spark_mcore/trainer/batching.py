@@ -50,7 +50,7 @@ def select(batch: TrainBatch, index: torch.Tensor | slice) -> TrainBatch:
         kinds = [batch.kinds[i] for i in rows]
     return replace(batch, tokens=batch.tokens[index], loss_mask=batch.loss_mask[index],
                    advantages=batch.advantages[index], old_logprobs=pick(batch.old_logprobs),
-                   ref_logprobs=pick(batch.ref_logprobs), kinds=kinds)
+                   ref_logprobs=pick(batch.ref_logprobs), kinds=kinds, group_ids=pick(batch.group_ids))
 
 
 def micro_batches(batch: TrainBatch, micro_batch_size: int) -> Iterator[TrainBatch]:
@@ -69,7 +69,9 @@ def pad_rows(batch: TrainBatch, multiple: int) -> TrainBatch:
 
     return replace(batch, tokens=grow(batch.tokens), loss_mask=grow(batch.loss_mask),
                    advantages=grow(batch.advantages), old_logprobs=grow(batch.old_logprobs),
-                   ref_logprobs=grow(batch.ref_logprobs), kinds=batch.kinds + ["pad"] * extra if batch.kinds else [])
+                   ref_logprobs=grow(batch.ref_logprobs), kinds=batch.kinds + ["pad"] * extra if batch.kinds else [],
+                   group_ids=None if batch.group_ids is None else torch.cat(
+                       [batch.group_ids, batch.group_ids.new_full((extra,), -1)]))
 
 
 def dp_slice(batch: TrainBatch, dp_rank: int, dp_size: int) -> TrainBatch:
@@ -116,4 +118,6 @@ def groups_to_batch(groups: list[RolloutGroup], eps: float, normalize_std: bool,
     if not bool(keep.any()):
         return None, stats
     kept = [r for r, k in zip(rollouts, keep.tolist(), strict=False) if k]
-    return rollouts_to_batch(kept, adv[keep], pad_id=pad_id), stats
+    batch = rollouts_to_batch(kept, adv[keep], pad_id=pad_id)
+    batch.group_ids = group_ids[keep]
+    return batch, stats

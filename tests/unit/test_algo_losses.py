@@ -185,7 +185,7 @@ def test_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="entropy is None but algo.entropy_coef"):
         grpo_loss(logp, logp, logp, torch.zeros(2), ones, AlgoConfig(entropy_coef=0.1))
     with pytest.raises(ValueError, match="advantages must be"):
-        policy_loss(logp, logp, torch.zeros(2, 3), ones, 0.2)
+        policy_loss(logp, logp, torch.zeros(2, 4), ones, 0.2)  # neither [B] nor [B, T]
     with pytest.raises(ValueError, match="mask must have shape"):
         policy_loss(logp, logp, torch.zeros(2), torch.ones(3, 2), 0.2)
     with pytest.raises(ValueError, match="algo.kl_estimator"):
