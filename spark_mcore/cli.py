@@ -45,6 +45,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--connect", required=True, metavar="tcp://HOST:PORT",
+                   help="the trainer's stream endpoint (printed by the trainer, and in <checkpoint.dir>/stream_endpoint)")
+    _train_args(p)
+    p.add_argument("--name", help="worker name in the trainer's logs (default: worker-<pid>)")
+    p.add_argument("--capacity", type=int, help="prompts to hold at once (default: transport.credits_per_worker)")
+
+
+@command("rollout-worker", _worker_args)
+def _rollout_worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from spark_mcore.config.run import load_run_config
+    from spark_mcore.rollout_worker import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_run_config(args.config, args.overrides)
+    return run_worker(args.connect, cfg, args.name, args.capacity)
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run directory or exported HF directory")
     p.add_argument("--data", default="builtin:arith", help="builtin:arith or a JSONL file")

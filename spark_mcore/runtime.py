@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,15 +12,19 @@ from pathlib import Path
 from spark_mcore.config.loader import ConfigError, to_dict
 from spark_mcore.config.run import RunConfig
 from spark_mcore.data.chat import encode_prompt, stop_token_ids
-from spark_mcore.data.dataset import PromptLoader, check_sft_ready, load_prompts
+from spark_mcore.data.dataset import PromptLoader, builtin_corpus, check_sft_ready, load_prompts
+from spark_mcore.data.images import VisionProcessing, check_prompt_images, get_decoder
 from spark_mcore.data.tokenizer import get_tokenizer
+from spark_mcore.data.vision_prompts import VisionPromptEncoder, add_vision_tokens, check_token_ids
 from spark_mcore.distributed.parallel import ParallelState, init_distributed
 from spark_mcore.doctor import machine_findings
 from spark_mcore.engines import EngineContext, WeightPusher, build_rollout, check_weight_mode
 from spark_mcore.errors import check_writable_dir
 from spark_mcore.metrics import MetricsLogger
+from spark_mcore.models.registry import get_adapter
 from spark_mcore.rewards import VerifierPool, registered_verifiers
 from spark_mcore.rollout.base import RolloutEngine
+from spark_mcore.rollout.source import InProcessSource, RankZeroSource, RolloutSource, StreamSource
 from spark_mcore.spark.templates import corpus_texts
 from spark_mcore.trainer.actor import MegatronActor
 from spark_mcore.types import Prompt
@@ -40,14 +45,17 @@ class Run:
     logger: MetricsLogger
     loader: PromptLoader
     test_prompts: list[Prompt]
+    source: RolloutSource  # where each step's verified groups come from (rollout.source)
     policy_version: int = 0  # of the weights the engine serves (the same on every rank)
 
     def push_weights(self, version: int) -> None:
         """The actor's current weights become the engine's policy `version` (collective)."""
         self.weights.push(version)
+        self.source.weights_pushed(version)
         self.policy_version = version
 
     def close(self) -> None:
+        self.source.close()
         self.pool.close()
         self.logger.close()
         try:
@@ -73,6 +81,21 @@ def load_hf_weights(actor: MegatronActor, hf_path: str) -> None:
                           "the checkpoint") from e
 
 
+def vision_encoder(cfg: RunConfig, tokenizer: object, run_dir: Path, main: bool) -> VisionPromptEncoder:
+    """The `encode` of a vision-language run: the tokenizer gets the vision tokens (saved with
+    the run's built-in tokenizer, so a resumed run keeps their ids), which must be the model's."""
+    vision = cfg.model.vision
+    if vision is None:
+        raise ConfigError(f"model.family={cfg.model.family!r} needs model.vision (the vision tower's config)")
+    before = len(tokenizer)  # type: ignore[arg-type]
+    check_token_ids(add_vision_tokens(tokenizer), vision)
+    if main and len(tokenizer) != before and not cfg.data.tokenizer:  # type: ignore[arg-type]
+        tokenizer.save_pretrained(str(run_dir / "tokenizer"))  # type: ignore[attr-defined]
+    processing = VisionProcessing(vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size,
+                                  cfg.data.image_min_pixels, cfg.data.image_max_pixels)
+    return VisionPromptEncoder(tokenizer, processing, get_decoder(cfg.data.image_decoder))
+
+
 def build_run(cfg: RunConfig) -> Run:
     import torch
 
@@ -85,7 +108,9 @@ def build_run(cfg: RunConfig) -> Run:
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         # what megatron would otherwise warn about on every command (TE / apex fallbacks), once
         (run_dir / "backends.txt").write_text("".join(f"{f.name}: {f.detail}\n" for f in machine_findings(None)))
-    tokenizer = get_tokenizer(cfg.data, run_dir, extra_corpus=corpus_texts())
+    tokenizer = get_tokenizer(cfg.data, run_dir, extra_corpus=corpus_texts() + builtin_corpus(cfg.data.source))
+    multimodal = bool(getattr(get_adapter(cfg.model.family), "multimodal", False))
+    vision = vision_encoder(cfg, tokenizer, run_dir, main) if multimodal else None
     vocab = cfg.model.vocab_size or len(tokenizer)
     if vocab < len(tokenizer):
         raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)}); set 0")
@@ -93,22 +118,46 @@ def build_run(cfg: RunConfig) -> Run:
     if cfg.checkpoint.resume is False or not (run_dir / "checkpoints").is_dir():
         check_sft_ready(train_prompts, "data.source", cfg.warmstart.steps)
     test_prompts = load_prompts(cfg.data, "test", tokenizer, known_tasks=registered_verifiers())
+    check_prompt_images(train_prompts + test_prompts, cfg.model.family, multimodal)
     actor = MegatronActor(cfg.model, cfg.trainer, cfg.algo, pstate, vocab, cfg.parallel)
     actor.temperature = cfg.rollout.temperature or 1.0  # log-probs of what the engine samples
     if cfg.model.hf_path:
         load_hf_weights(actor, cfg.model.hf_path)
     engine, weights = build_rollout(EngineContext(cfg, run_dir, pstate, tokenizer, actor))
     try:
+        pool = VerifierPool(cfg.reward)
+        loader = PromptLoader(train_prompts, cfg.data.prompts_per_step, seed=cfg.data.seed)
+        encode = vision or partial(encode_prompt, tokenizer)
         return Run(
             cfg=cfg, run_dir=run_dir, pstate=pstate, tokenizer=tokenizer,
-            encode=partial(encode_prompt, tokenizer), stop_ids=stop_token_ids(tokenizer),
-            actor=actor, engine=engine, weights=weights, pool=VerifierPool(cfg.reward),
+            encode=encode, stop_ids=stop_token_ids(tokenizer),
+            actor=actor, engine=engine, weights=weights, pool=pool,
             logger=MetricsLogger(cfg.logging, run_dir, enabled=main),
-            loader=PromptLoader(train_prompts, cfg.data.prompts_per_step, seed=cfg.data.seed),
-            test_prompts=test_prompts,
+            loader=loader, test_prompts=test_prompts,
+            source=build_source(cfg, run_dir, pstate, InProcessSource(engine, encode, pool, loader, pstate)),
         )
     except BaseException:  # no Run to close: stop launched rollout servers here
         weights.close()
         if engine is not None:
             engine.shutdown()
         raise
+
+
+def build_source(cfg: RunConfig, run_dir: Path, pstate: ParallelState, inprocess: InProcessSource) -> RolloutSource:
+    """`rollout.source`: the in-process source, or the stream endpoint that rollout workers
+    connect to (bound on global rank 0; its address goes to <run_dir>/stream_endpoint)."""
+    if cfg.rollout.source == "inprocess":
+        return inprocess
+    from spark_mcore.transport.endpoint import StreamEndpoint
+
+    if pstate.world_size > 1:  # one endpoint per run, on rank 0; every rank gets the step's groups
+        inner = build_source(cfg, run_dir, dataclasses.replace(pstate, world_size=1), inprocess) \
+            if pstate.rank == 0 else None
+        return RankZeroSource(inner, pstate.rank, pstate.device)
+
+    async_ = cfg.rollout.mode == "async"
+    endpoint = StreamEndpoint(cfg.transport, max_staleness=cfg.rollout.max_staleness if async_ else 0)
+    (run_dir / "stream_endpoint").write_text(endpoint.endpoint + "\n")
+    print(f"rollout stream: trainer endpoint {endpoint.endpoint} ({cfg.rollout.mode} mode); start workers with "
+          f"`spark-mcore rollout-worker --connect {endpoint.endpoint} --config RUN.yaml`", flush=True)
+    return StreamSource(endpoint, inprocess.loader, max_staleness=cfg.rollout.max_staleness if async_ else None)

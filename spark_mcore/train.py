@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from spark_mcore.algo.losses import logprob_mismatch
 from spark_mcore.checkpoint.io import (
     checkpoint_root,
     export_hf,
@@ -39,6 +40,7 @@ from spark_mcore.eval.runner import EvalResult, evaluate_accuracy
 from spark_mcore.rollout.base import SamplingParams
 from spark_mcore.rollout.divide import DividedRollout
 from spark_mcore.rollout.groups import generate_groups, score_groups
+from spark_mcore.rollout.source import StepRequest, StepRollouts
 from spark_mcore.runtime import Run, build_run
 from spark_mcore.spark.loop import SparkState, kind_metrics
 from spark_mcore.spark.warmstart_data import judge_sft_examples
@@ -50,7 +52,7 @@ from spark_mcore.weights.gather import actor_hf_weights
 
 SUMMARY_KEYS = ["rollout/reward_mean", "rollout/accuracy", "rollout/judge_accuracy", "rollout/reflection_success",
                 "rollout/response_len", "train/pg_loss", "train/kl", "train/entropy", "train/grad_norm",
-                "spark/cache_size", "rollout/tokens_per_s", "time/rollout", "time/train"]
+                "spark/cache_size", "rollout/tokens_per_s", "time/rollout", "time/train", "time/trainer_idle", "rollout/logprob_mismatch"]
 
 
 def say(run: Run, text: str) -> None:
@@ -59,20 +61,14 @@ def say(run: Run, text: str) -> None:
         print(text, flush=True)
 
 
-def divided_rollout(run: Run) -> DividedRollout:
-    """Generate + verify on this rank's engine, for this DP replica's share of the prompts.
-    Its `stats` hold the last call's generate / verify seconds on this rank."""
-    timings: dict[str, float] = {}
-
+def divided_evaluation(run: Run) -> DividedRollout:
+    """Held-out generation + verification on this rank's engine, for this DP replica's share."""
     def produce(prompts: list[Prompt], params: SamplingParams) -> list[RolloutGroup]:
-        start = time.perf_counter()
         groups = generate_groups(run.engine, prompts, run.encode, params)
-        timings["generate"] = time.perf_counter() - start
         score_groups(groups, run.pool.score)
-        timings["verify"] = time.perf_counter() - start - timings["generate"]
         return groups
 
-    return DividedRollout(produce, run.pstate, stats=timings)
+    return DividedRollout(produce, run.pstate)
 
 
 def evaluate(run: Run, produce: DividedRollout) -> EvalResult:
@@ -83,14 +79,14 @@ def evaluate(run: Run, produce: DividedRollout) -> EvalResult:
     return result
 
 
-def rollout(run: Run, produce: DividedRollout, prompts: list[Prompt], params: SamplingParams) -> list[RolloutGroup]:
-    """Generate and verify (divided over DP replicas); logs reward, per-kind reward, lengths and
-    throughput of the whole step, and how many responses this rank generated."""
+def rollout(run: Run, request: StepRequest) -> StepRollouts:
+    """The step's verified groups from the rollout source; logs reward, per-kind reward,
+    lengths and throughput."""
     log = run.logger
-    produce.stats.clear()
     with log.timer("rollout"):
-        groups = produce(prompts, params)
-    log.update(produce.stats, prefix="time/")
+        step = run.source.collect(request)
+    log.update(step.metrics)
+    groups = step.groups
     rollouts = [r for g in groups for r in g.rollouts]
     policy = [r for r in rollouts if KIND_KEY not in r.prompt.meta] or rollouts
     gen_tokens = sum(len(r.completion.token_ids) for r in rollouts)
@@ -98,11 +94,9 @@ def rollout(run: Run, produce: DividedRollout, prompts: list[Prompt], params: Sa
                 "accuracy": sum(r.correct for r in policy) / len(policy),
                 "response_len": gen_tokens / len(rollouts),
                 "truncated": sum(r.completion.finish_reason == "length" for r in rollouts) / len(rollouts),
-                # the world's tokens over this rank's generation time (DP replicas run alike)
-                "tokens_per_s": gen_tokens / max(produce.stats.get("generate", log.current["time/rollout"]), 1e-9),
-                "responses": len(rollouts), "responses_this_rank": produce.last_responses,
+                "tokens_per_s": gen_tokens / max(log.current["time/rollout"], 1e-9),
                 **kind_metrics(rollouts)}, prefix="rollout/")
-    return groups
+    return step
 
 
 def batch_logprobs(run: Run, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
@@ -118,26 +112,30 @@ def batch_logprobs(run: Run, batch: TrainBatch, reference: bool = False) -> torc
     return torch.cat([p.cpu() for p in parts])[: batch.num_sequences]
 
 
-def update(run: Run, groups: list[RolloutGroup], version: int) -> None:
+def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool = False) -> None:
     """One GRPO update of the actor on `groups`, then the new weights go to the engine.
-
-    Every rank builds the same global batch and the same update split; each trains on its DP
-    slice of every mini-batch (the actor normalises the loss over DP ranks)."""
+    `off_policy`: the groups may be older than the actor (async), so the policy term is
+    corrected by truncated importance sampling against the engine's log-probs. Every rank
+    builds the same global batch and update split and trains on its DP slice of each update
+    (the actor normalises the loss over DP ranks)."""
     algo, log, ps = run.cfg.algo, run.logger, run.pstate
     batch, stats = groups_to_batch(groups, algo.adv_eps, algo.normalize_std, algo.filter_zero_variance,
-                                   pad_id=run.tokenizer.pad_token_id or 0)
+                                   pad_id=run.tokenizer.pad_token_id or 0,
+                                   images_of=getattr(run.encode, "images", None))
     log.update(stats, prefix="rollout/")
     if batch is not None:
         with log.timer("train"):
             batch.old_logprobs = batch_logprobs(run, batch)
+            if batch.engine_logprobs is not None:
+                log.update(logprob_mismatch(batch.old_logprobs, batch.engine_logprobs, batch.loss_mask), "rollout/")
+                batch.engine_logprobs = batch.engine_logprobs if off_policy else None
             if run.actor.ref_chunks is not None:
                 batch.ref_logprobs = batch_logprobs(run, batch, reference=True)
             log.update(refine_advantages(batch, algo), prefix="train/")  # SPRO: per-token advantages
-            minis = [dp_slice(mini, ps.dp_rank, ps.dp_size)
-                     for mini in split_for_updates(batch, run.cfg.trainer.updates_per_step, seed=version)]
             # several optimizer steps per rollout batch: later ones are off-policy w.r.t. the
             # old log-probs above, which is what the PPO clip is for
-            steps = [run.actor.train_step(mini) for mini in minis]
+            steps = [run.actor.train_step(dp_slice(mini, ps.dp_rank, ps.dp_size)) for mini in
+                     split_for_updates(batch, run.cfg.trainer.updates_per_step, seed=version)]
             log.update({k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}, prefix="train/")
     with log.timer("sync"):
         run.push_weights(version)
@@ -168,6 +166,7 @@ def prepare(run: Run, spark: SparkState, produce: DividedRollout) -> tuple[int, 
     state = load_actor_state(run.actor, ckpt)
     run.loader.load_state_dict(state["loader"])
     spark.load_state_dict(state["spark"])
+    run.source.load_state_dict(state.get("source", {}))  # prompts taken but not trained: issued again
     run.push_weights(state["iteration"])
     say(run, f"resumed from {ckpt} (policy step {state['policy_steps']}/{cfg.trainer.steps})")
     start_file = run.run_dir / "eval_start.json"
@@ -193,7 +192,7 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
     stop.__enter__()
     try:
         spark = SparkState(cfg.spark, cfg.data.prompts_per_step)
-        produce = divided_rollout(run)
+        produce = divided_evaluation(run)
         it, policy_steps, results = prepare(run, spark, produce)
         params = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=run.stop_ids)
@@ -207,11 +206,11 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
                 raise Interrupted(stop.requested or "signal", stop.signum, str(where),
                                   f" after policy step {policy_steps}/{cfg.trainer.steps}")
             plan, reward_prompts = spark.plan()
-            prompts = (next(run.loader) if plan.kind == "policy" else []) + reward_prompts
             params.seed = cfg.trainer.seed * 100003 + it  # sampling is a function of the iteration
-            groups = rollout(run, produce, prompts, params)
-            update(run, groups, version=it + 1)
-            run.logger.update(spark.after_step(plan, groups, policy_steps))
+            step = rollout(run, StepRequest(it, policy_steps, plan.kind == "policy", reward_prompts, params))
+            run.logger.update(spark.after_step(plan, step.groups, policy_steps, step.candidates))
+            run.source.prefetch(*spark.peek())  # async sources start on the next step's prompts now
+            update(run, step.groups, version=it + 1, off_policy=step.off_policy)
             policy_steps, it = policy_steps + (plan.kind == "policy"), it + 1
             bar.update(plan.kind == "policy")
             run.logger.flush(it, f"[{plan.kind} step {it}, policy {policy_steps}/{cfg.trainer.steps}]",
@@ -239,7 +238,7 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
 
 def trainer_state(run: Run, spark: SparkState, it: int, policy_steps: int) -> dict[str, object]:
     return {"iteration": it, "policy_steps": policy_steps, "loader": run.loader.state_dict(),
-            "spark": spark.state_dict()}
+            "spark": spark.state_dict(), "source": run.source.state_dict()}
 
 
 def print_results_table(results: dict[str, EvalResult]) -> None:

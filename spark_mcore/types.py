@@ -138,7 +138,11 @@ class TrainBatch:
       ref_logprobs   [B, T] float  same under the frozen reference; None when KL is off
       group_ids      [B]    long   prompt group of each sequence (token-level advantages need
                                    it); None when unknown, -1 on padding rows
+      engine_logprobs [B, T] float the rollout engine's log-probs of the sampled tokens (0 off
+                                   the mask); set for truncated importance sampling, else None
     Position t of the log-prob tensors scores token t (the first position is never in the mask).
+    images: per row, (pixel_values [P_i, D], image_grid_thw [N_i, 3]) of its images or None
+      (vision-language models); an empty list when no row has images.
     """
 
     tokens: torch.Tensor
@@ -148,6 +152,8 @@ class TrainBatch:
     ref_logprobs: torch.Tensor | None = None
     kinds: list[str] = field(default_factory=list)
     group_ids: torch.Tensor | None = None
+    engine_logprobs: torch.Tensor | None = None
+    images: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
 
     @property
     def num_sequences(self) -> int:
@@ -164,7 +170,8 @@ class TrainBatch:
             return self
         return replace(self, tokens=move(self.tokens), loss_mask=move(self.loss_mask),
                        advantages=move(self.advantages), old_logprobs=move(self.old_logprobs),
-                       ref_logprobs=move(self.ref_logprobs), group_ids=move(self.group_ids))
+                       ref_logprobs=move(self.ref_logprobs), group_ids=move(self.group_ids),
+                       engine_logprobs=move(self.engine_logprobs))
 
 
 def prompt_kind(prompt: Prompt) -> str:

@@ -1,23 +1,29 @@
-"""GRPO-only vs SPARK on the built-in arith task, from the same SFT start, on a 2-core CPU.
+"""GRPO-only vs SPARK from the same warm start, per seed, on a built-in task, on a CPU.
 
-    python tools/compare_spark_grpo.py --out runs/compare [--seeds 0 1] [--set key=value ...]
-        [--sft-set key=value ...] [--rl-set key=value ...] [--eval-prompts 64] [--reuse]
+    python tools/compare_spark_grpo.py --task countdown|arith --seeds 0 1 2 --out runs/compare
+        [--set key=value ...] [--sft-set key=value ...] [--rl-set key=value ...]
+        [--eval-prompts 64] [--samples 8] [--rounds 2] [--reuse]
 
 Per seed:
   1. warm start once: `spark-mcore train` with trainer.steps=0 (SFT on worked solutions mixed
      with SPARK-format judge tasks, `warmstart.judge_fraction`), exported to <out>/seed<s>/sft/hf;
-  2. two arms start from that export (model.hf_path; data.tokenizer = the warm-start run's own
-     tokenizer directory) with the same policy
-     budget (trainer.steps policy steps x data.prompts_per_step prompts x rollout.n samples,
-     same seeds): grpo (spark.enabled=false) and spark (spark.enabled=true; its reward steps
-     come on top, as in the paper: the budget is counted in policy steps);
-  3. every model (SFT start, GRPO, SPARK) is evaluated with the same code as `spark-mcore eval`
-     (eval/judge_eval.py) on the same held-out arith test prompts: greedy accuracy (the first
-     pass of self-reflection), accuracy after self-reflection, and pointwise / pairwise judge
-     accuracy on the built-in judge set (right vs wrong worked solutions, both orders).
-Prints one markdown table (mean over seeds and per seed) and writes it to <out>/compare.md,
-with all numbers in <out>/compare.json. Training runs are subprocesses (logs in their run
-directories); `--reuse` keeps runs whose HF export already exists.
+  2. the warm start answers the held-out prompts: `--samples` responses each at the rollout
+     temperature (its avg@n) and one greedy. From its own right and wrong samples (groups with
+     both) comes the seed's fixed judge set: one pair (asked in both orders) and two pointwise
+     rows (right -> Yes, wrong -> No) per such prompt (`--judge-set synthetic`: right vs
+     perturbed worked solutions instead, arith only);
+  3. two arms start from that export with the same policy budget (trainer.steps policy steps x
+     data.prompts_per_step prompts x rollout.n samples, same seeds): grpo (spark.enabled=false)
+     and spark (spark.enabled=true; its reward steps, trained on the recycled cache, come on top,
+     as in the paper: the budget is counted in policy steps and rollouts of policy prompts);
+  4. each model (warm start, GRPO, SPARK) is evaluated with the code of `spark-mcore eval`:
+     greedy and avg@n accuracy on the held-out prompts, pointwise and pairwise judge accuracy on
+     the seed's judge set, and accuracy after test-time self-reflection (`--rounds`) with its
+     change against greedy.
+Writes <out>/results.json (every number, per seed, and the configuration) and <out>/results.md
+(mean ± std over seeds, then per seed), and prints the table and the issue's checks.
+Training runs are subprocesses (logs in their run directories); `--reuse` keeps runs whose HF
+export already exists.
 """
 
 from __future__ import annotations
@@ -29,40 +35,55 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
 
-# Sized to finish both arms x 2 seeds + evals in well under 30 minutes on 2 CPU cores.
-SHARED = [
-    "model.hidden_size=128", "model.num_layers=2", "model.ffn_hidden_size=384",
-    "data.levels=[1,2]", "data.train_size=4000", "data.test_size=8", "eval.limit=8",
-    "eval.max_new_tokens=40", "rollout.max_new_tokens=40", "trainer.micro_batch_size=128",
-    "logging.progress=false", "logging.tensorboard=false", "checkpoint.resume=false",
-    # pinned: the README's table was measured with these (the demo config's own values moved)
-    "rollout.temperature=1.0", "eval.samples=0",
-]
-WARM_START = ["warmstart.steps=450", "warmstart.batch_size=16", "warmstart.lr=0.003",
-              "warmstart.warmup_steps=20", "warmstart.judge_fraction=0.25"]
-RL = ["trainer.steps=12", "data.prompts_per_step=16", "rollout.n=8",
-      "trainer.lr=0.0003", "trainer.warmup_ratio=0.0"]
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task's base config and the overrides of each phase (before the user's)."""
+
+    config: Path
+    shared: list[str] = field(default_factory=list)
+    warm_start: list[str] = field(default_factory=list)
+    rl: list[str] = field(default_factory=list)
+
+
+# arith keeps the settings its README table was measured with; countdown's live in its YAML.
+TASKS: dict[str, TaskSpec] = {
+    "arith": TaskSpec(
+        REPO / "examples" / "configs" / "tiny_cpu.yaml",
+        shared=["model.hidden_size=128", "model.num_layers=2", "model.ffn_hidden_size=384", "data.levels=[1,2]",
+                "data.train_size=4000", "eval.max_new_tokens=40", "rollout.max_new_tokens=40",
+                "trainer.micro_batch_size=128", "rollout.temperature=1.0"],
+        warm_start=["warmstart.steps=450", "warmstart.batch_size=16", "warmstart.lr=0.003",
+                    "warmstart.warmup_steps=20", "warmstart.judge_fraction=0.25"],
+        rl=["trainer.steps=12", "data.prompts_per_step=16", "rollout.n=8", "trainer.lr=0.0003",
+            "trainer.warmup_ratio=0.0"]),
+    "countdown": TaskSpec(REPO / "examples" / "configs" / "compare_countdown.yaml"),
+}
+# The tool evaluates every model itself: the training runs' own evaluations are kept minimal.
+RUN_FIXED = ["logging.progress=false", "logging.tensorboard=false", "checkpoint.resume=false",
+             "eval.samples=0", "eval.limit=4"]
 ARMS: dict[str, list[str]] = {"grpo": ["spark.enabled=false"], "spark": ["spark.enabled=true"]}
-MODELS = {"sft": "SFT start", "grpo": "GRPO-only", "spark": "SPARK"}
-METRICS = {"greedy": "greedy acc", "self_reflect": "acc w/ self-reflection",
-           "pointwise": "pointwise judge acc", "pairwise": "pairwise judge acc"}
+MODELS = {"sft": "warm start", "grpo": "GRPO-only", "spark": "SPARK"}
+METRICS = {"greedy": "greedy acc", "avg_n": "avg@n acc", "pointwise": "judge pointwise acc",
+           "pairwise": "judge pairwise acc (both orders)", "judge": "judge acc (mean of the two)",
+           "self_reflect": "acc w/ self-reflection", "sr_delta": "self-reflection change vs greedy"}
 
 
-def train_run(run_dir: Path, overrides: list[str], reuse: bool) -> float:
+def train_run(run_dir: Path, config: Path, overrides: list[str], reuse: bool) -> float:
     """Runs `spark-mcore train` into `run_dir` (log: run_dir/train.log); returns wall seconds."""
     if reuse and (run_dir / "hf" / "config.json").is_file():
         print(f"  reusing {run_dir}", flush=True)
         return 0.0
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    args = [sys.executable, "-m", "spark_mcore.cli", "train", "--config", str(CONFIG)]
-    for item in [*overrides, f"checkpoint.dir={run_dir}"]:
+    args = [sys.executable, "-m", "spark_mcore.cli", "train", "--config", str(config)]
+    for item in [*overrides, *RUN_FIXED, f"checkpoint.dir={run_dir}"]:
         args += ["--set", item]
     start = time.perf_counter()
     with (run_dir / "train.log").open("w") as log:
@@ -73,72 +94,186 @@ def train_run(run_dir: Path, overrides: list[str], reuse: bool) -> float:
     return time.perf_counter() - start
 
 
-def evaluate(hf_dir: Path, prompts: list[Any], rows: Any, rounds: int, max_new_tokens: int) -> dict[str, float]:
-    """The four numbers of the table (and the judge's rejection rates) for one HF export."""
+@dataclass
+class EvalSetup:
+    """What every evaluation shares: held-out prompts and the decoding settings."""
+
+    prompts: list[Any]
+    samples: int
+    temperature: float
+    max_new_tokens: int
+    rounds: int
+    judge_set: str
+    judge_rows: int
+
+
+def sampled_groups(model: Any, setup: EvalSetup, seed: int) -> list[Any]:
+    """`setup.samples` verified responses per held-out prompt at the rollout temperature."""
+    from spark_mcore.rewards import RewardConfig, VerifierPool
+    from spark_mcore.rollout.base import SamplingParams
+    from spark_mcore.rollout.groups import generate_groups, score_groups
+
+    params = SamplingParams(n=setup.samples, temperature=setup.temperature, max_new_tokens=setup.max_new_tokens,
+                            stop_token_ids=model.stop_ids, seed=seed)
+    groups = generate_groups(model.engine, setup.prompts, model.encode, params)
+    with VerifierPool(RewardConfig()) as pool:
+        score_groups(groups, pool.score)
+    return groups
+
+
+def build_judge_set(groups: list[Any], setup: EvalSetup, seed: int, out: Path) -> Any:
+    """The seed's fixed judge set, from the warm start's own samples (or synthetic for arith);
+    saved as JSONL next to the runs."""
+    from spark_mcore.eval.reward_bench import heldout_from_groups, save_jsonl
+
+    if setup.judge_set == "synthetic":
+        from spark_mcore.eval.judge_eval import arith_judge_set
+
+        rows = arith_judge_set(setup.prompts, seed=seed, limit=setup.judge_rows)
+    else:
+        rows = heldout_from_groups(groups, seed=seed, max_rows=setup.judge_rows)
+        if not rows.pairs:
+            raise RuntimeError("the warm start's samples hold no prompt with both a right and a wrong response, "
+                               "so there is no judge set: strengthen the warm start or use --judge-set synthetic")
+    save_jsonl(rows.pairs, out / "judge_pairs.jsonl")
+    save_jsonl(rows.points, out / "judge_points.jsonl")
+    return rows
+
+
+def evaluate(hf_dir: Path, setup: EvalSetup, seed: int, judge_rows: Any | None, out: Path
+             ) -> tuple[dict[str, float], Any]:
+    """Every number of the table for one HF export; builds the judge set when `judge_rows` is
+    None (the warm start). Returns (metrics, judge rows)."""
     from spark_mcore.eval.cli import open_model
     from spark_mcore.eval.judge_eval import judge_eval, self_reflect_eval
 
     model = open_model(str(hf_dir))
-    params = model.params(max_new_tokens)
-    sr = self_reflect_eval(model.engine, model.encode, prompts, params, rounds=rounds)
-    judge = judge_eval(model.engine, model.encode, rows, params).summary()
-    model.engine.shutdown()
-    return {"greedy": sr.accuracy_before or 0.0, "self_reflect": sr.accuracy_after or 0.0,
-            "pointwise": judge["judge/pointwise_accuracy"], "pairwise": judge["judge/pairwise_accuracy"],
+    try:
+        groups = sampled_groups(model, setup, seed)
+        rows = judge_rows if judge_rows is not None else build_judge_set(groups, setup, seed, out)
+        params = model.params(setup.max_new_tokens)
+        sr = self_reflect_eval(model.engine, model.encode, setup.prompts, params, rounds=setup.rounds)
+        judge = judge_eval(model.engine, model.encode, rows, params).summary()
+    finally:
+        model.engine.shutdown()
+    rewards = [r.reward for g in groups for r in g.rollouts]
+    greedy, after = sr.accuracy_before or 0.0, sr.accuracy_after or 0.0
+    pointwise, pairwise = judge["judge/pointwise_accuracy"], judge["judge/pairwise_accuracy"]
+    return {"greedy": greedy, "avg_n": sum(rewards) / len(rewards), "pointwise": pointwise,
+            "pairwise": pairwise, "judge": (pointwise + pairwise) / 2, "self_reflect": after,
+            "sr_delta": after - greedy, "pairwise_both": judge["judge/pairwise_both_orders"],
+            "pairwise_a_rate": judge["judge/pairwise_a_rate"],
+            "pointwise_yes": judge.get("judge/pointwise_accuracy_yes", float("nan")),
+            "pointwise_no": judge.get("judge/pointwise_accuracy_no", float("nan")),
+            "judge_unparsable": judge["judge/pointwise_unparsable"],
             "reject_right": _num(sr.reject_rate_on_right), "reject_wrong": _num(sr.reject_rate_on_wrong),
-            "judge_unparsable": judge["judge/pointwise_unparsable"]}
+            "judge_rows": float(len(rows.pairs))}, rows
 
 
 def _num(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
-def run_seed(seed: int, out: Path, eval_set: tuple[list[Any], Any], args: argparse.Namespace
+def run_seed(seed: int, out: Path, spec: TaskSpec, setup: EvalSetup, args: argparse.Namespace
              ) -> dict[str, dict[str, float]]:
-    """Warm start, both arms and the three evaluations for one seed. Override order: shared,
-    --set, phase defaults, --sft-set / --rl-set, then what defines the phase (no RL in the warm
-    start; no second warm start and the SFT export as the start of each arm)."""
+    """Warm start and its evaluation (which fixes the judge set), then each arm and its
+    evaluation, for one seed. Override order: the task's
+    shared ones, --set, phase defaults, --sft-set / --rl-set, then what defines the phase."""
     seeds = [f"trainer.seed={seed}", f"data.seed={seed}", f"spark.seed={seed}"]
-    base = [*SHARED, *args.extra, *seeds]
-    sft_dir = out / f"seed{seed}" / "sft"
+    base = [*spec.shared, *args.extra, *seeds]
+    seed_dir = out / f"seed{seed}"
+    sft_dir = seed_dir / "sft"
     print(f"seed {seed}: warm start -> {sft_dir}", flush=True)
-    times = {"sft": train_run(sft_dir, [*base, *WARM_START, *args.sft_extra, "trainer.steps=0"], args.reuse)}
-    start = ["warmstart.steps=0", f"model.hf_path={sft_dir / 'hf'}", f"data.tokenizer={sft_dir / 'tokenizer'}"]
-    for arm, arm_sets in ARMS.items():
-        print(f"seed {seed}: {arm} -> {out / f'seed{seed}' / arm}", flush=True)
-        times[arm] = train_run(out / f"seed{seed}" / arm, [*base, *RL, *args.rl_extra, *start, *arm_sets],
-                               args.reuse)
+    times = {"sft": train_run(sft_dir, spec.config, [*base, *spec.warm_start, *args.sft_extra, "trainer.steps=0"],
+                              args.reuse)}
     results: dict[str, dict[str, float]] = {}
-    for name in MODELS:
+    rows = None
+    start = ["warmstart.steps=0", f"model.hf_path={sft_dir / 'hf'}", f"data.tokenizer={sft_dir / 'tokenizer'}"]
+    for name in ["sft"] if args.warm_start_only else list(MODELS):
+        if name in ARMS:
+            print(f"seed {seed}: {name} -> {seed_dir / name}", flush=True)
+            times[name] = train_run(seed_dir / name, spec.config,
+                                    [*base, *spec.rl, *args.rl_extra, *start, *ARMS[name]], args.reuse)
         t0 = time.perf_counter()
-        results[name] = evaluate(out / f"seed{seed}" / name / "hf", *eval_set, args.rounds, args.max_new_tokens)
+        results[name], rows = evaluate(seed_dir / name / "hf", setup, seed, rows, seed_dir)
         results[name].update(train_s=times[name], eval_s=time.perf_counter() - t0)
         print(f"seed {seed}: {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in results[name].items()), flush=True)
     return results
 
 
+# ---------------------------------------------------------------- reporting
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
 def table(per_seed: dict[int, dict[str, dict[str, float]]]) -> str:
-    """One markdown table: per model the mean over seeds, then each seed."""
-    head = "| model | seeds | " + " | ".join(METRICS.values()) + " | train s |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 3)]
-    for name, label in MODELS.items():
-        rows = [("mean", [per_seed[s][name] for s in per_seed])]
-        rows += [(f"seed {s}", [per_seed[s][name]]) for s in per_seed]
-        for which, res in rows:
-            cells = [f"{100 * statistics.fmean(r[m] for r in res):.1f}%" for m in METRICS]
-            train_s = statistics.fmean(r["train_s"] for r in res)
-            lines.append(f"| {label} | {which} | " + " | ".join(cells) + f" | {train_s:.0f} |")
+    """Markdown: one row per metric, mean ± std over seeds per model; then a per-seed table."""
+    seeds = sorted(per_seed)
+    lines = ["| metric | " + " | ".join(MODELS.values()) + " |", "|---|" + "---|" * len(MODELS)]
+    for key, label in [*METRICS.items(), ("train_s", "train wall s")]:
+        cells = []
+        for name in MODELS:
+            m, s = mean_std([per_seed[sd][name][key] for sd in seeds])
+            cells.append(f"{m:.0f} ± {s:.0f}" if key == "train_s" else f"{100 * m:+.1f} ± {100 * s:.1f}"
+                         if key == "sr_delta" else f"{100 * m:.1f} ± {100 * s:.1f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| seed | model | " + " | ".join(METRICS.values()) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for sd in seeds:
+        for name, label in MODELS.items():
+            lines.append(f"| {sd} | {label} | " + " | ".join(f"{100 * per_seed[sd][name][k]:.1f}" for k in METRICS)
+                         + " |")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def checks(per_seed: dict[int, dict[str, dict[str, float]]]) -> list[tuple[str, bool, str]]:
+    """The issue's three claims, SPARK against GRPO-only: (claim, holds, numbers)."""
+    seeds = sorted(per_seed)
+
+    def stats(name: str, key: str) -> tuple[float, float]:
+        return mean_std([per_seed[s][name][key] for s in seeds])
+
+    out = []
+    (js, jss), (jg, jgs) = stats("spark", "judge"), stats("grpo", "judge")
+    out.append(("judge acc: SPARK - GRPO > max(std)", js - jg > max(jss, jgs),
+                f"{100 * js:.1f} vs {100 * jg:.1f} (std {100 * jss:.1f}, {100 * jgs:.1f})"))
+    (ds, _), (dg, _) = stats("spark", "sr_delta"), stats("grpo", "sr_delta")
+    out.append(("self-reflection change: SPARK > GRPO", ds > dg, f"{100 * ds:+.1f} vs {100 * dg:+.1f}"))
+    (gs, gss), (gg, ggs) = stats("spark", "greedy"), stats("grpo", "greedy")
+    out.append(("greedy acc: SPARK >= GRPO - one std", gs >= gg - max(gss, ggs),
+                f"{100 * gs:.1f} vs {100 * gg:.1f} (std {100 * gss:.1f}, {100 * ggs:.1f})"))
+    return out
+
+
+def eval_setup(args: argparse.Namespace, spec: TaskSpec) -> EvalSetup:
+    """The held-out prompts (data seed 0, the test split, for every seed) and decoding settings,
+    read from the task's config with the same overrides as the runs."""
+    from spark_mcore.config.run import load_run_config
+    from spark_mcore.data.dataset import load_prompts
+
+    cfg = load_run_config(spec.config, [*spec.shared, *args.extra, "data.seed=0",
+                                        f"data.test_size={args.eval_prompts}"])
+    if args.judge_set == "synthetic" and not cfg.data.source.endswith(":arith"):
+        raise SystemExit("--judge-set synthetic needs --task arith (countdown's judge set comes from samples)")
+    return EvalSetup(prompts=load_prompts(cfg.data, "test"), samples=args.samples, temperature=cfg.rollout.temperature,
+                     max_new_tokens=args.max_new_tokens or cfg.eval.max_new_tokens, rounds=args.rounds,
+                     judge_set=args.judge_set, judge_rows=args.judge_rows)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/compare_spark_grpo", help="directory for runs and the table")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--eval-prompts", type=int, default=48, help="held-out arith test prompts evaluated")
+    p.add_argument("--task", choices=sorted(TASKS), default="countdown")
+    p.add_argument("--out", default=None, help="directory for runs and results (default runs/compare_<task>)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--eval-prompts", type=int, default=64, help="held-out test prompts evaluated")
+    p.add_argument("--samples", type=int, default=8, help="samples per prompt for avg@n (and the judge set)")
+    p.add_argument("--judge-set", choices=["samples", "synthetic"], default="samples")
+    p.add_argument("--judge-rows", type=int, default=0, help="at most this many judge pairs (0 = all)")
     p.add_argument("--rounds", type=int, default=2, help="self-reflection rounds")
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=int, default=0, help="0 = the config's eval.max_new_tokens")
     p.add_argument("--reuse", action="store_true", help="keep runs that already have an hf/ export")
+    p.add_argument("--warm-start-only", action="store_true",
+                   help="train and evaluate only the warm start (to tune it), no table")
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                    help="train override for every run (e.g. model.hidden_size=64)")
     p.add_argument("--sft-set", dest="sft_extra", action="append", default=[], metavar="KEY=VALUE",
@@ -146,38 +281,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rl-set", dest="rl_extra", action="append", default=[], metavar="KEY=VALUE",
                    help="override for both RL arms (e.g. trainer.steps=20)")
     args = p.parse_args(argv)
-    if len(args.seeds) < 1 or args.eval_prompts < 1:
-        p.error("--seeds needs at least one seed and --eval-prompts must be >= 1")
-    from spark_mcore.data.config import DataConfig
-    from spark_mcore.data.dataset import load_prompts
-    from spark_mcore.eval.judge_eval import arith_judge_set
+    if not args.seeds or args.eval_prompts < 1 or args.samples < 2 or args.rounds < 0:
+        p.error("--seeds needs a seed, --eval-prompts >= 1, --samples >= 2 and --rounds >= 0")
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    spec = TASKS[args.task]
     start = time.perf_counter()
-    out = Path(args.out).resolve()
-    # one fixed held-out set for every model and seed (data seed 0, the test split)
-    prompts = load_prompts(DataConfig(levels=_levels(args.extra), test_size=args.eval_prompts), "test")
-    eval_set = (prompts, arith_judge_set(prompts, seed=0))
-    per_seed = {s: run_seed(s, out, eval_set, args) for s in args.seeds}
+    out = Path(args.out or f"runs/compare_{args.task}").resolve()
+    setup = eval_setup(args, spec)
+    per_seed = {s: run_seed(s, out, spec, setup, args) for s in args.seeds}
+    if args.warm_start_only:
+        return 0
     wall = time.perf_counter() - start
-    md = table(per_seed)
-    note = (f"\n\n{len(prompts)} held-out arith prompts; judge set: {len(prompts)} pairs (both orders) and "
-            f"{2 * len(prompts)} pointwise rows; self-reflection {args.rounds} rounds. Total wall time "
-            f"{wall / 60:.1f} min.")
-    print("\n" + md + note)
+    rows = statistics.fmean(per_seed[s]["sft"]["judge_rows"] for s in per_seed)
+    note = (f"\n\n{args.task}: {len(setup.prompts)} held-out prompts; avg@{setup.samples} at temperature "
+            f"{setup.temperature}; judge set per seed from the warm start's own "
+            f"{'samples' if setup.judge_set == 'samples' else 'synthetic solutions'}: {rows:.0f} pairs on average "
+            f"(each asked in both orders) and twice as many pointwise rows; self-reflection {setup.rounds} rounds; "
+            f"{len(per_seed)} seeds ({', '.join(map(str, per_seed))}), mean ± std. Total wall time {wall / 60:.1f} min.")
+    verdicts = checks(per_seed)
+    check_md = "\n".join(f"- {'yes' if ok else 'NO'}: {claim} ({nums})" for claim, ok, nums in verdicts)
+    md = table(per_seed) + note + "\n\nThe issue's checks (SPARK vs GRPO-only):\n" + check_md + "\n"
+    print("\n" + md)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.md").write_text(md + note + "\n")
-    (out / "compare.json").write_text(json.dumps({"wall_s": wall, "per_seed": per_seed,
-                                                   "shared": SHARED, "warm_start": WARM_START, "rl": RL,
-                                                   "extra": args.extra, "sft_extra": args.sft_extra,
-                                                   "rl_extra": args.rl_extra}, indent=2))
-    print(f"wrote {out / 'compare.md'} and {out / 'compare.json'}")
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps(
+        {"task": args.task, "wall_s": wall, "per_seed": per_seed, "checks": verdicts,
+         "config": str(spec.config), "shared": spec.shared, "warm_start": spec.warm_start, "rl": spec.rl,
+         "extra": args.extra, "sft_extra": args.sft_extra, "rl_extra": args.rl_extra,
+         "eval": {"prompts": len(setup.prompts), "samples": setup.samples, "temperature": setup.temperature,
+                  "max_new_tokens": setup.max_new_tokens, "rounds": setup.rounds, "judge_set": setup.judge_set}},
+        indent=2))
+    print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
     return 0
-
-
-def _levels(extra: list[str]) -> list[int]:
-    """The arith levels the runs train on (a --set data.levels=... wins over SHARED)."""
-    value = next((s.split("=", 1)[1] for s in reversed([*SHARED, *extra]) if s.startswith("data.levels=")), "[1,2]")
-    return [int(v) for v in value.strip("[]").split(",") if v.strip()]
 
 
 if __name__ == "__main__":

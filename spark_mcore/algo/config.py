@@ -29,6 +29,8 @@ class AlgoConfig:
         although their MSA is not zero.
     spro_beta: SPRO's process-reward scale beta (not published with confidence; 0.05 is the
         implicit-PRM value PRIME used). 0 reduces "spro" to "grpo".
+    tis_cap: truncated importance sampling for off-policy rollouts (async mode): each token's
+        policy-gradient term is weighted by min(p_trainer_old / p_engine, tis_cap); 0 disables.
     """
 
     adv_eps: float = 1e-9
@@ -43,6 +45,7 @@ class AlgoConfig:
     logprob_chunk_tokens: int | None = None
     advantage: Literal["grpo", "spro"] = "grpo"
     spro_beta: float = 0.05
+    tis_cap: float = 2.0
 
     def __post_init__(self) -> None:
         if self.clip_eps <= 0:
@@ -51,6 +54,8 @@ class AlgoConfig:
             raise ConfigError("algo.kl_coef must be >= 0")
         if self.clip_eps_high is not None and self.clip_eps_high <= 0:
             raise ConfigError("algo.clip_eps_high must be > 0, or null to reuse algo.clip_eps")
+        if self.tis_cap < 0:
+            raise ConfigError("algo.tis_cap must be >= 0 (0 disables truncated importance sampling; e.g. 2.0)")
         if self.adv_eps < 0:
             raise ConfigError("algo.adv_eps must be >= 0 (e.g. 1e-9)")
         if self.logprob_chunk_tokens is not None and self.logprob_chunk_tokens < 1:

@@ -12,6 +12,7 @@ contract tests in tests/unit/test_algo_losses.py run over every registered entry
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -173,8 +174,10 @@ def policy_loss(
     clip_eps_high: float | None = None,
     agg: str = "token_mean",
     normalizer: float | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A).
+    """PPO clipped surrogate: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A), each token
+    times `is_weights` when given (truncated importance sampling, see `tis_weights`).
 
     ratio = exp(logp - old_logp); `old_logp` and `advantages` are treated as constants.
 
@@ -187,6 +190,7 @@ def policy_loss(
         clip_eps, clip_eps_high: clip range [1 - clip_eps, 1 + clip_eps_high];
             clip_eps_high None means clip_eps (symmetric).
         agg, normalizer: see `aggregate`.
+        is_weights: [B, T] constant per-token weights, or None.
     Returns:
         (loss 0-dim, metrics). Metrics are detached token means over the mask, whatever `agg`:
         clip_frac (share of tokens whose clipped term is the active one, i.e. zero gradient),
@@ -212,13 +216,48 @@ def policy_loss(
     adv = adv.unsqueeze(-1) if adv.dim() == 1 else torch.where(bmask, adv, zero)
     surr = ratio * adv
     surr_clipped = ratio.clamp(1.0 - clip_eps, 1.0 + high) * adv
-    loss = aggregate(-torch.minimum(surr, surr_clipped), bmask, agg, normalizer)
+    per_token = -torch.minimum(surr, surr_clipped)
+    if is_weights is not None:
+        _check_bt("is_weights", is_weights, logp)
+        per_token = per_token * is_weights.detach().to(logp.dtype)
+    loss = aggregate(per_token, bmask, agg, normalizer)
     metrics = {
         "clip_frac": _token_mean_metric((surr_clipped < surr).float(), bmask),
         "ratio_mean": _token_mean_metric(ratio, bmask),
         "approx_kl": _token_mean_metric(_k3(log_ratio), bmask),
     }
     return loss, metrics
+
+
+def tis_weights(old_logp: Tensor, engine_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Truncated importance-sampling weights min(exp(old - engine), cap) per token, 1 off the mask.
+
+    Args:
+        old_logp: [B, T] the trainer's log-probs of the sampled tokens before the update.
+        engine_logp: [B, T] the rollout engine's log-probs of the same tokens (it sampled them).
+        mask: [B, T]; cap: > 0.
+    Returns:
+        [B, T] detached weights in (0, cap].
+    """
+    _check_bt("engine_logp", engine_logp, old_logp)
+    bmask = _bool_mask(mask, old_logp)
+    zero = torch.zeros((), dtype=old_logp.dtype, device=old_logp.device)
+    log_w = torch.where(bmask, old_logp.detach() - engine_logp.detach().to(old_logp.dtype), zero)
+    return torch.exp(log_w.clamp(max=math.log(cap)))
+
+
+def logprob_mismatch(old_logp: Tensor, engine_logp: Tensor, mask: Tensor) -> dict[str, float]:
+    """How far the engine's log-probs are from the trainer's on the sampled tokens.
+
+    Returns logprob_mismatch (token mean of |old - engine|) and logprob_kl_k3 (k3 estimate of
+    KL(engine || trainer) from the engine's samples: exp(old - engine) - 1 - (old - engine)).
+    """
+    _check_bt("engine_logp", engine_logp, old_logp)
+    bmask = _bool_mask(mask, old_logp)
+    d = torch.where(bmask, old_logp.detach() - engine_logp.detach().to(old_logp.dtype),
+                    torch.zeros((), dtype=old_logp.dtype))
+    return {"logprob_mismatch": float(_token_mean_metric(d.abs(), bmask)),
+            "logprob_kl_k3": float(_token_mean_metric(torch.exp(d) - 1.0 - d, bmask))}
 
 
 def grpo_loss(
@@ -230,8 +269,11 @@ def grpo_loss(
     cfg: AlgoConfig,
     entropy: Tensor | None = None,
     normalizer: float | None = None,
+    engine_logp: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO objective: policy_loss + kl_coef * KL(policy || ref) - entropy_coef * entropy.
+    With `engine_logp` (off-policy rollouts) and cfg.tis_cap > 0 the policy term is weighted by
+    `tis_weights(old_logp, engine_logp, mask, cfg.tis_cap)` (metric tis_weight_mean).
 
     KL and entropy are aggregated like the policy term (`cfg.loss_agg`). `ref_logp` may be None
     only when cfg.kl_coef == 0, `entropy` only when cfg.entropy_coef == 0.
@@ -245,9 +287,14 @@ def grpo_loss(
         (loss 0-dim, metrics): loss, pg_loss, kl, entropy, clip_frac, ratio_mean, approx_kl;
         all detached. kl / entropy are reported as 0 when their input is None.
     """
+    weights = None
+    if engine_logp is not None and cfg.tis_cap > 0:
+        weights = tis_weights(old_logp, engine_logp, mask, cfg.tis_cap)
     pg_loss, metrics = policy_loss(
-        logp, old_logp, advantages, mask, cfg.clip_eps, cfg.clip_eps_high, cfg.loss_agg, normalizer
+        logp, old_logp, advantages, mask, cfg.clip_eps, cfg.clip_eps_high, cfg.loss_agg, normalizer, weights
     )
+    if weights is not None:
+        metrics["tis_weight_mean"] = _token_mean_metric(weights, _bool_mask(mask, logp))
     bmask = _bool_mask(mask, logp)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     loss = pg_loss

@@ -97,6 +97,8 @@ class HFModelKind:
 # HF config.json `model_type` -> what converts it. Adding a family = one entry + its adapter.
 SUPPORTED_HF_MODELS: dict[str, HFModelKind] = {
     "qwen2": HFModelKind("qwen2", ("Qwen2ForCausalLM",), "Qwen2 / Qwen2.5 dense text models"),
+    "qwen2_5_vl": HFModelKind("qwen2_5_vl", ("Qwen2_5_VLForConditionalGeneration",),
+                              "Qwen2.5-VL vision-language models (vision tower included)"),
 }
 
 
@@ -184,7 +186,8 @@ def _inspect_hf(hf_dir: Path, dtype: str | None) -> tuple[str, ModelConfig, dict
     except Exception as e:  # transformers raises many types for a bad config
         raise ConversionError(f"{hf_dir / 'config.json'} cannot be loaded by transformers ({e})") from e
     cfg = get_adapter(family).model_config_from_hf(hf_cfg, dtype)  # type: ignore[call-arg]
-    cfg = dataclasses.replace(cfg, vocab_size=int(hf_cfg.vocab_size), hf_path=None)
+    vocab = getattr(hf_cfg, "vocab_size", None) or cfg.vocab_size  # VL configs: text_config's
+    cfg = dataclasses.replace(cfg, vocab_size=int(vocab), hf_path=None)
     return family, cfg, raw
 
 
@@ -336,6 +339,9 @@ def fill_model_from_hf(model: torch.nn.Module, reader: SafetensorsReader, adapte
               for n, p in mcore_tp.local_state(inner).items()}
     meta_hf = reader.meta_state()
     full_meta = adapter.hf_to_mcore(meta_hf)
+    # The adapter names HF tensors in one spelling; the file may use another (qwen2_5_vl).
+    canonical = getattr(adapter, "canonical_hf_name", None)
+    stored = {canonical(n): n for n in meta_hf} if canonical is not None else {}
     groups: dict[int, list[str]] = {}
     for name in params:
         groups.setdefault(_group_index(name), []).append(name)
@@ -343,7 +349,7 @@ def fill_model_from_hf(model: torch.nn.Module, reader: SafetensorsReader, adapte
         sources = {name: _source_name(name, full_meta, tied) for name in groups[group]}
         needed = {h for s in set(sources.values()) for h, _ in adapter.mcore_to_hf(s, full_meta[s])}
         state = dict(meta_hf)
-        state.update({h: reader.get(h) for h in sorted(needed)})
+        state.update({(n := stored.get(h, h)): reader.get(n) for h in sorted(needed)})
         full = adapter.hf_to_mcore(state)
         for name, src in sources.items():
             _copy_shard(adapter, name, full[src], params[name], tp_rank, tp_size)

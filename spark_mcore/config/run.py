@@ -20,6 +20,7 @@ from spark_mcore.sglang.config import SGLangConfig
 from spark_mcore.spark.config import SparkConfig
 from spark_mcore.trainer.config import TrainerConfig, WarmStartConfig
 from spark_mcore.trainer.features import check_gpu_features
+from spark_mcore.transport.config import StreamConfig
 from spark_mcore.weights.config import WeightSyncConfig
 
 
@@ -32,6 +33,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sglang: SGLangConfig = field(default_factory=SGLangConfig)  # used when rollout.engine=sglang
     weights: WeightSyncConfig = field(default_factory=WeightSyncConfig)  # trainer -> SGLang weight sync
+    transport: StreamConfig = field(default_factory=StreamConfig)  # the stream endpoint, when rollout.source=stream
     reward: RewardConfig = field(default_factory=RewardConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
@@ -46,9 +48,9 @@ class RunConfig:
         check_gpu_features(self.model, self.trainer, self.parallel)
         # checks across sections, before any work (each section checks its own fields)
         ws, source = self.warmstart, self.data.source
-        if ws.steps and ws.judge_fraction > 0 and not source.startswith("builtin:arith"):
+        if ws.steps and ws.judge_fraction > 0 and source not in ("builtin:arith", "builtin:countdown"):
             raise ConfigError(
-                f"warmstart.judge_fraction={ws.judge_fraction} builds judge tasks from builtin arith prompts, "
+                f"warmstart.judge_fraction={ws.judge_fraction} builds judge tasks from builtin arith or countdown prompts, "
                 f"but data.source={source}. Fix: set warmstart.judge_fraction=0 (the warm start then trains "
                 f"on each row's \"solution\"), or warmstart.steps=0")
 

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
-from spark_mcore.data.arith import arith_problems, worked_solution
+from spark_mcore.data import countdown
+from spark_mcore.data.arith import arith_problems
+from spark_mcore.data.arith import worked_solution as arith_solution
 from spark_mcore.data.jsonl import DatasetError, load_prompt_file
 from spark_mcore.types import Prompt
 
@@ -39,6 +41,20 @@ def _arith(cfg: DataConfig, split: str) -> list[Prompt]:
         return arith_problems(list(cfg.levels), split, size, cfg.seed)  # type: ignore[arg-type]
     except ValueError as e:
         raise DatasetError(str(e)) from e
+
+
+@register_builtin("countdown")
+def _countdown(cfg: DataConfig, split: str) -> list[Prompt]:
+    size = cfg.train_size if split == "train" else cfg.test_size
+    try:
+        return countdown.countdown_problems(list(cfg.levels), split, size, cfg.seed)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise DatasetError(str(e)) from e
+@register_builtin("shapes")
+def _shapes(cfg: DataConfig, split: str) -> list[Prompt]:
+    from spark_mcore.data.shapes import shapes_problems
+
+    return shapes_problems(split, cfg.train_size if split == "train" else cfg.test_size, cfg.seed)
 
 
 def _builtin(source: str, cfg: DataConfig, split: str, key: str) -> list[Prompt]:
@@ -79,12 +95,30 @@ def load_prompts(
         tokenizer=tokenizer,
         max_prompt_tokens=cfg.max_prompt_tokens,
         known_tasks=known_tasks,
+        image_check=_image_check(cfg),
     )
+
+
+def worked_solution(prompt: Prompt) -> str:
+    """The worked solution of a builtin prompt (arith or countdown, by meta["source"])."""
+    if prompt.meta.get("source") == countdown.SOURCE:
+        return countdown.worked_solution(prompt)
+    return arith_solution(prompt)
+
+
+def builtin_corpus(source: str) -> list[str]:
+    """Extra tokenizer corpus for a builtin task whose text the default corpus lacks."""
+    return countdown.corpus_texts() if source == BUILTIN_PREFIX + countdown.SOURCE else []
+def _image_check(cfg: DataConfig) -> Callable[[str], None]:
+    from spark_mcore.data.images import check_image, get_decoder
+
+    decoder = get_decoder(cfg.image_decoder)
+    return lambda ref: check_image(ref, decoder)
 
 
 def sft_examples(prompts: list[Prompt]) -> list[tuple[Prompt, str]]:
     """Pairs each prompt with its worked solution (SFT warm-up data): the row's "solution"
-    field (a dataset file), or the builtin arith task's generated solution."""
+    field (a dataset file), or the builtin task's generated solution (arith or countdown)."""
     check_sft_ready(prompts, "data.source")
     return [(p, _solution(p) or worked_solution(p)) for p in prompts]
 
@@ -184,4 +218,5 @@ class PromptLoader:
         self._order = self._permutation(self.epoch)
 
 
-__all__ = ["BUILTIN_PREFIX", "register_builtin", "load_prompts", "sft_examples", "check_sft_ready", "PromptLoader"]
+__all__ = ["BUILTIN_PREFIX", "PromptLoader", "builtin_corpus", "check_sft_ready", "load_prompts", "register_builtin",
+           "sft_examples", "worked_solution"]

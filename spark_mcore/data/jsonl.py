@@ -24,6 +24,7 @@ from typing import Any, Literal
 from transformers import PreTrainedTokenizerBase
 
 from spark_mcore.data.chat import encode_prompt
+from spark_mcore.data.images import ImageError, bytes_to_data_uri
 from spark_mcore.errors import UserError
 from spark_mcore.types import Prompt
 
@@ -111,13 +112,24 @@ def _answer(row: dict[str, Any]) -> str:
     return str(ans)
 
 
+def _image_ref(img: Any) -> Any:
+    """Raw bytes (Parquet binary) and HF datasets' {"bytes", "path"} entries -> str refs."""
+    if isinstance(img, dict):
+        img = img.get("bytes") or img.get("path")
+    if isinstance(img, (bytes, bytearray)):
+        return bytes_to_data_uri(bytes(img))
+    return img
+
+
 def _images(row: dict[str, Any], base: Path) -> list[str]:
     imgs = row.get("images")
     if imgs is None:
         return []
+    imgs = [_image_ref(i) for i in imgs] if isinstance(imgs, list) else imgs
     if not _is_str_list(imgs):
         raise _RowError(
-            "images", f"expected a list of strings, got {imgs!r:.60}", 'write "images": ["path/to/image.png"]'
+            "images", f"expected a list of strings (paths, data URIs) or image bytes, got {imgs!r:.60}",
+            'write "images": ["path/to/image.png"]'
         )
     out = []
     for i, img in enumerate(imgs):
@@ -216,8 +228,12 @@ def load_prompt_file(
     tokenizer: PreTrainedTokenizerBase | None = None,
     max_prompt_tokens: int | None = None,
     known_tasks: Collection[str] | None = None,
+    image_check: Callable[[str], None] | None = None,
 ) -> list[Prompt]:
-    """Reads and validates every row of a dataset file (format chosen by suffix)."""
+    """Reads and validates every row of a dataset file (format chosen by suffix).
+
+    image_check(ref) decodes a row's image and raises ImageError when it is bad (missing,
+    truncated, not an image): the row is then reported and handled per `on_bad_row`."""
     p = Path(path)
     if on_bad_row not in ("error", "skip"):
         raise DatasetError(f"data.on_bad_row: {on_bad_row!r} is not 'error' or 'skip'")
@@ -244,6 +260,7 @@ def load_prompt_file(
                     "id", f"{prompt.id!r} appears on an earlier row", "give every row a unique id (or none)"
                 )
             _check_length(prompt, tokenizer, max_prompt_tokens)
+            _check_images(prompt, image_check)
         except _RowError as e:
             msg = f"{p}:{lineno}: {e}"
             if on_bad_row == "error":
@@ -273,6 +290,15 @@ def _check_length(prompt: Prompt, tokenizer: PreTrainedTokenizerBase | None, max
             f"{n} tokens with the chat template, more than data.max_prompt_tokens={max_tokens}",
             "shorten the prompt or raise data.max_prompt_tokens",
         )
+
+
+def _check_images(prompt: Prompt, image_check: Callable[[str], None] | None) -> None:
+    for i, ref in enumerate(prompt.images if image_check is not None else ()):
+        try:
+            image_check(ref)  # type: ignore[misc]
+        except ImageError as e:
+            raise _RowError(f"images[{i}]", str(e), "replace or remove the image (or set "
+                            "data.on_bad_row: skip)") from None
 
 
 def load_jsonl(path: str | Path, **kwargs: Any) -> list[Prompt]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgpack
 import torch
 import torch.distributed as dist
@@ -24,6 +26,21 @@ def broadcast_floats(values: dict[str, float] | None, src_global_rank: int, grou
            else torch.empty(int(size), dtype=torch.uint8, device=device))
     dist.broadcast(buf, src=src_global_rank, group=group)
     return dict(msgpack.unpackb(buf.cpu().numpy().tobytes())) if not is_src else dict(values or {})
+
+
+def broadcast_packed(value: Any, src_global_rank: int, group: object, device: torch.device | str = "cpu") -> Any:
+    """Broadcasts any msgpack-able value (plain dicts / lists / str / numbers) from the source
+    rank of `group` as bytes in a uint8 tensor; non-source ranks pass None."""
+    if dist.get_world_size(group) == 1:
+        return value
+    is_src = dist.get_rank() == src_global_rank
+    payload = msgpack.packb(value, use_bin_type=True) if is_src else b""
+    size = torch.tensor([len(payload)], dtype=torch.long, device=device)
+    dist.broadcast(size, src=src_global_rank, group=group)
+    buf = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device) if is_src
+           else torch.empty(int(size), dtype=torch.uint8, device=device))
+    dist.broadcast(buf, src=src_global_rank, group=group)
+    return value if is_src else msgpack.unpackb(buf.cpu().numpy().tobytes(), raw=False)
 
 
 def broadcast_tensor(t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,

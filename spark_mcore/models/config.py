@@ -1,10 +1,47 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from spark_mcore.config import accel
 from spark_mcore.config.loader import ConfigError, check_ranges
+
+
+@dataclass
+class VisionConfig:
+    """Vision tower and multimodal tokens of a vision-language family (qwen2_5_vl).
+
+    Fields mirror the HF `vision_config` of Qwen2.5-VL (window attention, 2-D rotary, patch
+    merger to the language model's hidden size). patch_size / window_size are in pixels;
+    fullatt_block_indexes: blocks with full (not windowed) attention.
+    mrope_section: rotary frequency pairs given to (temporal, height, width); sums to
+        head_dim / 2 (the text config's `rope_parameters.mrope_section`).
+    """
+
+    depth: int = 2
+    hidden_size: int = 32
+    intermediate_size: int = 64
+    num_heads: int = 2
+    in_channels: int = 3
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    window_size: int = 112
+    tokens_per_second: int = 4
+    fullatt_block_indexes: list[int] = field(default_factory=lambda: [1])
+    hidden_act: str = "silu"
+    mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+
+    def __post_init__(self) -> None:
+        if len(self.mrope_section) != 3:
+            raise ConfigError(f"model.vision.mrope_section={self.mrope_section} must have 3 entries "
+                              "(temporal, height, width)")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError("model.vision.hidden_size must be divisible by model.vision.num_heads")
 
 
 @dataclass
@@ -25,6 +62,8 @@ class ModelConfig:
         (flash / memory-efficient kernels on CUDA, no [b, h, s, s] scores); "megatron" =
         megatron's DotProductAttention (baddbmm + softmax); "auto" = sdpa on CUDA, megatron on
         CPU. Ignored with Transformer Engine, which has its own fused attention.
+    vision: the vision tower of a vision-language family (family "qwen2_5_vl"); None for text.
+    freeze_vision: keep the vision tower's weights fixed (no gradients, not synced as trained).
     """
 
     family: str = "qwen2"
@@ -44,6 +83,8 @@ class ModelConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     attention: Literal["auto", "sdpa", "megatron"] = "auto"
+    vision: VisionConfig | None = None
+    freeze_vision: bool = False
 
     def __post_init__(self) -> None:
         check_ranges("model", self, {
@@ -58,6 +99,12 @@ class ModelConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by "
                               f"model.num_attention_heads={self.num_attention_heads}")
+        if self.vision is not None:
+            half_head = self.hidden_size // self.num_attention_heads // 2
+            if sum(self.vision.mrope_section) != half_head:
+                raise ConfigError(
+                    f"model.vision.mrope_section={self.vision.mrope_section} must sum to head_dim/2 "
+                    f"= {half_head} (hidden_size / num_attention_heads / 2)")
         if self.transformer_impl == "transformer_engine" and not accel.te_available():
             raise ConfigError("model.transformer_impl=transformer_engine but Transformer Engine does not import "
                               f"here ({accel.probe('transformer_engine.pytorch')[1]}); install "

@@ -10,6 +10,7 @@ Megatron names (local spec; TE spec adds `*.layer_norm_weight`):
   decoder.layers.{i}.mlp.linear_fc2.weight  [H, F]       row, dim 1
   norms, row-parallel biases                             replicated
   output_layer.weight                       [V, H]       vocab-parallel, dim 0
+  vision_model.*                            (a vision tower, e.g. qwen2_5_vl) replicated
 Splitting the qkv rows contiguously gives each rank whole query groups (megatron's layout).
 """
 
@@ -26,11 +27,15 @@ _ROW = ("linear_proj.weight", "linear_fc2.weight")
 _REPLICATED = ("layernorm.weight", "layernorm.bias", "layer_norm_weight", "layer_norm_bias",
                "linear_proj.bias", "linear_fc2.bias")
 _KINDS = (("column", _COLUMN), ("glu", _GLU), ("row", _ROW), ("replicated", _REPLICATED))
+# Modules kept whole on every TP rank (a vision-language model's vision tower).
+_REPLICATED_PREFIXES = ("vision_model.",)
 _LAYER_RE = re.compile(r"(^|\.)layers\.(\d+)\.")
 
 
 def tp_kind(mcore_name: str) -> str:
     """"column" | "glu" | "row" | "replicated" for a megatron parameter name."""
+    if mcore_name.startswith(_REPLICATED_PREFIXES):
+        return "replicated"
     for kind, suffixes in _KINDS:
         if mcore_name.endswith(suffixes):
             return kind

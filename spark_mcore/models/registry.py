@@ -65,7 +65,8 @@ A = TypeVar("A")
 
 _ADAPTERS: dict[str, Callable[[], Any]] = {}
 # Families shipped with spark_mcore: module imported on first use, which registers the family.
-_BUILTIN_MODULES: dict[str, str] = {"qwen2": "spark_mcore.models.qwen2"}
+_BUILTIN_MODULES: dict[str, str] = {"qwen2": "spark_mcore.models.qwen2",
+                                    "qwen2_5_vl": "spark_mcore.models.qwen2_5_vl"}
 
 
 def register_adapter(family: str) -> Callable[[type[A]], type[A]]:

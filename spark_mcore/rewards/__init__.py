@@ -1,4 +1,4 @@
-"""Verifiers (math via math-verify, exact, choice, judge) behind one registry, and a pool that
+"""Verifiers (math via math-verify, exact, choice, judge, countdown) behind one registry, and a pool that
 runs them with a per-item time limit. The registry loads the built-in verifiers on first use.
 
 The names below are loaded on first use (PEP 562): `spark_mcore.rewards.config` (read by the

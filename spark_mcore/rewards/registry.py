@@ -25,7 +25,8 @@ class Verifier(Protocol):
 
 
 _REGISTRY: dict[str, Verifier] = {}
-_BUILTINS = ("spark_mcore.rewards.math_verifier", "spark_mcore.rewards.verifiers")  # math; exact/choice/judge
+# math; exact/choice/judge; countdown
+_BUILTINS = ("spark_mcore.rewards.math_verifier", "spark_mcore.rewards.verifiers", "spark_mcore.rewards.countdown")
 
 
 def _load_builtins() -> None:

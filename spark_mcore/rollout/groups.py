@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from spark_mcore.config.loader import ConfigError
+from spark_mcore.models.vision import VisionInputs
 from spark_mcore.rollout.base import RolloutEngine, SamplingParams
-from spark_mcore.types import Prompt, Rollout, RolloutGroup
+from spark_mcore.types import Completion, Prompt, Rollout, RolloutGroup
+
+
+def engine_generate(engine: RolloutEngine, prompts: Sequence[Prompt], prompt_ids: list[list[int]],
+                    encode: Callable[[Prompt], list[int]], params: SamplingParams) -> list[list[Completion]]:
+    """`engine.generate` of the prompts' ids, with their processed images when `encode` is a
+    vision-language encoder (data.vision_prompts.VisionPromptEncoder: it also has `images`)."""
+    images_of = getattr(encode, "images", None)
+    images = [images_of(p) for p in prompts] if images_of is not None else []
+    if not any(i is not None for i in images):
+        return engine.generate(prompt_ids, params)
+    if not getattr(engine, "takes_images", False):
+        raise ConfigError(f"the rollout engine {type(engine).__name__} does not take images yet; "
+                          "use the transformers engine (rollout.engine: hf) for image prompts")
+    vision = [None if i is None else VisionInputs(*i) for i in images]
+    return engine.generate(prompt_ids, params, images=vision)  # type: ignore[call-arg]
 
 
 def response_seed(step_seed: int, prompt_id: str, sample_index: int) -> int:
@@ -33,13 +50,13 @@ def response_seeds(prompts: list[Prompt], n: int, step_seed: int) -> list[list[i
 
 def generate_groups(engine: RolloutEngine, prompts: list[Prompt], encode: Callable[[Prompt], list[int]],
                     params: SamplingParams) -> list[RolloutGroup]:
-    """Samples `params.n` completions per prompt; each rollout carries the engine's policy version.
-    With `params.seed` and no `sample_seeds`, each response's seed comes from its prompt's id
-    (`response_seeds`)."""
+    """Samples `params.n` completions per prompt; each rollout carries the engine's policy
+    version. Image prompts: see `engine_generate`. With `params.seed` and no `sample_seeds`,
+    each response's seed comes from its prompt's id (`response_seeds`)."""
     if params.seed is not None and params.sample_seeds is None and params.temperature > 0:
         params = replace(params, sample_seeds=response_seeds(prompts, params.n, params.seed))
     prompt_ids = [encode(p) for p in prompts]
-    outputs = engine.generate(prompt_ids, params)
+    outputs = engine_generate(engine, prompts, prompt_ids, encode, params)
     if len(outputs) != len(prompts):
         raise RuntimeError(f"engine returned {len(outputs)} groups for {len(prompts)} prompts")
     version = engine.policy_version

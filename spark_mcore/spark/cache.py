@@ -38,6 +38,10 @@ class RewardCache:
     def ready(self, batch_size: int) -> bool:
         return batch_size > 0 and len(self._items) >= batch_size
 
+    def peek(self, batch_size: int) -> list[RewardSample]:
+        """The `batch_size` oldest samples (at most all of them), left in the cache."""
+        return [self._items[i] for i in range(min(max(batch_size, 0), len(self._items)))]
+
     def pop(self, batch_size: int) -> list[RewardSample]:
         """The `batch_size` oldest samples, removed from the cache."""
         if batch_size < 0 or batch_size > len(self._items):

@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 from spark_mcore.rollout.base import RolloutEngine, SamplingParams
+from spark_mcore.rollout.groups import engine_generate
 from spark_mcore.types import Prompt
 
 # (response text, label) -> score in [0, 1]; the "judge" verifier of spark_mcore.rewards.
@@ -61,7 +62,7 @@ def generate_texts(
     step = batch_size or max(1, len(prompts))
     for start in range(0, len(prompts), step):
         chunk = prompts[start : start + step]
-        outs = engine.generate([encode(p) for p in chunk], params)
+        outs = engine_generate(engine, chunk, [encode(p) for p in chunk], encode, params)
         if len(outs) != len(chunk) or any(len(o) < 1 for o in outs):
             raise RuntimeError(
                 f"rollout engine returned {len(outs)} completion lists for {len(chunk)} prompts "

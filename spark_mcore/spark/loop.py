@@ -9,7 +9,7 @@ from spark_mcore.spark.cache import RewardCache
 from spark_mcore.spark.config import SparkConfig
 from spark_mcore.spark.recycler import Recycler
 from spark_mcore.spark.schedule import SparkSchedule, StepKind, StepPlan
-from spark_mcore.types import KIND_KEY, Prompt, Rollout, RolloutGroup, prompt_kind
+from spark_mcore.types import KIND_KEY, Prompt, RewardSample, Rollout, RolloutGroup, prompt_kind
 
 
 class SparkState:
@@ -27,13 +27,25 @@ class SparkState:
         plan = self.schedule.next_step(len(self.cache), self.last_kind)
         return plan, [s.prompt for s in self.cache.pop(plan.reward_samples)]
 
-    def after_step(self, plan: StepPlan, groups: list[RolloutGroup], step: int) -> dict[str, float]:
-        """Recycles the policy groups of a policy step (reward tasks only come from those)."""
+    def peek(self) -> tuple[bool, list[Prompt]]:
+        """What the next `plan()` will ask for, taking nothing now: (a policy step?, its reward-
+        task prompts). A rollout source may start on them while the current step trains."""
+        plan = self.schedule.next_step(len(self.cache), self.last_kind)
+        return plan.kind == "policy", [s.prompt for s in self.cache.peek(plan.reward_samples)]
+
+    def after_step(self, plan: StepPlan, groups: list[RolloutGroup], step: int,
+                   candidates: list[list[RewardSample]] | None = None) -> dict[str, float]:
+        """Recycles the policy groups of a policy step (reward tasks only come from those).
+        `candidates[i]`: group i's tasks already recycled by a rollout worker (then only the
+        per-step caps are applied here, with the same seeds as recycling here would use)."""
         self.last_kind = plan.kind
         stats: dict[str, float] = {}
         if plan.kind == "policy" and self.cfg.enabled:
-            policy_groups = [g for g in groups if KIND_KEY not in g.prompt.meta]
-            self.cache.add(self.recycler.recycle(policy_groups, step))
+            policy = [i for i, g in enumerate(groups) if KIND_KEY not in g.prompt.meta]
+            if candidates is None:
+                self.cache.add(self.recycler.recycle([groups[i] for i in policy], step))
+            else:
+                self.cache.add(self.recycler.select([candidates[i] for i in policy], step))
             stats.update({k: float(v) for k, v in self.recycler.last_stats.items()})
         stats["spark/cache_size"] = float(len(self.cache))
         stats["spark/cache_dropped"] = float(self.cache.dropped)

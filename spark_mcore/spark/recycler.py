@@ -68,19 +68,29 @@ class Recycler:
         if not self.cfg.enabled:
             self.last_stats = {}
             return []
-        judges: list[RewardSample | None] = []
-        reflections: list[RewardSample | None] = []
-        for gi, group in enumerate(groups):
-            rng = random.Random(f"spark:{self.cfg.seed}:{step}:{gi}:{group.prompt.id}")
-            judge, reflection = self._from_group(group, step, rng)
-            judges.append(judge)
-            reflections.append(reflection)
-        judge_cap, reflection_cap = self.cfg.caps(len(groups))
+        return self.select([self.candidates(g, step, gi) for gi, g in enumerate(groups)], step)
+
+    def candidates(self, group: RolloutGroup, step: int, index: int) -> list[RewardSample]:
+        """The judge and/or reflection task of the `index`-th group of policy step `step`, before
+        the per-step caps (a rollout worker recycles its groups with this; `select` caps them)."""
+        if not self.cfg.enabled:
+            return []
+        rng = random.Random(f"spark:{self.cfg.seed}:{step}:{index}:{group.prompt.id}")
+        return [s for s in self._from_group(group, step, rng) if s is not None]
+
+    def select(self, per_group: list[list[RewardSample]], step: int) -> list[RewardSample]:
+        """Applies the per-step caps to the groups' candidates (in group order, as `recycle`)."""
+        if not self.cfg.enabled:
+            self.last_stats = {}
+            return []
+        judges = [next((s for s in c if s.kind != "reflection"), None) for c in per_group]
+        reflections = [next((s for s in c if s.kind == "reflection"), None) for c in per_group]
+        judge_cap, reflection_cap = self.cfg.caps(len(per_group))
         step_rng = random.Random(f"spark-caps:{self.cfg.seed}:{step}")
         keep_j = _capped(judges, judge_cap, step_rng)
         keep_r = _capped(reflections, reflection_cap, step_rng)
         out: list[RewardSample] = []
-        for gi in range(len(groups)):
+        for gi in range(len(per_group)):
             out += [
                 s for s, keep in ((judges[gi], gi in keep_j), (reflections[gi], gi in keep_r)) if keep and s
             ]

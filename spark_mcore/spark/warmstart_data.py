@@ -3,7 +3,8 @@
 A pretrained model can already follow judge prompts a little; the tiny demo model has never
 seen one, so every recycled reward task would score 0 and GRPO would learn nothing from them.
 This module builds a small supply of reward tasks with known answers from the builtin arith
-prompts, rendered with the SAME templates and the same response views as the recycler:
+prompts (and countdown ones, with that task's own wrong-solution kinds from
+`spark_mcore.data.countdown`), rendered with the SAME templates and response views as the recycler:
 
   pointwise  — one candidate (right or wrong)       -> "\\boxed{Yes}" / "\\boxed{No}"
   pairwise   — one right and one wrong, shuffled     -> "\\boxed{A}" / "\\boxed{B}"
@@ -32,7 +33,8 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from spark_mcore.data.worked import Worked, right_solution, wrong_solution
+from spark_mcore.data import countdown
+from spark_mcore.data.worked import right_solution, wrong_solution
 from spark_mcore.spark.templates import (
     Template,
     View,
@@ -55,7 +57,7 @@ class _Draws:
 
     template: Template
     view: View
-    wrong: Worked
+    wrong: str  # a wrong worked solution's text
     error: str
 
 
@@ -64,9 +66,24 @@ def _expr(prompt: Prompt) -> str:
     if not isinstance(expr, str):
         raise ValueError(
             f"prompt {prompt.id!r} has no meta['expr']: judge warm-start data needs builtin arith "
-            "prompts (data.source: builtin:arith) or warmstart.judge_fraction: 0"
+            "or countdown prompts (data.source: builtin:arith) or warmstart.judge_fraction: 0"
         )
     return expr
+
+
+def _right_text(prompt: Prompt) -> str:
+    """The correct worked solution shown to a judge (arith, or countdown by meta["source"])."""
+    if prompt.meta.get("source") == countdown.SOURCE:
+        return countdown.right_solution(prompt)
+    return right_solution(_expr(prompt)).text
+
+
+def _wrong_text(prompt: Prompt, rng: random.Random) -> tuple[str, str]:
+    """(a wrong worked solution's text, its error kind) for an arith or countdown prompt."""
+    if prompt.meta.get("source") == countdown.SOURCE:
+        return countdown.wrong_solution(prompt, rng)
+    worked, kind = wrong_solution(_expr(prompt), rng)
+    return worked.text, kind
 
 
 def _shown(text: str, view: View) -> tuple[str, View]:
@@ -76,26 +93,25 @@ def _shown(text: str, view: View) -> tuple[str, View]:
 
 
 def _pointwise(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str, list[str]]:
-    right = right_solution(_expr(prompt))
-    candidate = right.text if label == "Yes" else d.wrong.text
+    candidate = _right_text(prompt) if label == "Yes" else d.wrong
     text = render_pointwise(d.template, question_text(prompt), *_shown(candidate, d.view))
     return text, f"\\boxed{{{label}}}", [candidate]
 
 
 def _pairwise(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str, list[str]]:
-    right = right_solution(_expr(prompt))
-    (g, gv), (b, bv) = _shown(right.text, d.view), _shown(d.wrong.text, d.view)
+    right = _right_text(prompt)
+    (g, gv), (b, bv) = _shown(right, d.view), _shown(d.wrong, d.view)
     if gv != bv:  # both in one view, as the recycler shows pairs
-        (g, gv), (b, bv) = _shown(right.text, "cot"), _shown(d.wrong.text, "cot")
+        (g, gv), (b, bv) = _shown(right, "cot"), _shown(d.wrong, "cot")
     a_text, b_text = (g, b) if label == "A" else (b, g)
     text = render_pairwise(d.template, question_text(prompt), a_text, b_text, gv)
-    order = [right.text, d.wrong.text] if label == "A" else [d.wrong.text, right.text]
+    order = [right, d.wrong] if label == "A" else [d.wrong, right]
     return text, f"\\boxed{{{label}}}", order
 
 
 def _reflection(prompt: Prompt, d: _Draws, label: str) -> tuple[str, str, list[str]]:
-    text = render_reflection(d.template, question_text(prompt), *_shown(d.wrong.text, d.view))
-    return text, right_solution(_expr(prompt)).text, [d.wrong.text]
+    text = render_reflection(d.template, question_text(prompt), *_shown(d.wrong, d.view))
+    return text, _right_text(prompt), [d.wrong]
 
 
 # kind -> (prompt, draws, label) -> (task prompt text, SFT target, full candidate texts in shown order)
@@ -107,16 +123,16 @@ _BUILDERS: dict[str, Callable[[Prompt, _Draws, str], tuple[str, str, list[str]]]
 
 
 def build_task(prompt: Prompt, kind: str, label: str, rng: random.Random) -> tuple[Prompt, str]:
-    """One SPARK-format task from an arith `prompt` and its SFT target. `label` is "Yes"/"No"
-    (pointwise), "A"/"B" (pairwise, the position of the right solution) or the source answer
-    (reflection). The draws from `rng` do not depend on `label`."""
+    """One SPARK-format task from a builtin `prompt` (arith or countdown) and its SFT target.
+    `label` is "Yes"/"No" (pointwise), "A"/"B" (pairwise, the position of the right solution)
+    or the source answer (reflection). The draws from `rng` do not depend on `label`."""
     if kind not in _BUILDERS:
         raise ValueError(f"warm-start task kind '{kind}' is unknown; choose from {sorted(_BUILDERS)}")
     if kind in LABELS and label not in LABELS[kind]:
         raise ValueError(f"{kind} label must be one of {LABELS[kind]}, got {label!r}")
     template = pick_template(kind, rng)
     view: View = "cot" if rng.random() < 0.5 else "answer"
-    wrong, error = wrong_solution(_expr(prompt), rng)
+    wrong, error = _wrong_text(prompt, rng)
     text, target, candidates = _BUILDERS[kind](prompt, _Draws(template, view, wrong, error), label)
     task = Prompt(
         id=f"{prompt.id}#warm-{kind}",

@@ -31,6 +31,7 @@ from spark_mcore.distributed.parallel import ParallelState
 from spark_mcore.models.config import ModelConfig
 from spark_mcore.models.packed import uses_te_attention
 from spark_mcore.models.registry import get_adapter
+from spark_mcore.models.vision import VisionInputs
 from spark_mcore.trainer.config import TrainerConfig
 from spark_mcore.trainer.features import check_gpu_features
 from spark_mcore.trainer.logits import sequence_logprobs
@@ -172,7 +173,10 @@ class MegatronActor:
     def _forward_step(self, loss_fn: LossFn, norm: torch.Tensor, data_iterator: Iterator[MicroBatch],
                       model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
         mb = next(data_iterator)
-        if mb.packed is None:
+        images = VisionInputs.from_rows(mb.seqs.images)
+        if images is not None:  # vision-language rows (padded micro-batches only)
+            output = self.adapter.forward(model, mb.tokens, images=images.to(mb.tokens.device))
+        elif mb.packed is None:
             output = self.adapter.forward(model, mb.tokens)
         else:
             output = self.adapter.forward(model, mb.tokens, packed=mb.packed)
@@ -221,6 +225,9 @@ class MegatronActor:
         interleaved schedule (megatron requires it); fillers carry no sequences."""
         multiple = self.pstate.pp_size if self.pstate.vp_size else 1
         budget = self.cfg.max_tokens_per_micro_batch
+        if self.cfg.pack_sequences and any(i is not None for i in batch.images):
+            raise ConfigError("trainer.pack_sequences=true does not take image rows yet; set "
+                              "trainer.pack_sequences=false for vision-language batches")
         if self.cfg.pack_sequences:
             longest = int(sequence_lengths(batch).max())
             row_length = -(-max(budget, longest) // self._seq_multiple()) * self._seq_multiple()
@@ -285,7 +292,8 @@ class MegatronActor:
     def _grpo_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, entropy: Callable[[], torch.Tensor]
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
-        return grpo_loss(logp, old, mb.ref_logprobs, mb.advantages, mb.loss_mask, self.algo, entropy=entropy())
+        return grpo_loss(logp, old, mb.ref_logprobs, mb.advantages, mb.loss_mask, self.algo, entropy=entropy(),
+                         engine_logp=mb.engine_logprobs)
 
     def _sft_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, entropy: Callable[[], torch.Tensor]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

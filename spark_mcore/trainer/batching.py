@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import torch
 
-from spark_mcore.types import Rollout, RolloutGroup, TrainBatch, prompt_kind
+from spark_mcore.types import Prompt, Rollout, RolloutGroup, TrainBatch, prompt_kind
 
 
 def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int = 0,
@@ -30,13 +30,35 @@ def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id:
     return tokens, mask
 
 
+# The processed images of a prompt (pixel_values, image_grid_thw), None for a text prompt.
+ImagesOf = Callable[[Prompt], "tuple[torch.Tensor, torch.Tensor] | None"]
+
+
 def rollouts_to_batch(rollouts: list[Rollout], advantages: torch.Tensor, pad_id: int = 0,
-                      pad_to_multiple: int = 1) -> TrainBatch:
-    """advantages [N] aligns with `rollouts`; kinds record the task kind for per-kind metrics."""
+                      pad_to_multiple: int = 1, images_of: ImagesOf | None = None) -> TrainBatch:
+    """advantages [N] aligns with `rollouts`; kinds record the task kind for per-kind metrics.
+    images_of: the processed images of a rollout's prompt (vision-language models); SPARK's
+    judge and reflection prompts carry their source prompt's images, so they get them too."""
     tokens, mask = pack_sequences([r.prompt_ids for r in rollouts],
                                   [r.completion.token_ids for r in rollouts], pad_id, pad_to_multiple)
     kinds = [prompt_kind(r.prompt) for r in rollouts]
-    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=advantages.float(), kinds=kinds)
+    images = [images_of(r.prompt) for r in rollouts] if images_of is not None else []
+    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=advantages.float(), kinds=kinds,
+                      engine_logprobs=engine_logprobs(rollouts, tokens.shape),
+                      images=images if any(i is not None for i in images) else [])
+
+
+def engine_logprobs(rollouts: list[Rollout], shape: torch.Size) -> torch.Tensor | None:
+    """[B, T] the engine's log-prob of each response token at its position (as old_logprobs);
+    None unless every completion carries one log-prob per token."""
+    if not rollouts or any(r.completion.logprobs is None or len(r.completion.logprobs) != len(r.completion.token_ids)
+                           for r in rollouts):
+        return None
+    out = torch.zeros(shape, dtype=torch.float32)
+    for i, r in enumerate(rollouts):
+        start = len(r.prompt_ids)
+        out[i, start:start + len(r.completion.token_ids)] = torch.tensor(r.completion.logprobs, dtype=torch.float32)
+    return out
 
 
 def select(batch: TrainBatch, index: torch.Tensor | slice) -> TrainBatch:
@@ -48,9 +70,14 @@ def select(batch: TrainBatch, index: torch.Tensor | slice) -> TrainBatch:
     if kinds:
         rows = range(batch.num_sequences)[index] if isinstance(index, slice) else index.tolist()
         kinds = [batch.kinds[i] for i in rows]
+    images = batch.images
+    if images:
+        rows = range(batch.num_sequences)[index] if isinstance(index, slice) else index.tolist()
+        images = [batch.images[i] for i in rows]
     return replace(batch, tokens=batch.tokens[index], loss_mask=batch.loss_mask[index],
                    advantages=batch.advantages[index], old_logprobs=pick(batch.old_logprobs),
-                   ref_logprobs=pick(batch.ref_logprobs), kinds=kinds, group_ids=pick(batch.group_ids))
+                   ref_logprobs=pick(batch.ref_logprobs), kinds=kinds, group_ids=pick(batch.group_ids),
+                   engine_logprobs=pick(batch.engine_logprobs), images=images)
 
 
 def micro_batches(batch: TrainBatch, micro_batch_size: int) -> Iterator[TrainBatch]:
@@ -70,8 +97,10 @@ def pad_rows(batch: TrainBatch, multiple: int) -> TrainBatch:
     return replace(batch, tokens=grow(batch.tokens), loss_mask=grow(batch.loss_mask),
                    advantages=grow(batch.advantages), old_logprobs=grow(batch.old_logprobs),
                    ref_logprobs=grow(batch.ref_logprobs), kinds=batch.kinds + ["pad"] * extra if batch.kinds else [],
+                   engine_logprobs=grow(batch.engine_logprobs),
                    group_ids=None if batch.group_ids is None else torch.cat(
-                       [batch.group_ids, batch.group_ids.new_full((extra,), -1)]))
+                       [batch.group_ids, batch.group_ids.new_full((extra,), -1)]),
+                   images=batch.images + [None] * extra if batch.images else [])
 
 
 def dp_slice(batch: TrainBatch, dp_rank: int, dp_size: int) -> TrainBatch:
@@ -100,7 +129,8 @@ def split_for_updates(batch: TrainBatch, updates: int, seed: int | None = None) 
 
 
 def groups_to_batch(groups: list[RolloutGroup], eps: float, normalize_std: bool,
-                    filter_zero_variance: bool, pad_id: int = 0) -> tuple[TrainBatch | None, dict[str, float]]:
+                    filter_zero_variance: bool, pad_id: int = 0,
+                    images_of: ImagesOf | None = None) -> tuple[TrainBatch | None, dict[str, float]]:
     """GRPO batch from verified groups: group-normalised advantages per rollout.
 
     With `filter_zero_variance`, groups whose rewards are all equal are dropped (their advantages
@@ -118,6 +148,6 @@ def groups_to_batch(groups: list[RolloutGroup], eps: float, normalize_std: bool,
     if not bool(keep.any()):
         return None, stats
     kept = [r for r, k in zip(rollouts, keep.tolist(), strict=False) if k]
-    batch = rollouts_to_batch(kept, adv[keep], pad_id=pad_id)
+    batch = rollouts_to_batch(kept, adv[keep], pad_id=pad_id, images_of=images_of)
     batch.group_ids = group_ids[keep]
     return batch, stats

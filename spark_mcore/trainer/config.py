@@ -99,7 +99,7 @@ class WarmStartConfig:
         from right and wrong worked solutions of the training prompts, so that a model trained
         from scratch can follow judge prompts a little before RL, as a pretrained one does.
         Keep it small (0.2-0.3) so that RL on the judge tasks still has room to improve.
-        Needs builtin arith prompts; 0 trains on worked solutions only.
+        Needs builtin arith or countdown prompts; 0 trains on worked solutions only.
     """
 
     steps: int = 0

@@ -169,7 +169,7 @@ def reward_sample_from_wire(d: Any, where: str = "reward_sample") -> RewardSampl
 
 # --- TrainBatch ---------------------------------------------------------------------------------
 
-_BATCH_TENSORS = ("tokens", "loss_mask", "advantages", "old_logprobs", "ref_logprobs")
+_BATCH_TENSORS = ("tokens", "loss_mask", "advantages", "old_logprobs", "ref_logprobs", "engine_logprobs")
 
 
 def train_batch_to_wire(b: TrainBatch) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -189,7 +189,7 @@ def train_batch_from_wire(meta: dict[str, Any], tensors: dict[str, torch.Tensor]
     tokens = tensors["tokens"]
     if tokens.dim() != 2:
         raise WireError(f"{where}.tokens: expected shape [B, T], got {list(tokens.shape)}")
-    for k in ("loss_mask", "old_logprobs", "ref_logprobs"):
+    for k in ("loss_mask", "old_logprobs", "ref_logprobs", "engine_logprobs"):
         if k in tensors and tensors[k].shape != tokens.shape:
             raise WireError(f"{where}.{k}: shape {list(tensors[k].shape)} != tokens shape {list(tokens.shape)}")
     if tensors["advantages"].shape != tokens.shape[:1]:
@@ -199,6 +199,7 @@ def train_batch_from_wire(meta: dict[str, Any], tensors: dict[str, torch.Tensor]
         raise WireError(f"{where}.kinds: expected a list of strings, got {kinds!r}")
     return TrainBatch(tokens=tokens, loss_mask=tensors["loss_mask"], advantages=tensors["advantages"],
                       old_logprobs=tensors.get("old_logprobs"), ref_logprobs=tensors.get("ref_logprobs"),
+                      engine_logprobs=tensors.get("engine_logprobs"),
                       kinds=list(kinds))
 
 

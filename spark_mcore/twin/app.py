@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from spark_mcore.models.vision import canonical_hf_name
 from spark_mcore.rollout.hf_engine import HFEngine
 from spark_mcore.twin.receiver import load_into, receive_bucket
 from spark_mcore.types import SamplingParams
@@ -202,7 +203,7 @@ class RolloutServerApp:
         if self._session is None:
             return _fail("no weight-update session is open; call begin_weight_update() first")
         updated, self._session = self._session, None
-        params = {n for n, _ in self.engine.model.named_parameters()}
+        params = set(self._params())
         missing = sorted(params - updated)
         if missing and updated and not self.allow_partial_update:
             return _fail(f"{len(missing)} parameters were not updated in this session, e.g. {missing[:3]}")
@@ -229,12 +230,18 @@ class RolloutServerApp:
             named = receive_bucket(group, header, flattened=load_format == "flattened_bucket",
                                    buffer=self._recv_buffer)
             try:
-                names = load_into(dict(self.engine.model.named_parameters()), named)
+                names = load_into(self._params(), named)
             except BucketError as e:
                 return _fail(f"received bucket does not fit the model: {e}")
             self._session.update(names)
             self._set_version(body.get("weight_version"))
         return _ok(f"updated {len(names)} tensors")
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        """The model's parameters under checkpoint (hub) names, what trainers send and SGLang
+        loads: transformers >= 5 keeps a VL model's as `model.visual.*` / `model.language_model.*`
+        in memory, the hub as `visual.*` / `model.*` (text models: the same names)."""
+        return {canonical_hf_name(n): p for n, p in self.engine.model.named_parameters()}
 
     def _set_version(self, version: Any) -> None:
         if version is None:
@@ -253,13 +260,14 @@ class RolloutServerApp:
         """sha256 of every parameter's raw bytes (C order) plus dtype and shape."""
         with self._model_lock:
             out = {n: {"dtype": str(p.dtype).removeprefix("torch."), "shape": list(p.shape),
-                       "sha256": tensor_sha256(p)} for n, p in self.engine.model.named_parameters()}
+                       "sha256": tensor_sha256(p)} for n, p in self._params().items()}
         return 200, {"weight_version": self.weight_version, "weights": out}
 
     def get_weights_by_name(self, body: dict[str, Any]) -> Reply:
         name = _field(body, "name", str)
         truncate = _field(body, "truncate_size", int, 100)
-        params = dict(self.engine.model.named_parameters())
+        params = self._params()
+        name = canonical_hf_name(name)
         if name not in params:
             return 400, {"success": False, "message": f"no parameter {name!r}"}
         return 200, params[name].detach().flatten()[:truncate].float().tolist()

@@ -28,9 +28,10 @@ def test_spark_loop_runs_a_reward_step_and_logs_per_kind_metrics(tmp_path: Path,
     batches: list = []
     rollout = train_module.rollout
 
-    def spy(*args):  # type: ignore[no-untyped-def]
-        batches.append(rollout(*args))
-        return batches[-1]
+    def spy(run, request):  # type: ignore[no-untyped-def]
+        step = rollout(run, request)
+        batches.append(step.groups)
+        return step
 
     monkeypatch.setattr(train_module, "rollout", spy)
     results = train(cfg)
@@ -81,8 +82,7 @@ def test_model_hf_path_starts_the_actor_and_engine_from_an_export(tmp_path: Path
 
     src = build(f"checkpoint.dir={tmp_path / 'src'}", "trainer.seed=1")
     try:
-        export_hf(src.actor, src.tokenizer, tmp_path / "src" / "hf", src.run_dir / "tokenizer",
-                  tensors=src.actor.export_hf())
+        export_hf(src.actor, src.tokenizer, tmp_path / "src" / "hf", src.run_dir / "tokenizer")
     finally:
         src.close()
         destroy_distributed()

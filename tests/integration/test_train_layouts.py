@@ -70,16 +70,20 @@ RUNNER = textwrap.dedent("""
             RECORD["verified"].append(sum(len(g.rollouts) for g in groups))
             return score(groups, fn)
 
-        def recording_update(run, groups, version):
+        def recording_update(run, groups, version, *args, **kwargs):
             RECORD["responses"].append([[r.completion.token_ids for r in g.rollouts] for g in groups])
-            return update(run, groups, version)
+            return update(run, groups, version, *args, **kwargs)
 
         def counting_sft_step(self, batch):
             RECORD["sft_rows"].append(batch.num_sequences)
             return sft_step(self, batch)
 
-        train_mod.generate_groups, train_mod.score_groups, train_mod.update = (counting_generate, counting_score,
-                                                                               recording_update)
+        import spark_mcore.rollout.source as source_mod
+
+        # the held-out evaluation generates in train.py, the steps in the in-process source
+        for mod in (train_mod, source_mod):
+            mod.generate_groups, mod.score_groups = counting_generate, counting_score
+        train_mod.update = recording_update
         MegatronActor.sft_step = counting_sft_step
         atexit.register(lambda: open(os.path.join(os.environ["RECORD_DIR"], f"rank{os.environ.get('RANK', '0')}.json"),
                                      "w").write(json.dumps(RECORD)))

@@ -42,9 +42,9 @@ def test_two_grpo_steps_with_sglang_server(tmp_path: Path, capsys: Any, monkeypa
     steps: list[tuple[int, set[int]]] = []  # (version pushed after the step, versions of its rollouts)
     update = train_mod.update
 
-    def spy_update(run: Run, groups: Any, version: int) -> None:
+    def spy_update(run: Run, groups: Any, version: int, **kw: Any) -> None:
         steps.append((version, {r.policy_version for g in groups for r in g.rollouts}))
-        update(run, groups, version)
+        update(run, groups, version, **kw)
 
     final: dict[str, Any] = {}
     close = Run.close

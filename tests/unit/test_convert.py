@@ -225,7 +225,7 @@ def test_unsupported_architectures_name_what_is_supported(tmp_path: Path) -> Non
     supported = (r"supported: model_type 'qwen2' with architectures \['Qwen2ForCausalLM'\] "
                  r"\(Qwen2 / Qwen2.5 dense text models\)")
     cases = [("llama", ["LlamaForCausalLM"]), ("qwen2_moe", ["Qwen2MoeForCausalLM"]),
-             ("qwen2_5_vl", ["Qwen2_5_VLForConditionalGeneration"]),
+             ("qwen2_vl", ["Qwen2VLForConditionalGeneration"]),
              ("qwen2", ["Qwen2ForSequenceClassification"])]
     for i, (model_type, archs) in enumerate(cases):
         d = _write_config(tmp_path / str(i), model_type=model_type, architectures=archs)

@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "metrics": 1,
     "trainer": 2, "weights": 2, "rollout": 2, "spark": 2, "checkpoint": 2, "eval": 2,
     "config.run": 3, "engines": 3, "runtime": 3, "train": 3, "cli": 3, "twin": 3, "plan": 3, "doctor": 3,
+    "rollout_worker": 3,
 }
 LAYER_NAMES = ["leaves", "foundations", "components", "assembly and programs"]
 # Same-layer pairs that must not import each other in either direction.

@@ -20,7 +20,7 @@ from spark_mcore.rewards import (
 )
 from spark_mcore.rewards.timeout import run_check, signal_timeout_available
 
-BUILTINS = ["choice", "exact", "judge", "math"]
+BUILTINS = ["choice", "countdown", "exact", "judge", "math"]
 TOWER = "\\boxed{9^{9^{9^{9^{9}}}}}"  # 9^(9^(9^(9^9))): sympy would hang in one C call
 # A sum of 25 rational functions compared with 1: sympy's simplify takes > 10 s in Python code
 # on these machines (interruptible), far above the 0.5 s limits used below.
@@ -41,7 +41,7 @@ def test_builtins_registered_and_typed() -> None:
 def test_unknown_verifier_lists_registered_names() -> None:
     with pytest.raises(KeyError) as err:
         get_verifier("nope")
-    assert "'nope'" in str(err.value) and "choice, exact, judge, math" in str(err.value)
+    assert "'nope'" in str(err.value) and "choice, countdown, exact, judge, math" in str(err.value)
 
 
 def test_register_rejects_a_second_function_under_a_taken_name(monkeypatch: pytest.MonkeyPatch) -> None:

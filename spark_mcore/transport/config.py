@@ -1,0 +1,89 @@
+"""Configuration of the trainer's rollout stream endpoint and of the workers that connect to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from spark_mcore.config.loader import ConfigError
+
+_ALL_INTERFACES = {"*", "0.0.0.0", "::", "[::]"}
+
+
+@dataclass
+class StreamConfig:
+    """The ZeroMQ stream between the trainer (ROUTER, binds) and rollout workers (DEALER, connect).
+
+    bind: address the trainer binds, `tcp://HOST:PORT`; port 0 picks a free port (the chosen
+        address is printed and written to `<checkpoint.dir>/stream_endpoint`). Loopback by
+        default; a cluster interface when set; all interfaces only with `allow_all_interfaces`.
+    allow_all_interfaces: permit binding `*` / `0.0.0.0` / `::` (then use CURVE keys).
+    curve_secret_key / curve_public_key: trainer's CURVE key pair (Z85 text, 40 chars each;
+        `python -c "import zmq; print(zmq.curve_keypair())"`); workers need the public key.
+        Empty = no encryption (fine on loopback or a private network).
+    credits_per_worker: prompts a worker may hold at once (assigned, generating, or unacked).
+    worker_timeout_s: a worker silent this long loses its assignments to the others; the log
+        names it.
+    stall_timeout_s: the trainer gives up (StreamStalled naming the workers) when no result
+        arrives for this long while it waits for a step.
+    heartbeat_s: how often workers report in (and what they hold).
+    max_message_bytes: larger messages are refused by ZeroMQ (the sender is disconnected).
+    high_water_mark: ZeroMQ queue bound in messages per peer.
+    max_token_id: results with token ids at or above this are rejected (0 = no check).
+    """
+
+    bind: str = "tcp://127.0.0.1:0"
+    allow_all_interfaces: bool = False
+    curve_secret_key: str = ""
+    curve_public_key: str = ""
+    credits_per_worker: int = 8
+    worker_timeout_s: float = 30.0
+    stall_timeout_s: float = 600.0
+    heartbeat_s: float = 1.0
+    max_message_bytes: int = 64 * 1024 * 1024
+    high_water_mark: int = 256
+    max_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        check_bind_address(self.bind, self.allow_all_interfaces)
+        for name in ("credits_per_worker", "high_water_mark", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"transport.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("worker_timeout_s", "stall_timeout_s", "heartbeat_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"transport.{name} must be > 0, got {getattr(self, name)}")
+        if self.worker_timeout_s < 2 * self.heartbeat_s:
+            raise ConfigError(f"transport.worker_timeout_s ({self.worker_timeout_s}) must be >= 2 x transport.heartbeat_s "
+                              f"({self.heartbeat_s}) or live workers look dead")
+        if bool(self.curve_secret_key) != bool(self.curve_public_key):
+            raise ConfigError("transport.curve_secret_key and transport.curve_public_key go together: set both or neither")
+        for name in ("curve_secret_key", "curve_public_key"):
+            key = getattr(self, name)
+            if key and len(key) != 40:
+                raise ConfigError(f"transport.{name}: a Z85 CURVE key has 40 characters, got {len(key)}")
+
+
+def check_bind_address(bind: str, allow_all_interfaces: bool = False) -> None:
+    """Fails for anything but an explicit `tcp://HOST:PORT` (or ipc://), and for all-interface
+    binds unless they were asked for explicitly."""
+    if not isinstance(bind, str) or "://" not in bind:
+        raise ConfigError(f"transport.bind: expected 'tcp://HOST:PORT', got {bind!r}")
+    if bind.startswith("ipc://") or bind.startswith("inproc://"):
+        return
+    if not bind.startswith("tcp://"):
+        raise ConfigError(f"transport.bind: only tcp://, ipc:// and inproc:// are supported, got {bind!r}")
+    parts = urlsplit(bind)
+    host = bind[len("tcp://"):].rsplit(":", 1)[0]
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"transport.bind: bad port in {bind!r} ({e})") from e
+    if port is None or not host:
+        raise ConfigError(f"transport.bind: expected 'tcp://HOST:PORT' with an explicit host and port, got {bind!r}")
+    if host in _ALL_INTERFACES and not allow_all_interfaces:
+        raise ConfigError(f"transport.bind={bind} listens on every network interface. Fix: bind the cluster "
+                          "interface's address (e.g. tcp://10.0.0.5:5555), or set transport.allow_all_interfaces=true "
+                          "(and CURVE keys) if that is really wanted")
+
+
+__all__ = ["StreamConfig", "check_bind_address"]

@@ -1,0 +1,400 @@
+"""The trainer's end of the rollout stream: a ZeroMQ ROUTER that hands prompts to rollout workers
+and takes their verified groups back, each exactly once.
+
+Bookkeeping (all in this process, single-threaded, driven by `poll`):
+  items      sample_id -> WorkItem for every submitted prompt whose group has not been accepted
+  pending    sample ids waiting for a worker (re-assigned ones go to the front)
+  owner      sample_id -> worker it is assigned to
+  done       sample ids already accepted: a second result for one (a re-send, or a re-assigned
+             prompt that both workers finished) is acknowledged and dropped
+Credits: a worker holds at most min(its capacity, transport.credits_per_worker) prompts (assigned,
+generating, or finished but not yet acknowledged).
+Re-assignment: a worker silent for transport.worker_timeout_s, a worker that restarted (new
+incarnation), a worker whose report no longer lists a prompt it was sent, and a result too stale
+to train on all send the prompt back to `pending`; the log names the worker.
+Bad input: every message is validated (wire format, fields, dtypes, sizes); a bad one is logged
+with its sender (rate-limited per sender) and dropped, and the stream goes on. ZeroMQ itself
+refuses messages over transport.max_message_bytes. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from spark_mcore.transport.config import StreamConfig, check_bind_address
+from spark_mcore.transport.protocol import (
+    ACK,
+    ASSIGN,
+    BYE,
+    HEARTBEAT,
+    HELLO,
+    RESULT,
+    VERSION,
+    WELCOME,
+    PeerReport,
+    ResultFrames,
+    WorkItem,
+    check_peer,
+    decode_result,
+    item_to_wire,
+)
+from spark_mcore.transport.wire import WireError, decode, encode
+
+logger = logging.getLogger(__name__)
+_LOG_FIRST_BAD = 5  # per sender, then every _LOG_EVERY_BAD-th
+
+
+class StreamStalled(RuntimeError):
+    """No result arrived for transport.stall_timeout_s while the trainer waited; names the workers."""
+
+
+@dataclass
+class _Worker:
+    name: str
+    incarnation: str
+    identity: bytes
+    capacity: int
+    last_seen: float
+    in_flight: dict[str, int] = field(default_factory=dict)  # sample_id -> seq of the assign that sent it
+    seq: int = -1  # last assign seq sent to this incarnation
+    silent: bool = False
+    returned: int = 0
+
+
+@dataclass
+class Accepted:
+    """A result taken into the trainer: its work item and validated frames."""
+
+    item: WorkItem
+    frames: ResultFrames
+    received_at: float
+
+
+@dataclass
+class EndpointStats:
+    results: int = 0
+    duplicates: int = 0
+    stale: int = 0
+    malformed: int = 0
+    reassigned: int = 0
+    bytes_in: int = 0
+    last_error: str = ""
+    bad_by_sender: Counter = field(default_factory=Counter)
+
+
+class StreamEndpoint:
+    """Binds `cfg.bind` (see StreamConfig) and serves work items to workers.
+
+    max_staleness: results made more than this many policy versions before the current one are
+        dropped and their prompts re-assigned (None: accept any version).
+    """
+
+    def __init__(self, cfg: StreamConfig, policy_version: int = 0, max_staleness: int | None = None,
+                 session: str | None = None) -> None:
+        check_bind_address(cfg.bind, cfg.allow_all_interfaces)
+        self.cfg = cfg
+        self.session = session or uuid.uuid4().hex[:12]
+        self.policy_version = policy_version
+        self.max_staleness = max_staleness
+        self.stats = EndpointStats()
+        self.items: dict[str, WorkItem] = {}
+        self.pending: deque[str] = deque()
+        self.owner: dict[str, str] = {}
+        self.done: set[str] = set()
+        self.workers: dict[str, _Worker] = {}
+        self._by_identity: dict[bytes, str] = {}
+        self._acks: dict[bytes, list[str]] = {}
+        self.staleness = Counter()
+        self._ctx = zmq.Context()
+        self._sock = self._socket(cfg)
+        self._closed = False
+        self.last_progress = time.monotonic()
+
+    def _socket(self, cfg: StreamConfig) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, cfg.high_water_mark)
+        sock.setsockopt(zmq.SNDHWM, cfg.high_water_mark)
+        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
+        if cfg.curve_secret_key:
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt_string(zmq.CURVE_SECRETKEY, cfg.curve_secret_key)
+            sock.setsockopt_string(zmq.CURVE_PUBLICKEY, cfg.curve_public_key)
+        try:
+            sock.bind(cfg.bind)
+        except zmq.ZMQError as e:
+            sock.close(linger=0)
+            self._ctx.term()
+            raise ValueError(f"transport.bind: cannot bind {cfg.bind!r}: {e}. Fix: pick a free port or port 0") from e
+        last = sock.getsockopt(zmq.LAST_ENDPOINT)
+        self.endpoint = last.decode() if isinstance(last, bytes) else str(last)
+        return sock
+
+    # --- the trainer's side ---------------------------------------------------------------------
+
+    def submit(self, items: list[WorkItem], front: bool = False) -> None:
+        """Queue prompts for the workers; sample ids must be new."""
+        for item in items:
+            if item.sample_id in self.items or item.sample_id in self.done:
+                raise ValueError(f"sample id {item.sample_id!r} was already submitted")
+            self.items[item.sample_id] = item
+        ids = [i.sample_id for i in items]
+        if front:
+            self.pending.extendleft(reversed(ids))
+        else:
+            self.pending.extend(ids)
+
+    def cancel(self, ids: list[str]) -> None:
+        """Withdraw submitted items (a worker still holding one gets it acknowledged and dropped)."""
+        for sid in ids:
+            if self.items.pop(sid, None) is not None:
+                owner = self.workers.get(self.owner.pop(sid, ""))
+                if owner is not None:
+                    owner.in_flight.pop(sid, None)
+                self.done.add(sid)  # a late result is a duplicate, not an error
+
+    def set_version(self, version: int) -> None:
+        """The engines now serve policy `version`; workers tag later groups with it."""
+        self.policy_version = version
+        for w in self.workers.values():
+            self._send(w.identity, VERSION, {"session": self.session, "policy_version": version})
+
+    def outstanding(self) -> list[str]:
+        return list(self.items)
+
+    def in_flight(self) -> dict[str, int]:
+        return {name: len(w.in_flight) for name, w in self.workers.items()}
+
+    def poll(self, timeout_ms: int = 100, max_messages: int = 256) -> list[Accepted]:
+        """Handles what arrives within `timeout_ms` (returns as soon as results are in), checks
+        deadlines, assigns pending prompts and acknowledges. Returns newly accepted results."""
+        if self._closed:
+            raise RuntimeError("poll on a closed StreamEndpoint")
+        out: list[Accepted] = []
+        deadline = time.monotonic() + max(timeout_ms, 0) / 1000.0
+        handled = 0
+        self._assign()
+        while handled < max_messages:
+            wait = 0 if out else max(0, int((deadline - time.monotonic()) * 1000))
+            if not self._sock.poll(wait, zmq.POLLIN):
+                break
+            frames = self._sock.recv_multipart(copy=False)
+            handled += 1
+            self._handle(frames, out)
+            if not self._sock.poll(0, zmq.POLLIN):  # queue drained: give work out before waiting again
+                self._assign()
+                self._flush_acks()
+        self._check_silent()
+        self._assign()
+        self._flush_acks()
+        if out:
+            self.last_progress = time.monotonic()
+        return out
+
+    def describe_workers(self) -> str:
+        now = time.monotonic()
+        if not self.workers:
+            return "no worker has connected"
+        return "; ".join(f"'{w.name}' last heard {now - w.last_seen:.1f}s ago, holds {len(w.in_flight)}"
+                         + (" (silent)" if w.silent else "") for w in self.workers.values())
+
+    # --- messages ---------------------------------------------------------------------------------
+
+    def _handle(self, frames: list[Any], out: list[Accepted]) -> None:
+        identity = frames[0].bytes if frames else b""
+        try:
+            if len(frames) < 2:
+                raise WireError("frames: no payload after the routing identity")
+            self.stats.bytes_in += sum(len(f.buffer) for f in frames[1:])
+            msg_type, meta, tensors = decode(frames[1:])
+            if msg_type in (HELLO, HEARTBEAT):
+                self._on_peer(identity, check_peer(meta, msg_type), msg_type == HELLO)
+            elif msg_type == RESULT:
+                self._on_result(identity, decode_result(meta, tensors, self.cfg.max_token_id), out)
+            elif msg_type == BYE:
+                self._on_bye(identity)
+            else:
+                raise WireError(f"header.type: unknown message type {msg_type!r}")
+        except WireError as e:
+            self._bad(identity, str(e))
+
+    def _sender(self, identity: bytes) -> str:
+        name = self._by_identity.get(identity)
+        return f"worker '{name}'" if name else f"unregistered peer {identity.hex()}"
+
+    def _bad(self, identity: bytes, error: str) -> None:
+        self.stats.malformed += 1
+        self.stats.last_error = error
+        n = self.stats.bad_by_sender[identity] = self.stats.bad_by_sender[identity] + 1
+        if len(self.stats.bad_by_sender) > 10_000:  # bound the per-sender table under a flood of peers
+            self.stats.bad_by_sender = Counter(dict(self.stats.bad_by_sender.most_common(1000)))
+        if n <= _LOG_FIRST_BAD or n % 1000 == 0:
+            logger.warning("rollout stream: dropped a bad message #%d from %s: %s", n, self._sender(identity), error)
+
+    def _on_peer(self, identity: bytes, rep: PeerReport, hello: bool) -> None:
+        now = time.monotonic()
+        w = self.workers.get(rep.worker)
+        if w is not None and w.incarnation != rep.incarnation:
+            self._requeue(w, list(w.in_flight), f"restarted (incarnation {w.incarnation} -> {rep.incarnation})")
+            w = None
+        moved = w is not None and w.identity != identity
+        if w is None:
+            w = self.workers[rep.worker] = _Worker(rep.worker, rep.incarnation, identity, rep.capacity, now)
+            logger.info("rollout stream: worker '%s' joined (capacity %d)", rep.worker, rep.capacity)
+        self._by_identity.pop(w.identity, None)
+        w.identity, w.capacity, w.last_seen = identity, rep.capacity, now
+        self._by_identity[identity] = w.name
+        if w.silent:
+            logger.info("rollout stream: worker '%s' is back", w.name)
+            w.silent = False
+        seen = rep.seen_seq if rep.session == self.session else -1
+        # Prompts sent to this worker that it does not hold: lost on a dropped connection.
+        lost = [sid for sid, seq in w.in_flight.items() if sid not in rep.held and (moved or seq <= seen)]
+        if lost:
+            self._requeue(w, lost, "reconnected without them" if moved else "does not hold them")
+        if hello or rep.session != self.session:
+            self._send(identity, WELCOME, {"session": self.session, "policy_version": self.policy_version})
+
+    def _on_bye(self, identity: bytes) -> None:
+        name = self._by_identity.pop(identity, None)
+        w = self.workers.pop(name, None) if name else None
+        if w is not None:
+            self._requeue(w, list(w.in_flight), "said goodbye")
+
+    def _on_result(self, identity: bytes, frames: ResultFrames, out: list[Accepted]) -> None:
+        sid, m = frames.meta["sample_id"], frames.meta
+        name = self._by_identity.get(identity)
+        if name is not None:
+            self.workers[name].last_seen = time.monotonic()
+        self._acks.setdefault(identity, []).append(sid)  # taken or not wanted: the worker may forget it
+        item = self.items.get(sid)
+        if item is None:
+            self.stats.duplicates += 1
+            return
+        n = item.params.get("n")
+        if n is not None and len(m["lengths"]) != n:
+            self._acks[identity].pop()
+            raise WireError(f"result '{sid}': {len(m['lengths'])} responses, the assignment asked for n={n}")
+        owner = self.workers.get(self.owner.get(sid, ""))
+        age = self.policy_version - m["policy_version"]
+        if self.max_staleness is not None and age > self.max_staleness:
+            self.stats.stale += 1
+            if owner is None or owner.name == name:  # else its new owner is still working on it
+                if owner is not None:
+                    owner.in_flight.pop(sid, None)
+                self.owner.pop(sid, None)
+                if sid not in self.pending:
+                    self.pending.appendleft(sid)
+            return
+        del self.items[sid]
+        self.done.add(sid)
+        self.owner.pop(sid, None)
+        if owner is not None:
+            owner.in_flight.pop(sid, None)
+            owner.returned += 1
+        self.staleness[max(age, 0)] += 1
+        self.stats.results += 1
+        out.append(Accepted(item=item, frames=frames, received_at=time.monotonic()))
+
+    # --- assignment -------------------------------------------------------------------------------
+
+    def _requeue(self, w: _Worker, ids: list[str], why: str) -> None:
+        ids = [sid for sid in ids if sid in w.in_flight]
+        for sid in ids:
+            del w.in_flight[sid]
+            if sid in self.items and self.owner.get(sid) == w.name:
+                del self.owner[sid]
+                self.pending.appendleft(sid)
+        if ids:
+            self.stats.reassigned += len(ids)
+            shown = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
+            logger.warning("rollout stream: worker '%s' %s: re-assigning %d prompt(s) [%s]", w.name, why, len(ids), shown)
+
+    def _check_silent(self) -> None:
+        now = time.monotonic()
+        for w in self.workers.values():
+            if not w.silent and now - w.last_seen > self.cfg.worker_timeout_s:
+                w.silent = True
+                self._requeue(w, list(w.in_flight), f"silent for {now - w.last_seen:.1f}s "
+                              f"(transport.worker_timeout_s={self.cfg.worker_timeout_s})")
+                if not w.in_flight:
+                    logger.warning("rollout stream: worker '%s' silent for %.1fs", w.name, now - w.last_seen)
+
+    def _assign(self) -> None:
+        """Round-robin over live workers with credit, one message per worker."""
+        # A worker is topped up once a quarter of its window is free (or the queue is short):
+        # fewer, larger assign messages for the same window.
+        live = [w for w in self.workers.values() if not w.silent
+                and min(w.capacity, self.cfg.credits_per_worker) - len(w.in_flight)
+                >= min(len(self.pending), max(1, min(w.capacity, self.cfg.credits_per_worker) // 4))]
+        batches: dict[str, list[WorkItem]] = {}
+        progress = True
+        while self.pending and progress:
+            progress = False
+            for w in live:
+                if not self.pending:
+                    break
+                if len(w.in_flight) + len(batches.get(w.name, [])) < min(w.capacity, self.cfg.credits_per_worker):
+                    sid = self.pending.popleft()
+                    if sid not in self.items:
+                        continue
+                    batches.setdefault(w.name, []).append(self.items[sid])
+                    progress = True
+        for name, items in batches.items():
+            w = self.workers[name]
+            w.seq += 1
+            for item in items:
+                w.in_flight[item.sample_id] = w.seq
+                self.owner[item.sample_id] = name
+            self._send(w.identity, ASSIGN, {"session": self.session, "seq": w.seq, "policy_version": self.policy_version,
+                                            "items": [item_to_wire(i) for i in items]})
+
+    def _flush_acks(self) -> None:
+        for identity, ids in self._acks.items():
+            self._send(identity, ACK, {"session": self.session, "ids": ids})
+        self._acks.clear()
+
+    def _send(self, identity: bytes, msg_type: str, meta: dict[str, Any]) -> None:
+        try:
+            self._sock.send_multipart([identity, *encode(msg_type, meta)], flags=zmq.NOBLOCK)
+        except zmq.Again:  # that worker's queue is full: it will be re-synced by its next report
+            logger.warning("rollout stream: queue to %s is full; dropped a %s message", self._sender(identity), msg_type)
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars for the step summary (prefix `stream/`)."""
+        out = {"queue_depth": float(len(self.pending)), "outstanding": float(len(self.items)),
+               "workers": float(sum(not w.silent for w in self.workers.values())),
+               "duplicates": float(self.stats.duplicates), "stale_dropped": float(self.stats.stale),
+               "malformed": float(self.stats.malformed), "reassigned": float(self.stats.reassigned)}
+        for name, w in self.workers.items():
+            out[f"in_flight/{name}"] = float(len(w.in_flight))
+        total = sum(self.staleness.values())
+        for age, count in sorted(self.staleness.items()):
+            out[f"staleness/{age}"] = count / total
+        return out
+
+    def close(self, goodbye: bool = True) -> None:
+        """`goodbye`: tell connected workers the run is over (they exit)."""
+        if not self._closed:
+            self._closed = True
+            if goodbye:
+                for w in self.workers.values():
+                    self._send(w.identity, BYE, {"session": self.session})
+            self._sock.close(linger=500 if goodbye else 0)
+            self._ctx.term()
+
+    def __enter__(self) -> StreamEndpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["StreamEndpoint", "StreamStalled", "Accepted", "EndpointStats"]

@@ -1,0 +1,254 @@
+"""Messages between the trainer's stream endpoint and rollout workers (pickle-free, see `wire`).
+
+  worker -> trainer
+    hello      {worker, incarnation, capacity, held, session, seen_seq}   registers (or re-registers)
+    heartbeat  {worker, incarnation, capacity, held, session, seen_seq}   every transport.heartbeat_s
+               held: sample ids the worker holds (queued, generating or unacked); seen_seq: the
+               highest `assign.seq` it received from trainer `session` (-1 = none)
+    result     {worker, incarnation, sample_id, policy_version, lengths, texts, finish, rewards,
+                reward_samples, gen_s}  + tensors prompt_ids int32 [P], token_ids int32 [sum(lengths)],
+                                          logprobs float32 [sum(lengths)] (absent without engine log-probs)
+    bye        {worker, incarnation}
+  trainer -> worker
+    welcome    {session, policy_version}                                  answers hello / heartbeat
+    assign     {session, seq, policy_version, items: [{sample_id, prompt, params, step, index, recycle}]}
+    ack        {session, ids: [sample_id]}                                 results taken (or not wanted)
+    version    {session, policy_version}                                   new weights on the engines
+
+A result carries no prompt: the trainer rebuilds the group from its own record of the
+assignment, so a worker cannot change what it was asked. Token ids and log-probs travel as raw
+tensor frames (one per message), so a group costs one copy, not a Python list per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from spark_mcore.transport.records import (
+    _expect_map,
+    _float,
+    _int,
+    _str,
+    prompt_from_wire,
+    prompt_to_wire,
+    reward_sample_from_wire,
+    reward_sample_to_wire,
+)
+from spark_mcore.transport.wire import WireError, encode
+from spark_mcore.types import Completion, Prompt, RewardSample, Rollout, RolloutGroup
+
+HELLO, HEARTBEAT, RESULT, BYE = "hello", "heartbeat", "result", "bye"
+WELCOME, ASSIGN, ACK, VERSION = "welcome", "assign", "ack", "version"
+_PARAM_KEYS = {"n", "temperature", "top_p", "max_new_tokens", "seed", "stop_token_ids"}
+MAX_ID_CHARS = 200
+MAX_HELD = 100_000
+
+
+@dataclass
+class WorkItem:
+    """One prompt to turn into a verified group. `step`/`index` seed SPARK's recycling exactly as
+    the in-process recycler would (policy step, position of the group in that step)."""
+
+    sample_id: str
+    prompt: Prompt
+    params: dict[str, Any]
+    step: int = 0
+    index: int = 0
+    recycle: bool = False
+
+
+@dataclass
+class WorkResult:
+    """A verified group as a worker returns it. `candidates` are the SPARK reward tasks recycled
+    from it (judge and/or reflection, before the per-step caps, which the trainer applies)."""
+
+    sample_id: str
+    worker: str
+    policy_version: int
+    prompt_ids: list[int]
+    completions: list[Completion]
+    rewards: list[float]
+    candidates: list[RewardSample] = field(default_factory=list)
+    gen_s: float = 0.0
+
+    def to_group(self, prompt: Prompt) -> RolloutGroup:
+        return RolloutGroup(prompt=prompt, rollouts=[
+            Rollout(prompt, list(self.prompt_ids), c, reward=r, policy_version=self.policy_version)
+            for c, r in zip(self.completions, self.rewards, strict=True)])
+
+
+# --- work items ---------------------------------------------------------------------------------
+
+
+def item_to_wire(item: WorkItem) -> dict[str, Any]:
+    return {"sample_id": item.sample_id, "prompt": prompt_to_wire(item.prompt), "params": dict(item.params),
+            "step": item.step, "index": item.index, "recycle": item.recycle}
+
+
+def _sample_id(v: Any, where: str) -> str:
+    s = _str(v, where)
+    if not s or len(s) > MAX_ID_CHARS:
+        raise WireError(f"{where}: sample ids are 1..{MAX_ID_CHARS} characters, got {len(s)}")
+    return s
+
+
+def item_from_wire(d: Any, where: str = "item") -> WorkItem:
+    d = _expect_map(d, where, {"sample_id", "prompt", "params", "step", "index", "recycle"})
+    params = _expect_map(d["params"], f"{where}.params", set(), frozenset(_PARAM_KEYS))
+    if not isinstance(d["recycle"], bool):
+        raise WireError(f"{where}.recycle: expected a bool, got {d['recycle']!r}")
+    return WorkItem(sample_id=_sample_id(d["sample_id"], f"{where}.sample_id"),
+                    prompt=prompt_from_wire(d["prompt"], f"{where}.prompt"), params=dict(params),
+                    step=_int(d["step"], f"{where}.step"), index=_int(d["index"], f"{where}.index"),
+                    recycle=d["recycle"])
+
+
+# --- results ------------------------------------------------------------------------------------
+
+
+def result_tensors(res: WorkResult) -> dict[str, torch.Tensor]:
+    """The raw frames of a result: prompt ids, all responses' token ids and log-probs, flat."""
+    def flat(lists: list[list[Any]], dtype: type) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([np.asarray(x, dtype=dtype) for x in lists]) if lists
+                                else np.zeros(0, dtype=dtype))
+
+    tensors = {"prompt_ids": torch.from_numpy(np.asarray(res.prompt_ids, dtype=np.int32)),
+               "token_ids": flat([c.token_ids for c in res.completions], np.int32)}
+    if res.completions and all(c.logprobs is not None for c in res.completions):
+        tensors["logprobs"] = flat([c.logprobs for c in res.completions], np.float32)
+    return tensors
+
+
+def result_meta(res: WorkResult, incarnation: str) -> dict[str, Any]:
+    return {"worker": res.worker, "incarnation": incarnation, "sample_id": res.sample_id,
+            "policy_version": res.policy_version, "lengths": [len(c.token_ids) for c in res.completions],
+            "texts": [c.text for c in res.completions], "finish": [c.finish_reason for c in res.completions],
+            "rewards": [float(r) for r in res.rewards],
+            "reward_samples": [reward_sample_to_wire(s) for s in res.candidates], "gen_s": float(res.gen_s)}
+
+
+def encode_result(res: WorkResult, incarnation: str) -> list[Any]:
+    """Frames of one `result` message (see the module docstring)."""
+    return encode(RESULT, result_meta(res, incarnation), result_tensors(res))
+
+
+@dataclass
+class ResultFrames:
+    """A `result` message validated down to its tensors (what the stream hands over before any
+    per-token Python objects exist); `to_result` builds the records."""
+
+    meta: dict[str, Any]
+    prompt_ids: torch.Tensor
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor | None
+
+    def to_result(self) -> WorkResult:
+        m = self.meta
+        offsets = np.cumsum([0, *m["lengths"]])
+        ids, lps = self.token_ids.tolist(), None if self.logprobs is None else self.logprobs.tolist()
+        comps = [Completion(token_ids=ids[a:b], text=t, logprobs=None if lps is None else lps[a:b], finish_reason=f)
+                 for a, b, t, f in zip(offsets[:-1], offsets[1:], m["texts"], m["finish"], strict=True)]
+        return WorkResult(sample_id=m["sample_id"], worker=m["worker"], policy_version=m["policy_version"],
+                          prompt_ids=self.prompt_ids.tolist(), completions=comps, rewards=list(m["rewards"]),
+                          candidates=list(m["reward_samples"]), gen_s=m["gen_s"])
+
+
+_RESULT_KEYS = {"worker", "incarnation", "sample_id", "policy_version", "lengths", "texts", "finish", "rewards",
+                "reward_samples", "gen_s"}
+
+
+def _check_lists(m: dict[str, Any]) -> int:
+    n = len(m["lengths"]) if isinstance(m["lengths"], list) else -1
+    for key in ("lengths", "texts", "finish", "rewards"):
+        if not isinstance(m[key], list) or len(m[key]) != n:
+            raise WireError(f"result.meta.{key}: expected a list of {max(n, 0)} entries (one per response)")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in m["lengths"]):
+        raise WireError("result.meta.lengths: expected non-negative integers")
+    if not all(isinstance(x, str) for x in m["texts"] + m["finish"]):
+        raise WireError("result.meta.texts/finish: expected strings")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in m["rewards"]):
+        raise WireError("result.meta.rewards: expected finite numbers")
+    return n
+
+
+def _tensor(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, size: int | None) -> torch.Tensor:
+    t = tensors.get(name)
+    if t is None:
+        raise WireError(f"result.tensors.{name}: missing")
+    if t.dtype != dtype or t.dim() != 1 or (size is not None and t.numel() != size):
+        want = f"[{size}]" if size is not None else "[P]"
+        raise WireError(f"result.tensors.{name}: expected {dtype} {want}, got {t.dtype} {list(t.shape)}")
+    return t
+
+
+def decode_result(meta: dict[str, Any], tensors: dict[str, torch.Tensor], max_token_id: int = 0) -> ResultFrames:
+    """Validates a decoded `result` message: required fields and types, one length/text/finish/
+    reward per response, tensor dtypes and sizes, token ids in range, finite log-probs <= 0."""
+    m = _expect_map(meta, "result.meta", _RESULT_KEYS)
+    _sample_id(m["sample_id"], "result.meta.sample_id")
+    _str(m["worker"], "result.meta.worker")
+    if _int(m["policy_version"], "result.meta.policy_version") < 0:
+        raise WireError("result.meta.policy_version: must be >= 0")
+    _float(m["gen_s"], "result.meta.gen_s")
+    _check_lists(m)
+    unknown = tensors.keys() - {"prompt_ids", "token_ids", "logprobs"}
+    if unknown:
+        raise WireError(f"result.tensors: unknown tensor(s) {sorted(unknown)}")
+    total = sum(m["lengths"])
+    prompt_ids = _tensor(tensors, "prompt_ids", torch.int32, None)
+    token_ids = _tensor(tensors, "token_ids", torch.int32, total)
+    logprobs = _tensor(tensors, "logprobs", torch.float32, total) if "logprobs" in tensors else None
+    # numpy, not torch, for these checks: torch's intra-op threads cost more than the work here
+    for name, t in (("prompt_ids", prompt_ids), ("token_ids", token_ids)):
+        a = t.numpy()
+        if a.size and (int(a.min()) < 0 or (max_token_id and int(a.max()) >= max_token_id)):
+            raise WireError(f"result.tensors.{name}: token ids outside [0, {max_token_id or 'inf'})")
+    if logprobs is not None and logprobs.numel():
+        top = float(logprobs.numpy().max())  # NaN propagates into max; inf fails the bound
+        if not (math.isfinite(top) and top <= 1e-3) or not math.isfinite(float(logprobs.numpy().min())):
+            raise WireError("result.tensors.logprobs: expected finite values <= 0")
+    if not isinstance(m["reward_samples"], list) or len(m["reward_samples"]) > 2:
+        raise WireError("result.meta.reward_samples: expected a list of at most 2 (judge, reflection)")
+    m["reward_samples"] = [reward_sample_from_wire(s, f"result.meta.reward_samples[{i}]")
+                           for i, s in enumerate(m["reward_samples"])]
+    return ResultFrames(meta=m, prompt_ids=prompt_ids, token_ids=token_ids, logprobs=logprobs)
+
+
+# --- small control messages -----------------------------------------------------------------------
+
+
+@dataclass
+class PeerReport:
+    """What a hello / heartbeat says about its worker."""
+
+    worker: str
+    incarnation: str
+    capacity: int
+    held: set[str]
+    session: str
+    seen_seq: int
+
+
+def check_peer(meta: dict[str, Any], kind: str) -> PeerReport:
+    """Validates a hello / heartbeat."""
+    m = _expect_map(meta, f"{kind}.meta", {"worker", "incarnation", "capacity", "held", "session", "seen_seq"})
+    worker, inc = _str(m["worker"], f"{kind}.meta.worker"), _str(m["incarnation"], f"{kind}.meta.incarnation")
+    if not 0 < len(worker) <= MAX_ID_CHARS or not 0 < len(inc) <= MAX_ID_CHARS:
+        raise WireError(f"{kind}.meta.worker/incarnation: 1..{MAX_ID_CHARS} characters")
+    capacity = _int(m["capacity"], f"{kind}.meta.capacity")
+    if capacity < 0:
+        raise WireError(f"{kind}.meta.capacity: must be >= 0")
+    held = m["held"]
+    if not isinstance(held, list) or len(held) > MAX_HELD or not all(isinstance(x, str) for x in held):
+        raise WireError(f"{kind}.meta.held: expected a list of sample id strings")
+    return PeerReport(worker, inc, capacity, set(held), _str(m["session"], f"{kind}.meta.session"),
+                      _int(m["seen_seq"], f"{kind}.meta.seen_seq"))
+
+
+__all__ = ["WorkItem", "WorkResult", "ResultFrames", "item_to_wire", "item_from_wire", "encode_result", "result_meta", "result_tensors",
+           "decode_result", "check_peer", "PeerReport", "HELLO", "HEARTBEAT", "RESULT", "BYE", "WELCOME", "ASSIGN", "ACK", "VERSION"]

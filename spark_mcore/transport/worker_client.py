@@ -1,0 +1,171 @@
+"""A rollout worker's end of the stream: a DEALER that connects to the trainer's endpoint, takes
+prompt assignments and sends verified groups back until the trainer acknowledges them.
+
+Delivery: a result stays in `unacked` until an `ack` names it. When the trainer answers with a
+new session (it restarted) or the connection moved, every unacknowledged result is sent again;
+the trainer keeps the first copy of each sample id. Heartbeats report what the worker holds, so
+the trainer can re-issue prompts whose assignment was lost with a connection.
+Not thread-safe: one thread calls `poll` / `send_result` (ZeroMQ sockets are single-threaded).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+import zmq
+
+from spark_mcore.transport.protocol import (
+    ACK,
+    ASSIGN,
+    BYE,
+    HEARTBEAT,
+    HELLO,
+    VERSION,
+    WELCOME,
+    WorkItem,
+    WorkResult,
+    encode_result,
+    item_from_wire,
+)
+from spark_mcore.transport.records import _int, _str
+from spark_mcore.transport.wire import WireError, decode, encode
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerClient:
+    """connect: the trainer's `tcp://HOST:PORT`; capacity: prompts this worker wants at once.
+    server_public_key: the trainer's CURVE public key when it uses CURVE (Z85, 40 chars)."""
+
+    def __init__(self, connect: str, worker: str | None = None, capacity: int = 8, heartbeat_s: float = 1.0,
+                 server_public_key: str = "", high_water_mark: int = 256, max_message_bytes: int = 64 << 20) -> None:
+        if not isinstance(connect, str) or not connect.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError(f"--connect: expected the trainer's address like tcp://127.0.0.1:5555, got {connect!r}")
+        if capacity < 1:
+            raise ValueError(f"capacity: must be >= 1, got {capacity}")
+        self.connect = connect
+        self.worker = worker or f"worker-{os.getpid()}"
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.capacity = capacity
+        self.heartbeat_s = heartbeat_s
+        self.policy_version = 0
+        self.session = ""
+        self.seen_seq = -1
+        self.working: set[str] = set()
+        self.unacked: dict[str, list[Any]] = {}
+        self.resent = 0
+        self.trainer_done = False  # the trainer said goodbye (its run ended)
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, high_water_mark)
+        self._sock.setsockopt(zmq.RCVHWM, high_water_mark)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if server_public_key:
+            pub, sec = zmq.curve_keypair()
+            self._sock.setsockopt_string(zmq.CURVE_SERVERKEY, server_public_key)
+            self._sock.setsockopt(zmq.CURVE_PUBLICKEY, pub)
+            self._sock.setsockopt(zmq.CURVE_SECRETKEY, sec)
+        self._sock.connect(connect)
+        self._last_report = 0.0
+        self._closed = False
+        self._report(HELLO)
+
+    @property
+    def held(self) -> set[str]:
+        return self.working | set(self.unacked)
+
+    def _report(self, kind: str) -> None:
+        self._send(encode(kind, {"worker": self.worker, "incarnation": self.incarnation, "capacity": self.capacity,
+                                 "held": sorted(self.held), "session": self.session, "seen_seq": self.seen_seq}))
+        self._last_report = time.monotonic()
+
+    def _send(self, frames: list[Any]) -> bool:
+        try:
+            self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:  # trainer unreachable and the queue is full: the report/resend retries
+            return False
+
+    def poll(self, timeout_ms: int = 100) -> list[WorkItem]:
+        """Handles messages from the trainer for up to `timeout_ms` (returns early with new
+        work) and sends a heartbeat when one is due. Returns newly assigned items."""
+        new: list[WorkItem] = []
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        while True:
+            if time.monotonic() - self._last_report >= self.heartbeat_s:
+                self._report(HEARTBEAT)
+            wait = 0 if new else max(0, min(int((deadline - time.monotonic()) * 1000), int(self.heartbeat_s * 1000)))
+            if not self._sock.poll(wait, zmq.POLLIN):
+                if new or time.monotonic() >= deadline:
+                    return new
+                continue
+            try:
+                self._handle(self._sock.recv_multipart(copy=False), new)
+            except WireError as e:
+                logger.warning("rollout worker %s: ignored a bad message from the trainer: %s", self.worker, e)
+
+    def _handle(self, frames: list[Any], new: list[WorkItem]) -> None:
+        msg_type, meta, _ = decode(frames)
+        if msg_type == WELCOME:
+            session = _str(meta.get("session"), "welcome.session")
+            self.policy_version = _int(meta.get("policy_version"), "welcome.policy_version")
+            if session != self.session:
+                if self.session:
+                    logger.warning("rollout worker %s: trainer session changed (%s -> %s): re-sending %d result(s)",
+                                   self.worker, self.session, session, len(self.unacked))
+                self.session, self.seen_seq = session, -1
+                for frames_ in self.unacked.values():
+                    self.resent += self._send(frames_)
+        elif msg_type == ASSIGN:
+            seq = _int(meta.get("seq"), "assign.seq")
+            items = meta.get("items")
+            if not isinstance(items, list):
+                raise WireError("assign.items: expected a list")
+            parsed = [item_from_wire(d, f"assign.items[{i}]") for i, d in enumerate(items)]
+            self.policy_version = max(self.policy_version, _int(meta.get("policy_version"), "assign.policy_version"))
+            if meta.get("session") == self.session:
+                self.seen_seq = max(self.seen_seq, seq)
+            for item in parsed:
+                if item.sample_id not in self.held:
+                    self.working.add(item.sample_id)
+                    new.append(item)
+        elif msg_type == ACK:
+            ids = meta.get("ids")
+            if not isinstance(ids, list):
+                raise WireError("ack.ids: expected a list")
+            for sid in ids:
+                self.unacked.pop(sid, None) if isinstance(sid, str) else None
+        elif msg_type == BYE:
+            self.trainer_done = True
+        elif msg_type == VERSION:
+            self.policy_version = max(self.policy_version, _int(meta.get("policy_version"), "version.policy_version"))
+        else:
+            raise WireError(f"header.type: unexpected message type {msg_type!r} from the trainer")
+
+    def send_result(self, result: WorkResult) -> None:
+        """Sends a verified group; it is kept (and re-sent after a trainer restart) until acked."""
+        self.send_encoded(result.sample_id, encode_result(result, self.incarnation))
+
+    def send_encoded(self, sample_id: str, frames: list[Any]) -> None:
+        """`send_result` for frames already encoded (`protocol.encode_result`, same incarnation)."""
+        self.working.discard(sample_id)
+        self.unacked[sample_id] = frames
+        self._send(frames)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._send(encode(BYE, {"worker": self.worker, "incarnation": self.incarnation}))
+        self._sock.close(linger=200)
+        self._ctx.term()
+
+
+__all__ = ["WorkerClient"]

@@ -1,0 +1,52 @@
+"""tools/compare_spark_grpo.py: the table (mean ± std over seeds) and the issue's checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "tools" / "compare_spark_grpo.py"
+_spec = importlib.util.spec_from_file_location("compare_spark_grpo", _PATH)
+tool = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = tool  # dataclasses look their module up
+_spec.loader.exec_module(tool)  # type: ignore[union-attr]
+
+
+def _res(judge: float, greedy: float, delta: float) -> dict[str, float]:
+    out = {k: 0.5 for k in tool.METRICS}
+    out.update(judge=judge, greedy=greedy, sr_delta=delta, train_s=10.0)
+    return out
+
+
+def _per_seed(spark_judge: list[float]) -> dict:
+    return {s: {"sft": _res(0.6, 0.3, -0.05), "grpo": _res(0.6, 0.4, -0.04), "spark": _res(j, 0.40, 0.02)}
+            for s, j in enumerate(spark_judge)}
+
+
+def test_mean_std() -> None:
+    assert tool.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert tool.mean_std([0.5]) == (0.5, 0.0)
+
+
+def test_checks_pass_and_fail_on_the_margins() -> None:
+    ok = {claim: holds for claim, holds, _ in tool.checks(_per_seed([0.70, 0.72, 0.74]))}
+    assert list(ok.values()) == [True, True, True]
+    # a mean gain of 0.02 with a seed std of 0.1 is not "more than the larger std"
+    ok = {claim: holds for claim, holds, _ in tool.checks(_per_seed([0.52, 0.62, 0.72]))}
+    assert list(ok.values()) == [False, True, True]
+
+
+def test_table_shows_mean_and_std_per_model_and_each_seed() -> None:
+    md = tool.table(_per_seed([0.70, 0.72, 0.74]))
+    assert "| judge acc (mean of the two) | 60.0 ± 0.0 | 60.0 ± 0.0 | 72.0 ± 2.0 |" in md
+    assert "| self-reflection change vs greedy | -5.0 ± 0.0 | -4.0 ± 0.0 | +2.0 ± 0.0 |" in md
+    assert md.count("| 2 | SPARK |") == 1
+
+
+def test_arguments_are_validated() -> None:
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--samples", "1"])
+    assert tool.parse_args(["--task", "arith", "--seeds", "0"]).task == "arith"

@@ -1,0 +1,267 @@
+"""The stream endpoint's bookkeeping in one process (real sockets on 127.0.0.1): bind-address
+rules, credits, dedup by sample id, re-send after a trainer restart, re-assignment of a silent
+worker's prompts, staleness, and the StreamSource's checkpoint state."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from spark_mcore.config.loader import ConfigError
+from spark_mcore.rollout.base import SamplingParams
+from spark_mcore.rollout.source import StepRequest, StreamSource
+from spark_mcore.transport.config import StreamConfig
+from spark_mcore.transport.endpoint import StreamEndpoint
+from spark_mcore.transport.protocol import WorkItem, WorkResult
+from spark_mcore.transport.worker_client import WorkerClient
+from spark_mcore.types import Completion, Prompt
+
+FAST = {"heartbeat_s": 0.05, "worker_timeout_s": 0.5}
+
+
+def _items(n: int, prefix: str = "s") -> list[WorkItem]:
+    return [WorkItem(f"{prefix}{i}", Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1"), {"n": 1})
+            for i in range(n)]
+
+
+def _answer(client: WorkerClient) -> list[str]:
+    """Answers new assignments, tagged with the policy version the worker last heard of."""
+    done = []
+    for item in client.poll(10):
+        client.send_result(WorkResult(item.sample_id, client.worker, client.policy_version, [1],
+                                      [Completion([2], "t", [-0.1])], [1.0]))
+        done.append(item.sample_id)
+    return done
+
+
+def _pump(ep: StreamEndpoint, clients: list[WorkerClient], until, timeout: float = 10.0, answer: bool = True) -> list:
+    got, deadline = [], time.monotonic() + timeout
+    while not until(got):
+        assert time.monotonic() < deadline, f"timed out; endpoint workers: {ep.describe_workers()}"
+        got += ep.poll(10)
+        for c in clients:
+            _answer(c) if answer else c.poll(5)
+    return got
+
+
+@pytest.mark.parametrize("bind", ["tcp://0.0.0.0:5555", "tcp://*:5555", "127.0.0.1:5555", "tcp://127.0.0.1"])
+def test_bind_must_be_explicit_and_never_all_interfaces_silently(bind: str) -> None:
+    with pytest.raises(ConfigError, match="transport.bind"):
+        StreamConfig(bind=bind)
+
+
+def test_all_interfaces_only_when_asked_and_curve_keys_go_together() -> None:
+    assert StreamConfig(bind="tcp://0.0.0.0:5555", allow_all_interfaces=True).bind.endswith(":5555")
+    with pytest.raises(ConfigError, match="curve_public_key"):
+        StreamConfig(curve_secret_key="x" * 40)
+
+
+def test_credits_bound_what_a_worker_holds_and_every_item_arrives_once() -> None:
+    ep = StreamEndpoint(StreamConfig(credits_per_worker=3, **FAST))
+    client = WorkerClient(ep.endpoint, "w", capacity=8, heartbeat_s=0.05)
+    try:
+        ep.submit(_items(10))
+        held_max = [0]
+
+        def until(got: list) -> bool:
+            held_max[0] = max(held_max[0], len(client.working))
+            return len(got) == 10
+
+        got = _pump(ep, [client], until)
+        assert sorted(a.item.sample_id for a in got) == sorted(f"s{i}" for i in range(10))
+        assert held_max[0] <= 3
+    finally:
+        client.close()
+        ep.close()
+
+
+def test_resent_results_after_trainer_restart_are_deduplicated() -> None:
+    ep = StreamEndpoint(StreamConfig(credits_per_worker=4, **FAST))
+    client = WorkerClient(ep.endpoint, "w", capacity=4, heartbeat_s=0.05)
+    try:
+        ep.submit(_items(2))
+        _pump(ep, [client], lambda g: client.working == {"s0", "s1"}, answer=False)
+        assert _answer(client) == [] and len(client.working) == 2
+        for sid in sorted(client.working):  # results sent, but the trainer dies before reading them
+            client.send_result(WorkResult(sid, "w", 0, [1], [Completion([2], "t", [-0.1])], [1.0]))
+        endpoint = ep.endpoint
+        ep.close(goodbye=False)
+        deadline = time.monotonic() + 10
+        while True:  # the restarted trainer binds the same address; it still owes s1 (s0 was trained)
+            try:
+                ep = StreamEndpoint(StreamConfig(bind=endpoint, credits_per_worker=4, **FAST))
+                break
+            except ValueError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        ep.submit(_items(2)[1:])
+        got = _pump(ep, [client], lambda g: len(g) >= 1 and not client.unacked, answer=False)
+        assert [a.item.sample_id for a in got] == ["s1"], "the re-sent s1 counts once"
+        assert ep.stats.duplicates == 1, "the re-sent s0 is acknowledged and dropped"
+    finally:
+        client.close()
+        ep.close()
+
+
+def test_silent_worker_loses_its_prompts_to_a_live_one(caplog) -> None:
+    ep = StreamEndpoint(StreamConfig(credits_per_worker=4, **FAST))
+    quiet = WorkerClient(ep.endpoint, "quiet", capacity=4, heartbeat_s=0.05)
+    live = None
+    try:
+        ep.submit(_items(4))
+        _pump(ep, [quiet], lambda g: ep.in_flight().get("quiet", 0) == 4, answer=False)
+        # `quiet` is never polled again: no heartbeats, no results (a hung or unplugged worker)
+        live = WorkerClient(ep.endpoint, "live", capacity=4, heartbeat_s=0.05)
+        got = _pump(ep, [live], lambda g: len(g) == 4)
+        assert sorted(a.item.sample_id for a in got) == [f"s{i}" for i in range(4)]
+        assert ep.stats.reassigned == 4 and ep.workers["quiet"].silent
+        assert any("worker 'quiet' silent" in r.getMessage() and "re-assigning 4" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        if live is not None:
+            live.close()
+        quiet.close()
+        ep.close()
+
+
+def test_stale_results_are_dropped_and_the_prompt_reassigned() -> None:
+    ep = StreamEndpoint(StreamConfig(credits_per_worker=1, **FAST), policy_version=5, max_staleness=1)
+    client = WorkerClient(ep.endpoint, "w", capacity=1, heartbeat_s=0.05)
+    try:
+        ep.submit(_items(1))
+        deadline, got, versions = time.monotonic() + 10, [], iter([3, 5])
+        while not got:
+            assert time.monotonic() < deadline
+            got += ep.poll(10)
+            for item in client.poll(10):
+                client.send_result(WorkResult(item.sample_id, "w", next(versions), [1], [Completion([2], "t")], [0.0]))
+        assert ep.stats.stale == 1 and got[0].frames.meta["policy_version"] == 5
+        assert ep.staleness == {0: 1}
+    finally:
+        client.close()
+        ep.close()
+
+
+def test_stream_source_state_reissues_batches_in_flight() -> None:
+    prompts = [Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1") for i in range(6)]
+    loader = iter([prompts[0:2], prompts[2:4], prompts[4:6]])
+    src = StreamSource(StreamEndpoint(StreamConfig(**FAST)), loader, max_staleness=1)
+    client = WorkerClient(src.endpoint.endpoint, "w", capacity=8, heartbeat_s=0.05)
+    import threading
+
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            _answer(client)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        out = src.collect(StepRequest(0, 0, True, [], SamplingParams(n=1)))
+        assert [g.prompt.id for g in out.groups] == ["p0", "p1"]
+        src.prefetch(True, [])  # async: the next step's batch is taken and assigned now
+        state = src.state_dict()
+        assert [[d["prompt"]["id"] for d in b] for b in state["batches"]] == [["p2", "p3"]]
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        client.close()
+        src.close()
+    again = StreamSource(StreamEndpoint(StreamConfig(**FAST)), iter([prompts[4:6]]))
+    again.load_state_dict(state)
+    assert again.endpoint.outstanding() == [d["sample_id"] for d in state["batches"][0]]
+    again.close()
+
+
+@pytest.mark.skipif(not __import__("zmq").has("curve"), reason="libzmq built without CURVE")
+def test_curve_keys_encrypt_and_keep_out_peers_without_the_server_key() -> None:
+    import zmq
+
+    public, secret = (k.decode() for k in zmq.curve_keypair())
+    ep = StreamEndpoint(StreamConfig(curve_secret_key=secret, curve_public_key=public, **FAST))
+    good = WorkerClient(ep.endpoint, "good", capacity=2, heartbeat_s=0.05, server_public_key=public)
+    plain = WorkerClient(ep.endpoint, "plain", capacity=2, heartbeat_s=0.05)  # no key: the handshake fails
+    try:
+        ep.submit(_items(3))
+        got = _pump(ep, [good, plain], lambda g: len(g) == 3)
+        assert sorted(a.item.sample_id for a in got) == ["s0", "s1", "s2"]
+        assert "plain" not in ep.workers
+    finally:
+        good.close()
+        plain.close()
+        ep.close()
+
+
+def test_async_prefetch_starts_reward_tasks_early_and_cancels_unused_ones() -> None:
+    import threading
+
+    prompts = [Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1") for i in range(8)]
+    rewards = [Prompt(f"r{i}", [{"role": "user", "content": "judge"}], "Yes", task="judge") for i in range(3)]
+    src = StreamSource(StreamEndpoint(StreamConfig(**FAST)), iter([prompts[0:2], prompts[2:4], prompts[4:6]]),
+                       max_staleness=1)
+    client = WorkerClient(src.endpoint.endpoint, "w", capacity=8, heartbeat_s=0.05)
+    stop = threading.Event()
+    answered: list[str] = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            answered.extend(_answer(client))
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        src.collect(StepRequest(0, 0, True, [], SamplingParams(n=1)))
+        src.prefetch(False, rewards[:2])
+        hinted = {p: i.sample_id for p, i in src._hinted.items()}
+        deadline = time.monotonic() + 10
+        while hinted["r0"] not in answered:  # generated while "training"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        out = src.collect(StepRequest(1, 1, False, [rewards[0], rewards[2]], SamplingParams(n=1)))
+        assert [g.prompt.id for g in out.groups] == ["r0", "r2"]
+        assert hinted["r1"] in src.endpoint.done and hinted["r1"] not in src.endpoint.items, "unused hint cancelled"
+        assert answered.count(hinted["r0"]) == 1, "the prefetched group was used, not generated again"
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        client.close()
+        src.close()
+
+
+def test_async_groups_too_old_for_the_training_step_are_generated_again() -> None:
+    import threading
+
+    prompts = [Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1") for i in range(4)]
+    src = StreamSource(StreamEndpoint(StreamConfig(**FAST), max_staleness=1), iter([prompts[0:2], prompts[2:4]]),
+                       max_staleness=1)
+    client = WorkerClient(src.endpoint.endpoint, "w", capacity=8, heartbeat_s=0.05)
+    stop = threading.Event()
+    answered: list[str] = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            answered.extend(_answer(client))
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        src.collect(StepRequest(0, 0, True, [], SamplingParams(n=1)))
+        src.prefetch(True, [])  # made by version 0 ...
+        early = [i.sample_id for i in src._batches[0]]
+        deadline = time.monotonic() + 10
+        while not set(early) <= set(answered):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        src.weights_pushed(1)
+        src.weights_pushed(2)  # ... but trained at version 2 (a reward step came in between)
+        out = src.collect(StepRequest(2, 1, True, [], SamplingParams(n=1)))
+        assert [g.prompt.id for g in out.groups] == ["p2", "p3"]
+        assert {r.policy_version for g in out.groups for r in g.rollouts} == {2}, "generated again"
+        assert out.metrics["stream/max_staleness_seen"] == 0
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        client.close()
+        src.close()

@@ -1,0 +1,214 @@
+"""Throughput and latency of the rollout stream against plain pyzmq PUSH/PULL of the same bytes.
+
+    python tools/bench_stream.py [--reps 3] [--sizes 1024,8192] [--messages-mb 40]
+
+A message is one verified group: 8 responses x L tokens with per-token log-probs and texts
+(the frames `protocol.encode_result` makes). Runs alternate A B A B (stream, then PUSH/PULL)
+with a fresh producer process each; the consumer is this process.
+  stream     a WorkerClient (DEALER) answers the assignments of a StreamEndpoint (ROUTER):
+             credits, acknowledgements, re-send bookkeeping, and on the trainer side full
+             validation of every message (`decode` + `decode_result`) into tensors.
+  push/pull  the producer sends the same frames over PUSH; the consumer only receives them.
+Both producers start from the group's arrays (the list -> array conversion of engine output
+and the consumer's tensor -> list conversion into records are reported separately: they cost
+the same whatever the transport). Latency is send -> accepted, wall clock, per message; the rate is groups over first send -> last
+arrival.
+Prints one row per run, a summary per size, and as the last line the median ratio
+(stream / push-pull groups per second) over all runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import zmq  # noqa: E402
+
+from spark_mcore.transport.config import StreamConfig  # noqa: E402
+from spark_mcore.transport.endpoint import StreamEndpoint  # noqa: E402
+from spark_mcore.transport.protocol import (  # noqa: E402
+    RESULT,
+    WorkItem,
+    WorkResult,
+    result_meta,
+    result_tensors,
+)
+from spark_mcore.transport.wire import encode  # noqa: E402
+from spark_mcore.types import Completion, Prompt  # noqa: E402
+
+N_RESPONSES = 8
+
+
+def group(tokens: int, seed: int = 0) -> WorkResult:
+    import random
+
+    rng = random.Random(seed)
+    comps = [Completion([rng.randrange(150_000) for _ in range(tokens)], "x" * (3 * tokens),
+                        [-rng.random() * 3 for _ in range(tokens)]) for _ in range(N_RESPONSES)]
+    return WorkResult("s", "bench", 0, [rng.randrange(150_000) for _ in range(200)], comps, [1.0] * N_RESPONSES)
+
+
+def _frames(res: WorkResult, tensors: dict, sid: str, sent: float) -> list:
+    res.sample_id, res.gen_s = sid, sent  # gen_s carries the send time through the stream
+    return encode(RESULT, result_meta(res, "bench"), tensors)
+
+
+# --- producers (child processes) -----------------------------------------------------------------
+
+
+def produce_stream(endpoint: str, tokens: int, messages: int) -> None:
+    from spark_mcore.transport.worker_client import WorkerClient
+
+    res = group(tokens)
+    tensors = result_tensors(res)
+    client = WorkerClient(endpoint, "bench", capacity=32, heartbeat_s=1.0, max_message_bytes=1 << 30)
+    sent = 0
+    while not client.trainer_done:
+        for item in client.poll(5):
+            client.send_encoded(item.sample_id, _frames(res, tensors, item.sample_id, time.time()))
+            sent += 1
+    client.close()
+
+
+def produce_pushpull(endpoint: str, tokens: int, messages: int) -> None:
+    res = group(tokens)
+    tensors = result_tensors(res)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, 32)  # the same window as the stream's credits
+    sock.connect(endpoint)
+    for i in range(messages):
+        sock.send_multipart(_frames(res, tensors, f"s{i}", time.time()), copy=False)
+    sock.close(linger=-1)
+    ctx.term()
+
+
+# --- consumers (this process) ----------------------------------------------------------------------
+
+
+def _spawn(kind: str, endpoint: str, tokens: int, messages: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, "--produce", kind, "--endpoint", endpoint,
+                             "--tokens", str(tokens), "--messages", str(messages)],
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _summary(recv: list[float], sent: list[float], nbytes: int) -> dict:
+    # rate over the whole pipeline: first send to last arrival (a consumer that falls behind
+    # and drains a burst must not look fast)
+    span = max(recv) - min(sent)
+    lat = sorted((r - s) * 1e3 for r, s in zip(recv, sent, strict=True))
+    n = len(recv)
+    return {"groups_s": n / span, "mb_s": n * nbytes / span / 1e6, "p50_ms": lat[len(lat) // 2],
+            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))]}
+
+
+def run_stream(tokens: int, messages: int) -> dict:
+    ep = StreamEndpoint(StreamConfig(credits_per_worker=32, max_message_bytes=1 << 30, heartbeat_s=1.0,
+                                     worker_timeout_s=60.0, high_water_mark=64))
+    ep.submit([WorkItem(f"s{i}", Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1"), {"n": N_RESPONSES})
+               for i in range(messages)])
+    proc = _spawn("stream", ep.endpoint, tokens, messages)
+    recv, sent, nbytes = [], [], 0
+    try:
+        while len(recv) < messages:
+            for acc in ep.poll(100):
+                recv.append(time.time())
+                sent.append(acc.frames.meta["gen_s"])
+                nbytes = nbytes or int(sum(t.numel() * t.element_size() for t in
+                                           (acc.frames.prompt_ids, acc.frames.token_ids, acc.frames.logprobs)))
+            if proc.poll() is not None and len(recv) < messages:
+                raise RuntimeError("stream producer exited early")
+    finally:
+        ep.close()  # says goodbye: the producer exits
+        proc.wait(timeout=60)
+    return _summary(recv, sent, _message_bytes(tokens))
+
+
+def run_pushpull(tokens: int, messages: int) -> dict:
+    import msgpack
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVHWM, 32)
+    sock.bind("tcp://127.0.0.1:0")
+    endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+    proc = _spawn("pushpull", endpoint, tokens, messages)
+    recv, sent = [], []
+    try:
+        for _ in range(messages):
+            frames = sock.recv_multipart(copy=False)
+            recv.append(time.time())
+            sent.append(frames)  # read the send time after the run: the baseline does no work
+    finally:
+        proc.wait(timeout=60)
+        sock.close(linger=0)
+        ctx.term()
+    sent = [msgpack.unpackb(f[0].buffer)["meta"]["gen_s"] for f in sent]
+    return _summary(recv, sent, _message_bytes(tokens))
+
+
+def _message_bytes(tokens: int) -> int:
+    res = group(tokens)
+    return sum(len(memoryview(f)) for f in encode(RESULT, result_meta(res, "bench"), result_tensors(res)))
+
+
+def side_costs(tokens: int) -> dict:
+    """Per group, ms: engine lists -> arrays (producer) and validated tensors -> records (consumer)."""
+    from spark_mcore.transport.protocol import decode_result
+    from spark_mcore.transport.wire import decode
+
+    res = group(tokens)
+    t0 = time.perf_counter()
+    tensors = result_tensors(res)
+    t1 = time.perf_counter()
+    frames = [bytes(memoryview(f)) for f in encode(RESULT, result_meta(res, "bench"), tensors)]
+    msg_type, meta, decoded = decode(frames)
+    t2 = time.perf_counter()
+    decode_result(meta, decoded).to_result()
+    t3 = time.perf_counter()
+    return {"lists_to_arrays_ms": (t1 - t0) * 1e3, "tensors_to_records_ms": (t3 - t2) * 1e3}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=4, help="A/B pairs per size")
+    ap.add_argument("--sizes", default="1024,8192", help="tokens per response")
+    ap.add_argument("--messages-mb", type=float, default=60.0, help="MB sent per run (sets the message count)")
+    ap.add_argument("--produce", choices=["stream", "pushpull"], help=argparse.SUPPRESS)
+    ap.add_argument("--endpoint", help=argparse.SUPPRESS)
+    ap.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--messages", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.produce:
+        (produce_stream if args.produce == "stream" else produce_pushpull)(args.endpoint, args.tokens, args.messages)
+        return
+    ratios: list[float] = []
+    for tokens in [int(s) for s in args.sizes.split(",")]:
+        size = _message_bytes(tokens)
+        messages = max(20, int(args.messages_mb * 1e6 / size))
+        print(f"# {N_RESPONSES} x {tokens} tokens + log-probs: {size / 1e6:.3f} MB per group, {messages} groups per run; "
+              f"{json.dumps({k: round(v, 2) for k, v in side_costs(tokens).items()})}", flush=True)
+        per_size = []
+        for rep in range(args.reps):
+            a = run_stream(tokens, messages)
+            b = run_pushpull(tokens, messages)
+            per_size.append(a["groups_s"] / b["groups_s"])
+            for name, r in (("stream", a), ("push/pull", b)):
+                print(f"{tokens:>5} rep {rep} {name:>9}: {r['groups_s']:8.1f} groups/s {r['mb_s']:8.1f} MB/s "
+                      f"p50 {r['p50_ms']:7.2f} ms p99 {r['p99_ms']:7.2f} ms", flush=True)
+        print(f"{tokens:>5} median ratio stream/push-pull: {statistics.median(per_size):.3f}", flush=True)
+        ratios += per_size
+    print(f"{statistics.median(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()
