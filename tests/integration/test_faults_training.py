@@ -78,11 +78,11 @@ def test_sigterm_in_step_2_of_3_saves_and_resumes_to_the_same_metrics(uninterrup
     run_dir = tmp / "sigterm"
     original, calls = train_mod.update, []
 
-    def update_then_signal(run, groups, version, **kwargs):
+    def update_then_signal(run, groups, version, **kw):
         calls.append(version)
         if len(calls) == 2:  # in the middle of RL step 2 of 3: a real signal to this process
             os.kill(os.getpid(), signal.SIGTERM)
-        original(run, groups, version, **kwargs)
+        original(run, groups, version, **kw)
 
     monkeypatch.setattr(train_mod, "update", update_then_signal)
     with pytest.raises(Interrupted) as info:
