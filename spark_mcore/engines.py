@@ -120,13 +120,22 @@ def build_rollout(ctx: EngineContext) -> tuple[RolloutEngine, WeightPusher]:
 @dataclass
 class EngineUpdatePusher:
     """Full HF tensors through `engine.update_weights` (engines living in this process, e.g.
-    HFEngine; weights.mode does not apply: the tensors never leave the process)."""
+    HFEngine; weights.mode does not apply: the tensors never leave the process). The `weights/`
+    exporter gathers TP shards and PP stages onto each replica's first rank, which holds the
+    engine (`engine` is None on the replica's other ranks, which drive the gathers)."""
 
-    engine: Any  # a RolloutEngine with update_weights(named_tensors, version)
+    engine: Any  # a RolloutEngine with update_weights(named_tensors, version), or None
     actor: MegatronActor
 
     def push(self, version: int) -> None:
-        self.engine.update_weights(self.actor.export_hf(), version=version)
+        from spark_mcore.weights.export import drain
+        from spark_mcore.weights.gather import actor_hf_weights
+
+        tensors = actor_hf_weights(self.actor)
+        if self.engine is None:
+            drain(tensors)
+        else:
+            self.engine.update_weights(tensors, version=version)
 
     def close(self) -> None:
         pass
@@ -135,11 +144,14 @@ class EngineUpdatePusher:
 @register_engine_builder("hf")
 def build_hf(ctx: EngineContext) -> tuple[RolloutEngine, WeightPusher]:
     from spark_mcore.rollout.hf_engine import HFEngine
+    from spark_mcore.weights.gather import is_replica_root
 
     cfg, tok = ctx.cfg, ctx.tokenizer
-    engine = HFEngine(ctx.actor.hf_config(tok), decode=partial(tok.decode, skip_special_tokens=True),
-                      pad_token_id=tok.pad_token_id or 0, dtype=_DTYPES[cfg.model.dtype],
-                      batch_size=cfg.rollout.batch_size)
+    engine = None  # only each replica's first rank generates (spark_mcore.rollout.divide)
+    if is_replica_root(ctx.pstate):
+        engine = HFEngine(ctx.actor.hf_config(tok), decode=partial(tok.decode, skip_special_tokens=True),
+                          pad_token_id=tok.pad_token_id or 0, dtype=_DTYPES[cfg.model.dtype],
+                          batch_size=cfg.rollout.batch_size)
     pusher = EngineUpdatePusher(engine, ctx.actor)
     pusher.push(0)
     return engine, pusher
@@ -165,12 +177,18 @@ class MegatronSyncPusher:
 
 
 def _broadcast_urls(urls: list[str], pstate: ParallelState) -> list[str]:
-    """Rank 0's server URLs on every rank (a no-op at world size 1)."""
+    """Rank 0's server URLs on every rank (a no-op at world size 1); msgpack, not pickle."""
+    import msgpack
+
+    from spark_mcore.distributed.collectives import broadcast_bytes
+
     if pstate.world_size == 1 or not dist.is_initialized():
         return urls
-    box: list[Any] = [urls if pstate.rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return list(box[0])
+    payload = broadcast_bytes(msgpack.packb(list(urls)) if pstate.rank == 0 else None, 0, None, pstate.device)
+    received = msgpack.unpackb(payload)
+    if not isinstance(received, list) or not all(isinstance(u, str) for u in received):
+        raise RuntimeError(f"server URLs from rank 0: expected a list of strings, got {received!r:.80}")
+    return received
 
 
 def _sglang_engine(ctx: EngineContext) -> SGLangEngine:
@@ -178,15 +196,15 @@ def _sglang_engine(ctx: EngineContext) -> SGLangEngine:
     A relative `sglang.log_dir` is taken under checkpoint.dir so each run keeps its server logs."""
     from spark_mcore.checkpoint.io import export_hf
     from spark_mcore.rollout.sglang_engine import SGLangEngine
+    from spark_mcore.weights.gather import actor_hf_weights
 
     cfg = ctx.cfg.sglang
     if not Path(cfg.log_dir).is_absolute():
         cfg = dataclasses.replace(cfg, log_dir=str(ctx.run_dir / cfg.log_dir))
     if not cfg.urls:
         init_dir = ctx.run_dir / HF_INIT_DIR
-        export_hf(ctx.actor, ctx.tokenizer, init_dir, ctx.run_dir / "tokenizer")
-        if dist.is_initialized() and ctx.pstate.world_size > 1:
-            dist.barrier()  # rank 0 has written the export before any server reads it
+        export_hf(ctx.actor, ctx.tokenizer, init_dir, ctx.run_dir / "tokenizer",
+                  tensors=actor_hf_weights(ctx.actor))  # collective; returns when rank 0 has written it
         cfg = dataclasses.replace(cfg, model_path=str(init_dir))
     engine = SGLangEngine(cfg) if ctx.pstate.rank == 0 or cfg.urls else None
     urls = _broadcast_urls([h.url for h in engine.client.handles] if engine is not None else [], ctx.pstate)

@@ -39,18 +39,20 @@ class Run:
     encode: Callable[[Prompt], list[int]]
     stop_ids: list[int]
     actor: MegatronActor
-    engine: RolloutEngine
+    engine: RolloutEngine | None  # None on ranks that never generate (hf engine: all but each replica's first)
     weights: WeightPusher  # how the actor's weights reach `engine` (see spark_mcore.engines)
     pool: VerifierPool
     logger: MetricsLogger
     loader: PromptLoader
     test_prompts: list[Prompt]
     source: RolloutSource  # where each step's verified groups come from (rollout.source)
+    policy_version: int = 0  # of the weights the engine serves (the same on every rank)
 
     def push_weights(self, version: int) -> None:
         """The actor's current weights become the engine's policy `version` (collective)."""
         self.weights.push(version)
         self.source.weights_pushed(version)
+        self.policy_version = version
 
     def close(self) -> None:
         self.source.close()
@@ -59,7 +61,8 @@ class Run:
         try:
             self.weights.close()
         finally:
-            self.engine.shutdown()  # stops launched rollout servers
+            if self.engine is not None:
+                self.engine.shutdown()  # stops launched rollout servers
 
 
 def load_hf_weights(actor: MegatronActor, hf_path: str) -> None:
@@ -131,11 +134,12 @@ def build_run(cfg: RunConfig) -> Run:
             actor=actor, engine=engine, weights=weights, pool=pool,
             logger=MetricsLogger(cfg.logging, run_dir, enabled=main),
             loader=loader, test_prompts=test_prompts,
-            source=build_source(cfg, run_dir, pstate, InProcessSource(engine, encode, pool, loader)),
+            source=build_source(cfg, run_dir, pstate, InProcessSource(engine, encode, pool, loader, pstate)),
         )
     except BaseException:  # no Run to close: stop launched rollout servers here
         weights.close()
-        engine.shutdown()
+        if engine is not None:
+            engine.shutdown()
         raise
 
 

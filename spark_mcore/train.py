@@ -6,6 +6,12 @@
         -> old/ref log-probs -> GRPO update on the Megatron actor -> push weights to the engine
         -> recycle the policy groups into pointwise / pairwise / reflection tasks (SPARK)
     -> eval -> save (dist checkpoint + HF export)
+
+Under torchrun every rank runs this loop (any TP / PP / DP layout). Work is divided, not
+repeated: each DP replica generates and verifies its share of a step's prompts and of the
+held-out set (`rollout.divide.DividedRollout`), and trains on its slice of the warm-start and
+GRPO batches; every rank sees all groups, so the plan, the batch and the SPARK cache are the
+same everywhere. One writer: only global rank 0 prints and writes logs and result files.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import math
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from spark_mcore.algo.losses import logprob_mismatch
@@ -30,23 +38,45 @@ from spark_mcore.distributed.signals import StopOnSignal
 from spark_mcore.errors import Interrupted
 from spark_mcore.eval.runner import EvalResult, evaluate_accuracy
 from spark_mcore.rollout.base import SamplingParams
+from spark_mcore.rollout.divide import DividedRollout
+from spark_mcore.rollout.groups import generate_groups, score_groups
 from spark_mcore.rollout.source import StepRequest, StepRollouts
 from spark_mcore.runtime import Run, build_run
 from spark_mcore.spark.loop import SparkState, kind_metrics
 from spark_mcore.spark.warmstart_data import judge_sft_examples
 from spark_mcore.trainer.advantages import refine_advantages
-from spark_mcore.trainer.batching import groups_to_batch, split_for_updates
+from spark_mcore.trainer.batching import dp_slice, groups_to_batch, split_for_updates
 from spark_mcore.trainer.warmstart import warm_start
-from spark_mcore.types import KIND_KEY, RolloutGroup
+from spark_mcore.types import KIND_KEY, Prompt, RolloutGroup, TrainBatch
+from spark_mcore.weights.gather import actor_hf_weights
 
 SUMMARY_KEYS = ["rollout/reward_mean", "rollout/accuracy", "rollout/judge_accuracy", "rollout/reflection_success",
                 "rollout/response_len", "train/pg_loss", "train/kl", "train/entropy", "train/grad_norm",
                 "spark/cache_size", "rollout/tokens_per_s", "time/rollout", "time/train", "time/trainer_idle", "rollout/logprob_mismatch"]
 
 
-def evaluate(run: Run) -> EvalResult:
-    return evaluate_accuracy(run.engine, run.test_prompts, run.encode, run.stop_ids, run.pool.score,
-                             run.cfg.eval)
+def say(run: Run, text: str) -> None:
+    """One writer: only global rank 0 prints."""
+    if run.pstate.rank == 0:
+        print(text, flush=True)
+
+
+def divided_evaluation(run: Run) -> DividedRollout:
+    """Held-out generation + verification on this rank's engine, for this DP replica's share."""
+    def produce(prompts: list[Prompt], params: SamplingParams) -> list[RolloutGroup]:
+        groups = generate_groups(run.engine, prompts, run.encode, params)
+        score_groups(groups, run.pool.score)
+        return groups
+
+    return DividedRollout(produce, run.pstate)
+
+
+def evaluate(run: Run, produce: DividedRollout) -> EvalResult:
+    before = produce.total_responses
+    result = evaluate_accuracy(run.engine, run.test_prompts, run.encode, run.stop_ids, run.pool.score,
+                               run.cfg.eval, produce=produce)
+    run.logger.update({"responses_this_rank": produce.total_responses - before}, prefix="eval/")
+    return result
 
 
 def rollout(run: Run, request: StepRequest) -> StepRollouts:
@@ -69,34 +99,49 @@ def rollout(run: Run, request: StepRequest) -> StepRollouts:
     return step
 
 
+def batch_logprobs(run: Run, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
+    """[B, T] log-probs of every row of the global `batch` (policy or reference): each DP rank
+    computes those of its slice, then the slices are all-gathered over the DP group (refining
+    advantages needs whole groups, and every rank splits the same batch into updates)."""
+    ps = run.pstate
+    logp = run.actor.compute_logprobs(dp_slice(batch, ps.dp_rank, ps.dp_size), reference=reference)
+    if ps.dp_size == 1:
+        return logp
+    parts = [torch.empty_like(logp, device=ps.device) for _ in range(ps.dp_size)]
+    dist.all_gather(parts, logp.to(ps.device).contiguous(), group=ps.dp_group)
+    return torch.cat([p.cpu() for p in parts])[: batch.num_sequences]
+
+
 def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool = False) -> None:
     """One GRPO update of the actor on `groups`, then the new weights go to the engine.
     `off_policy`: the groups may be older than the actor (async), so the policy term is
-    corrected by truncated importance sampling against the engine's log-probs."""
-    algo, log = run.cfg.algo, run.logger
+    corrected by truncated importance sampling against the engine's log-probs. Every rank
+    builds the same global batch and update split and trains on its DP slice of each update
+    (the actor normalises the loss over DP ranks)."""
+    algo, log, ps = run.cfg.algo, run.logger, run.pstate
     batch, stats = groups_to_batch(groups, algo.adv_eps, algo.normalize_std, algo.filter_zero_variance,
                                    pad_id=run.tokenizer.pad_token_id or 0,
                                    images_of=getattr(run.encode, "images", None))
     log.update(stats, prefix="rollout/")
     if batch is not None:
         with log.timer("train"):
-            batch.old_logprobs = run.actor.compute_logprobs(batch)
+            batch.old_logprobs = batch_logprobs(run, batch)
             if batch.engine_logprobs is not None:
                 log.update(logprob_mismatch(batch.old_logprobs, batch.engine_logprobs, batch.loss_mask), "rollout/")
                 batch.engine_logprobs = batch.engine_logprobs if off_policy else None
             if run.actor.ref_chunks is not None:
-                batch.ref_logprobs = run.actor.compute_logprobs(batch, reference=True)
+                batch.ref_logprobs = batch_logprobs(run, batch, reference=True)
             log.update(refine_advantages(batch, algo), prefix="train/")  # SPRO: per-token advantages
             # several optimizer steps per rollout batch: later ones are off-policy w.r.t. the
             # old log-probs above, which is what the PPO clip is for
-            steps = [run.actor.train_step(mini) for mini in
+            steps = [run.actor.train_step(dp_slice(mini, ps.dp_rank, ps.dp_size)) for mini in
                      split_for_updates(batch, run.cfg.trainer.updates_per_step, seed=version)]
             log.update({k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}, prefix="train/")
     with log.timer("sync"):
         run.push_weights(version)
 
 
-def prepare(run: Run, spark: SparkState) -> tuple[int, int, dict[str, EvalResult]]:
+def prepare(run: Run, spark: SparkState, produce: DividedRollout) -> tuple[int, int, dict[str, EvalResult]]:
     """Resumes from the newest checkpoint in the run directory, or warm-starts and evaluates.
     Returns (iteration, policy steps done, results so far)."""
     cfg = run.cfg
@@ -104,23 +149,26 @@ def prepare(run: Run, spark: SparkState) -> tuple[int, int, dict[str, EvalResult
     ckpt = latest_checkpoint(run.run_dir) if cfg.checkpoint.resume else None
     if ckpt is None and cfg.warmstart.steps:
         start = time.perf_counter()
-        warm_start(run.actor, run.loader.prompts, run.tokenizer, run.encode, cfg.warmstart, cfg.data.seed,
-                   cfg.logging.progress and run.pstate.rank == 0, judge_examples=judge_sft_examples)
-        print(f"warm start: {cfg.warmstart.steps} SFT steps in {time.perf_counter() - start:.1f}s")
+        last = warm_start(run.actor, run.loader.prompts, run.tokenizer, run.encode, cfg.warmstart, cfg.data.seed,
+                          cfg.logging.progress and run.pstate.rank == 0, judge_examples=judge_sft_examples)
+        run.logger.update({"sft_loss": last["sft_loss"], "rows_this_rank": last["rows_this_rank"]},
+                          prefix="warmstart/")
+        say(run, f"warm start: {cfg.warmstart.steps} SFT steps in {time.perf_counter() - start:.1f}s")
     run.actor.setup_optimizer(cfg.trainer.lr, updates, math.ceil(cfg.trainer.warmup_ratio * updates))
     run.actor.snapshot_reference()
     if ckpt is None:
         run.push_weights(0)
-        results = {"start": evaluate(run)}
-        results["start"].write(run.run_dir / "eval_start.json")
-        print(f"held-out accuracy before RL: {results['start'].summary()}", flush=True)
+        results = {"start": evaluate(run, produce)}
+        if run.pstate.rank == 0:
+            results["start"].write(run.run_dir / "eval_start.json")
+        say(run, f"held-out accuracy before RL: {results['start'].summary()}")
         return 0, 0, results
     state = load_actor_state(run.actor, ckpt)
     run.loader.load_state_dict(state["loader"])
     spark.load_state_dict(state["spark"])
     run.source.load_state_dict(state.get("source", {}))  # prompts taken but not trained: issued again
     run.push_weights(state["iteration"])
-    print(f"resumed from {ckpt} (policy step {state['policy_steps']}/{cfg.trainer.steps})", flush=True)
+    say(run, f"resumed from {ckpt} (policy step {state['policy_steps']}/{cfg.trainer.steps})")
     start_file = run.run_dir / "eval_start.json"
     return state["iteration"], state["policy_steps"], ({"start": EvalResult.read(start_file)}
                                                       if start_file.is_file() else {})
@@ -128,7 +176,7 @@ def prepare(run: Run, spark: SparkState) -> tuple[int, int, dict[str, EvalResult
 
 def checkpoint(run: Run, it: int, state: dict) -> Path:
     return save_checkpoint(run.actor, run.run_dir, it, state, keep_last=run.cfg.checkpoint.keep_last,
-                           policy_version=run.engine.policy_version)
+                           policy_version=run.policy_version)
 
 
 def train(cfg: RunConfig) -> dict[str, EvalResult]:
@@ -144,7 +192,8 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
     stop.__enter__()
     try:
         spark = SparkState(cfg.spark, cfg.data.prompts_per_step)
-        it, policy_steps, results = prepare(run, spark)
+        produce = divided_evaluation(run)
+        it, policy_steps, results = prepare(run, spark, produce)
         params = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=run.stop_ids)
         bar = tqdm(total=cfg.trainer.steps, initial=policy_steps, desc="RL policy steps",
@@ -171,12 +220,15 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
                 checkpoint(run, it, trainer_state(run, spark, it, policy_steps))
                 saved_it = it
         bar.close()
-        results["rl"] = evaluate(run)
-        results["rl"].write(run.run_dir / "eval_rl.json")  # small: written before the checkpoint needs the disk
+        results["rl"] = evaluate(run, produce)
+        if run.pstate.rank == 0:  # small: written before the checkpoint needs the disk
+            results["rl"].write(run.run_dir / "eval_rl.json")
         checkpoint(run, it, trainer_state(run, spark, it, policy_steps))
         if cfg.checkpoint.export_hf:
-            export_hf(run.actor, run.tokenizer, run.run_dir / "hf", run.run_dir / "tokenizer")
-        print_results_table(results)
+            export_hf(run.actor, run.tokenizer, run.run_dir / "hf", run.run_dir / "tokenizer",
+                      tensors=actor_hf_weights(run.actor))
+        if run.pstate.rank == 0:
+            print_results_table(results)
         return results
     finally:
         stop.__exit__()

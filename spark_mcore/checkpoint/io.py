@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -222,24 +223,28 @@ def _load_tensors(actor: MegatronActor, ckpt: Path, has_optim: bool) -> None:
         actor.optimizer.load_state_dict(dist_checkpointing.load(optim_sd, str(ckpt / "optim")))
 
 
-def export_hf(actor: MegatronActor, tokenizer: Any, out_dir: Path, tokenizer_dir: Path | None = None) -> Path:
+def export_hf(actor: MegatronActor, tokenizer: Any, out_dir: Path, tokenizer_dir: Path | None = None, *,
+              tensors: Iterable[tuple[str, torch.Tensor]]) -> Path:
     """safetensors + config.json + tokenizer that `AutoModelForCausalLM.from_pretrained` loads.
 
+    Collective: `tensors` is the whole model's (HF name, full tensor) stream from the
+    `weights/` exporter (`spark_mcore.weights.gather.actor_hf_weights`), which every rank runs
+    to the end and which yields the tensors on global rank 0, the one writer.
     `tokenizer_dir` (the run's saved tokenizer) is copied byte for byte when given: a
     save_pretrained round trip can re-serialise the tokenizer (transformers 5 rewrote its
     normaliser), changing the ids of the export. Without it, `tokenizer.save_pretrained` is used.
     """
-    tensors = {name: t.detach().contiguous().clone() for name, t in actor.export_hf()}
-    if actor.pstate.rank != 0:
-        return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    actor.hf_config(tokenizer).save_pretrained(out_dir)
-    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
-        shutil.copytree(tokenizer_dir, out_dir, dirs_exist_ok=True)
-    else:
-        tokenizer.save_pretrained(out_dir)
-    print(f"exported Hugging Face model to {out_dir}", flush=True)
+    named = {name: t.detach().contiguous().clone() for name, t in tensors}
+    if actor.pstate.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(named, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        actor.hf_config(tokenizer).save_pretrained(out_dir)
+        if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
+            shutil.copytree(tokenizer_dir, out_dir, dirs_exist_ok=True)
+        else:
+            tokenizer.save_pretrained(out_dir)
+        print(f"exported Hugging Face model to {out_dir}", flush=True)
+    _barrier()  # the export is complete before any rank reads it (e.g. a launched server)
     return out_dir
 
 

@@ -56,3 +56,41 @@ def broadcast_tensor(t: torch.Tensor | None, shape: tuple[int, ...], dtype: torc
                                                                                            device=device)
     dist.broadcast(buf, src=src_global_rank, group=group)
     return buf.to(home)
+
+
+def broadcast_bytes(payload: bytes | None, src_global_rank: int, group: object,
+                    device: torch.device | str = "cpu") -> bytes:
+    """Broadcasts a byte string (e.g. msgpack) from `src_global_rank` to every rank of `group`
+    as a uint8 tensor (size first). Non-source ranks pass None."""
+    if dist.get_world_size(group) == 1:
+        return payload or b""
+    is_src = dist.get_rank() == src_global_rank
+    size = torch.tensor([len(payload or b"") if is_src else 0], dtype=torch.long, device=device)
+    dist.broadcast(size, src=src_global_rank, group=group)
+    buf = (torch.frombuffer(bytearray(payload or b"\0"), dtype=torch.uint8)[: int(size)].to(device) if is_src
+           else torch.empty(int(size), dtype=torch.uint8, device=device))
+    if int(size):
+        dist.broadcast(buf, src=src_global_rank, group=group)
+    if is_src:
+        return payload or b""
+    return buf.cpu().numpy().tobytes()
+
+
+def all_gather_bytes(payload: bytes, group: object, device: torch.device | str = "cpu") -> list[bytes]:
+    """Every rank's byte string, in group-rank order, on every rank of `group` (sizes are
+    gathered first; the strings travel padded to the longest, as uint8 tensors)."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return [payload]
+    size = torch.tensor([len(payload)], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    longest = max(int(s) for s in sizes)
+    if longest == 0:
+        return [b""] * world
+    buf = torch.zeros(longest, dtype=torch.uint8, device=device)
+    if payload:
+        buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(parts, buf, group=group)
+    return [p[: int(s)].cpu().numpy().tobytes() for p, s in zip(parts, sizes, strict=True)]

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from spark_mcore.eval.config import EvalConfig
 from spark_mcore.rollout.base import RolloutEngine, SamplingParams
 from spark_mcore.rollout.groups import generate_groups, score_groups
-from spark_mcore.types import Prompt
+from spark_mcore.types import Prompt, RolloutGroup
 
 
 @dataclass
@@ -39,20 +40,26 @@ class EvalResult:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
 
 
-def evaluate_accuracy(engine: RolloutEngine, prompts: list[Prompt], encode: Callable[[Prompt], list[int]],
+Producer = Callable[[list[Prompt], SamplingParams], list[RolloutGroup]]
+
+
+def evaluate_accuracy(engine: RolloutEngine | None, prompts: list[Prompt], encode: Callable[[Prompt], list[int]],
                       stop_ids: list[int], score: Callable[[list[tuple[str, str, str]]], list[float]],
-                      cfg: EvalConfig) -> EvalResult:
-    """Greedy-decodes every prompt once and scores it with the prompt's verifier."""
+                      cfg: EvalConfig, produce: Producer | None = None) -> EvalResult:
+    """Greedy-decodes every prompt once and scores it with the prompt's verifier.
+
+    `produce(prompts, params)` -> verified groups replaces generating on `engine` and scoring
+    with `score` (the training loop passes one that divides the prompts over DP replicas)."""
     if cfg.limit:
         prompts = prompts[: cfg.limit]
     if not prompts:
         raise ValueError("evaluation set is empty: check data.eval_source / data.test_size")
+    if produce is None:
+        produce = partial(_generate_and_score, engine, encode, score)
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, stop_token_ids=stop_ids)
-    groups = generate_groups(engine, prompts, encode, params)
-    score_groups(groups, score)
-    rollouts = [g.rollouts[0] for g in groups]
+    rollouts = [g.rollouts[0] for g in produce(prompts, params)]
     n = len(rollouts)
-    sampled = _sampled_accuracy(engine, prompts, encode, stop_ids, score, cfg) if cfg.samples else None
+    sampled = _sampled_accuracy(produce, prompts, stop_ids, cfg) if cfg.samples else None
     return EvalResult(
         sampled_accuracy=sampled, sampled_n=cfg.samples,
         accuracy=sum(r.reward for r in rollouts) / n,
@@ -64,13 +71,18 @@ def evaluate_accuracy(engine: RolloutEngine, prompts: list[Prompt], encode: Call
     )
 
 
-def _sampled_accuracy(engine: RolloutEngine, prompts: list[Prompt], encode: Callable[[Prompt], list[int]],
-                      stop_ids: list[int], score: Callable[[list[tuple[str, str, str]]], list[float]],
-                      cfg: EvalConfig) -> float:
+def _generate_and_score(engine: RolloutEngine, encode: Callable[[Prompt], list[int]],
+                        score: Callable[[list[tuple[str, str, str]]], list[float]], prompts: list[Prompt],
+                        params: SamplingParams) -> list[RolloutGroup]:
+    groups = generate_groups(engine, prompts, encode, params)
+    score_groups(groups, score)
+    return groups
+
+
+def _sampled_accuracy(produce: Producer, prompts: list[Prompt], stop_ids: list[int], cfg: EvalConfig) -> float:
     """Mean reward over `cfg.samples` responses per prompt at `cfg.temperature` (seeded)."""
     params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                             stop_token_ids=stop_ids, seed=cfg.seed)
-    groups = generate_groups(engine, prompts, encode, params)
-    score_groups(groups, score)
+    groups = produce(prompts, params)
     rewards = [r.reward for g in groups for r in g.rollouts]
     return sum(rewards) / len(rewards)

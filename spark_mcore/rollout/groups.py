@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from spark_mcore.config.loader import ConfigError
 from spark_mcore.models.vision import VisionInputs
@@ -25,10 +27,34 @@ def engine_generate(engine: RolloutEngine, prompts: Sequence[Prompt], prompt_ids
     return engine.generate(prompt_ids, params, images=vision)  # type: ignore[call-arg]
 
 
+def response_seed(step_seed: int, prompt_id: str, sample_index: int) -> int:
+    """The sampling seed of one response: a hash of (step seed, prompt id, sample index), in
+    [0, 2**31) (SGLang's sampling_seed is an int)."""
+    digest = hashlib.blake2b(f"{step_seed}:{prompt_id}:{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**31)
+
+
+def response_seeds(prompts: list[Prompt], n: int, step_seed: int) -> list[list[int]]:
+    """Seeds [len(prompts)][n] of a step's responses. They depend on the prompt ids, not on
+    positions, so any division of the prompts over ranks samples the same responses. A prompt
+    id that occurs k times in the step takes sample indices k*n .. k*n + n - 1 at its k-th
+    occurrence (more samples of it, never the same ones twice)."""
+    seen: dict[str, int] = {}
+    out = []
+    for p in prompts:
+        k = seen.get(p.id, 0)
+        seen[p.id] = k + 1
+        out.append([response_seed(step_seed, p.id, k * n + j) for j in range(n)])
+    return out
+
+
 def generate_groups(engine: RolloutEngine, prompts: list[Prompt], encode: Callable[[Prompt], list[int]],
                     params: SamplingParams) -> list[RolloutGroup]:
     """Samples `params.n` completions per prompt; each rollout carries the engine's policy
-    version. Image prompts: see `engine_generate`."""
+    version. Image prompts: see `engine_generate`. With `params.seed` and no `sample_seeds`,
+    each response's seed comes from its prompt's id (`response_seeds`)."""
+    if params.seed is not None and params.sample_seeds is None and params.temperature > 0:
+        params = replace(params, sample_seeds=response_seeds(prompts, params.n, params.seed))
     prompt_ids = [encode(p) for p in prompts]
     outputs = engine_generate(engine, prompts, prompt_ids, encode, params)
     if len(outputs) != len(prompts):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from spark_mcore.rollout.base import RolloutEngine, SamplingParams
+from spark_mcore.rollout.divide import DividedRollout
 from spark_mcore.rollout.groups import generate_groups, score_groups
 from spark_mcore.transport.endpoint import StreamEndpoint, StreamStalled
 from spark_mcore.transport.protocol import WorkItem, item_from_wire, item_to_wire
@@ -82,20 +83,38 @@ class Scorer(Protocol):
 
 
 class InProcessSource:
-    """Generates and verifies in this process (today's lock-step behaviour). `pool.score` is
-    looked up at each step, so a replaced scorer takes effect."""
+    """Generates and verifies in the trainer processes (lock-step). `pool.score` is looked up at
+    each step, so a replaced scorer takes effect. With a ParallelState (`pstate`), the work is
+    divided over DP replicas (`rollout.divide.DividedRollout`: each replica's first rank
+    generates and verifies its share, every rank gets all groups); without, this process does
+    it all. Called on every rank with the same request (a collective when divided)."""
 
-    def __init__(self, engine: RolloutEngine, encode: Callable[[Prompt], list[int]], pool: Scorer,
-                 loader: Iterator[list[Prompt]]) -> None:
+    def __init__(self, engine: RolloutEngine | None, encode: Callable[[Prompt], list[int]], pool: Scorer,
+                 loader: Iterator[list[Prompt]], pstate: Any = None) -> None:
         self.engine, self.encode, self.pool, self.loader = engine, encode, pool, loader
+        self._stats: dict[str, float] = {}
+        self.produce = None if pstate is None else DividedRollout(self._local, pstate, stats=self._stats)
+
+    def _local(self, prompts: list[Prompt], params: SamplingParams) -> list[RolloutGroup]:
+        start = time.perf_counter()
+        groups = generate_groups(self.engine, prompts, self.encode, params)  # type: ignore[arg-type]
+        mid = time.perf_counter()
+        score_groups(groups, self.pool.score)
+        self._stats.update({"time/generate": mid - start, "time/verify": time.perf_counter() - mid})
+        return groups
 
     def collect(self, request: StepRequest) -> StepRollouts:
         prompts = (next(self.loader) if request.policy else []) + request.reward_prompts
-        start = time.perf_counter()
-        groups = generate_groups(self.engine, prompts, self.encode, request.params)
-        mid = time.perf_counter()
-        score_groups(groups, self.pool.score)
-        return StepRollouts(groups, None, {"time/generate": mid - start, "time/verify": time.perf_counter() - mid})
+        self._stats.clear()
+        if self.produce is None:
+            groups = self._local(prompts, request.params)
+            mine = sum(len(g.rollouts) for g in groups)
+        else:
+            groups = self.produce(prompts, request.params)
+            mine = self.produce.last_responses
+        metrics = {**self._stats, "rollout/responses": float(sum(len(g.rollouts) for g in groups)),
+                   "rollout/responses_this_rank": float(mine)}
+        return StepRollouts(groups, None, metrics)
 
     def weights_pushed(self, version: int) -> None:
         pass

@@ -88,20 +88,22 @@ def build_sampling_params(params: SamplingParams, sampling_seed: int | None = No
 def build_generate_payload(requests: Sequence[SampleRequest], params: SamplingParams) -> dict[str, Any]:
     """Body of POST /generate for a batch of samples (always the batch form: a list of id lists).
 
-    With `params.seed` set, sample (i, j) gets seed + i * n + j, so the result does not depend
-    on how samples are split into requests or which server runs them.
+    Sample (i, j) gets `params.sample_seeds[i][j]`, or seed + i * n + j with only `params.seed`
+    set, so the result does not depend on how samples are split into requests or which server
+    runs them.
     """
     if not requests:
         raise ValueError("requests: at least one sample is needed")
     for k, r in enumerate(requests):
         _check_ids(r.input_ids, f"requests[{k}].input_ids")
     payload: dict[str, Any] = {"input_ids": [list(r.input_ids) for r in requests], "return_logprob": True}
-    if params.seed is None:
+    seeds = params.seeds_for(max(r.prompt_index for r in requests) + 1) if params.sample_seeds is None \
+        else params.sample_seeds
+    if seeds is None:
         payload["sampling_params"] = build_sampling_params(params)
     else:
-        payload["sampling_params"] = [
-            build_sampling_params(params, params.seed + r.prompt_index * params.n + r.sample_index) for r in requests
-        ]
+        payload["sampling_params"] = [build_sampling_params(params, seeds[r.prompt_index][r.sample_index])
+                                      for r in requests]
     if any(r.image_data for r in requests):
         # A list per request (possibly empty) so SGLang reads it as "images of request k".
         payload["image_data"] = [list(r.image_data) for r in requests]

@@ -103,6 +103,19 @@ def pad_rows(batch: TrainBatch, multiple: int) -> TrainBatch:
                    images=batch.images + [None] * extra if batch.images else [])
 
 
+def dp_slice(batch: TrainBatch, dp_rank: int, dp_size: int) -> TrainBatch:
+    """DP rank `dp_rank`'s rows of a global batch: the batch is padded with empty rows (mask 0,
+    advantage 0: they add nothing to the loss or its normaliser) to a multiple of `dp_size`
+    and cut into equal contiguous slices, so every DP rank runs the same number of
+    micro-batches. The actor normalises the loss over all DP ranks (`_global_norm`), so the
+    DP slices together take the step world size 1 takes on the whole batch."""
+    if dp_size == 1:
+        return batch
+    padded = pad_rows(batch, dp_size)
+    per = padded.num_sequences // dp_size
+    return select(padded, slice(dp_rank * per, (dp_rank + 1) * per))
+
+
 def split_for_updates(batch: TrainBatch, updates: int, seed: int | None = None) -> list[TrainBatch]:
     """Splits a policy step's batch into `updates` mini-batches of near-equal size.
 

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from spark_mcore.data.chat import encode_response
 from spark_mcore.data.dataset import sft_examples
 from spark_mcore.trainer.actor import MegatronActor
-from spark_mcore.trainer.batching import pack_sequences
+from spark_mcore.trainer.batching import dp_slice, pack_sequences
 from spark_mcore.trainer.config import WarmStartConfig
 from spark_mcore.types import Prompt, TrainBatch, prompt_kind
 
@@ -68,13 +68,16 @@ def warm_start(actor: MegatronActor, prompts: list[Prompt], tokenizer: object, e
                cfg: WarmStartConfig, seed: int, progress: bool = True,
                judge_examples: JudgeExamples | None = None) -> dict[str, float]:
     """Runs `cfg.steps` SFT steps; returns the last step's metrics. `judge_examples` supplies the
-    reward-task batches when `cfg.judge_fraction` > 0."""
+    reward-task batches when `cfg.judge_fraction` > 0. Every rank draws the same global batches
+    of `cfg.batch_size` rows and trains on its DP slice of each (the loss is normalised over
+    the DP ranks), so DP ranks share the work of one process."""
     actor.setup_optimizer(cfg.lr, cfg.steps, cfg.warmup_steps)
     batches = sft_batches(prompts, tokenizer, encode, cfg.batch_size, seed, cfg.judge_fraction, cfg.steps,
                           judge_examples)
     metrics: dict[str, float] = {}
     bar = tqdm(range(cfg.steps), desc="warm start (SFT)", disable=not progress, dynamic_ncols=True)
     for _ in bar:
-        metrics = actor.sft_step(next(batches))
+        local = dp_slice(next(batches), actor.pstate.dp_rank, actor.pstate.dp_size)
+        metrics = {**actor.sft_step(local), "rows_this_rank": float(local.num_sequences)}
         bar.set_postfix(loss=f"{metrics['sft_loss']:.3f}")
     return metrics

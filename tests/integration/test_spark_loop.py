@@ -82,7 +82,8 @@ def test_model_hf_path_starts_the_actor_and_engine_from_an_export(tmp_path: Path
 
     src = build(f"checkpoint.dir={tmp_path / 'src'}", "trainer.seed=1")
     try:
-        export_hf(src.actor, src.tokenizer, tmp_path / "src" / "hf", src.run_dir / "tokenizer")
+        export_hf(src.actor, src.tokenizer, tmp_path / "src" / "hf", src.run_dir / "tokenizer",
+                  tensors=src.actor.export_hf())
     finally:
         src.close()
         destroy_distributed()

@@ -96,11 +96,16 @@ def test_weight_mode_is_checked_before_anything_is_built(overrides: list[str], c
             check_weight_mode(cfg, cuda_available=cuda)
 
 
-def test_hf_builder_returns_engine_and_pusher_at_version_0() -> None:
+def test_hf_builder_returns_engine_and_pusher_at_version_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    import spark_mcore.weights.gather as gather
+
+    # the stub has no megatron chunks: its "gathered" weights are its HF state
+    monkeypatch.setattr(gather, "actor_hf_weights", lambda actor: iter(actor.export_hf()))
     cfg = load_run_config(None, ["rollout.engine=hf"])
     actor = _StubActor()
     tok = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: "", pad_token_id=0)
-    engine, pusher = build_rollout(EngineContext(cfg, Path("."), None, tok, actor))  # type: ignore[arg-type]
+    root = SimpleNamespace(tp_rank=0, pp_rank=0)  # the replica's first rank holds the engine
+    engine, pusher = build_rollout(EngineContext(cfg, Path("."), root, tok, actor))  # type: ignore[arg-type]
     try:
         assert isinstance(engine, RolloutEngine) and isinstance(pusher, WeightPusher)
         assert engine.policy_version == 0
