@@ -29,6 +29,7 @@ export already exists.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import statistics
@@ -182,10 +183,13 @@ def run_seed(seed: int, out: Path, spec: TaskSpec, setup: EvalSetup, args: argpa
     seeds = [f"trainer.seed={seed}", f"data.seed={seed}", f"spark.seed={seed}"]
     base = [*spec.shared, *args.extra, *seeds]
     seed_dir = out / f"seed{seed}"
-    sft_dir = seed_dir / "sft"
+    if args.shared_warm_start:
+        sft_dir, overrides = shared_warm_start(out, spec, args)
+        reuse = True  # cached on disk, keyed by everything that defines it
+    else:
+        sft_dir, overrides, reuse = seed_dir / "sft", [*base, *spec.warm_start, *args.sft_extra], args.reuse
     print(f"seed {seed}: warm start -> {sft_dir}", flush=True)
-    times = {"sft": train_run(sft_dir, spec.config, [*base, *spec.warm_start, *args.sft_extra, "trainer.steps=0"],
-                              args.reuse)}
+    times = {"sft": train_run(sft_dir, spec.config, [*overrides, "trainer.steps=0"], reuse)}
     results: dict[str, dict[str, float]] = {}
     rows = None
     start = ["warmstart.steps=0", f"model.hf_path={sft_dir / 'hf'}", f"data.tokenizer={sft_dir / 'tokenizer'}"]
@@ -195,10 +199,23 @@ def run_seed(seed: int, out: Path, spec: TaskSpec, setup: EvalSetup, args: argpa
             times[name] = train_run(seed_dir / name, spec.config,
                                     [*base, *spec.rl, *args.rl_extra, *start, *ARMS[name]], args.reuse)
         t0 = time.perf_counter()
-        results[name], rows = evaluate(seed_dir / name / "hf", setup, seed, rows, seed_dir)
+        hf = sft_dir / "hf" if name == "sft" else seed_dir / name / "hf"
+        results[name], rows = evaluate(hf, setup, seed, rows, seed_dir)
         results[name].update(train_s=times[name], eval_s=time.perf_counter() - t0)
         print(f"seed {seed}: {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in results[name].items()), flush=True)
     return results
+
+
+def shared_warm_start(out: Path, spec: TaskSpec, args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """(directory, overrides) of the one warm start every seed starts from (`--shared-warm-start`):
+    trained with seed `args.warm_start_seed`, in <out>/warmstart-<key>, the key a hash of the
+    task config's text and every override that reaches the warm start, so a changed
+    configuration trains a new one and an unchanged one is reused from disk."""
+    ws_seed = args.warm_start_seed
+    overrides = [*spec.shared, *args.extra, f"trainer.seed={ws_seed}", f"data.seed={ws_seed}",
+                 f"spark.seed={ws_seed}", *spec.warm_start, *args.sft_extra]
+    key = hashlib.sha256(json.dumps([spec.config.read_text(), overrides]).encode()).hexdigest()[:12]
+    return out / f"warmstart-{key}", overrides
 
 
 # ---------------------------------------------------------------- reporting
@@ -272,6 +289,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="self-reflection rounds")
     p.add_argument("--max-new-tokens", type=int, default=0, help="0 = the config's eval.max_new_tokens")
     p.add_argument("--reuse", action="store_true", help="keep runs that already have an hf/ export")
+    p.add_argument("--shared-warm-start", action="store_true",
+                   help="one warm start (seed --warm-start-seed) for every seed, cached on disk by its config")
+    p.add_argument("--warm-start-seed", type=int, default=0)
     p.add_argument("--warm-start-only", action="store_true",
                    help="train and evaluate only the warm start (to tune it), no table")
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",

@@ -55,9 +55,23 @@ log = logging.getLogger(__name__)
 class LevelSpec:
     count: int  # numbers shown
     max_number: int  # numbers are drawn from [1, max_number]
+    used: tuple[int, ...] = ()  # how many numbers the chain uses (drawn uniformly); () = count
+    max_intermediate: int = MAX_INTERMEDIATE  # bound on every step's result
+    max_target: int = MAX_TARGET
+
+    def chain_length(self, rng: random.Random) -> int:
+        return rng.choice(self.used) if self.used else self.count
 
 
-LEVELS: dict[int, LevelSpec] = {3: LevelSpec(3, 12), 4: LevelSpec(4, 12), 5: LevelSpec(5, 15)}
+# Levels 3-5 are the count of numbers shown. Levels 1 and 2 also show 3 numbers, for a tiny
+# model trained from scratch: one-digit numbers and small values, so that every step is an
+# arithmetic fact seen many times (level 1: the target is reached with two of the three
+# numbers, the third is a distractor; level 2: with all three).
+LEVELS: dict[int, LevelSpec] = {
+    1: LevelSpec(3, 9, used=(2,), max_intermediate=30, max_target=30),
+    2: LevelSpec(3, 9, used=(3,), max_intermediate=30, max_target=30),
+    3: LevelSpec(3, 12), 4: LevelSpec(4, 12), 5: LevelSpec(5, 15, used=(4, 5)),
+}
 
 Step = tuple[int, str, int, int]  # (left, op, right, result)
 
@@ -101,8 +115,8 @@ def combine(left: tuple[str, int], op: str, right: tuple[str, int]) -> tuple[str
     return f"{_wrap(left[0], left[1], p, False)}{op}{_wrap(right[0], right[1], p, op in '-/')}", p
 
 
-def _apply(a: int, op: str, b: int) -> int | None:
-    """a op b when it is a valid chain step (positive integer within bounds), else None."""
+def _apply(a: int, op: str, b: int, bound: int = MAX_INTERMEDIATE) -> int | None:
+    """a op b when it is a valid chain step (positive integer up to `bound`), else None."""
     if op == "+":
         r = a + b
     elif op == "-":
@@ -111,16 +125,18 @@ def _apply(a: int, op: str, b: int) -> int | None:
         r = a * b if a != 1 and b != 1 else 0
     else:
         r = a // b if b > 1 and a % b == 0 else 0
-    return r if 0 < r <= MAX_INTERMEDIATE else None
+    return r if 0 < r <= bound else None
 
 
-def build_chain(leaves: list[int], ops: list[str], swaps: list[bool]) -> Chain | None:
-    """The chain of these leaves, ops and operand orders, or None when a step is invalid."""
+def build_chain(leaves: list[int], ops: list[str], swaps: list[bool], bound: int = MAX_INTERMEDIATE
+                ) -> Chain | None:
+    """The chain of these leaves, ops and operand orders, or None when a step is invalid
+    (a step's result must be a positive integer up to `bound`)."""
     acc, text = leaves[0], (str(leaves[0]), 3)
     steps: list[Step] = []
     for n, op, swap in zip(leaves[1:], ops, swaps, strict=True):
         a, b = (n, acc) if swap else (acc, n)
-        r = _apply(a, op, b)
+        r = _apply(a, op, b, bound)
         if r is None:
             return None
         text = combine((str(n), 3), op, text) if swap else combine(text, op, (str(n), 3))
@@ -129,13 +145,14 @@ def build_chain(leaves: list[int], ops: list[str], swaps: list[bool]) -> Chain |
     return Chain(tuple(leaves), tuple(ops), tuple(swaps), tuple(steps), text[0], acc)
 
 
-def random_chain(leaves: list[int], rng: random.Random, tries: int = 40) -> Chain | None:
+def random_chain(leaves: list[int], rng: random.Random, tries: int = 40, bound: int = MAX_INTERMEDIATE
+                 ) -> Chain | None:
     """A chain over `leaves` in the given order with random ops (and operand orders), or None
     when `tries` draws found no valid one."""
     for _ in range(tries):
         ops = [rng.choice("+-*/") for _ in leaves[1:]]
         swaps = [op in "-/" and rng.random() < 0.3 for op in ops]
-        chain = build_chain(leaves, ops, swaps)
+        chain = build_chain(leaves, ops, swaps, bound)
         if chain is not None:
             return chain
     return None
@@ -154,9 +171,8 @@ def split_of(key: str) -> Split:
 def _draw(level: int, rng: random.Random) -> CountdownProblem | None:
     spec = LEVELS[level]
     numbers = [rng.randint(1, spec.max_number) for _ in range(spec.count)]
-    used = spec.count if spec.count < 5 or rng.random() < 0.5 else spec.count - 1
-    chain = random_chain(numbers[:used], rng)
-    if chain is None or chain.value > MAX_TARGET or chain.value in numbers:
+    chain = random_chain(numbers[: spec.chain_length(rng)], rng, bound=spec.max_intermediate)
+    if chain is None or chain.value > spec.max_target or chain.value in numbers:
         return None  # a target among the numbers is solved by copying it
     shown = list(numbers)
     rng.shuffle(shown)
@@ -212,7 +228,8 @@ def countdown_problems(levels: list[int], split: Split, size: int, seed: int) ->
         raise ValueError(f"size must be >= 0, got {size}")
     bad = sorted(set(levels) - set(LEVELS))
     if not levels or bad:
-        raise ValueError(f"data.levels: countdown levels are the count of numbers, {sorted(LEVELS)}; got "
+        raise ValueError(f"data.levels: countdown levels are {sorted(LEVELS)} (3-5: the count of numbers; 1-2: "
+                         f"three one-digit numbers, small values); got "
                          f"{list(levels)}. Fix: e.g. data.levels=[3,4]")
     uniq = sorted(set(levels))
     pick = random.Random(f"countdown:{split}:{seed}:levels")
@@ -234,10 +251,17 @@ def _problem(prompt: Prompt) -> tuple[list[int], int, Chain]:
     return numbers, target, chain
 
 
-def _failed_attempt(numbers: list[int], target: int, rng: random.Random) -> Chain | None:
+def _bound(prompt: Prompt) -> int:
+    """The level's bound on step results (failed attempts stay in the level's range)."""
+    spec = LEVELS.get(prompt.meta.get("level"))  # type: ignore[arg-type]
+    return spec.max_intermediate if spec is not None else MAX_INTERMEDIATE
+
+
+def _failed_attempt(numbers: list[int], target: int, rng: random.Random, bound: int = MAX_INTERMEDIATE
+                    ) -> Chain | None:
     order = list(numbers)
     rng.shuffle(order)
-    chain = random_chain(order[: rng.randint(2, len(order))], rng)
+    chain = random_chain(order[: rng.randint(2, len(order))], rng, bound=bound)
     return chain if chain is not None and chain.value != target else None
 
 
@@ -249,7 +273,7 @@ def worked_solution(prompt: Prompt) -> str:
     parts = []
     if rng.random() < SEARCH_SHARE:
         for _ in range(1 if rng.random() < 0.7 else 2):
-            failed = _failed_attempt(numbers, target, rng)
+            failed = _failed_attempt(numbers, target, rng, _bound(prompt))
             # an attempt that starts like the solution teaches nothing about searching
             if failed is not None and failed.steps[0] != chain.steps[0]:
                 parts.append(steps_text(failed.steps)[:-1] + ", no.")
@@ -274,23 +298,23 @@ def wrong_solution(prompt: Prompt, rng: random.Random) -> tuple[str, str]:
     start = rng.randrange(len(WRONG_KINDS))
     for k in range(len(WRONG_KINDS)):
         kind = WRONG_KINDS[(start + k) % len(WRONG_KINDS)]
-        text = _WRONG[kind](numbers, target, chain, rng)
+        text = _WRONG[kind](numbers, target, chain, rng, _bound(prompt))
         if text is not None:
             return text, kind
     return f"{steps_text(chain.steps)} \\boxed{{{chain.expr}+1}}", "miss"
 
 
-def _miss(numbers: list[int], target: int, chain: Chain, rng: random.Random) -> str | None:
+def _miss(numbers: list[int], target: int, chain: Chain, rng: random.Random, bound: int) -> str | None:
     for _ in range(10):
-        failed = _failed_attempt(numbers, target, rng)
+        failed = _failed_attempt(numbers, target, rng, bound)
         if failed is not None and failed.steps:
             return _render(failed)
     return None
 
 
-def _claim(numbers: list[int], target: int, chain: Chain, rng: random.Random) -> str | None:
+def _claim(numbers: list[int], target: int, chain: Chain, rng: random.Random, bound: int) -> str | None:
     for _ in range(10):
-        failed = _failed_attempt(numbers, target, rng)
+        failed = _failed_attempt(numbers, target, rng, bound)
         if failed is not None and failed.steps:
             a, op, b, _ = failed.steps[-1]
             steps = (*failed.steps[:-1], (a, op, b, target))
@@ -315,12 +339,12 @@ def _swap_leaf(chain: Chain, numbers: list[int], target: int, rng: random.Random
     return None
 
 
-def _foreign(numbers: list[int], target: int, chain: Chain, rng: random.Random) -> str | None:
+def _foreign(numbers: list[int], target: int, chain: Chain, rng: random.Random, bound: int) -> str | None:
     pool = [n for n in range(1, max(numbers) + 4) if n not in numbers]
     return _swap_leaf(chain, numbers, target, rng, pool) if pool else None
 
 
-def _reuse(numbers: list[int], target: int, chain: Chain, rng: random.Random) -> str | None:
+def _reuse(numbers: list[int], target: int, chain: Chain, rng: random.Random, bound: int) -> str | None:
     return _swap_leaf(chain, numbers, target, rng, numbers)
 
 

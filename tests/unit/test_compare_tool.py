@@ -50,3 +50,14 @@ def test_arguments_are_validated() -> None:
     with pytest.raises(SystemExit):
         tool.parse_args(["--samples", "1"])
     assert tool.parse_args(["--task", "arith", "--seeds", "0"]).task == "arith"
+
+
+def test_the_shared_warm_start_is_keyed_by_its_configuration(tmp_path: Path) -> None:
+    spec = tool.TASKS["countdown"]
+    args = tool.parse_args(["--shared-warm-start", "--seeds", "0", "1"])
+    d0, over = tool.shared_warm_start(tmp_path, spec, args)
+    assert d0.parent == tmp_path and d0.name.startswith("warmstart-") and "trainer.seed=0" in over
+    assert tool.shared_warm_start(tmp_path, spec, args)[0] == d0  # same config -> same directory
+    other = tool.parse_args(["--shared-warm-start", "--sft-set", "warmstart.steps=10"])
+    assert tool.shared_warm_start(tmp_path, spec, other)[0] != d0
+    assert tool.shared_warm_start(tmp_path, spec, tool.parse_args(["--shared-warm-start", "--warm-start-seed", "1"]))[0] != d0

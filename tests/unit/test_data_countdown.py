@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -77,8 +78,35 @@ def test_builtin_source_and_level_errors() -> None:
     cfg = DataConfig(source="builtin:countdown", levels=[3], train_size=5, test_size=3)
     assert [p.meta["source"] for p in load_prompts(cfg, "test")] == ["countdown"] * 3
     assert len(sft_examples(load_prompts(cfg, "train"))) == 5
-    with pytest.raises(DatasetError, match=r"countdown levels are the count of numbers.*data.levels=\[3,4\]"):
-        load_prompts(DataConfig(source="builtin:countdown", levels=[1, 2]), "train")
+    with pytest.raises(DatasetError, match=r"countdown levels are \[1, 2, 3, 4, 5\].*data.levels=\[3,4\]"):
+        load_prompts(DataConfig(source="builtin:countdown", levels=[0, 6]), "train")
+
+
+@pytest.fixture(scope="module")
+def easy() -> list:
+    return countdown.countdown_problems([1, 2], "train", 400, seed=0)
+
+
+def test_easy_levels_show_three_one_digit_numbers_and_small_values(easy: list) -> None:
+    for p in easy:
+        a, chain = json.loads(p.answer), p.meta["chain"]
+        spec = countdown.LEVELS[p.meta["level"]]
+        assert len(a["numbers"]) == 3 and all(1 <= n <= 9 for n in a["numbers"])
+        assert len(chain["leaves"]) == (2 if p.meta["level"] == 1 else 3)  # level 1: one distractor
+        assert 1 <= a["target"] <= spec.max_target and a["target"] not in a["numbers"]
+        worked = countdown.worked_solution(p)
+        # every step (failed attempts included) stays within the level's bound
+        assert all(int(r) <= spec.max_intermediate for r in re.findall(r"=(\d+)", worked))
+        assert V(worked, p.answer) == 1.0
+    assert set(Counter(p.meta["level"] for p in easy)) == {1, 2}
+
+
+def test_easy_levels_are_deterministic_disjoint_and_wrong_solutions_score_zero(easy: list) -> None:
+    assert [p.answer for p in countdown.countdown_problems([1, 2], "train", 400, seed=0)] == [p.answer for p in easy]
+    test = countdown.countdown_problems([1, 2], "test", 100, seed=0)
+    assert not {_key(p) for p in easy} & {_key(p) for p in test}
+    for i, p in enumerate(easy[:100]):
+        assert V(countdown.wrong_solution(p, random.Random(i))[0], p.answer) == 0.0
 
 
 def test_judge_warm_start_tasks_from_countdown_prompts(train: list) -> None:
