@@ -203,6 +203,16 @@ def run_seed(seed: int, out: Path, spec: TaskSpec, setup: EvalSetup, args: argpa
         results[name], rows = evaluate(hf, setup, seed, rows, seed_dir)
         results[name].update(train_s=times[name], eval_s=time.perf_counter() - t0)
         print(f"seed {seed}: {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in results[name].items()), flush=True)
+        (seed_dir / "seed_results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def load_seed(out: Path, seed: int) -> dict[str, dict[str, float]]:
+    """A finished seed's numbers (`--report-only`: seeds run as separate, parallel processes)."""
+    path = out / f"seed{seed}" / "seed_results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    if set(results) != set(MODELS):
+        raise SystemExit(f"--report-only: {path} lacks {sorted(set(MODELS) - set(results))}; run that seed first")
     return results
 
 
@@ -292,6 +302,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shared-warm-start", action="store_true",
                    help="one warm start (seed --warm-start-seed) for every seed, cached on disk by its config")
     p.add_argument("--warm-start-seed", type=int, default=0)
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: the table from <out>/seed<s>/seed_results.json of earlier runs "
+                        "(e.g. one process per seed, run in parallel)")
     p.add_argument("--warm-start-only", action="store_true",
                    help="train and evaluate only the warm start (to tune it), no table")
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
@@ -312,16 +325,22 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     out = Path(args.out or f"runs/compare_{args.task}").resolve()
     setup = eval_setup(args, spec)
-    per_seed = {s: run_seed(s, out, spec, setup, args) for s in args.seeds}
+    if args.report_only:
+        per_seed = {s: load_seed(out, s) for s in args.seeds}
+    else:
+        per_seed = {s: run_seed(s, out, spec, setup, args) for s in args.seeds}
     if args.warm_start_only:
         return 0
     wall = time.perf_counter() - start
+    if args.report_only:  # the seeds ran elsewhere: their runs' wall times, summed
+        wall = sum(r.get("train_s", 0.0) + r.get("eval_s", 0.0) for sd in per_seed.values() for r in sd.values())
     rows = statistics.fmean(per_seed[s]["sft"]["judge_rows"] for s in per_seed)
     note = (f"\n\n{args.task}: {len(setup.prompts)} held-out prompts; avg@{setup.samples} at temperature "
             f"{setup.temperature}; judge set per seed from the warm start's own "
             f"{'samples' if setup.judge_set == 'samples' else 'synthetic solutions'}: {rows:.0f} pairs on average "
             f"(each asked in both orders) and twice as many pointwise rows; self-reflection {setup.rounds} rounds; "
-            f"{len(per_seed)} seeds ({', '.join(map(str, per_seed))}), mean ± std. Total wall time {wall / 60:.1f} min.")
+            f"{len(per_seed)} seeds ({', '.join(map(str, per_seed))}), mean ± std. "
+            f"{'Sum of the runs' if args.report_only else 'Total'} wall time {wall / 60:.1f} min.")
     verdicts = checks(per_seed)
     check_md = "\n".join(f"- {'yes' if ok else 'NO'}: {claim} ({nums})" for claim, ok, nums in verdicts)
     md = table(per_seed) + note + "\n\nThe issue's checks (SPARK vs GRPO-only):\n" + check_md + "\n"

@@ -17,7 +17,7 @@ _spec.loader.exec_module(tool)  # type: ignore[union-attr]
 
 def _res(judge: float, greedy: float, delta: float) -> dict[str, float]:
     out = {k: 0.5 for k in tool.METRICS}
-    out.update(judge=judge, greedy=greedy, sr_delta=delta, train_s=10.0)
+    out.update(judge=judge, greedy=greedy, sr_delta=delta, train_s=10.0, eval_s=5.0, judge_rows=20.0)
     return out
 
 
@@ -61,3 +61,15 @@ def test_the_shared_warm_start_is_keyed_by_its_configuration(tmp_path: Path) -> 
     other = tool.parse_args(["--shared-warm-start", "--sft-set", "warmstart.steps=10"])
     assert tool.shared_warm_start(tmp_path, spec, other)[0] != d0
     assert tool.shared_warm_start(tmp_path, spec, tool.parse_args(["--shared-warm-start", "--warm-start-seed", "1"]))[0] != d0
+
+
+def test_report_only_builds_the_table_from_saved_seeds(tmp_path: Path) -> None:
+    import json
+
+    for seed, per in _per_seed([0.70, 0.72]).items():
+        (tmp_path / f"seed{seed}").mkdir()
+        (tmp_path / f"seed{seed}" / "seed_results.json").write_text(json.dumps(per))
+    assert tool.main(["--report-only", "--seeds", "0", "1", "--out", str(tmp_path), "--eval-prompts", "4"]) == 0
+    assert "71.0 ± 1.4" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit, match="seed2"):
+        tool.main(["--report-only", "--seeds", "2", "--out", str(tmp_path), "--eval-prompts", "4"])
