@@ -183,6 +183,7 @@ def run_seed(seed: int, out: Path, spec: TaskSpec, setup: EvalSetup, args: argpa
     seeds = [f"trainer.seed={seed}", f"data.seed={seed}", f"spark.seed={seed}"]
     base = [*spec.shared, *args.extra, *seeds]
     seed_dir = out / f"seed{seed}"
+    seed_dir.mkdir(parents=True, exist_ok=True)  # the judge set lands here before any arm runs
     if args.shared_warm_start:
         sft_dir, overrides = shared_warm_start(out, spec, args)
         reuse = True  # cached on disk, keyed by everything that defines it
