@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -76,6 +77,13 @@ METRICS = {"greedy": "greedy acc", "avg_n": "avg@n acc", "pointwise": "judge poi
            "self_reflect": "acc w/ self-reflection", "sr_delta": "self-reflection change vs greedy"}
 
 
+def run_env() -> dict[str, str]:
+    """The training runs' environment: one OpenMP thread unless OMP_NUM_THREADS says otherwise.
+    On a shared 2-core machine a run with 2 threads took 4-8 s per warm-start step against
+    ~1.1 s with one (threads that wait for each other while the other core is busy)."""
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
 def train_run(run_dir: Path, config: Path, overrides: list[str], reuse: bool) -> float:
     """Runs `spark-mcore train` into `run_dir` (log: run_dir/train.log); returns wall seconds."""
     if reuse and (run_dir / "hf" / "config.json").is_file():
@@ -88,11 +96,27 @@ def train_run(run_dir: Path, config: Path, overrides: list[str], reuse: bool) ->
         args += ["--set", item]
     start = time.perf_counter()
     with (run_dir / "train.log").open("w") as log:
-        proc = subprocess.run(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
+        proc = subprocess.run(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False, env=run_env())
     if proc.returncode != 0:
         tail = (run_dir / "train.log").read_text().splitlines()[-15:]
         raise RuntimeError(f"training run {run_dir} failed (exit {proc.returncode}):\n" + "\n".join(tail))
     return time.perf_counter() - start
+
+
+def warm_start_run(sft_dir: Path, config: Path, overrides: list[str], continue_steps: int, reuse: bool) -> float:
+    """The warm start into `sft_dir`; with `continue_steps` > 0 in two runs: the config's warm
+    start into <sft_dir>/../<name>-stage1, then `continue_steps` more SFT steps from its export
+    (a fresh lr warmup of 5 steps) into `sft_dir`, with stage 1's tokenizer copied over."""
+    if not continue_steps:
+        return train_run(sft_dir, config, overrides, reuse)
+    first = sft_dir.with_name(sft_dir.name + "-stage1")
+    wall = train_run(first, config, overrides, reuse)
+    wall += train_run(sft_dir, config, [*overrides, f"model.hf_path={first / 'hf'}",
+                                        f"data.tokenizer={first / 'tokenizer'}", f"warmstart.steps={continue_steps}",
+                                        "warmstart.warmup_steps=5"], reuse)
+    if not (sft_dir / "tokenizer").is_dir():
+        shutil.copytree(first / "tokenizer", sft_dir / "tokenizer")
+    return wall
 
 
 @dataclass
@@ -190,7 +214,7 @@ def run_seed(seed: int, out: Path, spec: TaskSpec, setup: EvalSetup, args: argpa
     else:
         sft_dir, overrides, reuse = seed_dir / "sft", [*base, *spec.warm_start, *args.sft_extra], args.reuse
     print(f"seed {seed}: warm start -> {sft_dir}", flush=True)
-    times = {"sft": train_run(sft_dir, spec.config, [*overrides, "trainer.steps=0"], reuse)}
+    times = {"sft": warm_start_run(sft_dir, spec.config, [*overrides, "trainer.steps=0"], args.continue_steps, reuse)}
     results: dict[str, dict[str, float]] = {}
     rows = None
     start = ["warmstart.steps=0", f"model.hf_path={sft_dir / 'hf'}", f"data.tokenizer={sft_dir / 'tokenizer'}"]
@@ -225,7 +249,8 @@ def shared_warm_start(out: Path, spec: TaskSpec, args: argparse.Namespace) -> tu
     ws_seed = args.warm_start_seed
     overrides = [*spec.shared, *args.extra, f"trainer.seed={ws_seed}", f"data.seed={ws_seed}",
                  f"spark.seed={ws_seed}", *spec.warm_start, *args.sft_extra]
-    key = hashlib.sha256(json.dumps([spec.config.read_text(), overrides]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([spec.config.read_text(), overrides, args.continue_steps]).encode()
+                         ).hexdigest()[:12]
     return out / f"warmstart-{key}", overrides
 
 
@@ -303,6 +328,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shared-warm-start", action="store_true",
                    help="one warm start (seed --warm-start-seed) for every seed, cached on disk by its config")
     p.add_argument("--warm-start-seed", type=int, default=0)
+    p.add_argument("--continue-steps", type=int, default=0,
+                   help="continue the warm start for this many SFT steps in a second run from its export")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: the table from <out>/seed<s>/seed_results.json of earlier runs "
                         "(e.g. one process per seed, run in parallel)")
@@ -325,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = TASKS[args.task]
     start = time.perf_counter()
     out = Path(args.out or f"runs/compare_{args.task}").resolve()
+    import torch  # the evaluations run here: the same thread rule as the training runs (run_env)
+
+    torch.set_num_threads(int(run_env()["OMP_NUM_THREADS"]))
     setup = eval_setup(args, spec)
     if args.report_only:
         per_seed = {s: load_seed(out, s) for s in args.seeds}

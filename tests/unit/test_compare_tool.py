@@ -61,6 +61,8 @@ def test_the_shared_warm_start_is_keyed_by_its_configuration(tmp_path: Path) -> 
     other = tool.parse_args(["--shared-warm-start", "--sft-set", "warmstart.steps=10"])
     assert tool.shared_warm_start(tmp_path, spec, other)[0] != d0
     assert tool.shared_warm_start(tmp_path, spec, tool.parse_args(["--shared-warm-start", "--warm-start-seed", "1"]))[0] != d0
+    cont = tool.parse_args(["--shared-warm-start", "--continue-steps", "400"])
+    assert tool.shared_warm_start(tmp_path, spec, cont)[0] != d0
 
 
 def test_report_only_builds_the_table_from_saved_seeds(tmp_path: Path) -> None:
@@ -73,3 +75,10 @@ def test_report_only_builds_the_table_from_saved_seeds(tmp_path: Path) -> None:
     assert "71.0 ± 1.4" in (tmp_path / "results.md").read_text()
     with pytest.raises(SystemExit, match="seed2"):
         tool.main(["--report-only", "--seeds", "2", "--out", str(tmp_path), "--eval-prompts", "4"])
+
+
+def test_training_runs_get_one_thread_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert tool.run_env()["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert tool.run_env()["OMP_NUM_THREADS"] == "2"
