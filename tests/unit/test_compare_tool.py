@@ -26,6 +26,11 @@ def _per_seed(spark_judge: list[float]) -> dict:
             for s, j in enumerate(spark_judge)}
 
 
+def test_a_constant_judge_fails_the_sanity_line() -> None:
+    ok = [holds for _, holds, _ in tool.checks(_per_seed([0.50, 0.50, 0.50]))]
+    assert ok[0] is False and ok[3] is False  # GRPO at 0.6 here; a judge at chance is not above it
+
+
 def test_mean_std() -> None:
     assert tool.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
     assert tool.mean_std([0.5]) == (0.5, 0.0)
@@ -33,10 +38,10 @@ def test_mean_std() -> None:
 
 def test_checks_pass_and_fail_on_the_margins() -> None:
     ok = {claim: holds for claim, holds, _ in tool.checks(_per_seed([0.70, 0.72, 0.74]))}
-    assert list(ok.values()) == [True, True, True]
+    assert list(ok.values()) == [True, True, True, True]
     # a mean gain of 0.02 with a seed std of 0.1 is not "more than the larger std"
     ok = {claim: holds for claim, holds, _ in tool.checks(_per_seed([0.52, 0.62, 0.72]))}
-    assert list(ok.values()) == [False, True, True]
+    assert list(ok.values()) == [False, True, True, True]
 
 
 def test_table_shows_mean_and_std_per_model_and_each_seed() -> None:
