@@ -4,13 +4,17 @@ small-RL testbed where checking an answer is much easier than finding one).
     Numbers: 7 5 3. Target: 26.  ->  "7*3=21. 21+5=26. \\boxed{7*3+5}"
 
 Row answer: the JSON text `{"numbers": [...], "target": T}`, scored by the `countdown`
-verifier (`spark_mcore.rewards.countdown`). Levels are the count of numbers shown (3, 4, 5).
+verifier (`spark_mcore.rewards.countdown`). Levels 3, 4, 5 are the count of numbers shown;
+levels 1 and 2 show three numbers from 1-9 with every value at most 30 (level 1: two of them
+reach the target, the third is a distractor), small enough for a model trained from scratch
+(`LEVELS`).
 
 Instances are solvable by construction: each is generated from a random *chain* (the running
 value combined with one unused number per step, `acc op n` or `n op acc`), with positive
-integer intermediate values up to `MAX_INTERMEDIATE`, exact divisions only, no `*1` or `/1`,
-and the target in [1, MAX_TARGET]. A level-k chain uses k numbers (at level 5 sometimes 4,
-the fifth shown number is then a distractor). Other solutions exist and the verifier accepts
+integer intermediate values up to the level's bound (`MAX_INTERMEDIATE` at levels 3-5), exact
+divisions only, no `*1` or `/1`, and the target in [1, the level's max target]. A chain uses
+`LevelSpec.used` of the shown numbers (all of them, except at level 5 sometimes 4 and at
+level 1 always 2; the others are distractors). Other solutions exist and the verifier accepts
 any. Splits: a problem's key is its sorted numbers and target, hashed (sha256) into 5
 buckets, one of which is the test split, so train and test never share a problem (in any
 order of its numbers). Deterministic in (levels, split, size, seed); a larger size appends.
