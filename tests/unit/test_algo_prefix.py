@@ -114,10 +114,12 @@ def test_dr_grpo_baseline_no_std() -> None:
     torch.testing.assert_close(adv, torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.0, 0.0]))
 
 
-def test_prefix_config_validated_and_refused_until_wired() -> None:
+def test_prefix_config_validated() -> None:
     assert not load_run_config(None, []).rollout.prefix.enabled
-    with pytest.raises(ConfigError, match="not yet wired into generation"):
-        load_run_config(None, ["rollout.prefix.enabled=true"])
+    cfg = load_run_config(None, ["rollout.prefix.enabled=true"]).rollout.prefix
+    assert (cfg.members, cfg.high_start, cfg.high_end, cfg.entropy_keep) == (1, 0.95, 0.05, 0.2)
+    with pytest.raises(ConfigError, match="rollout.prefix.enabled=true needs rollout.source=inprocess"):
+        RolloutConfig(source="stream", prefix=PrefixConfig(enabled=True))
     with pytest.raises(ConfigError, match="rollout.prefix.members=8 must be < rollout.n=8"):
         RolloutConfig(n=8, prefix=PrefixConfig(enabled=True, members=8))
     with pytest.raises(ConfigError, match="rollout.prefix.high_start"):
