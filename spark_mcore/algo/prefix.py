@@ -165,8 +165,9 @@ def prefix_rft_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
         clip_eps, clip_eps_high, agg, normalizer: as in `policy_loss` / `aggregate`.
         is_weights: [B, T] constant weights of the on-policy tokens, or None.
     Returns:
-        (loss, metrics): prefix_token_frac, prefix_kept_frac (of prefix tokens), clip_frac (of
-        on-policy tokens); detached.
+        (loss, metrics): prefix_token_frac, prefix_kept_frac (of prefix tokens), clip_frac
+        (clipped on-policy tokens, as a share of all response tokens like every token-mean
+        metric, so micro-batch shares add up; prefix tokens are never clipped); detached.
     """
     keep = prefix if keep is None else keep
     for name, t in (("old_logp", old_logp), ("mask", mask), ("prefix", prefix), ("keep", keep),
@@ -196,5 +197,5 @@ def prefix_rft_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
         n_pre = pre.sum().clamp(min=1).double()
         metrics = {"prefix_token_frac": pre.sum().double() / bmask.sum().clamp(min=1),
                    "prefix_kept_frac": (pre & keep.bool()).sum().double() / n_pre,
-                   "clip_frac": ((clipped < surr) & onp).sum().double() / onp.sum().clamp(min=1)}
+                   "clip_frac": ((clipped < surr) & onp).sum().double() / bmask.sum().clamp(min=1)}
     return loss, metrics
