@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from spark_mcore.algo.advantages import grpo_advantages
-from spark_mcore.algo.losses import aggregate
+from spark_mcore.algo.losses import _k3, aggregate
 
 __all__ = [
     "cosine_schedule",
@@ -167,7 +167,9 @@ def prefix_rft_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     Returns:
         (loss, metrics): prefix_token_frac, prefix_kept_frac (of prefix tokens), clip_frac
         (clipped on-policy tokens, as a share of all response tokens like every token-mean
-        metric, so micro-batch shares add up; prefix tokens are never clipped); detached.
+        metric, so micro-batch shares add up; prefix tokens are never clipped), ratio_mean and
+        approx_kl (k3 of old vs new) as in `policy_loss` (prefix tokens count as ratio 1);
+        detached.
     """
     keep = prefix if keep is None else keep
     for name, t in (("old_logp", old_logp), ("mask", mask), ("prefix", prefix), ("keep", keep),
@@ -197,5 +199,9 @@ def prefix_rft_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
         n_pre = pre.sum().clamp(min=1).double()
         metrics = {"prefix_token_frac": pre.sum().double() / bmask.sum().clamp(min=1),
                    "prefix_kept_frac": (pre & keep.bool()).sum().double() / n_pre,
-                   "clip_frac": ((clipped < surr) & onp).sum().double() / bmask.sum().clamp(min=1)}
+                   "clip_frac": ((clipped < surr) & onp).sum().double() / bmask.sum().clamp(min=1),
+                   # as in `policy_loss`, token means over the response (prefix tokens: ratio 1, kl 0)
+                   "ratio_mean": torch.where(bmask, ratio, zero).sum().double() / bmask.sum().clamp(min=1),
+                   "approx_kl": torch.where(onp, _k3(torch.log(ratio)), zero).sum().double()
+                   / bmask.sum().clamp(min=1)}
     return loss, metrics

@@ -104,8 +104,11 @@ def test_prefix_rft_loss_hand_computed() -> None:
     from spark_mcore.algo.losses import policy_loss
     none = torch.zeros_like(prefix)
     a = prefix_rft_loss(logp.detach(), torch.zeros_like(old), adv, mask, none, none, clip_eps=0.2)[0]
-    b = policy_loss(logp.detach(), torch.zeros_like(old), adv, mask, clip_eps=0.2)[0]
-    assert a.item() == pytest.approx(b.item())
+    b = policy_loss(logp.detach(), torch.zeros_like(old), adv, mask, clip_eps=0.2)
+    assert a.item() == pytest.approx(b[0].item())
+    ma = prefix_rft_loss(logp.detach(), torch.zeros_like(old), adv, mask, none, none, clip_eps=0.2)[1]
+    for key in ("clip_frac", "ratio_mean", "approx_kl"):
+        assert ma[key].item() == pytest.approx(b[1][key].item()), key
 
 
 def test_dr_grpo_baseline_no_std() -> None:
