@@ -13,7 +13,7 @@ from spark_mcore.config.loader import ConfigError, to_dict
 from spark_mcore.config.run import RunConfig
 from spark_mcore.data.chat import encode_prompt, stop_token_ids
 from spark_mcore.data.dataset import PromptLoader, builtin_corpus, check_sft_ready, load_prompts
-from spark_mcore.data.images import VisionProcessing, check_prompt_images, get_decoder
+from spark_mcore.data.images import VisionProcessing, check_prompt_images, get_decoder, processor_config
 from spark_mcore.data.tokenizer import get_tokenizer
 from spark_mcore.data.vision_prompts import VisionPromptEncoder, add_vision_tokens, check_token_ids
 from spark_mcore.distributed.parallel import ParallelState, init_distributed
@@ -24,6 +24,7 @@ from spark_mcore.metrics import MetricsLogger
 from spark_mcore.models.registry import get_adapter
 from spark_mcore.rewards import VerifierPool, registered_verifiers
 from spark_mcore.rollout.base import RolloutEngine
+from spark_mcore.rollout.groups import check_engine_images
 from spark_mcore.rollout.source import InProcessSource, RankZeroSource, RolloutSource, StreamSource
 from spark_mcore.spark.templates import corpus_texts
 from spark_mcore.trainer.actor import MegatronActor
@@ -123,8 +124,11 @@ def build_run(cfg: RunConfig) -> Run:
     actor.temperature = cfg.rollout.temperature or 1.0  # log-probs of what the engine samples
     if cfg.model.hf_path:
         load_hf_weights(actor, cfg.model.hf_path)
-    engine, weights = build_rollout(EngineContext(cfg, run_dir, pstate, tokenizer, actor))
+    engine, weights = build_rollout(EngineContext(cfg, run_dir, pstate, tokenizer, actor,
+                                                  processor_config(vision.processing) if vision else None))
     try:
+        if vision is not None and engine is not None:  # before any step: the engine must take the images
+            check_engine_images(engine, train_prompts + test_prompts)
         pool = VerifierPool(cfg.reward)
         loader = PromptLoader(train_prompts, cfg.data.prompts_per_step, seed=cfg.data.seed)
         encode = vision or partial(encode_prompt, tokenizer)
