@@ -147,6 +147,11 @@ class RolloutServerApp:
         request's ids must hold as many image pads as the processing gives (SGLang's contract
         for input_ids with images; the trainer's data.image_min/max_pixels set both)."""
         if data is None:
+            if self.processing is not None:  # pads without pixels would embed as plain tokens
+                pad = self.engine.model.config.image_token_id
+                if any(pad in ids for ids in batch):
+                    raise RequestError(f"image_data: missing, but input_ids hold image pads (id {pad}); "
+                                       "send the prompt's images with it")
             return [None] * len(batch)
         entries = [data] if single else data
         if not isinstance(entries, list) or len(entries) != len(batch):

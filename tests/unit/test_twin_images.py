@@ -68,6 +68,8 @@ def test_image_data_generates_what_the_engine_generates_with_the_images(served: 
     status, out = app.generate({"input_ids": [ids, [1, 2, 3]], "image_data": [[uri], None],
                                 "sampling_params": [sp, sp]})  # a batch: one entry per request
     assert status == 200 and out[0]["output_ids"] == expected.token_ids
+    with pytest.raises(RequestError, match="image_data: missing, but input_ids hold image pads"):
+        app.generate({"input_ids": ids, "sampling_params": sp})
     without = app.engine.generate([ids], SamplingParams(n=1, max_new_tokens=5, seed=17))[0][0]
     assert without.token_ids != expected.token_ids  # the image changes what is generated
 
