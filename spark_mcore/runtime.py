@@ -13,9 +13,9 @@ from spark_mcore.config.loader import ConfigError, to_dict
 from spark_mcore.config.run import RunConfig
 from spark_mcore.data.chat import encode_prompt, stop_token_ids
 from spark_mcore.data.dataset import PromptLoader, builtin_corpus, check_sft_ready, load_prompts
-from spark_mcore.data.images import VisionProcessing, check_prompt_images, get_decoder, processor_config
+from spark_mcore.data.images import check_prompt_images, processor_config
 from spark_mcore.data.tokenizer import get_tokenizer
-from spark_mcore.data.vision_prompts import VisionPromptEncoder, add_vision_tokens, check_token_ids
+from spark_mcore.data.vision_prompts import VisionPromptEncoder, vision_prompt_encoder
 from spark_mcore.distributed.parallel import ParallelState, init_distributed
 from spark_mcore.doctor import machine_findings
 from spark_mcore.engines import EngineContext, WeightPusher, build_rollout, check_weight_mode
@@ -89,12 +89,10 @@ def vision_encoder(cfg: RunConfig, tokenizer: object, run_dir: Path, main: bool)
     if vision is None:
         raise ConfigError(f"model.family={cfg.model.family!r} needs model.vision (the vision tower's config)")
     before = len(tokenizer)  # type: ignore[arg-type]
-    check_token_ids(add_vision_tokens(tokenizer), vision)
+    encoder = vision_prompt_encoder(tokenizer, vision, cfg.data)
     if main and len(tokenizer) != before and not cfg.data.tokenizer:  # type: ignore[arg-type]
         tokenizer.save_pretrained(str(run_dir / "tokenizer"))  # type: ignore[attr-defined]
-    processing = VisionProcessing(vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size,
-                                  cfg.data.image_min_pixels, cfg.data.image_max_pixels)
-    return VisionPromptEncoder(tokenizer, processing, get_decoder(cfg.data.image_decoder))
+    return encoder
 
 
 def build_run(cfg: RunConfig) -> Run:
