@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import spark_mcore.sglang.payloads as payloads
 from spark_mcore.config.run import load_run_config
@@ -37,7 +38,12 @@ def test_tiny_vl_through_the_twin_server(tmp_path: Path, capsys: Any, monkeypatc
         return body
 
     monkeypatch.setattr(payloads, "build_generate_payload", spy_build)
-    train(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the trainer shares the cores with the twin (2 threads each: 10-20x slower steps)
+    try:
+        train(cfg)
+    finally:
+        torch.set_num_threads(threads)
 
     out = capsys.readouterr().out
     assert "[policy step 1, policy 1/2]" in out and "[reward step 2, policy 1/2]" in out
