@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -29,6 +30,8 @@ from spark_mcore.rollout.source import InProcessSource, RankZeroSource, RolloutS
 from spark_mcore.spark.templates import corpus_texts
 from spark_mcore.trainer.actor import MegatronActor
 from spark_mcore.types import Prompt
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,7 +71,8 @@ class Run:
 
 def load_hf_weights(actor: MegatronActor, hf_path: str) -> None:
     """Initialises the actor from the safetensors of an HF directory (e.g. the `hf/` export of
-    an earlier run), through the family adapter. The model.* sizes must match the checkpoint."""
+    an earlier run), through the family adapter. The actor was built with the checkpoint's
+    sizes (`resolve_hf_model`); a config.json that does not describe its tensors fails here."""
     from spark_mcore.checkpoint.hf_io import SafetensorsReader
 
     with SafetensorsReader(hf_path) as reader:  # validates the directory and its files
@@ -80,6 +84,40 @@ def load_hf_weights(actor: MegatronActor, hf_path: str) -> None:
         raise ConfigError(f"model.hf_path={hf_path}: its weights do not fit the model built from the "
                           f"model.* settings ({e}). Fix: set model.* (and data.tokenizer) to those of "
                           "the checkpoint") from e
+
+
+# ModelConfig fields that describe the architecture: with model.hf_path they come from its
+# config.json; the others (dtype, transformer_impl, attention, freeze_vision, ...) stay the run's.
+_ARCH_FIELDS = ("family", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+                "ffn_hidden_size", "max_position_embeddings", "rope_theta", "rms_norm_eps",
+                "tie_word_embeddings", "qkv_bias", "init_std", "vision")
+
+
+def resolve_hf_model(cfg: RunConfig) -> RunConfig:
+    """With model.hf_path: the model's architecture from the checkpoint's config.json (a run
+    launched on Qwen2.5-7B must not build the tiny default sizes), a model.family that names
+    another family refused, and data.tokenizer defaulting to the checkpoint's tokenizer when the
+    directory has one. Without model.hf_path: `cfg` unchanged."""
+    hf_path = cfg.model.hf_path
+    if not hf_path:
+        return cfg
+    from spark_mcore.checkpoint.convert import inspect_hf
+
+    family, hf_model, _ = inspect_hf(Path(hf_path), cfg.model.dtype)
+    if family != cfg.model.family:
+        raise ConfigError(f"model.family={cfg.model.family!r} but model.hf_path={hf_path} is a {family!r} "
+                          f"checkpoint; set model.family={family}")
+    defaults = type(cfg.model)()
+    for f in _ARCH_FIELDS:  # a size the user set (not the default) that the checkpoint overrides
+        mine, theirs = getattr(cfg.model, f), getattr(hf_model, f)
+        if mine != theirs and mine != getattr(defaults, f) and f != "vocab_size":
+            log.warning("model.%s=%s ignored: model.hf_path=%s has %s", f, mine, hf_path, theirs)
+    model = dataclasses.replace(cfg.model, **{f: getattr(hf_model, f) for f in _ARCH_FIELDS})
+    data = cfg.data
+    has_tokenizer = any((Path(hf_path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    if not data.tokenizer and has_tokenizer:
+        data = dataclasses.replace(data, tokenizer=str(hf_path))
+    return dataclasses.replace(cfg, model=model, data=data)
 
 
 def vision_encoder(cfg: RunConfig, tokenizer: object, run_dir: Path, main: bool) -> VisionPromptEncoder:
@@ -99,6 +137,7 @@ def build_run(cfg: RunConfig) -> Run:
     import torch
 
     check_weight_mode(cfg, torch.cuda.is_available())  # before any process group or model
+    cfg = resolve_hf_model(cfg)
     run_dir = Path(cfg.checkpoint.dir)
     pstate = init_distributed(cfg.parallel, seed=cfg.trainer.seed)
     main = pstate.rank == 0
