@@ -49,8 +49,10 @@ class ModelConfig:
     """Policy architecture (Qwen2 family: RMSNorm, SwiGLU, RoPE, GQA, QKV bias).
 
     family: adapter name in the model registry ("qwen2").
-    hf_path: initialise from a Hugging Face checkpoint directory (its config overrides the
-        sizes below); None builds a random model of the sizes below.
+    hf_path: initialise from a Hugging Face checkpoint directory: its config.json sets the
+        architecture (family must match; sizes, RoPE, tying, vision tower), its tokenizer is
+        the default data.tokenizer; dtype, transformer_impl and attention stay as set here.
+        None builds a random model of the sizes below.
     vocab_size: 0 takes the tokenizer's size.
     num_query_groups: key/value heads (GQA); must divide num_attention_heads.
     dtype: parameter dtype of the trainer ("fp32" on CPU; "bf16" on GPU).
