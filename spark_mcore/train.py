@@ -28,6 +28,7 @@ from spark_mcore.algo.losses import logprob_mismatch
 from spark_mcore.checkpoint.io import (
     checkpoint_root,
     export_hf,
+    export_step_head,
     latest_checkpoint,
     load_actor_state,
     save_checkpoint,
@@ -121,7 +122,7 @@ def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool 
     algo, log, ps = run.cfg.algo, run.logger, run.pstate
     batch, stats = groups_to_batch(groups, algo.adv_eps, algo.normalize_std, algo.filter_zero_variance,
                                    pad_id=run.tokenizer.pad_token_id or 0,
-                                   images_of=getattr(run.encode, "images", None))
+                                   images_of=getattr(run.encode, "images", None), steps_of=run.step_finder)
     log.update(stats, prefix="rollout/")
     if batch is not None:
         with log.timer("train"):
@@ -136,7 +137,9 @@ def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool 
             # old log-probs above, which is what the PPO clip is for
             steps = [run.actor.train_step(dp_slice(mini, ps.dp_rank, ps.dp_size)) for mini in
                      split_for_updates(batch, run.cfg.trainer.updates_per_step, seed=version)]
-            log.update({k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}, prefix="train/")
+            means = {k: sum(s.get(k, 0.0) for s in steps) / len(steps) for k in steps[0]}
+            log.update({k: v for k, v in means.items() if not k.startswith("step_head/")}, prefix="train/")
+            log.update({k: v for k, v in means.items() if k.startswith("step_head/")})
     with log.timer("sync"):
         run.push_weights(version)
 
@@ -227,6 +230,8 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
         if cfg.checkpoint.export_hf:
             export_hf(run.actor, run.tokenizer, run.run_dir / "hf", run.run_dir / "tokenizer",
                       tensors=actor_hf_weights(run.actor))
+            if cfg.model.step_head:
+                export_step_head(run.actor, run.run_dir / "hf")
         if run.pstate.rank == 0:
             print_results_table(results)
         return results

@@ -140,6 +140,11 @@ class TrainBatch:
                                    it); None when unknown, -1 on padding rows
       engine_logprobs [B, T] float the rollout engine's log-probs of the sampled tokens (0 off
                                    the mask); set for truncated importance sampling, else None
+      step_positions [B, S] long   positions (in the row) of the tokens before each reasoning-step
+                                   delimiter, -1 pads; rows without steps (reward tasks) all -1;
+                                   set only with model.step_head, else None
+      outcomes       [B]    float  1 for a verified-correct response, 0 otherwise (the step head's
+                                   label for every step of the row); None without the step head
     Position t of the log-prob tensors scores token t (the first position is never in the mask).
     images: per row, (pixel_values [P_i, D], image_grid_thw [N_i, 3]) of its images or None
       (vision-language models); an empty list when no row has images.
@@ -154,6 +159,8 @@ class TrainBatch:
     group_ids: torch.Tensor | None = None
     engine_logprobs: torch.Tensor | None = None
     images: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    step_positions: torch.Tensor | None = None
+    outcomes: torch.Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -171,7 +178,8 @@ class TrainBatch:
         return replace(self, tokens=move(self.tokens), loss_mask=move(self.loss_mask),
                        advantages=move(self.advantages), old_logprobs=move(self.old_logprobs),
                        ref_logprobs=move(self.ref_logprobs), group_ids=move(self.group_ids),
-                       engine_logprobs=move(self.engine_logprobs))
+                       engine_logprobs=move(self.engine_logprobs), step_positions=move(self.step_positions),
+                       outcomes=move(self.outcomes))
 
 
 def prompt_kind(prompt: Prompt) -> str:
