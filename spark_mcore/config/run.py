@@ -46,11 +46,11 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        check_gpu_features(self.model, self.trainer, self.parallel)
-        # checks across sections, before any work (each section checks its own fields)
         if self.model.step_head and self.parallel.cp > 1:
             raise ConfigError(f"model.step_head=true reads whole sequences of hidden states, which parallel.cp="
                               f"{self.parallel.cp} splits. Fix: parallel.cp=1, or model.step_head=false")
+        check_gpu_features(self.model, self.trainer, self.parallel)
+        # checks across sections, before any work (each section checks its own fields)
         ws, source = self.warmstart, self.data.source
         if ws.steps and ws.judge_fraction > 0 and source not in ("builtin:arith", "builtin:countdown"):
             raise ConfigError(
