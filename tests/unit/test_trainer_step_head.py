@@ -255,3 +255,15 @@ def test_selection_accuracy_hand_computed() -> None:
     assert avg_n == pytest.approx(3 / 9)
     with pytest.raises(ValueError, match="one \\[P, N\\] shape"):
         selection_accuracy(correct, scores[:, :2])
+
+
+def test_convert_writes_the_checkpointed_head_beside_the_weights(tmp_path: Path) -> None:
+    from spark_mcore.checkpoint.convert import _export_step_head
+
+    head = StepHead(6)
+    head.init_weights(4)
+    torch.save({"head": head.state_dict(), "optimizer": {}, "steps": torch.tensor(3)}, tmp_path / "step_head.pt")
+    (tmp_path / "hf").mkdir()
+    _export_step_head(tmp_path, tmp_path / "hf")
+    back = load_step_head(tmp_path / "hf")
+    assert all(torch.equal(x, y) for x, y in zip(head.state_dict().values(), back.state_dict().values(), strict=True))
