@@ -137,7 +137,8 @@ def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool 
             # old log-probs above, which is what the PPO clip is for
             steps = [run.actor.train_step(dp_slice(mini, ps.dp_rank, ps.dp_size)) for mini in
                      split_for_updates(batch, run.cfg.trainer.updates_per_step, seed=version)]
-            means = {k: sum(s.get(k, 0.0) for s in steps) / len(steps) for k in steps[0]}
+            keys = dict.fromkeys(k for s in steps for k in s)  # the step head's only where it had steps
+            means = {k: sum(s[k] for s in steps if k in s) / sum(k in s for s in steps) for k in keys}
             log.update({k: v for k, v in means.items() if not k.startswith("step_head/")}, prefix="train/")
             log.update({k: v for k, v in means.items() if k.startswith("step_head/")})
     with log.timer("sync"):

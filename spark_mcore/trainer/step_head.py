@@ -36,9 +36,12 @@ _SEED_OFFSET = 7919  # the head's init seed is trainer.seed + this (not the TP-o
 
 
 def find_layer(chunk: torch.nn.Module, layer_number: int) -> torch.nn.Module | None:
-    """The transformer layer with global `layer_number` (1-based) in a GPTModel chunk, if here."""
+    """The transformer layer with global `layer_number` (1-based) in a model chunk (a GPTModel,
+    or a vision-language model holding one), if this chunk has it."""
     decoder = getattr(chunk, "decoder", None)
-    for layer in getattr(decoder, "layers", []):
+    layers = list(getattr(decoder, "layers", [])) if decoder is not None else [
+        m for m in chunk.modules() if hasattr(m, "layer_number") and hasattr(m, "self_attention")]
+    for layer in layers:
         if getattr(layer, "layer_number", None) == layer_number:
             return layer
     return None
