@@ -36,13 +36,13 @@ from spark_mcore.trainer.config import TrainerConfig
 from spark_mcore.trainer.features import check_gpu_features
 from spark_mcore.trainer.logits import sequence_logprobs
 from spark_mcore.trainer.optim import build_optimizer
-from spark_mcore.trainer.step_head import StepHeadTrainer, finish_metrics
 from spark_mcore.trainer.packing import (
     MicroBatch,
     packed_micro_batches,
     padded_micro_batches,
     sequence_lengths,
 )
+from spark_mcore.trainer.step_head import StepHeadTrainer, finish_metrics
 from spark_mcore.types import TrainBatch
 
 # The interleaved schedule exchanges activations and gradients with both neighbours at once.
