@@ -22,7 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from spark_mcore.cli import main
 from spark_mcore.distributed.parallel import find_free_port
+from spark_mcore.rewards import register_verifier
 
 pytestmark = pytest.mark.slow
 
@@ -151,16 +153,20 @@ def test_ws1_resume_continues_the_head_exactly(root: Path, ws1: Path) -> None:
     assert all(torch.equal(x[k], y[k]) for k in x)
 
 
+@register_verifier("step_head_even_length")  # in this process, for the in-process eval below
+def _even_length(response: str, answer: str) -> float:
+    return float(len(str(response)) % 2 == 0)
+
+
 @pytest.mark.parametrize("select", ["step-head", "judge"])
-def test_eval_best_of_on_the_export(root: Path, ws1: Path, select: str) -> None:
-    out = root / f"best_of_{select}.json"
-    proc = subprocess.run(
-        [sys.executable, str(root / "runner.py"), "eval", "--checkpoint", str(ws1), "--data",
-         str(root / "data.jsonl"), "--split", "train", "--best-of", "2", "--select", select, "--limit", "3",
-         "--max-new-tokens", "8", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_eval_best_of_on_the_export(root: Path, ws1: Path, select: str, capsys: pytest.CaptureFixture) -> None:
+    data, out = root / "eval.jsonl", root / f"best_of_{select}.json"
+    data.write_text("".join(json.dumps({"prompt": f"Say something {i}", "answer": "7",
+                                        "task": "step_head_even_length"}) + "\n" for i in range(4)))
+    rc = main(["eval", "--checkpoint", str(ws1), "--data", str(data), "--split", "train", "--best-of", "2",
+               "--select", select, "--limit", "3", "--max-new-tokens", "8", "--out", str(out)])
+    assert rc == 0
     res = json.loads(out.read_text())["best_of"]
     assert res["select"] == select and res["n"] == 2 and res["num_prompts"] == 3
     assert res["avg_at_n"] <= res["pass_at_n"] and res["selected_accuracy"] <= res["pass_at_n"]
-    assert f"| {select} |" in proc.stdout
+    assert f"| {select} |" in capsys.readouterr().out
