@@ -53,6 +53,8 @@ class StepHeadConfig:
     the response's verified outcome as every step's label (BCE-with-logits, only steps whose
     current prediction agrees with the label, class weights from the global step counts). It
     lives on the last pipeline stage, replicated over TP; its gradients are averaged over DP.
+    It trains on the policy rows of each GRPO batch, so with algo.filter_zero_variance=true it
+    never sees all-correct or all-wrong groups (they are dropped before the batch is built).
 
     delimiter: the text that ends a reasoning step. The default ". " fits the built-in arith
         and countdown worked solutions ("3+4=7. 7*2=14. \\boxed{14}"); the paper's
