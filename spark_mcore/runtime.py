@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from spark_mcore.config.loader import ConfigError, to_dict
 from spark_mcore.config.run import RunConfig
@@ -27,6 +28,7 @@ from spark_mcore.models.registry import get_adapter
 from spark_mcore.rewards import VerifierPool, registered_verifiers
 from spark_mcore.rollout.base import RolloutEngine
 from spark_mcore.rollout.groups import check_engine_images
+from spark_mcore.rollout.prefix import PrefixRollouts
 from spark_mcore.rollout.source import InProcessSource, RankZeroSource, RolloutSource, StreamSource
 from spark_mcore.spark.templates import corpus_texts
 from spark_mcore.trainer.actor import MegatronActor
@@ -177,7 +179,8 @@ def build_run(cfg: RunConfig) -> Run:
             actor=actor, engine=engine, weights=weights, pool=pool,
             logger=MetricsLogger(cfg.logging, run_dir, enabled=main),
             loader=loader, test_prompts=test_prompts,
-            source=build_source(cfg, run_dir, pstate, InProcessSource(engine, encode, pool, loader, pstate)),
+            source=build_source(cfg, run_dir, pstate, InProcessSource(engine, encode, pool, loader, pstate,
+                                                                      prefix=prefix_rollouts(cfg, tokenizer))),
             step_finder=StepFinder(tokenizer, cfg.step_head.delimiter, cfg.step_head.score_last)
             if cfg.model.step_head else None,
         )
@@ -186,6 +189,15 @@ def build_run(cfg: RunConfig) -> Run:
         if engine is not None:
             engine.shutdown()
         raise
+
+
+def prefix_rollouts(cfg: RunConfig, tokenizer: Any) -> PrefixRollouts | None:
+    """Prefix-RFT's generator of demonstration-prefixed members (None: rollout.prefix off)."""
+    if not cfg.rollout.prefix.enabled:
+        return None
+    return PrefixRollouts(cfg.rollout.prefix, cfg.trainer.steps,
+                          tokenize=lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
+                          decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def build_source(cfg: RunConfig, run_dir: Path, pstate: ParallelState, inprocess: InProcessSource) -> RolloutSource:

@@ -293,32 +293,48 @@ class MegatronActor:
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
         """log p(tokens[t] | tokens[<t]) for every position, [B, T] (0 at t = 0 and padding)."""
+        return self._forward_values(batch, reference, entropy=False)[0]
+
+    @torch.no_grad()
+    def compute_logprobs_entropy(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's log-probs and the entropy of the distribution that predicted each token
+        (vocab-parallel under TP), both [B, T] and 0 off the loss mask; one forward pass."""
+        logp, ent = self._forward_values(batch, False, entropy=True)
+        assert ent is not None
+        return logp, ent
+
+    def _forward_values(self, batch: TrainBatch, reference: bool, entropy: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
         chunks = self.ref_chunks if reference else self.chunks
         if chunks is None:
             raise RuntimeError("no reference model: call snapshot_reference() with algo.kl_coef > 0")
         modes = [c.training for c in chunks]
         for c in chunks:
             c.eval()
-        outs, mbs = self._run(chunks, batch, lambda mb, logp, ent: (logp.sum() * 0, {"_logp": logp}), True)
+        outs, mbs = self._run(chunks, batch, lambda mb, logp, ent: (logp.sum() * 0, {"_logp": logp, **(
+            {"_ent": ent()} if entropy else {})}), True)
         for c, mode in zip(chunks, modes, strict=True):
             c.train(mode)
-        logp = None
-        if outs:  # scatter each micro-batch's sequences back to their batch rows
-            logp = torch.zeros(batch.tokens.shape, dtype=torch.float32)
-            for mb, out in zip(mbs, outs, strict=True):
-                keep = mb.index >= 0
-                if "_logp" in out and bool(keep.any()):
-                    logp[mb.index[keep].cpu()] = out["_logp"][keep.to(out["_logp"].device)].float().cpu()
-        # the loss lives on the last pipeline stage; every stage gets the values for symmetry
-        logp = broadcast_tensor(logp, tuple(batch.tokens.shape), torch.float32, self._last_stage_rank(),
-                                self.pstate.pp_group, self.pstate.device)
-        return logp * batch.loss_mask
+        values = []
+        for key in ["_logp", "_ent"] if entropy else ["_logp"]:
+            full = None
+            if outs:  # scatter each micro-batch's sequences back to their batch rows
+                full = torch.zeros(batch.tokens.shape, dtype=torch.float32)
+                for mb, out in zip(mbs, outs, strict=True):
+                    keep = mb.index >= 0
+                    if key in out and bool(keep.any()):
+                        full[mb.index[keep].cpu()] = out[key][keep.to(out[key].device)].float().cpu()
+            # the loss lives on the last pipeline stage; every stage gets the values for symmetry
+            full = broadcast_tensor(full, tuple(batch.tokens.shape), torch.float32, self._last_stage_rank(),
+                                    self.pstate.pp_group, self.pstate.device)
+            values.append(full * batch.loss_mask)
+        return values[0], values[1] if entropy else None
 
     def _grpo_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, entropy: Callable[[], torch.Tensor]
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
         return grpo_loss(logp, old, mb.ref_logprobs, mb.advantages, mb.loss_mask, self.algo, entropy=entropy(),
-                         engine_logp=mb.engine_logprobs)
+                         engine_logp=mb.engine_logprobs, prefix=mb.prefix_mask)
 
     def _sft_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, entropy: Callable[[], torch.Tensor]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -51,11 +51,12 @@ def step_labels(rollouts: list[Rollout], steps_of: StepsOf) -> tuple[torch.Tenso
 
 def rollouts_to_batch(rollouts: list[Rollout], advantages: torch.Tensor, pad_id: int = 0,
                       pad_to_multiple: int = 1, images_of: ImagesOf | None = None,
-                      steps_of: StepsOf | None = None) -> TrainBatch:
+                      steps_of: StepsOf | None = None, with_prefix_mask: bool = False) -> TrainBatch:
     """advantages [N] aligns with `rollouts`; kinds record the task kind for per-kind metrics.
     steps_of: the step finder of the SPRM step head (sets step_positions and outcomes).
     images_of: the processed images of a rollout's prompt (vision-language models); SPARK's
-    judge and reflection prompts carry their source prompt's images, so they get them too."""
+    judge and reflection prompts carry their source prompt's images, so they get them too.
+    with_prefix_mask: set `prefix_mask` (Prefix-RFT; all False for on-policy responses)."""
     tokens, mask = pack_sequences([r.prompt_ids for r in rollouts],
                                   [r.completion.token_ids for r in rollouts], pad_id, pad_to_multiple)
     kinds = [prompt_kind(r.prompt) for r in rollouts]
@@ -63,8 +64,22 @@ def rollouts_to_batch(rollouts: list[Rollout], advantages: torch.Tensor, pad_id:
     steps, outcomes = step_labels(rollouts, steps_of) if steps_of is not None else (None, None)
     return TrainBatch(tokens=tokens, loss_mask=mask, advantages=advantages.float(), kinds=kinds,
                       engine_logprobs=engine_logprobs(rollouts, tokens.shape),
+                      prefix_mask=prefix_mask(rollouts, tokens.shape) if with_prefix_mask else None,
                       images=images if any(i is not None for i in images) else [],
                       step_positions=steps, outcomes=outcomes)
+
+
+def prefix_mask(rollouts: list[Rollout], shape: torch.Size) -> torch.Tensor:
+    """[B, T] bool: True on the first `completion.prefix_len` response tokens of each row (the
+    demonstration prefix, Prefix-RFT), aligned with the tokens like loss_mask."""
+    out = torch.zeros(shape, dtype=torch.bool)
+    for i, r in enumerate(rollouts):
+        n = r.completion.prefix_len
+        if not 0 <= n <= len(r.completion.token_ids):
+            raise ValueError(f"rollout {i}: prefix_len={n} outside its {len(r.completion.token_ids)} response tokens")
+        start = len(r.prompt_ids)
+        out[i, start:start + n] = True
+    return out
 
 
 def engine_logprobs(rollouts: list[Rollout], shape: torch.Size) -> torch.Tensor | None:
@@ -78,6 +93,13 @@ def engine_logprobs(rollouts: list[Rollout], shape: torch.Size) -> torch.Tensor 
         start = len(r.prompt_ids)
         out[i, start:start + len(r.completion.token_ids)] = torch.tensor(r.completion.logprobs, dtype=torch.float32)
     return out
+
+
+def sampled_mask(batch: TrainBatch) -> torch.Tensor:
+    """[B, T] float: loss_mask without the demonstration-prefix tokens (those the engine sampled)."""
+    if batch.prefix_mask is None:
+        return batch.loss_mask
+    return batch.loss_mask * (~batch.prefix_mask.bool()).to(batch.loss_mask.dtype)
 
 
 def select(batch: TrainBatch, index: torch.Tensor | slice) -> TrainBatch:
@@ -96,8 +118,8 @@ def select(batch: TrainBatch, index: torch.Tensor | slice) -> TrainBatch:
     return replace(batch, tokens=batch.tokens[index], loss_mask=batch.loss_mask[index],
                    advantages=batch.advantages[index], old_logprobs=pick(batch.old_logprobs),
                    ref_logprobs=pick(batch.ref_logprobs), kinds=kinds, group_ids=pick(batch.group_ids),
-                   engine_logprobs=pick(batch.engine_logprobs), images=images,
-                   step_positions=pick(batch.step_positions), outcomes=pick(batch.outcomes))
+                   engine_logprobs=pick(batch.engine_logprobs), prefix_mask=pick(batch.prefix_mask),
+                   images=images, step_positions=pick(batch.step_positions), outcomes=pick(batch.outcomes))
 
 
 def micro_batches(batch: TrainBatch, micro_batch_size: int) -> Iterator[TrainBatch]:
@@ -117,7 +139,7 @@ def pad_rows(batch: TrainBatch, multiple: int) -> TrainBatch:
     return replace(batch, tokens=grow(batch.tokens), loss_mask=grow(batch.loss_mask),
                    advantages=grow(batch.advantages), old_logprobs=grow(batch.old_logprobs),
                    ref_logprobs=grow(batch.ref_logprobs), kinds=batch.kinds + ["pad"] * extra if batch.kinds else [],
-                   engine_logprobs=grow(batch.engine_logprobs),
+                   engine_logprobs=grow(batch.engine_logprobs), prefix_mask=grow(batch.prefix_mask),
                    group_ids=None if batch.group_ids is None else torch.cat(
                        [batch.group_ids, batch.group_ids.new_full((extra,), -1)]),
                    images=batch.images + [None] * extra if batch.images else [],
@@ -153,12 +175,15 @@ def split_for_updates(batch: TrainBatch, updates: int, seed: int | None = None) 
 
 def groups_to_batch(groups: list[RolloutGroup], eps: float, normalize_std: bool,
                     filter_zero_variance: bool, pad_id: int = 0,
-                    images_of: ImagesOf | None = None,
+                    images_of: ImagesOf | None = None, prefix: bool = False,
                     steps_of: StepsOf | None = None) -> tuple[TrainBatch | None, dict[str, float]]:
     """GRPO batch from verified groups: group-normalised advantages per rollout.
 
     With `filter_zero_variance`, groups whose rewards are all equal are dropped (their advantages
     are 0, so they only dilute the token mean). Returns (None, stats) when nothing is left.
+    `prefix` (rollout.prefix.enabled): the batch carries `prefix_mask`, and a group with a
+    member that continued a demonstration prefix takes Dr. GRPO's baseline (r - mean, no std:
+    Prefix-RFT) whatever `normalize_std` says.
     """
     from spark_mcore.algo.advantages import grpo_advantages, zero_variance_groups
 
@@ -168,10 +193,16 @@ def groups_to_batch(groups: list[RolloutGroup], eps: float, normalize_std: bool,
     flat = zero_variance_groups(rewards, group_ids)
     stats = {"zero_variance_groups": float(len(set(group_ids[flat].tolist()))) if len(rollouts) else 0.0}
     adv = grpo_advantages(rewards, group_ids, eps=eps, normalize_std=normalize_std)
+    if prefix:
+        prefixed = torch.tensor([any(r.completion.prefix_len > 0 for r in g.rollouts) for g in groups
+                                 for _ in g.rollouts], dtype=torch.bool)
+        if bool(prefixed.any()):
+            adv = torch.where(prefixed, grpo_advantages(rewards, group_ids, normalize_std=False), adv)
     keep = ~flat if filter_zero_variance else torch.ones_like(flat)
     if not bool(keep.any()):
         return None, stats
     kept = [r for r, k in zip(rollouts, keep.tolist(), strict=False) if k]
-    batch = rollouts_to_batch(kept, adv[keep], pad_id=pad_id, images_of=images_of, steps_of=steps_of)
+    batch = rollouts_to_batch(kept, adv[keep], pad_id=pad_id, images_of=images_of, with_prefix_mask=prefix,
+                              steps_of=steps_of)
     batch.group_ids = group_ids[keep]
     return batch, stats
