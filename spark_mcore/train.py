@@ -28,6 +28,7 @@ from spark_mcore.algo.losses import logprob_mismatch
 from spark_mcore.checkpoint.io import (
     checkpoint_root,
     export_hf,
+    export_step_head,
     latest_checkpoint,
     load_actor_state,
     save_checkpoint,
@@ -136,7 +137,8 @@ def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool 
     algo, log, ps = run.cfg.algo, run.logger, run.pstate
     batch, stats = groups_to_batch(groups, algo.adv_eps, algo.normalize_std, algo.filter_zero_variance,
                                    pad_id=run.tokenizer.pad_token_id or 0,
-                                   images_of=getattr(run.encode, "images", None), prefix=run.cfg.rollout.prefix.enabled)
+                                   images_of=getattr(run.encode, "images", None), prefix=run.cfg.rollout.prefix.enabled,
+                                   steps_of=run.step_finder)
     log.update(stats, prefix="rollout/")
     if batch is not None:
         with log.timer("train"):
@@ -157,7 +159,10 @@ def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool 
             # old log-probs above, which is what the PPO clip is for
             steps = [run.actor.train_step(dp_slice(mini, ps.dp_rank, ps.dp_size)) for mini in
                      split_for_updates(batch, run.cfg.trainer.updates_per_step, seed=version)]
-            log.update({k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}, prefix="train/")
+            keys = dict.fromkeys(k for s in steps for k in s)  # the step head's only where it had steps
+            means = {k: sum(s[k] for s in steps if k in s) / sum(k in s for s in steps) for k in keys}
+            log.update({k: v for k, v in means.items() if not k.startswith("step_head/")}, prefix="train/")
+            log.update({k: v for k, v in means.items() if k.startswith("step_head/")})
     with log.timer("sync"):
         run.push_weights(version)
 
@@ -250,6 +255,8 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
             export_hf(run.actor, run.tokenizer, run.run_dir / "hf", run.run_dir / "tokenizer",
                       tensors=actor_hf_weights(run.actor),
                       processor_config=processor_config(processing) if processing is not None else None)
+            if cfg.model.step_head:
+                export_step_head(run.actor, run.run_dir / "hf")
         if run.pstate.rank == 0:
             print_results_table(results)
         return results

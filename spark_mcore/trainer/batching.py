@@ -32,12 +32,28 @@ def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id:
 
 # The processed images of a prompt (pixel_values, image_grid_thw), None for a text prompt.
 ImagesOf = Callable[[Prompt], "tuple[torch.Tensor, torch.Tensor] | None"]
+# The step positions of a response's token ids (response-relative), for the SPRM step head.
+StepsOf = Callable[[list[int]], list[int]]
+
+
+def step_labels(rollouts: list[Rollout], steps_of: StepsOf) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, S] long step positions in the prompt+response row, -1 padded; [B] float outcomes).
+    Only policy responses get steps: a recycled reward task's response is a judgement or a
+    revision, not a solution whose outcome labels its steps."""
+    rows = [[len(r.prompt_ids) + p for p in steps_of(r.completion.token_ids)]
+            if prompt_kind(r.prompt) == "policy" else [] for r in rollouts]
+    width = max((len(x) for x in rows), default=0)
+    pos = torch.full((len(rollouts), max(width, 1)), -1, dtype=torch.long)
+    for i, x in enumerate(rows):
+        pos[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+    return pos, torch.tensor([float(r.correct) for r in rollouts], dtype=torch.float32)
 
 
 def rollouts_to_batch(rollouts: list[Rollout], advantages: torch.Tensor, pad_id: int = 0,
                       pad_to_multiple: int = 1, images_of: ImagesOf | None = None,
-                      with_prefix_mask: bool = False) -> TrainBatch:
+                      steps_of: StepsOf | None = None, with_prefix_mask: bool = False) -> TrainBatch:
     """advantages [N] aligns with `rollouts`; kinds record the task kind for per-kind metrics.
+    steps_of: the step finder of the SPRM step head (sets step_positions and outcomes).
     images_of: the processed images of a rollout's prompt (vision-language models); SPARK's
     judge and reflection prompts carry their source prompt's images, so they get them too.
     with_prefix_mask: set `prefix_mask` (Prefix-RFT; all False for on-policy responses)."""
@@ -45,10 +61,12 @@ def rollouts_to_batch(rollouts: list[Rollout], advantages: torch.Tensor, pad_id:
                                   [r.completion.token_ids for r in rollouts], pad_id, pad_to_multiple)
     kinds = [prompt_kind(r.prompt) for r in rollouts]
     images = [images_of(r.prompt) for r in rollouts] if images_of is not None else []
+    steps, outcomes = step_labels(rollouts, steps_of) if steps_of is not None else (None, None)
     return TrainBatch(tokens=tokens, loss_mask=mask, advantages=advantages.float(), kinds=kinds,
                       engine_logprobs=engine_logprobs(rollouts, tokens.shape),
                       prefix_mask=prefix_mask(rollouts, tokens.shape) if with_prefix_mask else None,
-                      images=images if any(i is not None for i in images) else [])
+                      images=images if any(i is not None for i in images) else [],
+                      step_positions=steps, outcomes=outcomes)
 
 
 def prefix_mask(rollouts: list[Rollout], shape: torch.Size) -> torch.Tensor:
@@ -101,7 +119,7 @@ def select(batch: TrainBatch, index: torch.Tensor | slice) -> TrainBatch:
                    advantages=batch.advantages[index], old_logprobs=pick(batch.old_logprobs),
                    ref_logprobs=pick(batch.ref_logprobs), kinds=kinds, group_ids=pick(batch.group_ids),
                    engine_logprobs=pick(batch.engine_logprobs), prefix_mask=pick(batch.prefix_mask),
-                   images=images)
+                   images=images, step_positions=pick(batch.step_positions), outcomes=pick(batch.outcomes))
 
 
 def micro_batches(batch: TrainBatch, micro_batch_size: int) -> Iterator[TrainBatch]:
@@ -124,7 +142,10 @@ def pad_rows(batch: TrainBatch, multiple: int) -> TrainBatch:
                    engine_logprobs=grow(batch.engine_logprobs), prefix_mask=grow(batch.prefix_mask),
                    group_ids=None if batch.group_ids is None else torch.cat(
                        [batch.group_ids, batch.group_ids.new_full((extra,), -1)]),
-                   images=batch.images + [None] * extra if batch.images else [])
+                   images=batch.images + [None] * extra if batch.images else [],
+                   step_positions=None if batch.step_positions is None else torch.cat(
+                       [batch.step_positions, batch.step_positions.new_full((extra, batch.step_positions.shape[1]), -1)]),
+                   outcomes=grow(batch.outcomes))
 
 
 def dp_slice(batch: TrainBatch, dp_rank: int, dp_size: int) -> TrainBatch:
@@ -154,8 +175,8 @@ def split_for_updates(batch: TrainBatch, updates: int, seed: int | None = None) 
 
 def groups_to_batch(groups: list[RolloutGroup], eps: float, normalize_std: bool,
                     filter_zero_variance: bool, pad_id: int = 0,
-                    images_of: ImagesOf | None = None, prefix: bool = False
-                    ) -> tuple[TrainBatch | None, dict[str, float]]:
+                    images_of: ImagesOf | None = None, prefix: bool = False,
+                    steps_of: StepsOf | None = None) -> tuple[TrainBatch | None, dict[str, float]]:
     """GRPO batch from verified groups: group-normalised advantages per rollout.
 
     With `filter_zero_variance`, groups whose rewards are all equal are dropped (their advantages
@@ -181,6 +202,7 @@ def groups_to_batch(groups: list[RolloutGroup], eps: float, normalize_std: bool,
     if not bool(keep.any()):
         return None, stats
     kept = [r for r, k in zip(rollouts, keep.tolist(), strict=False) if k]
-    batch = rollouts_to_batch(kept, adv[keep], pad_id=pad_id, images_of=images_of, with_prefix_mask=prefix)
+    batch = rollouts_to_batch(kept, adv[keep], pad_id=pad_id, images_of=images_of, with_prefix_mask=prefix,
+                              steps_of=steps_of)
     batch.group_ids = group_ids[keep]
     return batch, stats
