@@ -182,14 +182,19 @@ class StreamEndpoint:
         handled = 0
         self._assign()
         while handled < max_messages:
-            wait = 0 if out else max(0, int((deadline - time.monotonic()) * 1000))
-            if not self._sock.poll(wait, zmq.POLLIN):
-                break
-            frames = self._sock.recv_multipart(copy=False)
+            try:  # a message already queued is taken without a poll (one call instead of two)
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                wait = 0 if out else max(0, int((deadline - time.monotonic()) * 1000))
+                if not wait or not self._sock.poll(wait, zmq.POLLIN):
+                    break
+                continue
             handled += 1
+            accepted = len(out)
             self._handle(frames, out)
-            if not self._sock.poll(0, zmq.POLLIN):  # queue drained: give work out before waiting again
-                self._assign()
+            # Credits are given back as soon as a top-up is due, not when the queue drains: a worker
+            # that streams steadily never waits for the trainer to catch up (no bubble per window).
+            if len(out) > accepted and self._assign():
                 self._flush_acks()
         self._check_silent()
         self._assign()
@@ -327,8 +332,8 @@ class StreamEndpoint:
                 if not w.in_flight:
                     logger.warning("rollout stream: worker '%s' silent for %.1fs", w.name, now - w.last_seen)
 
-    def _assign(self) -> None:
-        """Round-robin over live workers with credit, one message per worker."""
+    def _assign(self) -> bool:
+        """Round-robin over live workers with credit, one message per worker; True if any was sent."""
         # A worker is topped up once a quarter of its window is free (or the queue is short):
         # fewer, larger assign messages for the same window.
         live = [w for w in self.workers.values() if not w.silent
@@ -355,6 +360,7 @@ class StreamEndpoint:
                 self.owner[item.sample_id] = name
             self._send(w.identity, ASSIGN, {"session": self.session, "seq": w.seq, "policy_version": self.policy_version,
                                             "items": [item_to_wire(i) for i in items]})
+        return bool(batches)
 
     def _flush_acks(self) -> None:
         for identity, ids in self._acks.items():
