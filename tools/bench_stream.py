@@ -11,7 +11,7 @@ with a fresh producer process each; the consumer is this process.
   push/pull  the producer sends the same frames over PUSH; the consumer only receives them.
 Both producers start from the group's arrays (the list -> array conversion of engine output
 and the consumer's tensor -> list conversion into records are reported separately: they cost
-the same whatever the transport). Latency is send -> accepted, wall clock, per message; the rate is groups over first send -> last
+the same whatever the transport). Latency is send -> accepted (CLOCK_MONOTONIC, system-wide), per message; the rate is groups over first send -> last
 arrival.
 Prints one row per run, a summary per size, and as the last line the median ratio
 (stream / push-pull groups per second) over all runs.
@@ -46,6 +46,9 @@ from spark_mcore.transport.wire import encode  # noqa: E402
 from spark_mcore.types import Completion, Prompt  # noqa: E402
 
 N_RESPONSES = 8
+# Groups that may be between producer and consumer: the stream's credits; PUSH/PULL gets the same
+# count as SNDHWM + RCVHWM (plus the kernel's socket buffers, which only the baseline uses).
+WINDOW = 64
 
 
 def group(tokens: int, seed: int = 0) -> WorkResult:
@@ -70,12 +73,10 @@ def produce_stream(endpoint: str, tokens: int, messages: int) -> None:
 
     res = group(tokens)
     tensors = result_tensors(res)
-    client = WorkerClient(endpoint, "bench", capacity=32, heartbeat_s=1.0, max_message_bytes=1 << 30)
-    sent = 0
+    client = WorkerClient(endpoint, "bench", capacity=WINDOW, heartbeat_s=1.0, max_message_bytes=1 << 30)
     while not client.trainer_done:
         for item in client.poll(5):
-            client.send_encoded(item.sample_id, _frames(res, tensors, item.sample_id, time.time()))
-            sent += 1
+            client.send_encoded(item.sample_id, _frames(res, tensors, item.sample_id, time.monotonic()))
     client.close()
 
 
@@ -84,10 +85,10 @@ def produce_pushpull(endpoint: str, tokens: int, messages: int) -> None:
     tensors = result_tensors(res)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.SNDHWM, 32)  # the same window as the stream's credits
+    sock.setsockopt(zmq.SNDHWM, WINDOW // 2)  # with the PULL side's RCVHWM: the stream's window
     sock.connect(endpoint)
     for i in range(messages):
-        sock.send_multipart(_frames(res, tensors, f"s{i}", time.time()), copy=False)
+        sock.send_multipart(_frames(res, tensors, f"s{i}", time.monotonic()), copy=False)
     sock.close(linger=-1)
     ctx.term()
 
@@ -112,8 +113,8 @@ def _summary(recv: list[float], sent: list[float], nbytes: int) -> dict:
 
 
 def run_stream(tokens: int, messages: int) -> dict:
-    ep = StreamEndpoint(StreamConfig(credits_per_worker=32, max_message_bytes=1 << 30, heartbeat_s=1.0,
-                                     worker_timeout_s=60.0, high_water_mark=64))
+    ep = StreamEndpoint(StreamConfig(credits_per_worker=WINDOW, max_message_bytes=1 << 30, heartbeat_s=1.0,
+                                     worker_timeout_s=60.0, high_water_mark=2 * WINDOW))
     ep.submit([WorkItem(f"s{i}", Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1"), {"n": N_RESPONSES})
                for i in range(messages)])
     proc = _spawn("stream", ep.endpoint, tokens, messages)
@@ -121,7 +122,7 @@ def run_stream(tokens: int, messages: int) -> dict:
     try:
         while len(recv) < messages:
             for acc in ep.poll(100):
-                recv.append(time.time())
+                recv.append(acc.received_at)  # when the endpoint accepted it (time.monotonic)
                 sent.append(acc.frames.meta["gen_s"])
                 nbytes = nbytes or int(sum(t.numel() * t.element_size() for t in
                                            (acc.frames.prompt_ids, acc.frames.token_ids, acc.frames.logprobs)))
@@ -138,7 +139,7 @@ def run_pushpull(tokens: int, messages: int) -> dict:
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.RCVHWM, 32)
+    sock.setsockopt(zmq.RCVHWM, WINDOW // 2)
     sock.bind("tcp://127.0.0.1:0")
     endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
     proc = _spawn("pushpull", endpoint, tokens, messages)
@@ -146,7 +147,7 @@ def run_pushpull(tokens: int, messages: int) -> dict:
     try:
         for _ in range(messages):
             frames = sock.recv_multipart(copy=False)
-            recv.append(time.time())
+            recv.append(time.monotonic())
             sent.append(frames)  # read the send time after the run: the baseline does no work
     finally:
         proc.wait(timeout=60)

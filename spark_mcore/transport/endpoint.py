@@ -182,13 +182,11 @@ class StreamEndpoint:
         handled = 0
         self._assign()
         while handled < max_messages:
-            try:  # a message already queued is taken without a poll (one call instead of two)
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not self._sock.get(zmq.EVENTS) & zmq.POLLIN:  # (cheaper than a poll when one is queued)
                 wait = 0 if out else max(0, int((deadline - time.monotonic()) * 1000))
                 if not wait or not self._sock.poll(wait, zmq.POLLIN):
                     break
-                continue
+            frames = self._sock.recv_multipart(copy=False)
             handled += 1
             accepted = len(out)
             self._handle(frames, out)
@@ -217,7 +215,7 @@ class StreamEndpoint:
         try:
             if len(frames) < 2:
                 raise WireError("frames: no payload after the routing identity")
-            self.stats.bytes_in += sum(len(f.buffer) for f in frames[1:])
+            self.stats.bytes_in += sum(map(len, frames[1:]))
             msg_type, meta, tensors = decode(frames[1:])
             if msg_type in (HELLO, HEARTBEAT):
                 self._on_peer(identity, check_peer(meta, msg_type), msg_type == HELLO)
