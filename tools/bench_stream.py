@@ -1,6 +1,6 @@
 """Throughput and latency of the rollout stream against plain pyzmq PUSH/PULL of the same bytes.
 
-    python tools/bench_stream.py [--reps 3] [--sizes 1024,8192] [--messages-mb 40]
+    python tools/bench_stream.py [--reps 3] [--sizes 1024,8192] [--messages-mb 200]
 
 A message is one verified group: 8 responses x L tokens with per-token log-probs and texts
 (the frames `protocol.encode_result` makes). Runs alternate A B A B (stream, then PUSH/PULL)
@@ -13,6 +13,8 @@ Both producers start from the group's arrays (the list -> array conversion of en
 and the consumer's tensor -> list conversion into records are reported separately: they cost
 the same whatever the transport). Latency is send -> accepted (CLOCK_MONOTONIC, system-wide), per message; the rate is groups over first send -> last
 arrival.
+Each row also gives the CPU ms per group of producer and consumer (all their threads): on a
+shared machine the rate moves with other jobs, the CPU cost hardly does.
 Prints one row per run, a summary per size, and as the last line the median ratio
 (stream / push-pull groups per second) over all runs.
 """
@@ -99,7 +101,15 @@ def produce_pushpull(endpoint: str, tokens: int, messages: int) -> None:
 def _spawn(kind: str, endpoint: str, tokens: int, messages: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, __file__, "--produce", kind, "--endpoint", endpoint,
                              "--tokens", str(tokens), "--messages", str(messages)],
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+
+
+def _cpu_ms(proc: subprocess.Popen, consumer_s: float, messages: int) -> dict:
+    """CPU ms per group of producer and consumer (all threads, ZeroMQ's I/O thread included):
+    unlike the rate, it hardly moves with what else runs on the machine."""
+    out, _ = proc.communicate(timeout=60)
+    producer_s = float(out.strip().splitlines()[-1])
+    return {"cpu_prod_ms": producer_s * 1e3 / messages, "cpu_cons_ms": consumer_s * 1e3 / messages}
 
 
 def _summary(recv: list[float], sent: list[float], nbytes: int) -> dict:
@@ -118,6 +128,7 @@ def run_stream(tokens: int, messages: int) -> dict:
     ep.submit([WorkItem(f"s{i}", Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1"), {"n": N_RESPONSES})
                for i in range(messages)])
     proc = _spawn("stream", ep.endpoint, tokens, messages)
+    cpu0 = time.process_time()
     recv, sent, nbytes = [], [], 0
     try:
         while len(recv) < messages:
@@ -129,9 +140,10 @@ def run_stream(tokens: int, messages: int) -> dict:
             if proc.poll() is not None and len(recv) < messages:
                 raise RuntimeError("stream producer exited early")
     finally:
+        cpu = time.process_time() - cpu0
         ep.close()  # says goodbye: the producer exits
         proc.wait(timeout=60)
-    return _summary(recv, sent, _message_bytes(tokens))
+    return {**_summary(recv, sent, _message_bytes(tokens)), **_cpu_ms(proc, cpu, messages)}
 
 
 def run_pushpull(tokens: int, messages: int) -> dict:
@@ -143,6 +155,7 @@ def run_pushpull(tokens: int, messages: int) -> dict:
     sock.bind("tcp://127.0.0.1:0")
     endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
     proc = _spawn("pushpull", endpoint, tokens, messages)
+    cpu0 = time.process_time()
     recv, sent = [], []
     try:
         for _ in range(messages):
@@ -150,11 +163,12 @@ def run_pushpull(tokens: int, messages: int) -> dict:
             recv.append(time.monotonic())
             sent.append(frames)  # read the send time after the run: the baseline does no work
     finally:
+        cpu = time.process_time() - cpu0
         proc.wait(timeout=60)
         sock.close(linger=0)
         ctx.term()
     sent = [msgpack.unpackb(f[0].buffer)["meta"]["gen_s"] for f in sent]
-    return _summary(recv, sent, _message_bytes(tokens))
+    return {**_summary(recv, sent, _message_bytes(tokens)), **_cpu_ms(proc, cpu, messages)}
 
 
 def _message_bytes(tokens: int) -> int:
@@ -183,14 +197,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=4, help="A/B pairs per size")
     ap.add_argument("--sizes", default="1024,8192", help="tokens per response")
-    ap.add_argument("--messages-mb", type=float, default=60.0, help="MB sent per run (sets the message count)")
+    ap.add_argument("--messages-mb", type=float, default=200.0, help="MB sent per run (sets the message count)")
     ap.add_argument("--produce", choices=["stream", "pushpull"], help=argparse.SUPPRESS)
     ap.add_argument("--endpoint", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--messages", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.produce:
+        cpu0 = time.process_time()
         (produce_stream if args.produce == "stream" else produce_pushpull)(args.endpoint, args.tokens, args.messages)
+        print(time.process_time() - cpu0, flush=True)  # read by the consumer (_cpu_ms)
         return
     ratios: list[float] = []
     for tokens in [int(s) for s in args.sizes.split(",")]:
@@ -198,15 +214,18 @@ def main() -> None:
         messages = max(20, int(args.messages_mb * 1e6 / size))
         print(f"# {N_RESPONSES} x {tokens} tokens + log-probs: {size / 1e6:.3f} MB per group, {messages} groups per run; "
               f"{json.dumps({k: round(v, 2) for k, v in side_costs(tokens).items()})}", flush=True)
-        per_size = []
+        per_size, cpu_ratio = [], []
         for rep in range(args.reps):
             a = run_stream(tokens, messages)
             b = run_pushpull(tokens, messages)
             per_size.append(a["groups_s"] / b["groups_s"])
+            cpu_ratio.append((b["cpu_prod_ms"] + b["cpu_cons_ms"]) / (a["cpu_prod_ms"] + a["cpu_cons_ms"]))
             for name, r in (("stream", a), ("push/pull", b)):
                 print(f"{tokens:>5} rep {rep} {name:>9}: {r['groups_s']:8.1f} groups/s {r['mb_s']:8.1f} MB/s "
-                      f"p50 {r['p50_ms']:7.2f} ms p99 {r['p99_ms']:7.2f} ms", flush=True)
-        print(f"{tokens:>5} median ratio stream/push-pull: {statistics.median(per_size):.3f}", flush=True)
+                      f"p50 {r['p50_ms']:7.2f} ms p99 {r['p99_ms']:7.2f} ms  CPU ms/group producer "
+                      f"{r['cpu_prod_ms']:.3f} consumer {r['cpu_cons_ms']:.3f}", flush=True)
+        print(f"{tokens:>5} median ratio stream/push-pull: {statistics.median(per_size):.3f} (groups/s); "
+              f"{statistics.median(cpu_ratio):.3f} (groups per CPU second, producer + consumer)", flush=True)
         ratios += per_size
     print(f"{statistics.median(ratios):.3f}")
 

@@ -192,8 +192,9 @@ class StreamEndpoint:
             self._handle(frames, out)
             # Credits are given back as soon as a top-up is due, not when the queue drains: a worker
             # that streams steadily never waits for the trainer to catch up (no bubble per window).
-            if len(out) > accepted and self._assign():
-                self._flush_acks()
+            # Acks only free the worker's copies: they go once per poll (<= max_messages ids).
+            if len(out) > accepted:
+                self._assign()
         self._check_silent()
         self._assign()
         self._flush_acks()
@@ -332,11 +333,12 @@ class StreamEndpoint:
 
     def _assign(self) -> bool:
         """Round-robin over live workers with credit, one message per worker; True if any was sent."""
-        # A worker is topped up once a quarter of its window is free (or the queue is short):
-        # fewer, larger assign messages for the same window.
+        # A worker is topped up once half of its window is free (or the queue is short): fewer,
+        # larger assign messages for the same window (each message to a worker can cost a
+        # context switch on a busy host), while it still holds half a window of work.
         live = [w for w in self.workers.values() if not w.silent
                 and min(w.capacity, self.cfg.credits_per_worker) - len(w.in_flight)
-                >= min(len(self.pending), max(1, min(w.capacity, self.cfg.credits_per_worker) // 4))]
+                >= min(len(self.pending), max(1, min(w.capacity, self.cfg.credits_per_worker) // 2))]
         batches: dict[str, list[WorkItem]] = {}
         progress = True
         while self.pending and progress:
