@@ -26,8 +26,7 @@ _SGLANG_PROBE = ("import json, torch\ntry:\n import sglang; v = sglang.__version
 ENABLES = {
     "CUDA": "GPU training, bf16 speed, NCCL weight sync",
     "NCCL": "weights.backend=nccl (trainer -> SGLang)",
-    "transformer-engine": "model.transformer_impl=transformer_engine, trainer.fp8, parallel.sequence_parallel, "
-                          "parallel.cp > 1",
+    "transformer-engine": "model.transformer_impl=transformer_engine, trainer.fp8, parallel.sequence_parallel",
     "apex": "megatron's fused softmax / layer-norm kernels",
     "nvidia-dali": "GPU image decoding (PIL is used otherwise)",
 }
@@ -119,8 +118,7 @@ def feature_needs(cfg: object) -> dict[str, list[str]]:
     model, trainer, parallel = cfg.model, cfg.trainer, cfg.parallel  # type: ignore[attr-defined]
     if model.transformer_impl == "transformer_engine":
         need("transformer-engine", "model.transformer_impl=transformer_engine")
-    for flag, on in (("trainer.fp8", trainer.fp8 is not None), ("parallel.sequence_parallel", parallel.sequence_parallel),
-                     ("parallel.cp>1", parallel.cp > 1)):
+    for flag, on in (("trainer.fp8", trainer.fp8 is not None), ("parallel.sequence_parallel", parallel.sequence_parallel)):
         if on:
             need("transformer-engine", flag)
             need("CUDA", flag)

@@ -61,6 +61,7 @@ class EngineContext:
     pstate: ParallelState
     tokenizer: Any
     actor: MegatronActor
+    processor_config: dict[str, Any] | None = None  # vision-language runs: the export's preprocessor_config.json
 
 
 class EngineBuilder(Protocol):
@@ -204,7 +205,7 @@ def _sglang_engine(ctx: EngineContext) -> SGLangEngine:
     if not cfg.urls:
         init_dir = ctx.run_dir / HF_INIT_DIR
         export_hf(ctx.actor, ctx.tokenizer, init_dir, ctx.run_dir / "tokenizer",
-                  tensors=actor_hf_weights(ctx.actor))  # collective; returns when rank 0 has written it
+                  tensors=actor_hf_weights(ctx.actor), processor_config=ctx.processor_config)  # collective; returns when rank 0 has written it
         cfg = dataclasses.replace(cfg, model_path=str(init_dir))
     engine = SGLangEngine(cfg) if ctx.pstate.rank == 0 or cfg.urls else None
     urls = _broadcast_urls([h.url for h in engine.client.handles] if engine is not None else [], ctx.pstate)

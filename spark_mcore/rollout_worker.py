@@ -81,7 +81,12 @@ class _Generator:
         self.engine = WORKER_ENGINES[cfg.rollout.engine](cfg, self.tokenizer)
         self.pool = VerifierPool(cfg.reward)
         self.recycler = Recycler(cfg.spark)
-        self.encode = partial(encode_prompt, self.tokenizer)
+        if cfg.model.vision is not None:  # vision-language: ids with the expanded image pads, as the trainer's
+            from spark_mcore.data.vision_prompts import vision_prompt_encoder
+
+            self.encode: Callable[..., list[int]] = vision_prompt_encoder(self.tokenizer, cfg.model.vision, cfg.data)
+        else:
+            self.encode = partial(encode_prompt, self.tokenizer)
         self.stop_ids = stop_token_ids(self.tokenizer)
 
     def run(self, items: list[WorkItem], version: int) -> list[WorkResult]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -13,9 +14,9 @@ from spark_mcore.config.loader import ConfigError, to_dict
 from spark_mcore.config.run import RunConfig
 from spark_mcore.data.chat import encode_prompt, stop_token_ids
 from spark_mcore.data.dataset import PromptLoader, builtin_corpus, check_sft_ready, load_prompts
-from spark_mcore.data.images import VisionProcessing, check_prompt_images, get_decoder
+from spark_mcore.data.images import check_prompt_images, processor_config
 from spark_mcore.data.tokenizer import get_tokenizer
-from spark_mcore.data.vision_prompts import VisionPromptEncoder, add_vision_tokens, check_token_ids
+from spark_mcore.data.vision_prompts import VisionPromptEncoder, vision_prompt_encoder
 from spark_mcore.distributed.parallel import ParallelState, init_distributed
 from spark_mcore.doctor import machine_findings
 from spark_mcore.engines import EngineContext, WeightPusher, build_rollout, check_weight_mode
@@ -24,10 +25,13 @@ from spark_mcore.metrics import MetricsLogger
 from spark_mcore.models.registry import get_adapter
 from spark_mcore.rewards import VerifierPool, registered_verifiers
 from spark_mcore.rollout.base import RolloutEngine
+from spark_mcore.rollout.groups import check_engine_images
 from spark_mcore.rollout.source import InProcessSource, RankZeroSource, RolloutSource, StreamSource
 from spark_mcore.spark.templates import corpus_texts
 from spark_mcore.trainer.actor import MegatronActor
 from spark_mcore.types import Prompt
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,7 +71,8 @@ class Run:
 
 def load_hf_weights(actor: MegatronActor, hf_path: str) -> None:
     """Initialises the actor from the safetensors of an HF directory (e.g. the `hf/` export of
-    an earlier run), through the family adapter. The model.* sizes must match the checkpoint."""
+    an earlier run), through the family adapter. The actor was built with the checkpoint's
+    sizes (`resolve_hf_model`); a config.json that does not describe its tensors fails here."""
     from spark_mcore.checkpoint.hf_io import SafetensorsReader
 
     with SafetensorsReader(hf_path) as reader:  # validates the directory and its files
@@ -81,6 +86,40 @@ def load_hf_weights(actor: MegatronActor, hf_path: str) -> None:
                           "the checkpoint") from e
 
 
+# ModelConfig fields that describe the architecture: with model.hf_path they come from its
+# config.json; the others (dtype, transformer_impl, attention, freeze_vision, ...) stay the run's.
+_ARCH_FIELDS = ("family", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+                "ffn_hidden_size", "max_position_embeddings", "rope_theta", "rms_norm_eps",
+                "tie_word_embeddings", "qkv_bias", "init_std", "vision")
+
+
+def resolve_hf_model(cfg: RunConfig) -> RunConfig:
+    """With model.hf_path: the model's architecture from the checkpoint's config.json (a run
+    launched on Qwen2.5-7B must not build the tiny default sizes), a model.family that names
+    another family refused, and data.tokenizer defaulting to the checkpoint's tokenizer when the
+    directory has one. Without model.hf_path: `cfg` unchanged."""
+    hf_path = cfg.model.hf_path
+    if not hf_path:
+        return cfg
+    from spark_mcore.checkpoint.convert import inspect_hf
+
+    family, hf_model, _ = inspect_hf(Path(hf_path), cfg.model.dtype)
+    if family != cfg.model.family:
+        raise ConfigError(f"model.family={cfg.model.family!r} but model.hf_path={hf_path} is a {family!r} "
+                          f"checkpoint; set model.family={family}")
+    defaults = type(cfg.model)()
+    for f in _ARCH_FIELDS:  # a size the user set (not the default) that the checkpoint overrides
+        mine, theirs = getattr(cfg.model, f), getattr(hf_model, f)
+        if mine != theirs and mine != getattr(defaults, f) and f != "vocab_size":
+            log.warning("model.%s=%s ignored: model.hf_path=%s has %s", f, mine, hf_path, theirs)
+    model = dataclasses.replace(cfg.model, **{f: getattr(hf_model, f) for f in _ARCH_FIELDS})
+    data = cfg.data
+    has_tokenizer = any((Path(hf_path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    if not data.tokenizer and has_tokenizer:
+        data = dataclasses.replace(data, tokenizer=str(hf_path))
+    return dataclasses.replace(cfg, model=model, data=data)
+
+
 def vision_encoder(cfg: RunConfig, tokenizer: object, run_dir: Path, main: bool) -> VisionPromptEncoder:
     """The `encode` of a vision-language run: the tokenizer gets the vision tokens (saved with
     the run's built-in tokenizer, so a resumed run keeps their ids), which must be the model's."""
@@ -88,18 +127,17 @@ def vision_encoder(cfg: RunConfig, tokenizer: object, run_dir: Path, main: bool)
     if vision is None:
         raise ConfigError(f"model.family={cfg.model.family!r} needs model.vision (the vision tower's config)")
     before = len(tokenizer)  # type: ignore[arg-type]
-    check_token_ids(add_vision_tokens(tokenizer), vision)
+    encoder = vision_prompt_encoder(tokenizer, vision, cfg.data)
     if main and len(tokenizer) != before and not cfg.data.tokenizer:  # type: ignore[arg-type]
         tokenizer.save_pretrained(str(run_dir / "tokenizer"))  # type: ignore[attr-defined]
-    processing = VisionProcessing(vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size,
-                                  cfg.data.image_min_pixels, cfg.data.image_max_pixels)
-    return VisionPromptEncoder(tokenizer, processing, get_decoder(cfg.data.image_decoder))
+    return encoder
 
 
 def build_run(cfg: RunConfig) -> Run:
     import torch
 
     check_weight_mode(cfg, torch.cuda.is_available())  # before any process group or model
+    cfg = resolve_hf_model(cfg)
     run_dir = Path(cfg.checkpoint.dir)
     pstate = init_distributed(cfg.parallel, seed=cfg.trainer.seed)
     main = pstate.rank == 0
@@ -123,8 +161,11 @@ def build_run(cfg: RunConfig) -> Run:
     actor.temperature = cfg.rollout.temperature or 1.0  # log-probs of what the engine samples
     if cfg.model.hf_path:
         load_hf_weights(actor, cfg.model.hf_path)
-    engine, weights = build_rollout(EngineContext(cfg, run_dir, pstate, tokenizer, actor))
+    engine, weights = build_rollout(EngineContext(cfg, run_dir, pstate, tokenizer, actor,
+                                                  processor_config(vision.processing) if vision else None))
     try:
+        if vision is not None and engine is not None:  # before any step: the engine must take the images
+            check_engine_images(engine, train_prompts + test_prompts)
         pool = VerifierPool(cfg.reward)
         loader = PromptLoader(train_prompts, cfg.data.prompts_per_step, seed=cfg.data.seed)
         encode = vision or partial(encode_prompt, tokenizer)

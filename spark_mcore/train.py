@@ -33,6 +33,7 @@ from spark_mcore.checkpoint.io import (
     save_checkpoint,
 )
 from spark_mcore.config.run import RunConfig
+from spark_mcore.data.images import processor_config
 from spark_mcore.distributed.parallel import destroy_distributed
 from spark_mcore.distributed.signals import StopOnSignal
 from spark_mcore.errors import Interrupted
@@ -225,8 +226,10 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
             results["rl"].write(run.run_dir / "eval_rl.json")
         checkpoint(run, it, trainer_state(run, spark, it, policy_steps))
         if cfg.checkpoint.export_hf:
+            processing = getattr(run.encode, "processing", None)  # vision-language runs
             export_hf(run.actor, run.tokenizer, run.run_dir / "hf", run.run_dir / "tokenizer",
-                      tensors=actor_hf_weights(run.actor))
+                      tensors=actor_hf_weights(run.actor),
+                      processor_config=processor_config(processing) if processing is not None else None)
         if run.pstate.rank == 0:
             print_results_table(results)
         return results

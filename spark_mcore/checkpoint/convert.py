@@ -171,7 +171,7 @@ class HFToMcoreJob:
     progress: bool = True
 
 
-def _inspect_hf(hf_dir: Path, dtype: str | None) -> tuple[str, ModelConfig, dict[str, Any]]:
+def inspect_hf(hf_dir: Path, dtype: str | None) -> tuple[str, ModelConfig, dict[str, Any]]:
     """(family, ModelConfig with vocab_size, raw config.json) after validating the directory."""
     from transformers import AutoConfig
 
@@ -206,7 +206,7 @@ def plan_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: i
     """Validate the input and the layout (no tensor data is read) and create the temporary
     step directory. dtype: "fp32" | "bf16" | "fp16"; None keeps the config's dtype."""
     hf = require_dir(hf_dir, "Hugging Face checkpoint")
-    family, cfg, raw = _inspect_hf(hf, dtype)
+    family, cfg, raw = inspect_hf(hf, dtype)
     check_layout(cfg, cfg.vocab_size, tp, pp)
     with SafetensorsReader(hf) as reader:
         _check_hf_tensors(reader, get_adapter(family, cfg))
@@ -408,7 +408,7 @@ def _hf_spec(path: Path, dtype: str) -> tuple[str, ModelConfig, dict[str, Any]]:
     hf_dir = path.parent if path.is_file() else path
     if path.is_file() and path.name != "config.json":
         raise ConversionError(f"hf_config={path} must be a config.json or its directory")
-    return _inspect_hf(hf_dir, dtype)
+    return inspect_hf(hf_dir, dtype)
 
 
 def _inspect_mcore(step_dir: Path, hf_config: str | Path | None, ckpt_vocab: int | None) -> _McoreSource:

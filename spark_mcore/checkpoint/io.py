@@ -224,7 +224,7 @@ def _load_tensors(actor: MegatronActor, ckpt: Path, has_optim: bool) -> None:
 
 
 def export_hf(actor: MegatronActor, tokenizer: Any, out_dir: Path, tokenizer_dir: Path | None = None, *,
-              tensors: Iterable[tuple[str, torch.Tensor]]) -> Path:
+              tensors: Iterable[tuple[str, torch.Tensor]], processor_config: dict[str, Any] | None = None) -> Path:
     """safetensors + config.json + tokenizer that `AutoModelForCausalLM.from_pretrained` loads.
 
     Collective: `tensors` is the whole model's (HF name, full tensor) stream from the
@@ -233,12 +233,16 @@ def export_hf(actor: MegatronActor, tokenizer: Any, out_dir: Path, tokenizer_dir
     `tokenizer_dir` (the run's saved tokenizer) is copied byte for byte when given: a
     save_pretrained round trip can re-serialise the tokenizer (transformers 5 rewrote its
     normaliser), changing the ids of the export. Without it, `tokenizer.save_pretrained` is used.
+    `processor_config` (vision-language models): written as `preprocessor_config.json`, the image
+    processor's settings a server needs to process images as the trainer does.
     """
     named = {name: t.detach().contiguous().clone() for name, t in tensors}
     if actor.pstate.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file(named, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
         actor.hf_config(tokenizer).save_pretrained(out_dir)
+        if processor_config is not None:
+            (out_dir / "preprocessor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
         if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
             shutil.copytree(tokenizer_dir, out_dir, dirs_exist_ok=True)
         else:

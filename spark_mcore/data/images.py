@@ -199,6 +199,48 @@ def process_images(images: Sequence[Any], cfg: VisionProcessing) -> ProcessedIma
     return ProcessedImages(out["pixel_values"].float(), out["image_grid_thw"].long())
 
 
+PROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def processor_config(cfg: VisionProcessing) -> dict[str, Any]:
+    """The `preprocessor_config.json` of a Hugging Face export: what transformers' (and
+    SGLang's) Qwen2-VL image processor reads, so a server processes images as the trainer does
+    (the same grids, hence the same number of image-pad tokens in the prompt ids)."""
+    return {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+            "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels,
+            "size": {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels},
+            "patch_size": cfg.patch_size, "merge_size": cfg.merge_size,
+            "temporal_patch_size": cfg.temporal_patch_size}
+
+
+def processing_from_dir(model_dir: str | Path) -> VisionProcessing:
+    """The VisionProcessing of a Hugging Face directory's `preprocessor_config.json`
+    (ConfigError naming the file when it is missing or incomplete)."""
+    import json
+
+    path = Path(model_dir) / PROCESSOR_CONFIG
+    try:
+        raw = json.loads(path.read_text())
+        size = raw.get("size") or {}
+        return VisionProcessing(patch_size=int(raw["patch_size"]), merge_size=int(raw["merge_size"]),
+                                temporal_patch_size=int(raw["temporal_patch_size"]),
+                                min_pixels=int(raw.get("min_pixels") or size["shortest_edge"]),
+                                max_pixels=int(raw.get("max_pixels") or size["longest_edge"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{path}: a vision-language model directory needs its image processor's "
+                          f"settings (patch_size, merge_size, temporal_patch_size, min_pixels, "
+                          f"max_pixels) there ({type(e).__name__}: {e}). Fix: export the model with "
+                          "spark-mcore (it writes the file) or copy the checkpoint's") from e
+
+
+def portable_ref(ref: str) -> str:
+    """An image reference another process or host can read: URLs and data URIs as they are,
+    a local file as a data URI of its bytes (a rollout server may not share the filesystem)."""
+    if DATA_URI.match(ref) or ref.startswith(_REMOTE):
+        return ref
+    return bytes_to_data_uri(image_bytes(ref))
+
+
 def expand_image_pads(ids: Sequence[int], pad_id: int, counts: Sequence[int]) -> list[int]:
     """Replace the i-th single `pad_id` in `ids` by counts[i] copies (one per merged patch)."""
     at = [i for i, t in enumerate(ids) if t == pad_id]
@@ -263,4 +305,5 @@ def check_prompt_images(prompts: Sequence[Any], family: str, multimodal: bool,
 __all__ = ["DALI_INSTALL", "IMAGE_DECODERS", "DaliDecoder", "ImageDecoder", "ImageError",
            "PilDecoder", "ProcessedImages", "VisionProcessing", "bytes_to_data_uri",
            "IMAGE_PLACEHOLDER", "check_image", "check_prompt_images", "describe", "encode_vl_prompt", "placeholder_ids", "expand_image_pads", "get_decoder", "image_bytes",
-           "process_images", "require_dali"]
+           "process_images", "require_dali", "PROCESSOR_CONFIG", "processor_config", "processing_from_dir",
+           "portable_ref"]

@@ -94,4 +94,16 @@ class VisionPromptEncoder:
         return processed.pixel_values, processed.image_grid_thw
 
 
-__all__ = ["VISION_TOKENS", "VisionPromptEncoder", "add_vision_tokens", "check_token_ids"]
+def vision_prompt_encoder(tokenizer: Any, vision: Any, data: Any) -> VisionPromptEncoder:
+    """The `encode` of a vision-language run (trainer and rollout workers alike): the tokenizer
+    gets the vision tokens, which must be the model's (`vision`: model.vision), and images are
+    processed with the tower's patch sizes and `data.image_min_pixels` / `image_max_pixels`."""
+    from spark_mcore.data.images import get_decoder
+
+    check_token_ids(add_vision_tokens(tokenizer), vision)
+    processing = VisionProcessing(vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size,
+                                  data.image_min_pixels, data.image_max_pixels)
+    return VisionPromptEncoder(tokenizer, processing, get_decoder(data.image_decoder))
+
+
+__all__ = ["VISION_TOKENS", "VisionPromptEncoder", "add_vision_tokens", "check_token_ids", "vision_prompt_encoder"]

@@ -49,6 +49,9 @@ The shims (numbered as in /work/shared/PLATFORM.md, "megatron-core on CPU (gloo)
    gloo needs nothing: it implements reduce_scatter_tensor / all_gather_into_tensor, also
    under `_coalescing_manager` (added in torch 2.2 / 2.3; run here on 2.13 and 2.15), the
    reduce-scatter as an all-reduce plus a slice (correct, twice the traffic of NCCL's).
+9. (found here, not in PLATFORM.md) context parallelism: `rope_utils.get_pos_emb_on_this_cp_rank`
+   (also imported by name into `rotary_pos_embedding`) builds its chunk index with
+   `pin_memory=True` and `.cuda()`: replaced by the same index_select on the embedding's device.
 
 "A CPU torch" is `_CpuTorch`, a module proxy put in place of the `torch` global of only those
 megatron modules: `torch.cuda.current_device()` is `cpu`, synchronize/streams/events are
@@ -498,6 +501,27 @@ def cpu_shims_applied() -> bool:
     return _APPLIED
 
 
+def pos_emb_on_this_cp_rank_cpu(pos_emb: torch.Tensor, seq_dim: int, cp_group: Any) -> torch.Tensor:
+    """Shim 9: megatron's get_pos_emb_on_this_cp_rank on the embedding's device: this CP rank's
+    chunks r and 2C-1-r of the 2C chunks along `seq_dim`."""
+    if cp_group is None:
+        raise ValueError("cp_group must be provided to get positional embedding per CP rank")
+    size, rank = cp_group.size(), cp_group.rank()
+    index = torch.tensor([rank, 2 * size - rank - 1], device=pos_emb.device)
+    shape = pos_emb.shape
+    chunks = pos_emb.view(*shape[:seq_dim], 2 * size, -1, *shape[seq_dim + 1:]).index_select(seq_dim, index)
+    return chunks.view(*shape[:seq_dim], -1, *shape[seq_dim + 1:])
+
+
+def _shim_cp_rope() -> None:
+    """Shim 9: swap get_pos_emb_on_this_cp_rank where it is defined and where imported."""
+    for mod_name in ("megatron.core.models.common.embeddings.rope_utils",
+                     "megatron.core.models.common.embeddings.rotary_pos_embedding"):
+        mod = _import(mod_name)
+        if mod is not None and hasattr(mod, "get_pos_emb_on_this_cp_rank"):
+            mod.get_pos_emb_on_this_cp_rank = pos_emb_on_this_cp_rank_cpu
+
+
 def apply_cpu_shims(force: bool = False) -> bool:
     """Install the CPU shims when CUDA is absent (or `force`); returns whether they are active.
 
@@ -513,5 +537,6 @@ def apply_cpu_shims(force: bool = False) -> bool:
     _shim_clip_grads()
     _shim_tied_embedding_setup()
     _shim_distributed_optimizer()
+    _shim_cp_rope()
     _APPLIED = True
     return True

@@ -50,6 +50,8 @@ class ParallelState:
     seed: int
     vp_size: int | None = None
     cp_rank: int = 0  # context-parallel rank (dp_rank excludes CP: CP ranks share a dp_rank)
+    cp_size: int = 1
+    cp_group: Any = None  # None when cp_size == 1
 
     @property
     def is_first_stage(self) -> bool:
@@ -168,6 +170,8 @@ def init_distributed(cfg: ParallelConfig, seed: int = 1234, timeout_s: int = 600
         seed=seed,
         vp_size=ps.get_virtual_pipeline_model_parallel_world_size(),
         cp_rank=ps.get_context_parallel_rank(),
+        cp_size=cfg.cp,
+        cp_group=ps.get_context_parallel_group() if cfg.cp > 1 else None,
     )
 
 

@@ -49,19 +49,21 @@ class ModelConfig:
     """Policy architecture (Qwen2 family: RMSNorm, SwiGLU, RoPE, GQA, QKV bias).
 
     family: adapter name in the model registry ("qwen2").
-    hf_path: initialise from a Hugging Face checkpoint directory (its config overrides the
-        sizes below); None builds a random model of the sizes below.
+    hf_path: initialise from a Hugging Face checkpoint directory: its config.json sets the
+        architecture (family must match; sizes, RoPE, tying, vision tower), its tokenizer is
+        the default data.tokenizer; dtype, transformer_impl and attention stay as set here.
+        None builds a random model of the sizes below.
     vocab_size: 0 takes the tokenizer's size.
     num_query_groups: key/value heads (GQA); must divide num_attention_heads.
     dtype: parameter dtype of the trainer ("fp32" on CPU; "bf16" on GPU).
     transformer_impl: megatron layer spec. "transformer_engine" = TE's fused layers (needed for
-        FP8, sequence parallel and context parallel); "local" = megatron's torch layers (CPU,
+        FP8 and sequence parallel; context parallel runs on both specs); "local" = megatron's torch layers (CPU,
         and the HF parity reference); "auto" = Transformer Engine when it imports on CUDA, else
         local. Both specs map to the same HF weight names.
     attention: core attention of the local spec. "sdpa" = torch's scaled_dot_product_attention
         (flash / memory-efficient kernels on CUDA, no [b, h, s, s] scores); "megatron" =
-        megatron's DotProductAttention (baddbmm + softmax); "auto" = sdpa on CUDA, megatron on
-        CPU. Ignored with Transformer Engine, which has its own fused attention.
+        megatron's DotProductAttention (baddbmm + softmax); "auto" = sdpa on CUDA or with
+        parallel.cp > 1 (the sdpa core implements context parallelism), megatron otherwise. Ignored with Transformer Engine, which has its own fused attention.
     vision: the vision tower of a vision-language family (family "qwen2_5_vl"); None for text.
     freeze_vision: keep the vision tower's weights fixed (no gradients, not synced as trained).
     """

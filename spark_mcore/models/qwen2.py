@@ -88,10 +88,13 @@ def transformer_config(cfg: ModelConfig, vocab_size: int, tp: int = 1, pp: int =
     return TransformerConfig(**kwargs)
 
 
-def _layer_spec(use_te: bool, attention: str = "megatron") -> Any:
+def _layer_spec(use_te: bool, attention: str = "megatron", cp: int = 1) -> Any:
     if not use_te:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-        if attention == "sdpa" or (attention == "auto" and sdpa_default()):
+        if cp > 1 and attention == "megatron":  # megatron's DotProductAttention asserts cp == 1
+            raise ConfigError("parallel.cp > 1 with model.attention=megatron: the local spec's context "
+                              "parallelism is in the sdpa core; set model.attention=sdpa (or auto)")
+        if attention == "sdpa" or (attention == "auto" and (sdpa_default() or cp > 1)):
             spec = local_spec_with_sdpa(spec)
         return spec
     if not (accel.cuda_available() and accel.te_available()):
@@ -123,7 +126,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, pre_process: bool = True,
     config = transformer_config(cfg, vocab_size, tp, pp, **config_overrides)
     return GPTModel(
         config=config,
-        transformer_layer_spec=_layer_spec(use_te, cfg.attention),
+        transformer_layer_spec=_layer_spec(use_te, cfg.attention, config.context_parallel_size),
         vocab_size=vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,

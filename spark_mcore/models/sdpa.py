@@ -6,7 +6,13 @@ Same interface and layout as DotProductAttention: query [sq, b, np, hn], key/val
 [sk, b, ng, hn] (GQA: ng groups, np / ng query heads each), optional boolean mask
 [b or 1, 1, sq, sk] with True = masked (megatron's convention; the packed-rows path), none =
 causal. Returns [sq, b, np * hn]. No dropout (Qwen2 trains without it), no attention bias, no
-packed_seq_params (THD needs Transformer Engine), no context parallelism.
+packed_seq_params (THD needs Transformer Engine).
+
+Context parallelism (C > 1) by all-gather: each CP rank holds its queries, keys and values for
+its two load-balanced chunks (`spark_mcore.distributed.context_parallel`); keys and values are
+all-gathered to the full sequence and the causal mask is built from the queries' global
+positions. Memory for keys/values is that of the full sequence (like Transformer Engine's
+`cp_comm_type="all_gather"`); activations and logits stay split. Padded rows only (no mask).
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
+
+from spark_mcore.distributed.context_parallel import cp_positions, gather_from_cp
 
 
 class SDPACoreAttention(MegatronModule):
@@ -26,8 +35,7 @@ class SDPACoreAttention(MegatronModule):
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection: Any = None) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size > 1:
-            raise ValueError("SDPACoreAttention does not support context parallelism (use Transformer Engine)")
+        self.cp_group = _cp_group(pg_collection) if config.context_parallel_size > 1 else None
         if (attention_dropout if attention_dropout is not None else config.attention_dropout) > 0:
             raise ValueError("SDPACoreAttention has no dropout; set attention_dropout=0")
         kv = config.kv_channels
@@ -39,16 +47,44 @@ class SDPACoreAttention(MegatronModule):
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("SDPACoreAttention: attention_bias / packed_seq_params need Transformer Engine")
         sq, b, heads, hn = query.shape
+        causal: Tensor | None = None
+        if self.cp_group is not None:
+            if attention_mask is not None:
+                raise ValueError("SDPACoreAttention: context parallelism takes padded rows only (no explicit mask)")
+            key, value, causal = self._gather_kv(key, value)
         groups = key.shape[2]
         if heads != groups:  # GQA: repeat each kv head for its query heads (as megatron does)
             key = key.repeat_interleave(heads // groups, dim=2)
             value = value.repeat_interleave(heads // groups, dim=2)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, hn]
-        if attention_mask is None:
+        if causal is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=self.softmax_scale)
+        elif attention_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask.bool(), scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)
+
+
+    def _gather_kv(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Local keys/values [s/C, b, ng, hn] -> full [s, b, ng, hn] and the causal mask
+        [s/C, s] (True = attend) of this rank's queries over all positions."""
+        group = self.cp_group
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        key = gather_from_cp(key, group, dim=0, backward="sum")
+        value = gather_from_cp(value, group, dim=0, backward="sum")
+        q_pos = cp_positions(key.shape[0], size, rank).to(key.device)
+        k_pos = torch.arange(key.shape[0], device=key.device)
+        return key, value, k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+
+
+def _cp_group(pg_collection: Any) -> Any:
+    group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_context_parallel_group()
+    return group
 
 
 def local_spec_with_sdpa(spec: Any) -> Any:

@@ -4,9 +4,10 @@ what one process would, and every rank ends with all of the step's verified grou
     prompts (identical on every rank) -> seeds from prompt ids (`response_seeds`)
     -> DP replica d takes prompts d, d + D, d + 2D, ...   (strided: recycled reward tasks,
        which are longer, sit at the end of a step's list and spread over the replicas)
-    -> the first rank of the replica (tp_rank 0, pp_rank 0) generates and verifies its share;
-       its TP/PP peers do not generate
-    -> its rows go to the replica's other ranks (broadcast over the model-parallel group)
+    -> the first rank of the replica (tp_rank 0, pp_rank 0, cp_rank 0) generates and verifies
+       its share; its TP/PP/CP peers do not generate
+    -> its rows go to the replica's other ranks (broadcast over the context-parallel group,
+       then over the model-parallel group)
     -> all replicas' rows reach every rank (all-gather over the data-parallel group)
     -> groups in the step's prompt order, the same on every rank
 
@@ -43,7 +44,7 @@ def dp_share(num_items: int, dp_rank: int, dp_size: int) -> list[int]:
 
 def is_generator(pstate: ParallelState) -> bool:
     """The rank of a DP replica that generates for it (its other ranks receive the rows)."""
-    return pstate.tp_rank == 0 and pstate.pp_rank == 0
+    return pstate.tp_rank == 0 and pstate.pp_rank == 0 and pstate.cp_rank == 0
 
 
 def _encode(groups: list[RolloutGroup]) -> bytes:
@@ -81,6 +82,8 @@ class DividedRollout:
         self.total_responses = 0
         mp_ranks = dist.get_process_group_ranks(pstate.mp_group) if pstate.world_size > 1 else [pstate.rank]
         self._source = min(mp_ranks)  # tp_rank 0, pp_rank 0 of this replica (megatron's rank order)
+        # CP peers share a dp_rank and a model-parallel position: CP rank 0 generates for them
+        self._cp_source = min(dist.get_process_group_ranks(pstate.cp_group)) if pstate.cp_size > 1 else pstate.rank
 
     def __call__(self, prompts: list[Prompt], params: SamplingParams) -> list[RolloutGroup]:
         ps = self.pstate
@@ -98,6 +101,8 @@ class DividedRollout:
         self.total_responses += self.last_responses
         if ps.world_size == 1:
             return groups
+        if ps.cp_size > 1 and ps.tp_rank == 0 and ps.pp_rank == 0:  # CP rank 0 generated for its CP peers
+            payload = broadcast_bytes(payload, self._cp_source, ps.cp_group, ps.device)
         payload = broadcast_bytes(payload, self._source, ps.mp_group, ps.device)
         parts = all_gather_bytes(payload, ps.dp_group, ps.device)
         ordered: list[RolloutGroup | None] = [None] * len(prompts)

@@ -14,17 +14,31 @@ from spark_mcore.types import Completion, Prompt, Rollout, RolloutGroup
 
 def engine_generate(engine: RolloutEngine, prompts: Sequence[Prompt], prompt_ids: list[list[int]],
                     encode: Callable[[Prompt], list[int]], params: SamplingParams) -> list[list[Completion]]:
-    """`engine.generate` of the prompts' ids, with their processed images when `encode` is a
-    vision-language encoder (data.vision_prompts.VisionPromptEncoder: it also has `images`)."""
+    """`engine.generate` of the prompts' ids, with their images when `encode` is a vision-language
+    encoder (data.vision_prompts.VisionPromptEncoder: it also has `images`): an engine with
+    `takes_image_refs` (SGLang: it runs its own image processor) gets the prompts' image
+    references as `image_data`, one with `takes_images` (transformers) the processed images."""
     images_of = getattr(encode, "images", None)
-    images = [images_of(p) for p in prompts] if images_of is not None else []
-    if not any(i is not None for i in images):
+    if images_of is None or not any(p.images for p in prompts):
         return engine.generate(prompt_ids, params)
-    if not getattr(engine, "takes_images", False):
-        raise ConfigError(f"the rollout engine {type(engine).__name__} does not take images yet; "
-                          "use the transformers engine (rollout.engine: hf) for image prompts")
+    check_engine_images(engine, prompts)
+    if getattr(engine, "takes_image_refs", False):
+        return engine.generate(prompt_ids, params, image_data=[list(p.images) for p in prompts])  # type: ignore[call-arg]
+    images = [images_of(p) for p in prompts]
     vision = [None if i is None else VisionInputs(*i) for i in images]
     return engine.generate(prompt_ids, params, images=vision)  # type: ignore[call-arg]
+
+
+def check_engine_images(engine: RolloutEngine, prompts: Sequence[Prompt]) -> None:
+    """ConfigError when some prompt has images but the engine takes none (neither processed
+    images, `takes_images`, nor image references, `takes_image_refs`)."""
+    if getattr(engine, "takes_images", False) or getattr(engine, "takes_image_refs", False):
+        return
+    with_images = next((p for p in prompts if p.images), None)
+    if with_images is not None:
+        raise ConfigError(f"the rollout engine {type(engine).__name__} does not take images, but prompt "
+                          f"{with_images.id!r} has {len(with_images.images)}. Fix: rollout.engine: hf "
+                          "(transformers) or sglang for image prompts")
 
 
 def response_seed(step_seed: int, prompt_id: str, sample_index: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from spark_mcore.config.loader import ConfigError
+from spark_mcore.data.images import portable_ref
 from spark_mcore.sglang.checks import check_servers
 from spark_mcore.sglang.client import ServerHandle, SGLangClient, attach_servers, launch_servers
 from spark_mcore.sglang.config import SGLangConfig, launch_extra_args
@@ -18,6 +19,8 @@ from spark_mcore.types import Completion, SamplingParams
 
 class SGLangEngine:
     """RolloutEngine over SGLang servers. Launches them unless `config.urls` names running ones."""
+
+    takes_image_refs = True  # generate(..., image_data=[[image reference, ...] per prompt])
 
     def __init__(self, config: SGLangConfig, handles: Sequence[ServerHandle] | None = None) -> None:
         self.config = config
@@ -50,7 +53,12 @@ class SGLangEngine:
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams,
                  image_data: Sequence[list[str]] | None = None) -> list[list[Completion]]:
-        """`image_data[i]`: image paths/URLs of prompt i for vision-language models."""
+        """`image_data[i]`: the image references (paths, data URIs, URLs) of prompt i for
+        vision-language models, whose ids hold the expanded image pads (the server's image
+        processor, set by the export's preprocessor_config.json, gives the same count). Local
+        files travel as data URIs: a server need not share the trainer's filesystem."""
+        if image_data is not None:
+            image_data = [[portable_ref(ref) for ref in refs] for refs in image_data]
         return self.client.generate(prompt_ids, params, image_data)
 
     def shutdown(self) -> None:

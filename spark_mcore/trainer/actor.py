@@ -22,11 +22,11 @@ from megatron.core.distributed import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spark_mcore.algo.config import AlgoConfig
-from spark_mcore.algo.logprobs import vocab_parallel_entropy
 from spark_mcore.algo.losses import grpo_loss, sft_loss
 from spark_mcore.config.loader import ConfigError
 from spark_mcore.distributed.collectives import broadcast_floats, broadcast_tensor
 from spark_mcore.distributed.config import ParallelConfig
+from spark_mcore.distributed.context_parallel import split_for_cp
 from spark_mcore.distributed.parallel import ParallelState
 from spark_mcore.models.config import ModelConfig
 from spark_mcore.models.packed import uses_te_attention
@@ -34,7 +34,7 @@ from spark_mcore.models.registry import get_adapter
 from spark_mcore.models.vision import VisionInputs
 from spark_mcore.trainer.config import TrainerConfig
 from spark_mcore.trainer.features import check_gpu_features
-from spark_mcore.trainer.logits import sequence_logprobs
+from spark_mcore.trainer.logits import sequence_entropy, sequence_logprobs
 from spark_mcore.trainer.optim import build_optimizer
 from spark_mcore.trainer.packing import (
     MicroBatch,
@@ -175,9 +175,9 @@ class MegatronActor:
         mb = next(data_iterator)
         images = VisionInputs.from_rows(mb.seqs.images)
         if images is not None:  # vision-language rows (padded micro-batches only)
-            output = self.adapter.forward(model, mb.tokens, images=images.to(mb.tokens.device))
+            output = self.adapter.forward(model, self._model_tokens(mb.tokens), images=images.to(mb.tokens.device))
         elif mb.packed is None:
-            output = self.adapter.forward(model, mb.tokens)
+            output = self.adapter.forward(model, self._model_tokens(mb.tokens))
         else:
             output = self.adapter.forward(model, mb.tokens, packed=mb.packed)
         return output, partial(self._loss_wrapper, loss_fn, mb, norm)
@@ -192,6 +192,9 @@ class MegatronActor:
         # Each micro-batch returns its share of the global mean: summing the shares over
         # micro-batches and DP ranks reproduces the full-batch loss exactly. Megatron divides by
         # the micro-batch count and DDP averages over DP ranks, so both are multiplied back.
+        # With context parallelism every CP rank computes this same loss from gathered log-probs
+        # and back-propagates only through its own positions; DDP averages over DP x CP ranks and
+        # megatron's schedule multiplies the loss by the CP size to undo the CP part.
         share = self._weight(mb.seqs) / norm
         scaled = loss * share * self._num_mb * self.pstate.dp_size
         # keys starting with "_" are per-token outputs (log-probs), passed through unscaled
@@ -200,11 +203,17 @@ class MegatronActor:
 
     def _entropy(self, mb: MicroBatch, logits: torch.Tensor) -> torch.Tensor:
         """[b, T] entropy of the distribution that predicted each token (0 at t = 0), no grad."""
-        with torch.no_grad():
-            tp_group = self.pstate.tp_group if self.pstate.tp_size > 1 else None
-            ent = vocab_parallel_entropy(logits.detach()[:, :-1], tp_group, self.algo.logprob_chunk_tokens,
-                                         temperature=self.temperature)
-        return mb.unpack(torch.nn.functional.pad(ent, (1, 0)))
+        return mb.unpack(sequence_entropy(logits, mb.tokens.shape[1], self.pstate, self.temperature,
+                                          self.algo.logprob_chunk_tokens))
+
+    def _model_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Padded rows [b, T] -> the model's input: right-padded to `_seq_multiple()` (pad id 0;
+        causal attention keeps real positions unaffected) and, with context parallelism, this CP
+        rank's load-balanced split."""
+        pad = -tokens.shape[1] % self._seq_multiple()
+        if pad:
+            tokens = torch.nn.functional.pad(tokens, (0, pad))
+        return split_for_cp(tokens, self.pstate.cp_size, self.pstate.cp_rank)
 
     def _weight(self, mb: TrainBatch) -> torch.Tensor:
         """The micro-batch's part of the global normaliser: scored tokens, or for seq_mean the
@@ -238,10 +247,11 @@ class MegatronActor:
         return padded_micro_batches(batch, size, multiple)
 
     def _seq_multiple(self) -> int:
-        """Sequence parallelism splits the sequence dimension over TP ranks; FP8 GEMMs want
-        token counts in multiples of 16."""
+        """Sequence parallelism splits the sequence dimension over TP ranks, context parallelism
+        into 2 x CP chunks; FP8 GEMMs want token counts in multiples of 16."""
         sp = self.pstate.tp_size if self.parallel.sequence_parallel else 1
-        return math.lcm(sp, 16) if self.cfg.fp8 else sp
+        multiple = math.lcm(sp, 2 * self.pstate.cp_size if self.pstate.cp_size > 1 else 1)
+        return math.lcm(multiple, 16) if self.cfg.fp8 else multiple
 
     def _run(self, chunks: list[torch.nn.Module], batch: TrainBatch, loss_fn: LossFn,
              forward_only: bool) -> tuple[list[dict[str, torch.Tensor]], list[MicroBatch]]:
@@ -254,6 +264,8 @@ class MegatronActor:
         rows, length = mbs[0].tokens.shape
         if mbs[0].packed is not None and uses_te_attention(chunks[0]):  # THD: one [1, R*L] sequence
             rows, length = 1, rows * length
+        elif mbs[0].packed is None:  # full padded length; megatron divides it by CP (and SP) itself
+            length = -(-length // self._seq_multiple()) * self._seq_multiple()
         # every chunk reads the same micro-batches in order; the interleaved schedule wants a list
         data: Any = [iter(mbs) for _ in chunks] if self.pstate.vp_size else iter(mbs)
         outs = get_forward_backward_func()(

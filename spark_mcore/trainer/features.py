@@ -1,5 +1,6 @@
-"""GPU-only trainer features checked together when a run config loads: FP8, sequence and
-context parallelism need Transformer Engine layers; each refusal names the field and what to
+"""GPU-only trainer features checked together when a run config loads: FP8 and sequence
+parallelism need Transformer Engine layers (context parallelism runs on either spec: TE's CP
+attention, or the local spec's all-gather SDPA core); each refusal names the field and what to
 install or set instead."""
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def check_gpu_features(model: ModelConfig, trainer: TrainerConfig, parallel: Par
                               "set trainer.fp8=null on this GPU")
     if parallel.sequence_parallel and not te:
         raise _te_missing("parallel.sequence_parallel=true", model)
-    if parallel.cp > 1:
-        if not te:
-            raise _te_missing(f"parallel.cp={parallel.cp}", model)
-        raise ConfigError(f"parallel.cp={parallel.cp}: the actor does not split sequences per context-parallel "
-                          "rank yet (megatron's load-balanced split is not wired in); set parallel.cp=1")
+    if parallel.cp > 1 and not te and model.attention == "megatron":
+        raise ConfigError(f"parallel.cp={parallel.cp} with model.attention=megatron: megatron's local attention has "
+                          "no context parallelism; set model.attention=sdpa (or auto), or use Transformer Engine")
+    if parallel.cp > 1 and model.vision is not None:
+        raise ConfigError(f"parallel.cp={parallel.cp} with a vision-language model: image rows are not split "
+                          "per context-parallel rank yet; set parallel.cp=1")

@@ -11,6 +11,9 @@ Behaviour copied from SGLang 0.5.23 where our client depends on it:
   * weight updates must happen between /begin_weight_update and /end_weight_update;
     /update_weights_from_distributed receives names/dtypes/shapes with load_format
     "flattened_bucket" (one uint8 broadcast per bucket) or none (one broadcast per tensor).
+  * image_data (vision-language models): image references (paths, data URIs) per request,
+    processed with the model directory's preprocessor_config.json; input_ids hold the
+    expanded image pads (one per merged patch), checked against the processed images.
 Differences: one model replica (TP 1, rank = rank_offset); batches run one at a time under a
 lock (no continuous batching); /update_weights_from_tensor is refused (its body is a pickle);
 /end_weight_update fails when some parameter was not updated in the session (unless
@@ -28,7 +31,8 @@ from typing import Any
 
 import torch
 
-from spark_mcore.models.vision import canonical_hf_name
+from spark_mcore.data.images import ImageError, PilDecoder, VisionProcessing, process_images
+from spark_mcore.models.vision import VisionInputs, canonical_hf_name
 from spark_mcore.rollout.hf_engine import HFEngine
 from spark_mcore.twin.receiver import load_into, receive_bucket
 from spark_mcore.types import SamplingParams
@@ -85,8 +89,10 @@ class RolloutServerApp:
     """An HFEngine behind SGLang's native endpoints (handlers return (status, json))."""
 
     def __init__(self, engine: HFEngine, model_path: str = "", allow_partial_update: bool = False,
-                 gen_delay_s: float = 0.0, group_timeout_s: float = 600.0) -> None:
+                 gen_delay_s: float = 0.0, group_timeout_s: float = 600.0,
+                 processing: VisionProcessing | None = None) -> None:
         self.engine, self.model_path = engine, model_path
+        self.processing = processing  # vision-language models: how image_data is processed
         self.allow_partial_update, self.gen_delay_s, self.group_timeout_s = allow_partial_update, gen_delay_s, group_timeout_s
         self.weight_version = "0"
         self.groups: dict[str, WeightUpdateGroup] = {}
@@ -101,13 +107,14 @@ class RolloutServerApp:
     # -- generation ---------------------------------------------------------------------------
 
     def generate(self, body: dict[str, Any]) -> Reply:
-        if "text" in body or "image_data" in body:
-            raise RequestError("text / image_data: the CPU twin takes token ids only (input_ids)")
+        if "text" in body:
+            raise RequestError("text: the CPU twin takes token ids only (input_ids)")
         ids = _field(body, "input_ids", list)
         single = bool(ids) and all(isinstance(t, int) for t in ids)
         batch = [ids] if single else ids
         if not batch or not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in batch):
             raise RequestError("input_ids: expected a non-empty list of token ids or a list of such lists")
+        images = self._images(body.get("image_data"), batch, single)
         sps = body.get("sampling_params", {})
         if isinstance(sps, list) and len(sps) != len(batch):
             raise RequestError(f"sampling_params: {len(sps)} entries for {len(batch)} requests")
@@ -125,13 +132,53 @@ class RolloutServerApp:
                 if self.gen_delay_s:
                     time.sleep(self.gen_delay_s)
                 version = self.weight_version
-                comps = [self.engine.generate([p], sp)[0][0] for p, sp in zip(batch, params, strict=False)]
+                comps = [self.engine.generate([p], sp, **({"images": [im]} if im is not None else {}))[0][0]
+                         for p, sp, im in zip(batch, params, images, strict=True)]
         finally:
             with self._cond:
                 self.running -= 1
         aborted = self._pause_epoch != epoch
         out = [self._item(c, k, version, aborted) for k, c in enumerate(comps)]
         return 200, out[0] if single else out
+
+    def _images(self, data: Any, batch: list[list[int]], single: bool) -> list[VisionInputs | None]:
+        """`image_data` as SGLang takes it (one request: a reference or a list of them; a batch:
+        one such entry per request) -> the processed images of each request, or None. The
+        request's ids must hold as many image pads as the processing gives (SGLang's contract
+        for input_ids with images; the trainer's data.image_min/max_pixels set both)."""
+        if data is None:
+            if self.processing is not None:  # pads without pixels would embed as plain tokens
+                pad = self.engine.model.config.image_token_id
+                if any(pad in ids for ids in batch):
+                    raise RequestError(f"image_data: missing, but input_ids hold image pads (id {pad}); "
+                                       "send the prompt's images with it")
+            return [None] * len(batch)
+        entries = [data] if single else data
+        if not isinstance(entries, list) or len(entries) != len(batch):
+            raise RequestError(f"image_data: expected one entry per request ({len(batch)}), got {data!r:.80}")
+        out: list[VisionInputs | None] = []
+        for k, (refs, ids) in enumerate(zip(entries, batch, strict=True)):
+            refs = [refs] if isinstance(refs, str) else (refs or [])
+            if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+                raise RequestError(f"image_data[{k}]: expected image references (strings), got {refs!r:.80}")
+            out.append(self._process(refs, ids, f"image_data[{k}]") if refs else None)
+        return out
+
+    def _process(self, refs: list[str], ids: list[int], where: str) -> VisionInputs:
+        if self.processing is None:
+            raise RequestError(f"{where}: this model has no vision tower (its directory has no "
+                               "preprocessor_config.json); send token ids only")
+        try:
+            processed = process_images(PilDecoder().decode(refs), self.processing)
+        except ImageError as e:
+            raise RequestError(f"{where}: {e}") from e
+        pads = sum(t == self.engine.model.config.image_token_id for t in ids)
+        want = sum(processed.tokens_per_image(self.processing.merge_size))
+        if pads != want:
+            raise RequestError(f"{where}: input_ids hold {pads} image pads but the images give {want} "
+                               f"(min_pixels={self.processing.min_pixels}, max_pixels={self.processing.max_pixels} "
+                               "from preprocessor_config.json must be the trainer's data.image_min/max_pixels)")
+        return VisionInputs(processed.pixel_values, processed.image_grid_thw)
 
     @staticmethod
     def _item(c: Any, k: int, version: str, aborted: bool) -> dict[str, Any]:

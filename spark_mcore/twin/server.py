@@ -120,7 +120,16 @@ def build_app(model_path: str, allow_partial_update: bool = False, gen_delay_s: 
     engine = HFEngine.from_pretrained(model_path, _decoder(model_path))
     pad = getattr(engine.model.config, "pad_token_id", None)
     engine.pad_token_id = int(pad) if pad is not None else 0
-    return RolloutServerApp(engine, model_path, allow_partial_update, gen_delay_s)
+    processing = None
+    if getattr(engine.model.config, "vision_config", None) is not None:  # image_data needs the processor's settings
+        from spark_mcore.config.loader import ConfigError
+        from spark_mcore.data.images import processing_from_dir
+
+        try:
+            processing = processing_from_dir(model_path)
+        except ConfigError as e:
+            raise SystemExit(f"--model {model_path}: {e}") from e
+    return RolloutServerApp(engine, model_path, allow_partial_update, gen_delay_s, processing=processing)
 
 
 def _write_port_file(path: str, port: int) -> None:

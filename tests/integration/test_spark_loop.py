@@ -67,8 +67,9 @@ def test_spark_loop_runs_a_reward_step_and_logs_per_kind_metrics(tmp_path: Path,
 
 def test_model_hf_path_starts_the_actor_and_engine_from_an_export(tmp_path: Path) -> None:
     """model.hf_path (used by tools/compare_spark_grpo.py to start both arms from one SFT
-    export): the actor and the engine hold exactly the exported tensors; a model of other
-    sizes is refused with the field named."""
+    export): the actor and the engine hold exactly the exported tensors; the checkpoint's
+    config.json sets the sizes (a conflicting model.* size is ignored with a warning), and a
+    config.json that does not describe the tensors is refused with the field named."""
     import torch
     from safetensors.torch import load_file
 
@@ -98,8 +99,16 @@ def test_model_hf_path_starts_the_actor_and_engine_from_an_export(tmp_path: Path
     finally:
         run.close()
         destroy_distributed()
+    run = build(f"checkpoint.dir={tmp_path / 'sized'}", "model.hidden_size=64", "model.num_layers=3", *start)
+    try:
+        assert (run.cfg.model.hidden_size, run.cfg.model.num_layers) == (32, 2)  # MICRO's, from config.json
+    finally:
+        run.close()
+        destroy_distributed()
+    config = json.loads((tmp_path / "src" / "hf" / "config.json").read_text())
+    (tmp_path / "src" / "hf" / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
     with pytest.raises(ConfigError, match=r"model.hf_path=.*do not fit"):
         try:
-            build(f"checkpoint.dir={tmp_path / 'bad'}", "model.hidden_size=64", *start)
+            build(f"checkpoint.dir={tmp_path / 'bad'}", *start)
         finally:
             destroy_distributed()

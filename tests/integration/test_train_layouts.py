@@ -1,6 +1,6 @@
-"""`spark-mcore train` under torchrun (gloo) at DP2, TP2, PP2 and TP2xPP2: each run exits 0,
+"""`spark-mcore train` under torchrun (gloo) at DP2, TP2, PP2, TP2xPP2 and CP2: each run exits 0,
 prints one results table, writes a `step_2` checkpoint and an HF export that `spark-mcore eval`
-loads; DP2 and TP2 sample the same responses (token ids) as world size 1, their per-step metrics
+loads; DP2, TP2 and CP2 sample the same responses (token ids) as world size 1, their per-step metrics
 agree within 1e-4 and their exported weights within 1e-5 (fp32), and so does TP2xPP2 with PP2
 (see PAIRS for why PP is compared with PP); at DP2 each rank
 generates and verifies half of every step's responses and half of the held-out set, and trains
@@ -41,7 +41,8 @@ SGLANG = ["rollout.engine=sglang", "sglang.num_servers=1", "sglang.base_port=0",
           'sglang.extra_args=["--threads","1"]']
 # name -> (processes, overrides)
 LAYOUTS = {"ws1": (1, []), "dp2": (2, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"]),
-           "tp2pp2": (4, ["parallel.tp=2", "parallel.pp=2"]), "pp2_sglang": (2, ["parallel.pp=2", *SGLANG])}
+           "tp2pp2": (4, ["parallel.tp=2", "parallel.pp=2"]), "pp2_sglang": (2, ["parallel.pp=2", *SGLANG]),
+           "cp2": (2, ["parallel.cp=2"])}
 METRICS = ["rollout/reward_mean", "rollout/accuracy", "train/pg_loss", "train/kl", "train/entropy",
            "train/grad_norm"]
 
@@ -144,7 +145,7 @@ def test_each_layout_runs_end_to_end(runs: dict, name: str) -> None:  # type: ig
 # on CPU and slices them), but a pipeline stage draws its layers from the start of the seeded
 # stream: PP layouts start from other random weights than world size 1 (from a checkpoint or
 # model.hf_path they start equal). So PP2 is compared with TP2xPP2 (TP inside a pipeline).
-PAIRS = [("dp2", "ws1"), ("tp2", "ws1"), ("tp2pp2", "pp2")]
+PAIRS = [("dp2", "ws1"), ("tp2", "ws1"), ("tp2pp2", "pp2"), ("cp2", "ws1")]
 
 
 @pytest.mark.parametrize(("name", "reference"), PAIRS, ids=[f"{a}_vs_{b}" for a, b in PAIRS])
@@ -186,8 +187,8 @@ def test_pp2_with_the_twin_server_samples_what_the_in_process_engine_samples(run
     assert runs["pp2_sglang"]["ranks"][0]["responses"][0] == runs["pp2"]["ranks"][0]["responses"][0]
 
 
-def test_tp_and_pp_peers_do_not_generate(runs: dict) -> None:  # type: ignore[type-arg]
-    for name in ("tp2", "pp2", "pp2_sglang"):
+def test_tp_pp_and_cp_peers_do_not_generate(runs: dict) -> None:  # type: ignore[type-arg]
+    for name in ("tp2", "pp2", "pp2_sglang", "cp2"):
         first, peer = runs[name]["ranks"]
         assert first["generated"] == [16, 16, 16, 16] and peer["generated"] == [] and peer["verified"] == []
     # TP2xPP2 is one replica: only global rank 0 generates

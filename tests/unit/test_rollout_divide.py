@@ -48,7 +48,7 @@ def test_world_size_one_passes_seeds_from_prompt_ids() -> None:
         seen.append(params)
         return [RolloutGroup(p, [Rollout(p, [1], Completion([2], "x"))] * params.n) for p in prompts]
 
-    ps = SimpleNamespace(rank=0, world_size=1, tp_rank=0, pp_rank=0, dp_rank=0, dp_size=1)
+    ps = SimpleNamespace(rank=0, world_size=1, tp_rank=0, pp_rank=0, cp_rank=0, cp_size=1, dp_rank=0, dp_size=1)
     divided = DividedRollout(local, ps)  # type: ignore[arg-type]
     prompts = [_prompt(i) for i in range(3)]
     groups = divided(prompts, SamplingParams(n=2, temperature=1.0, seed=7))
