@@ -104,10 +104,10 @@ def _spawn(kind: str, endpoint: str, tokens: int, messages: int) -> subprocess.P
                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
 
 
-def _cpu_ms(proc: subprocess.Popen, consumer_s: float, messages: int) -> dict:
+def _cpu_ms(out: str, consumer_s: float, messages: int) -> dict:
     """CPU ms per group of producer and consumer (all threads, ZeroMQ's I/O thread included):
-    unlike the rate, it hardly moves with what else runs on the machine."""
-    out, _ = proc.communicate(timeout=60)
+    unlike the rate, it hardly moves with what else runs on the machine. `out`: the producer's
+    stdout (its CPU seconds on the last line)."""
     producer_s = float(out.strip().splitlines()[-1])
     return {"cpu_prod_ms": producer_s * 1e3 / messages, "cpu_cons_ms": consumer_s * 1e3 / messages}
 
@@ -142,8 +142,8 @@ def run_stream(tokens: int, messages: int) -> dict:
     finally:
         cpu = time.process_time() - cpu0
         ep.close()  # says goodbye: the producer exits
-        proc.wait(timeout=60)
-    return {**_summary(recv, sent, _message_bytes(tokens)), **_cpu_ms(proc, cpu, messages)}
+        out, _ = proc.communicate(timeout=300)  # (reads its stdout while waiting: no pipe stall)
+    return {**_summary(recv, sent, _message_bytes(tokens)), **_cpu_ms(out, cpu, messages)}
 
 
 def run_pushpull(tokens: int, messages: int) -> dict:
@@ -164,11 +164,11 @@ def run_pushpull(tokens: int, messages: int) -> dict:
             sent.append(frames)  # read the send time after the run: the baseline does no work
     finally:
         cpu = time.process_time() - cpu0
-        proc.wait(timeout=60)
+        out, _ = proc.communicate(timeout=300)
         sock.close(linger=0)
         ctx.term()
     sent = [msgpack.unpackb(f[0].buffer)["meta"]["gen_s"] for f in sent]
-    return {**_summary(recv, sent, _message_bytes(tokens)), **_cpu_ms(proc, cpu, messages)}
+    return {**_summary(recv, sent, _message_bytes(tokens)), **_cpu_ms(out, cpu, messages)}
 
 
 def _message_bytes(tokens: int) -> int:
