@@ -88,6 +88,15 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--view", choices=["cot", "answer"], default="cot",
                    help="what judge prompts show of a response: the full solution or the boxed answer")
     p.add_argument("--seed", type=int, default=0, help="template choice and the builtin judge set")
+    p.add_argument("--best-of", type=int, default=0, metavar="N",
+                   help="sample N responses per prompt at --temperature, keep the one --select scores "
+                        "highest; report its accuracy against pass@N and avg@N")
+    p.add_argument("--select", choices=["step-head", "judge"], default="step-head",
+                   help="--best-of selector: the SPRM step head exported with model.step_head=true "
+                        "(step_head.safetensors), or the model as SPARK's pointwise judge (P(Yes))")
+    p.add_argument("--step-delimiter", default=None,
+                   help="text ending a reasoning step for --select step-head (default: the run's "
+                        "step_head.delimiter, else '. ')")
 
 
 @command("eval", _eval_args)

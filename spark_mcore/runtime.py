@@ -9,12 +9,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from spark_mcore.config.loader import ConfigError, to_dict
 from spark_mcore.config.run import RunConfig
 from spark_mcore.data.chat import encode_prompt, stop_token_ids
 from spark_mcore.data.dataset import PromptLoader, builtin_corpus, check_sft_ready, load_prompts
 from spark_mcore.data.images import check_prompt_images, processor_config
+from spark_mcore.data.steps import StepFinder
 from spark_mcore.data.tokenizer import get_tokenizer
 from spark_mcore.data.vision_prompts import VisionPromptEncoder, vision_prompt_encoder
 from spark_mcore.distributed.parallel import ParallelState, init_distributed
@@ -26,6 +28,7 @@ from spark_mcore.models.registry import get_adapter
 from spark_mcore.rewards import VerifierPool, registered_verifiers
 from spark_mcore.rollout.base import RolloutEngine
 from spark_mcore.rollout.groups import check_engine_images
+from spark_mcore.rollout.prefix import PrefixRollouts
 from spark_mcore.rollout.source import InProcessSource, RankZeroSource, RolloutSource, StreamSource
 from spark_mcore.spark.templates import corpus_texts
 from spark_mcore.trainer.actor import MegatronActor
@@ -51,6 +54,7 @@ class Run:
     test_prompts: list[Prompt]
     source: RolloutSource  # where each step's verified groups come from (rollout.source)
     policy_version: int = 0  # of the weights the engine serves (the same on every rank)
+    step_finder: Callable[[list[int]], list[int]] | None = None  # the SPRM step head's steps (model.step_head)
 
     def push_weights(self, version: int) -> None:
         """The actor's current weights become the engine's policy `version` (collective)."""
@@ -157,7 +161,7 @@ def build_run(cfg: RunConfig) -> Run:
         check_sft_ready(train_prompts, "data.source", cfg.warmstart.steps)
     test_prompts = load_prompts(cfg.data, "test", tokenizer, known_tasks=registered_verifiers())
     check_prompt_images(train_prompts + test_prompts, cfg.model.family, multimodal)
-    actor = MegatronActor(cfg.model, cfg.trainer, cfg.algo, pstate, vocab, cfg.parallel)
+    actor = MegatronActor(cfg.model, cfg.trainer, cfg.algo, pstate, vocab, cfg.parallel, step_head=cfg.step_head)
     actor.temperature = cfg.rollout.temperature or 1.0  # log-probs of what the engine samples
     if cfg.model.hf_path:
         load_hf_weights(actor, cfg.model.hf_path)
@@ -175,13 +179,25 @@ def build_run(cfg: RunConfig) -> Run:
             actor=actor, engine=engine, weights=weights, pool=pool,
             logger=MetricsLogger(cfg.logging, run_dir, enabled=main),
             loader=loader, test_prompts=test_prompts,
-            source=build_source(cfg, run_dir, pstate, InProcessSource(engine, encode, pool, loader, pstate)),
+            source=build_source(cfg, run_dir, pstate, InProcessSource(engine, encode, pool, loader, pstate,
+                                                                      prefix=prefix_rollouts(cfg, tokenizer))),
+            step_finder=StepFinder(tokenizer, cfg.step_head.delimiter, cfg.step_head.score_last)
+            if cfg.model.step_head else None,
         )
     except BaseException:  # no Run to close: stop launched rollout servers here
         weights.close()
         if engine is not None:
             engine.shutdown()
         raise
+
+
+def prefix_rollouts(cfg: RunConfig, tokenizer: Any) -> PrefixRollouts | None:
+    """Prefix-RFT's generator of demonstration-prefixed members (None: rollout.prefix off)."""
+    if not cfg.rollout.prefix.enabled:
+        return None
+    return PrefixRollouts(cfg.rollout.prefix, cfg.trainer.steps,
+                          tokenize=lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
+                          decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def build_source(cfg: RunConfig, run_dir: Path, pstate: ParallelState, inprocess: InProcessSource) -> RolloutSource:

@@ -28,6 +28,7 @@ from spark_mcore.algo.losses import logprob_mismatch
 from spark_mcore.checkpoint.io import (
     checkpoint_root,
     export_hf,
+    export_step_head,
     latest_checkpoint,
     load_actor_state,
     save_checkpoint,
@@ -45,8 +46,8 @@ from spark_mcore.rollout.source import StepRequest, StepRollouts
 from spark_mcore.runtime import Run, build_run
 from spark_mcore.spark.loop import SparkState, kind_metrics
 from spark_mcore.spark.warmstart_data import judge_sft_examples
-from spark_mcore.trainer.advantages import refine_advantages
-from spark_mcore.trainer.batching import dp_slice, groups_to_batch, split_for_updates
+from spark_mcore.trainer.advantages import keep_prefix_advantages, refine_advantages
+from spark_mcore.trainer.batching import dp_slice, groups_to_batch, sampled_mask, split_for_updates
 from spark_mcore.trainer.warmstart import warm_start
 from spark_mcore.types import KIND_KEY, Prompt, RolloutGroup, TrainBatch
 from spark_mcore.weights.gather import actor_hf_weights
@@ -105,11 +106,25 @@ def batch_logprobs(run: Run, batch: TrainBatch, reference: bool = False) -> torc
     computes those of its slice, then the slices are all-gathered over the DP group (refining
     advantages needs whole groups, and every rank splits the same batch into updates)."""
     ps = run.pstate
-    logp = run.actor.compute_logprobs(dp_slice(batch, ps.dp_rank, ps.dp_size), reference=reference)
+    return dp_gather_rows(run, batch, run.actor.compute_logprobs(dp_slice(batch, ps.dp_rank, ps.dp_size),
+                                                                 reference=reference))
+
+
+def batch_logprobs_entropy(run: Run, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_logprobs` of the policy and its per-token entropy [B, T], from one forward pass
+    (Prefix-RFT keeps the advantage of the batch's highest-entropy prefix tokens)."""
+    ps = run.pstate
+    logp, ent = run.actor.compute_logprobs_entropy(dp_slice(batch, ps.dp_rank, ps.dp_size))
+    return dp_gather_rows(run, batch, logp), dp_gather_rows(run, batch, ent)
+
+
+def dp_gather_rows(run: Run, batch: TrainBatch, local: torch.Tensor) -> torch.Tensor:
+    """The global batch's rows of a per-row tensor computed on this DP rank's `dp_slice`."""
+    ps = run.pstate
     if ps.dp_size == 1:
-        return logp
-    parts = [torch.empty_like(logp, device=ps.device) for _ in range(ps.dp_size)]
-    dist.all_gather(parts, logp.to(ps.device).contiguous(), group=ps.dp_group)
+        return local
+    parts = [torch.empty_like(local, device=ps.device) for _ in range(ps.dp_size)]
+    dist.all_gather(parts, local.to(ps.device).contiguous(), group=ps.dp_group)
     return torch.cat([p.cpu() for p in parts])[: batch.num_sequences]
 
 
@@ -122,22 +137,32 @@ def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool 
     algo, log, ps = run.cfg.algo, run.logger, run.pstate
     batch, stats = groups_to_batch(groups, algo.adv_eps, algo.normalize_std, algo.filter_zero_variance,
                                    pad_id=run.tokenizer.pad_token_id or 0,
-                                   images_of=getattr(run.encode, "images", None))
+                                   images_of=getattr(run.encode, "images", None), prefix=run.cfg.rollout.prefix.enabled,
+                                   steps_of=run.step_finder)
     log.update(stats, prefix="rollout/")
     if batch is not None:
         with log.timer("train"):
-            batch.old_logprobs = batch_logprobs(run, batch)
+            entropy = None
+            if batch.prefix_mask is not None and bool(batch.prefix_mask.any()):  # Prefix-RFT
+                batch.old_logprobs, entropy = batch_logprobs_entropy(run, batch)
+            else:
+                batch.old_logprobs = batch_logprobs(run, batch)
             if batch.engine_logprobs is not None:
-                log.update(logprob_mismatch(batch.old_logprobs, batch.engine_logprobs, batch.loss_mask), "rollout/")
+                log.update(logprob_mismatch(batch.old_logprobs, batch.engine_logprobs, sampled_mask(batch)), "rollout/")
                 batch.engine_logprobs = batch.engine_logprobs if off_policy else None
             if run.actor.ref_chunks is not None:
                 batch.ref_logprobs = batch_logprobs(run, batch, reference=True)
             log.update(refine_advantages(batch, algo), prefix="train/")  # SPRO: per-token advantages
+            if batch.prefix_mask is not None:  # only the high-entropy prefix tokens keep their advantage
+                log.update(keep_prefix_advantages(batch, entropy, run.cfg.rollout.prefix.entropy_keep), "train/")
             # several optimizer steps per rollout batch: later ones are off-policy w.r.t. the
             # old log-probs above, which is what the PPO clip is for
             steps = [run.actor.train_step(dp_slice(mini, ps.dp_rank, ps.dp_size)) for mini in
                      split_for_updates(batch, run.cfg.trainer.updates_per_step, seed=version)]
-            log.update({k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}, prefix="train/")
+            keys = dict.fromkeys(k for s in steps for k in s)  # the step head's only where it had steps
+            means = {k: sum(s[k] for s in steps if k in s) / sum(k in s for s in steps) for k in keys}
+            log.update({k: v for k, v in means.items() if not k.startswith("step_head/")}, prefix="train/")
+            log.update({k: v for k, v in means.items() if k.startswith("step_head/")})
     with log.timer("sync"):
         run.push_weights(version)
 
@@ -230,6 +255,8 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
             export_hf(run.actor, run.tokenizer, run.run_dir / "hf", run.run_dir / "tokenizer",
                       tensors=actor_hf_weights(run.actor),
                       processor_config=processor_config(processing) if processing is not None else None)
+            if cfg.model.step_head:
+                export_step_head(run.actor, run.run_dir / "hf")
         if run.pstate.rank == 0:
             print_results_table(results)
         return results

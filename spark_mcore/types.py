@@ -76,12 +76,15 @@ class Prompt:
 @dataclass
 class Completion:
     """One generated response. `logprobs` are the engine's (informational only: the trainer
-    recomputes old/ref log-probs itself). `finish_reason` is "stop" or "length"."""
+    recomputes old/ref log-probs itself). `finish_reason` is "stop" or "length".
+    `prefix_len`: Prefix-RFT: the first prefix_len token ids are a demonstration's prefix the
+    engine continued from (not sampled; their logprobs are 0.0); 0 for an on-policy response."""
 
     token_ids: list[int]
     text: str
     logprobs: list[float] | None = None
     finish_reason: str = "stop"
+    prefix_len: int = 0
 
 
 @dataclass
@@ -140,6 +143,14 @@ class TrainBatch:
                                    it); None when unknown, -1 on padding rows
       engine_logprobs [B, T] float the rollout engine's log-probs of the sampled tokens (0 off
                                    the mask); set for truncated importance sampling, else None
+      prefix_mask    [B, T] bool   Prefix-RFT: True on response tokens copied from a
+                                   demonstration's prefix (inside loss_mask); None when
+                                   rollout.prefix is off
+      step_positions [B, S] long   positions (in the row) of the tokens before each reasoning-step
+                                   delimiter, -1 pads; rows without steps (reward tasks) all -1;
+                                   set only with model.step_head, else None
+      outcomes       [B]    float  1 for a verified-correct response, 0 otherwise (the step head's
+                                   label for every step of the row); None without the step head
     Position t of the log-prob tensors scores token t (the first position is never in the mask).
     images: per row, (pixel_values [P_i, D], image_grid_thw [N_i, 3]) of its images or None
       (vision-language models); an empty list when no row has images.
@@ -153,7 +164,10 @@ class TrainBatch:
     kinds: list[str] = field(default_factory=list)
     group_ids: torch.Tensor | None = None
     engine_logprobs: torch.Tensor | None = None
+    prefix_mask: torch.Tensor | None = None
     images: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    step_positions: torch.Tensor | None = None
+    outcomes: torch.Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -171,7 +185,8 @@ class TrainBatch:
         return replace(self, tokens=move(self.tokens), loss_mask=move(self.loss_mask),
                        advantages=move(self.advantages), old_logprobs=move(self.old_logprobs),
                        ref_logprobs=move(self.ref_logprobs), group_ids=move(self.group_ids),
-                       engine_logprobs=move(self.engine_logprobs))
+                       engine_logprobs=move(self.engine_logprobs), prefix_mask=move(self.prefix_mask),
+                       step_positions=move(self.step_positions), outcomes=move(self.outcomes))
 
 
 def prompt_kind(prompt: Prompt) -> str:

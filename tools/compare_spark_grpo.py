@@ -3,6 +3,7 @@
     python tools/compare_spark_grpo.py --task countdown|arith --seeds 0 1 2 --out runs/compare
         [--set key=value ...] [--sft-set key=value ...] [--rl-set key=value ...]
         [--eval-prompts 64] [--samples 8] [--rounds 2] [--reuse]
+        [--arms grpo,spark,spro,prefix,spark+spro]   (any combination; default grpo,spark)
 
 Per seed:
   1. warm start once: `spark-mcore train` with trainer.steps=0 (SFT on worked solutions mixed
@@ -12,11 +13,13 @@ Per seed:
      both) comes the seed's fixed judge set: one pair (asked in both orders) and two pointwise
      rows (right -> Yes, wrong -> No) per such prompt (`--judge-set synthetic`: right vs
      perturbed worked solutions instead, arith only);
-  3. two arms start from that export with the same policy budget (trainer.steps policy steps x
-     data.prompts_per_step prompts x rollout.n samples, same seeds): grpo (spark.enabled=false)
-     and spark (spark.enabled=true; its reward steps, trained on the recycled cache, come on top,
-     as in the paper: the budget is counted in policy steps and rollouts of policy prompts);
-  4. each model (warm start, GRPO, SPARK) is evaluated with the code of `spark-mcore eval`:
+  3. each arm of `--arms` starts from that export with the same policy budget (trainer.steps
+     policy steps x data.prompts_per_step prompts x rollout.n samples, same seeds) and its own
+     config overrides (`ARMS`): grpo (spark.enabled=false), spark (spark.enabled=true; its
+     reward steps, trained on the recycled cache, come on top, as in the paper: the budget is
+     counted in policy steps and rollouts of policy prompts), spro (algo.advantage=spro),
+     prefix (rollout.prefix.enabled=true: Prefix-RFT), spark+spro;
+  4. each model (the warm start and every arm) is evaluated with the code of `spark-mcore eval`:
      greedy and avg@n accuracy on the held-out prompts, pointwise and pairwise judge accuracy on
      the seed's judge set, and accuracy after test-time self-reflection (`--rounds`) with its
      change against greedy.
@@ -68,11 +71,42 @@ TASKS: dict[str, TaskSpec] = {
 # The tool evaluates every model itself: the training runs' own evaluations are kept minimal.
 RUN_FIXED = ["logging.progress=false", "logging.tensorboard=false", "checkpoint.resume=false",
              "eval.samples=0", "eval.limit=4"]
-ARMS: dict[str, list[str]] = {"grpo": ["spark.enabled=false"], "spark": ["spark.enabled=true"]}
-MODELS = {"sft": "warm start", "grpo": "GRPO-only", "spark": "SPARK"}
+# --arms: each arm is a set of config overrides on the same warm start, seeds and budget
+ARMS: dict[str, list[str]] = {
+    "grpo": ["spark.enabled=false"],
+    "spark": ["spark.enabled=true"],
+    "spro": ["spark.enabled=false", "algo.advantage=spro"],
+    "prefix": ["spark.enabled=false", "rollout.prefix.enabled=true"],
+    "spark+spro": ["spark.enabled=true", "algo.advantage=spro"],
+}
+DEFAULT_ARMS = "grpo,spark"
+MODELS = {"sft": "warm start", "grpo": "GRPO-only", "spark": "SPARK", "spro": "SPRO", "prefix": "Prefix-RFT",
+          "spark+spro": "SPARK+SPRO"}
 METRICS = {"greedy": "greedy acc", "avg_n": "avg@n acc", "pointwise": "judge pointwise acc",
            "pairwise": "judge pairwise acc (both orders)", "judge": "judge acc (mean of the two)",
            "self_reflect": "acc w/ self-reflection", "sr_delta": "self-reflection change vs greedy"}
+
+
+def parse_arms(text: str) -> list[str]:
+    """`--arms grpo,spark,...` -> the arm names in the given order (each once); unknown or
+    empty names fail with the list of known arms."""
+    names = [n.strip() for n in text.split(",")]
+    unknown = [n for n in names if n not in ARMS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown arm(s) {unknown}: choose a comma-separated combination of "
+                                         f"{', '.join(ARMS)} (e.g. {DEFAULT_ARMS})")
+    return list(dict.fromkeys(names))
+
+
+def check_arms(args: argparse.Namespace, spec: TaskSpec) -> None:
+    """Every arm's RL config loads (a bad combination fails before any training)."""
+    from spark_mcore.config.run import load_run_config
+
+    for arm in args.arms:
+        try:
+            load_run_config(spec.config, [*spec.shared, *args.extra, *spec.rl, *args.rl_extra, *ARMS[arm]])
+        except Exception as e:  # ConfigError and friends: name the arm
+            raise SystemExit(f"--arms {arm}: its config does not load: {e}") from e
 
 
 def train_run(run_dir: Path, config: Path, overrides: list[str], reuse: bool) -> float:
@@ -189,7 +223,7 @@ def run_seed(seed: int, out: Path, spec: TaskSpec, setup: EvalSetup, args: argpa
     results: dict[str, dict[str, float]] = {}
     rows = None
     start = ["warmstart.steps=0", f"model.hf_path={sft_dir / 'hf'}", f"data.tokenizer={sft_dir / 'tokenizer'}"]
-    for name in ["sft"] if args.warm_start_only else list(MODELS):
+    for name in ["sft"] if args.warm_start_only else ["sft", *args.arms]:
         if name in ARMS:
             print(f"seed {seed}: {name} -> {seed_dir / name}", flush=True)
             times[name] = train_run(seed_dir / name, spec.config,
@@ -210,25 +244,29 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def table(per_seed: dict[int, dict[str, dict[str, float]]]) -> str:
     """Markdown: one row per metric, mean ± std over seeds per model; then a per-seed table."""
     seeds = sorted(per_seed)
-    lines = ["| metric | " + " | ".join(MODELS.values()) + " |", "|---|" + "---|" * len(MODELS)]
+    models = {name: label for name, label in MODELS.items() if name in per_seed[seeds[0]]}  # the run's arms
+    lines = ["| metric | " + " | ".join(models.values()) + " |", "|---|" + "---|" * len(models)]
     for key, label in [*METRICS.items(), ("train_s", "train wall s")]:
         cells = []
-        for name in MODELS:
+        for name in models:
             m, s = mean_std([per_seed[sd][name][key] for sd in seeds])
             cells.append(f"{m:.0f} ± {s:.0f}" if key == "train_s" else f"{100 * m:+.1f} ± {100 * s:.1f}"
                          if key == "sr_delta" else f"{100 * m:.1f} ± {100 * s:.1f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "| seed | model | " + " | ".join(METRICS.values()) + " |", "|---|---|" + "---|" * len(METRICS)]
     for sd in seeds:
-        for name, label in MODELS.items():
+        for name, label in models.items():
             lines.append(f"| {sd} | {label} | " + " | ".join(f"{100 * per_seed[sd][name][k]:.1f}" for k in METRICS)
                          + " |")
     return "\n".join(lines)
 
 
 def checks(per_seed: dict[int, dict[str, dict[str, float]]]) -> list[tuple[str, bool, str]]:
-    """The issue's three claims, SPARK against GRPO-only: (claim, holds, numbers)."""
+    """The issue's three claims, SPARK against GRPO-only: (claim, holds, numbers); none unless
+    both arms ran."""
     seeds = sorted(per_seed)
+    if not {"grpo", "spark"} <= set(per_seed[seeds[0]]):
+        return []
 
     def stats(name: str, key: str) -> tuple[float, float]:
         return mean_std([per_seed[s][name][key] for s in seeds])
@@ -271,6 +309,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--judge-rows", type=int, default=0, help="at most this many judge pairs (0 = all)")
     p.add_argument("--rounds", type=int, default=2, help="self-reflection rounds")
     p.add_argument("--max-new-tokens", type=int, default=0, help="0 = the config's eval.max_new_tokens")
+    p.add_argument("--arms", type=parse_arms, default=parse_arms(DEFAULT_ARMS),
+                   help=f"comma-separated arms from {', '.join(ARMS)} (default {DEFAULT_ARMS})")
     p.add_argument("--reuse", action="store_true", help="keep runs that already have an hf/ export")
     p.add_argument("--warm-start-only", action="store_true",
                    help="train and evaluate only the warm start (to tune it), no table")
@@ -279,7 +319,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sft-set", dest="sft_extra", action="append", default=[], metavar="KEY=VALUE",
                    help="override for the warm-start runs only (e.g. warmstart.steps=300)")
     p.add_argument("--rl-set", dest="rl_extra", action="append", default=[], metavar="KEY=VALUE",
-                   help="override for both RL arms (e.g. trainer.steps=20)")
+                   help="override for every RL arm (e.g. trainer.steps=20)")
     args = p.parse_args(argv)
     if not args.seeds or args.eval_prompts < 1 or args.samples < 2 or args.rounds < 0:
         p.error("--seeds needs a seed, --eval-prompts >= 1, --samples >= 2 and --rounds >= 0")
@@ -291,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = TASKS[args.task]
     start = time.perf_counter()
     out = Path(args.out or f"runs/compare_{args.task}").resolve()
+    check_arms(args, spec)
     setup = eval_setup(args, spec)
     per_seed = {s: run_seed(s, out, spec, setup, args) for s in args.seeds}
     if args.warm_start_only:
@@ -304,12 +345,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(per_seed)} seeds ({', '.join(map(str, per_seed))}), mean ± std. Total wall time {wall / 60:.1f} min.")
     verdicts = checks(per_seed)
     check_md = "\n".join(f"- {'yes' if ok else 'NO'}: {claim} ({nums})" for claim, ok, nums in verdicts)
-    md = table(per_seed) + note + "\n\nThe issue's checks (SPARK vs GRPO-only):\n" + check_md + "\n"
+    md = table(per_seed) + note + ("\n\nThe issue's checks (SPARK vs GRPO-only):\n" + check_md if verdicts else "") + "\n"
     print("\n" + md)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps(
-        {"task": args.task, "wall_s": wall, "per_seed": per_seed, "checks": verdicts,
+        {"task": args.task, "arms": {a: ARMS[a] for a in args.arms}, "wall_s": wall, "per_seed": per_seed,
+         "checks": verdicts,
          "config": str(spec.config), "shared": spec.shared, "warm_start": spec.warm_start, "rl": spec.rl,
          "extra": args.extra, "sft_extra": args.sft_extra, "rl_extra": args.rl_extra,
          "eval": {"prompts": len(setup.prompts), "samples": setup.samples, "temperature": setup.temperature,

@@ -270,10 +270,15 @@ def grpo_loss(
     entropy: Tensor | None = None,
     normalizer: float | None = None,
     engine_logp: Tensor | None = None,
+    prefix: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO objective: policy_loss + kl_coef * KL(policy || ref) - entropy_coef * entropy.
     With `engine_logp` (off-policy rollouts) and cfg.tis_cap > 0 the policy term is weighted by
     `tis_weights(old_logp, engine_logp, mask, cfg.tis_cap)` (metric tis_weight_mean).
+    With `prefix` ([B, T] bool, Prefix-RFT) the policy term is `prefix_rft_loss` (prefix tokens:
+    advantage-weighted log-likelihood; the advantages already carry the entropy keep-mask) and
+    the KL term skips the prefix tokens (they are not samples of the policy, so the estimator
+    does not apply to them); they still count in its token mean. Metrics add prefix_token_frac.
 
     KL and entropy are aggregated like the policy term (`cfg.loss_agg`). `ref_logp` may be None
     only when cfg.kl_coef == 0, `entropy` only when cfg.entropy_coef == 0.
@@ -290,9 +295,16 @@ def grpo_loss(
     weights = None
     if engine_logp is not None and cfg.tis_cap > 0:
         weights = tis_weights(old_logp, engine_logp, mask, cfg.tis_cap)
-    pg_loss, metrics = policy_loss(
-        logp, old_logp, advantages, mask, cfg.clip_eps, cfg.clip_eps_high, cfg.loss_agg, normalizer, weights
-    )
+    if prefix is None:
+        pg_loss, metrics = policy_loss(
+            logp, old_logp, advantages, mask, cfg.clip_eps, cfg.clip_eps_high, cfg.loss_agg, normalizer, weights
+        )
+    else:  # import here: algo.prefix builds on this module
+        from spark_mcore.algo.prefix import prefix_rft_loss
+
+        pg_loss, metrics = prefix_rft_loss(logp, old_logp, advantages, mask, prefix, None, cfg.clip_eps,
+                                           cfg.clip_eps_high, cfg.loss_agg, normalizer, weights)
+        metrics.pop("prefix_kept_frac")  # meaningless here: the keep-mask is in the advantages
     if weights is not None:
         metrics["tis_weight_mean"] = _token_mean_metric(weights, _bool_mask(mask, logp))
     bmask = _bool_mask(mask, logp)
@@ -305,8 +317,9 @@ def grpo_loss(
     if ref_logp is not None:
         _check_bt("ref_logp", ref_logp, logp)
         fn = _lookup(KL_ESTIMATORS, cfg.kl_estimator, "algo.kl_estimator")
-        log_ratio = torch.where(bmask, logp - ref_logp.detach(), zero)
-        kl = aggregate(fn(log_ratio), bmask, cfg.loss_agg, normalizer)  # type: ignore[operator]
+        sampled = bmask if prefix is None else bmask & ~prefix.bool()
+        log_ratio = torch.where(sampled, logp - ref_logp.detach(), zero)
+        kl = aggregate(torch.where(sampled, fn(log_ratio), zero), bmask, cfg.loss_agg, normalizer)  # type: ignore[operator]
         if cfg.kl_coef > 0:
             loss = loss + cfg.kl_coef * kl
     ent = zero

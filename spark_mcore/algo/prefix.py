@@ -8,8 +8,10 @@ advantage-weighted log-likelihood -A * log pi(a_t) (no importance ratio, no clip
 highest-entropy fraction (0.2) of the batch's prefix tokens keep their advantage; on-policy
 tokens take the PPO-clip surrogate. Both kinds are aggregated together (`aggregate`).
 
-Generation from prompt + prefix is not wired yet (`rollout.prefix.enabled` is refused at
-config time); these functions are the loss side of it.
+Wiring: `spark_mcore.rollout.prefix` generates the prefixed members, `groups_to_batch` sets
+the batch's prefix mask and the Dr. GRPO baseline of prefix groups, `prefix_token_advantages`
+folds the entropy keep-mask into [B, T] advantages once the trainer's entropies are known, and
+`grpo_loss(prefix=...)` applies `prefix_rft_loss` per micro-batch.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor
 
 from spark_mcore.algo.advantages import grpo_advantages
-from spark_mcore.algo.losses import aggregate
+from spark_mcore.algo.losses import _k3, aggregate
 
 __all__ = [
     "cosine_schedule",
@@ -31,6 +33,7 @@ __all__ = [
     "prefix_lengths",
     "prefix_mask",
     "prefix_rft_loss",
+    "prefix_token_advantages",
 ]
 
 
@@ -114,26 +117,64 @@ def dr_grpo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
     return grpo_advantages(rewards, group_ids, normalize_std=False)
 
 
+def prefix_token_advantages(advantages: Tensor, loss_mask: Tensor, prefix: Tensor, entropy: Tensor,
+                            keep_fraction: float) -> tuple[Tensor, dict[str, float]]:
+    """[B, T] advantages in which only the `entropy_keep_mask` prefix tokens (the highest-entropy
+    keep_fraction of the batch's prefix tokens) keep their advantage; the other prefix tokens
+    get 0, on-policy tokens keep theirs, positions off loss_mask are 0.
+
+    Args:
+        advantages: [B] (one per sequence) or [B, T] (per token, e.g. SPRO).
+        loss_mask: [B, T]; prefix: [B, T] bool; entropy: [B, T] trainer entropy per token.
+        keep_fraction: rollout.prefix.entropy_keep, in (0, 1].
+    Returns:
+        (advantages [B, T], metrics): prefix_kept_frac (kept share of the prefix tokens),
+        prefix_entropy (mean entropy of the prefix tokens), 0.0 without prefix tokens.
+    """
+    if advantages.shape not in (loss_mask.shape[:1], loss_mask.shape):
+        raise ValueError(f"advantages must be [B] or [B, T] for loss_mask {tuple(loss_mask.shape)}, "
+                         f"got {tuple(advantages.shape)}")
+    bmask = loss_mask.bool()
+    pre = prefix.bool() & bmask
+    keep = entropy_keep_mask(entropy, pre, keep_fraction)
+    full = advantages.unsqueeze(1).expand(loss_mask.shape) if advantages.dim() == 1 else advantages
+    zero = torch.zeros((), dtype=full.dtype, device=full.device)
+    out = torch.where(bmask & ~(pre & ~keep), full, zero)
+    n = int(pre.sum())
+    metrics = {"prefix_kept_frac": float(keep.sum()) / n if n else 0.0,
+               "prefix_entropy": float(torch.where(pre, entropy.double(), 0.0).sum()) / n if n else 0.0}
+    return out.contiguous(), metrics
+
+
 def prefix_rft_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, prefix: Tensor,
-                    keep: Tensor, clip_eps: float, clip_eps_high: float | None = None,
-                    agg: str = "token_mean", normalizer: float | None = None
-                    ) -> tuple[Tensor, dict[str, Tensor]]:
+                    keep: Tensor | None, clip_eps: float, clip_eps_high: float | None = None,
+                    agg: str = "token_mean", normalizer: float | None = None,
+                    is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Prefix-RFT objective over one batch.
 
     On-policy tokens (mask and not prefix): -min(r A, clip(r, 1 - eps, 1 + eps_high) A), r =
-    exp(logp - old_logp). Prefix tokens: -A' logp with A' = A where `keep`, else 0 (they still
-    count in the token mean). Masked-out positions never reach values or gradients.
+    exp(logp - old_logp), times `is_weights` when given (truncated importance sampling). Prefix
+    tokens: -A' logp with A' = A where `keep`, else 0 (they still count in the token mean); no
+    ratio, no clip, no importance weight. Masked-out positions never reach values or gradients.
 
     Args:
         logp, old_logp: [B, T] log-probs; advantages: [B] (broadcast) or [B, T].
-        mask: [B, T] response mask, prefix tokens included; prefix, keep: [B, T] bool.
+        mask: [B, T] response mask, prefix tokens included; prefix: [B, T] bool.
+        keep: [B, T] bool, or None when the advantages already carry the keep-mask (every
+            prefix token keeps its advantage: `prefix_token_advantages` zeroed the others).
         clip_eps, clip_eps_high, agg, normalizer: as in `policy_loss` / `aggregate`.
+        is_weights: [B, T] constant weights of the on-policy tokens, or None.
     Returns:
-        (loss, metrics): prefix_token_frac, prefix_kept_frac (of prefix tokens), clip_frac (of
-        on-policy tokens); detached.
+        (loss, metrics): prefix_token_frac, prefix_kept_frac (of prefix tokens), clip_frac
+        (clipped on-policy tokens, as a share of all response tokens like every token-mean
+        metric, so micro-batch shares add up; prefix tokens are never clipped), ratio_mean and
+        approx_kl (k3 of old vs new) as in `policy_loss` (prefix tokens count as ratio 1);
+        detached.
     """
-    for name, t in (("old_logp", old_logp), ("mask", mask), ("prefix", prefix), ("keep", keep)):
-        if t.shape != logp.shape:
+    keep = prefix if keep is None else keep
+    for name, t in (("old_logp", old_logp), ("mask", mask), ("prefix", prefix), ("keep", keep),
+                    ("is_weights", is_weights)):
+        if t is not None and t.shape != logp.shape:
             raise ValueError(f"{name} must have shape {tuple(logp.shape)} like logp [B, T], "
                              f"got {tuple(t.shape)}")
     if advantages.shape not in (logp.shape[:1], logp.shape):
@@ -149,6 +190,8 @@ def prefix_rft_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     ratio = torch.exp(torch.where(onp, logp - old_logp.detach(), zero))
     surr, clipped = ratio * adv, ratio.clamp(1.0 - clip_eps, 1.0 + high) * adv
     ppo = -torch.minimum(surr, clipped)
+    if is_weights is not None:
+        ppo = ppo * is_weights.detach().to(logp.dtype)
     nll = -torch.where(pre & keep.bool(), adv, zero) * torch.where(pre, logp, zero)
     values = torch.where(pre, nll, torch.where(onp, ppo, zero))
     loss = aggregate(values, bmask, agg, normalizer)
@@ -156,5 +199,9 @@ def prefix_rft_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
         n_pre = pre.sum().clamp(min=1).double()
         metrics = {"prefix_token_frac": pre.sum().double() / bmask.sum().clamp(min=1),
                    "prefix_kept_frac": (pre & keep.bool()).sum().double() / n_pre,
-                   "clip_frac": ((clipped < surr) & onp).sum().double() / onp.sum().clamp(min=1)}
+                   "clip_frac": ((clipped < surr) & onp).sum().double() / bmask.sum().clamp(min=1),
+                   # as in `policy_loss`, token means over the response (prefix tokens: ratio 1, kl 0)
+                   "ratio_mean": torch.where(bmask, ratio, zero).sum().double() / bmask.sum().clamp(min=1),
+                   "approx_kl": torch.where(onp, _k3(torch.log(ratio)), zero).sum().double()
+                   / bmask.sum().clamp(min=1)}
     return loss, metrics

@@ -9,7 +9,7 @@ current prediction agrees with the label, with class weights from global counts 
 At test time a response's score is the geometric mean of its sigmoid step scores, and best-of-N
 picks the argmax.
 
-Not yet wired into the trainer (no `model.step_head` setting, checkpoints or metrics).
+Wired into the trainer by `model.step_head=true` (spark_mcore.trainer.step_head).
 """
 
 from __future__ import annotations
@@ -111,20 +111,23 @@ def agreement_filter(logits: Tensor, labels: Tensor) -> Tensor:
     return (logits.detach() > 0) == (labels > 0.5)
 
 
-def class_weights(num_pos: float, num_neg: float) -> tuple[float, float]:
+def class_weights(num_pos: float, num_neg: float, positive_factor: float = 1.5) -> tuple[float, float]:
     """(positive, negative) weights from global step counts, N = num_pos + num_neg:
-    positive 1.5 * num_neg / N, negative num_pos / N. (0, 0) when N is 0."""
+    positive positive_factor * num_neg / N (paper: 1.5), negative num_pos / N. (0, 0) when N
+    is 0."""
     if num_pos < 0 or num_neg < 0:
         raise ValueError(f"step counts must be >= 0, got {num_pos}, {num_neg}")
     total = num_pos + num_neg
     if total == 0:
         return 0.0, 0.0
-    return 1.5 * num_neg / total, num_pos / total
+    return positive_factor * num_neg / total, num_pos / total
 
 
 def step_bce_loss(logits: Tensor, labels: Tensor, keep: Tensor, pos_weight: float,
-                  neg_weight: float) -> Tensor:
-    """Class-weighted BCE-with-logits, mean over the kept steps (weighted sum / kept count).
+                  neg_weight: float, denominator: float | Tensor | None = None) -> Tensor:
+    """Class-weighted BCE-with-logits, mean over the kept steps (weighted sum / kept count), or
+    weighted sum / `denominator` when given (the trainer divides by the global step count, which
+    is known before the forward, so micro-batch and DP shares add up to the batch loss).
 
     Args:
         logits: [...] head outputs; labels: [...] 0/1; keep: [...] bool (step mask and
@@ -140,7 +143,10 @@ def step_bce_loss(logits: Tensor, labels: Tensor, keep: Tensor, pos_weight: floa
     weight = torch.where(target > 0, torch.full_like(target, pos_weight), torch.full_like(target, neg_weight))
     safe = torch.where(keep, logits, torch.zeros_like(logits))
     per_step = F.binary_cross_entropy_with_logits(safe, target, reduction="none") * weight
-    return torch.where(keep, per_step, torch.zeros_like(per_step)).sum() / keep.sum().clamp(min=1)
+    total = torch.where(keep, per_step, torch.zeros_like(per_step)).sum()
+    if denominator is not None:
+        return total / denominator
+    return total / keep.sum().clamp(min=1)
 
 
 def geometric_mean_scores(step_logits: Tensor, step_mask: Tensor) -> Tensor:

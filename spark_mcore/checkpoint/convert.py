@@ -471,7 +471,22 @@ def convert_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, dtype: str |
                     for hf_name, t in adapter.mcore_to_hf(name, full.pop(name)):
                         writer.add(hf_name, t.to(_TORCH_DTYPES[out_dtype]))
     _write_hf_config(out, src, adapter, out_dtype)
+    _export_step_head(step_dir, out)
     return out
+
+
+def _export_step_head(step_dir: Path, out: Path) -> None:
+    """A model.step_head checkpoint's SPRM head goes beside the HF weights as
+    step_head.safetensors (what `spark-mcore eval --select step-head` loads)."""
+    from spark_mcore.models.step_head import StepHead, save_step_head
+
+    path = step_dir / "step_head.pt"
+    if not path.is_file():
+        return
+    state = torch.load(path, map_location="cpu", weights_only=True)["head"]  # tensors only, no code
+    head = StepHead(int(state["net.0.weight"].shape[1]))
+    head.load_state_dict(state)
+    save_step_head(head, out)
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> Path:

@@ -72,6 +72,8 @@ def _save_sharded(tmp: Path, actor: MegatronActor) -> None:
     if actor.ref_chunks is not None:
         dist_checkpointing.save(actor.sharded_state_dict(reference=True),
                                 str(check_dist_checkpointing_ready(tmp / "ref")))
+    if actor.step_head is not None:  # model.step_head: one last-stage rank writes the replicated head
+        actor.step_head.save(tmp)
 
 
 # megatron's default format for the distributed optimizer ("fully_sharded_model_space") builds
@@ -221,6 +223,10 @@ def _load_tensors(actor: MegatronActor, ckpt: Path, has_optim: bool) -> None:
         actor.optimizer.reload_model_params()
         optim_sd = _optimizer_sharded_state_dict(actor, is_loading=True)
         actor.optimizer.load_state_dict(dist_checkpointing.load(optim_sd, str(ckpt / "optim")))
+    if actor.step_head is not None and not actor.step_head.load(ckpt):
+        # a checkpoint from a run without the head: it starts fresh (said once per holder)
+        if actor.pstate.tp_rank == 0 and actor.pstate.dp_rank == 0:
+            print(f"{ckpt} has no step head (step_head.pt): model.step_head starts from a fresh head", flush=True)
 
 
 def export_hf(actor: MegatronActor, tokenizer: Any, out_dir: Path, tokenizer_dir: Path | None = None, *,
@@ -250,6 +256,19 @@ def export_hf(actor: MegatronActor, tokenizer: Any, out_dir: Path, tokenizer_dir
         print(f"exported Hugging Face model to {out_dir}", flush=True)
     _barrier()  # the export is complete before any rank reads it (e.g. a launched server)
     return out_dir
+
+
+def export_step_head(actor: MegatronActor, out_dir: Path) -> Path | None:
+    """Collective: writes the SPRM head as `<out_dir>/step_head.safetensors` (model.step_head)
+    from one last-stage rank, beside an HF export; `models.step_head.load_step_head` reads it."""
+    from spark_mcore.models.step_head import HEAD_FILE, save_step_head
+
+    holder = actor.step_head
+    if holder is not None and holder.pstate.tp_rank == 0 and holder.pstate.dp_rank == 0 and holder.pstate.cp_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_step_head(holder.head, out_dir)
+    _barrier()
+    return out_dir / HEAD_FILE if actor.model_cfg.step_head else None
 
 
 def _barrier() -> None:

@@ -13,7 +13,7 @@ from spark_mcore.data.config import DataConfig
 from spark_mcore.distributed.config import ParallelConfig
 from spark_mcore.eval.config import EvalConfig
 from spark_mcore.metrics import LoggingConfig
-from spark_mcore.models.config import ModelConfig
+from spark_mcore.models.config import ModelConfig, StepHeadConfig
 from spark_mcore.rewards.config import RewardConfig
 from spark_mcore.rollout.config import RolloutConfig
 from spark_mcore.sglang.config import SGLangConfig
@@ -42,9 +42,13 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    step_head: StepHeadConfig = field(default_factory=StepHeadConfig)  # used when model.step_head=true
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        if self.model.step_head and self.parallel.cp > 1:
+            raise ConfigError(f"model.step_head=true reads whole sequences of hidden states, which parallel.cp="
+                              f"{self.parallel.cp} splits. Fix: parallel.cp=1, or model.step_head=false")
         check_gpu_features(self.model, self.trainer, self.parallel)
         # checks across sections, before any work (each section checks its own fields)
         ws, source = self.warmstart, self.data.source

@@ -13,7 +13,7 @@ from spark_mcore.data import countdown
 from spark_mcore.data.arith import arith_problems
 from spark_mcore.data.arith import worked_solution as arith_solution
 from spark_mcore.data.jsonl import DatasetError, load_prompt_file
-from spark_mcore.types import Prompt
+from spark_mcore.types import KIND_KEY, Prompt
 
 if TYPE_CHECKING:  # a runtime import would close the cycle data.config -> config -> config.run -> data.config
     from spark_mcore.data.config import DataConfig
@@ -123,6 +123,21 @@ def sft_examples(prompts: list[Prompt]) -> list[tuple[Prompt, str]]:
     return [(p, _solution(p) or worked_solution(p)) for p in prompts]
 
 
+def demonstration(prompt: Prompt) -> str | None:
+    """A prompt's demonstration (Prefix-RFT): the row's "solution" field, else the builtin
+    task's worked solution (arith, countdown); None when it has neither (e.g. a dataset row
+    without "solution", or a recycled SPARK reward task)."""
+    if KIND_KEY in prompt.meta:
+        return None
+    sol = _solution(prompt)
+    if sol is not None:
+        return sol
+    try:
+        return worked_solution(prompt)
+    except ValueError:  # not a builtin prompt: no worked solution
+        return None
+
+
 def _solution(prompt: Prompt) -> str | None:
     sol = prompt.meta.get("solution")
     return sol if isinstance(sol, str) and sol.strip() else None
@@ -218,5 +233,5 @@ class PromptLoader:
         self._order = self._permutation(self.epoch)
 
 
-__all__ = ["BUILTIN_PREFIX", "PromptLoader", "builtin_corpus", "check_sft_ready", "load_prompts", "register_builtin",
+__all__ = ["BUILTIN_PREFIX", "PromptLoader", "builtin_corpus", "check_sft_ready", "demonstration", "load_prompts", "register_builtin",
            "sft_examples", "worked_solution"]

@@ -159,7 +159,39 @@ def _reward_bench(model: EvalModel, args: argparse.Namespace) -> dict[str, Any]:
     return res.to_dict()
 
 
+def _best_of(model: EvalModel, prompts: list[Prompt], args: argparse.Namespace) -> dict[str, Any]:
+    from spark_mcore.data.steps import StepFinder
+    from spark_mcore.eval.best_of import JudgeScorer, StepHeadScorer, best_of_eval
+    from spark_mcore.models.step_head import load_step_head
+    from spark_mcore.spark.judging import verifier_score
+
+    if args.temperature <= 0:
+        raise ConfigError(f"--best-of samples N responses: --temperature must be > 0, got {args.temperature}")
+    chosen = prompts[: args.limit] if args.limit else prompts
+    if args.select == "step-head":
+        try:
+            head = load_step_head(model.hf_dir)
+        except FileNotFoundError as e:
+            raise ConfigError(f"--select step-head: {e}") from None
+        delimiter, score_last = args.step_delimiter, True
+        if model.run_dir is not None and (model.run_dir / "config.json").is_file():
+            saved = json.loads((model.run_dir / "config.json").read_text()).get("step_head", {})
+            delimiter = delimiter or saved.get("delimiter")
+            score_last = bool(saved.get("score_last", True))
+        scorer: Any = StepHeadScorer(model.engine.model, head, StepFinder(model.tokenizer, delimiter or ". ", score_last),
+                                     pad_id=model.tokenizer.pad_token_id or 0)
+    else:
+        scorer = JudgeScorer(model.engine.model, model.tokenizer, model.encode, view=args.view, seed=args.seed)
+    params = SamplingParams(n=args.best_of, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                            stop_token_ids=model.stop_ids, seed=args.seed)
+    res = best_of_eval(model.engine, model.encode, chosen, params, verifier_score, scorer, args.select)
+    print(f"\nbest-of-{args.best_of} selection ({args.data}, split={args.split}):\n{res.table()}")
+    return res.to_dict()
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    if getattr(args, "best_of", 0) < 0:
+        raise ConfigError("--best-of must be >= 0 (0 = off)")
     for name in ("limit", "rounds", "max_new_tokens"):
         if getattr(args, name, 0) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
@@ -171,7 +203,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if self_reflect or not bench:
         data_cfg = eval_data_config(args.data, args.overrides, model.run_dir)
         prompts = load_prompts(data_cfg, args.split, model.tokenizer, known_tasks=registered_verifiers())
-        if self_reflect:
+        if getattr(args, "best_of", 0):
+            report["best_of"] = _best_of(model, prompts, args)
+        elif self_reflect:
             report["self_reflect"] = _self_reflect(model, prompts, args)
         else:
             report["greedy"] = _greedy(model, prompts, args)

@@ -45,6 +45,50 @@ class VisionConfig:
 
 
 @dataclass
+class StepHeadConfig:
+    """MetaStone-S1's SPRM step-scoring head (arXiv 2507.01951), turned on by model.step_head.
+
+    A head Linear(C -> 2C) - ReLU - Dropout - Linear(2C -> 1) on the second-to-last layer's
+    hidden state at the token before each step delimiter of a policy response, trained with
+    the response's verified outcome as every step's label (BCE-with-logits, only steps whose
+    current prediction agrees with the label, class weights from the global step counts). It
+    lives on the last pipeline stage, replicated over TP; its gradients are averaged over DP.
+    It trains on the policy rows of each GRPO batch, so with algo.filter_zero_variance=true it
+    never sees all-correct or all-wrong groups (they are dropped before the batch is built).
+
+    delimiter: the text that ends a reasoning step. The default ". " fits the built-in arith
+        and countdown worked solutions ("3+4=7. 7*2=14. \\boxed{14}"); the paper's
+        ".\\n\\n" fits free-form reasoning (set step_head.delimiter=".\\n\\n" there). Found in
+        the decoded response text, so it does not depend on how the tokenizer splits it.
+    score_last: also score the response's last token when it does not end in the delimiter (the
+        final step, e.g. the boxed answer).
+    lr / weight_decay / grad_clip: the head's own AdamW (paper: 1e-5, 1e-2, 1.0); constant lr.
+    dropout: between the two linears (paper: 0.5).
+    backbone_grad_scale: the head's gradient into the backbone is multiplied by this (paper:
+        1e-4); 0 detaches the head from the backbone.
+    positive_factor: class weight of a positive step = positive_factor * N_neg / N (paper 1.5);
+        a negative step weighs N_pos / N.
+    """
+
+    delimiter: str = ". "
+    score_last: bool = True
+    lr: float = 1e-5
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    dropout: float = 0.5
+    backbone_grad_scale: float = 1e-4
+    positive_factor: float = 1.5
+
+    def __post_init__(self) -> None:
+        check_ranges("step_head", self, {"lr": "> 0", "weight_decay": ">= 0", "grad_clip": ">= 0",
+                                         "dropout": "in [0, 1)", "backbone_grad_scale": ">= 0",
+                                         "positive_factor": "> 0"})
+        if not isinstance(self.delimiter, str) or not self.delimiter:
+            raise ConfigError(f"step_head.delimiter={self.delimiter!r} must be a non-empty string (the text "
+                              "that ends a reasoning step), e.g. step_head.delimiter='. '")
+
+
+@dataclass
 class ModelConfig:
     """Policy architecture (Qwen2 family: RMSNorm, SwiGLU, RoPE, GQA, QKV bias).
 
@@ -66,6 +110,10 @@ class ModelConfig:
         parallel.cp > 1 (the sdpa core implements context parallelism), megatron otherwise. Ignored with Transformer Engine, which has its own fused attention.
     vision: the vision tower of a vision-language family (family "qwen2_5_vl"); None for text.
     freeze_vision: keep the vision tower's weights fixed (no gradients, not synced as trained).
+    step_head: train MetaStone-S1's SPRM step-scoring head beside the policy (settings in the
+        run's `step_head` section, `StepHeadConfig`); its weights are checkpointed and exported
+        as step_head.safetensors beside the HF weights, for `spark-mcore eval --best-of N
+        --select step-head`. Needs model.num_layers >= 2 (it reads the second-to-last layer).
     """
 
     family: str = "qwen2"
@@ -87,6 +135,7 @@ class ModelConfig:
     attention: Literal["auto", "sdpa", "megatron"] = "auto"
     vision: VisionConfig | None = None
     freeze_vision: bool = False
+    step_head: bool = False
 
     def __post_init__(self) -> None:
         check_ranges("model", self, {
@@ -101,6 +150,9 @@ class ModelConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by "
                               f"model.num_attention_heads={self.num_attention_heads}")
+        if self.step_head and self.num_layers < 2:
+            raise ConfigError(f"model.step_head=true reads the second-to-last layer, but model.num_layers="
+                              f"{self.num_layers}. Fix: model.num_layers >= 2, or model.step_head=false")
         if self.vision is not None:
             half_head = self.hidden_size // self.num_attention_heads // 2
             if sum(self.vision.mrope_section) != half_head:

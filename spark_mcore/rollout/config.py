@@ -9,10 +9,14 @@ from spark_mcore.config.loader import ConfigError, check_ranges
 @dataclass
 class PrefixConfig:
     """Prefix-RFT (arXiv 2507.01679): some members of each group continue from a prefix of the
-    prompt's demonstration. NOT YET WIRED INTO GENERATION: only the loss-side pure functions
-    exist (`spark_mcore.algo.prefix`), so enabled=true is refused at config time.
+    prompt's demonstration (the dataset row's "solution" field, or the builtin task's worked
+    solution; prompts without one are rolled out on-policy). The prefix tokens join the
+    response under a prefix mask; a group with a prefixed member takes Dr. GRPO's baseline
+    (r - mean, no std); prefix tokens are trained with the advantage-weighted log-likelihood
+    (no ratio, no clip), on-policy tokens with PPO-clip (`spark_mcore.algo.prefix`,
+    `spark_mcore.rollout.prefix`). In-process rollouts only (rollout.source=inprocess).
 
-    enabled: turn prefix rollouts on (refused for now, see above).
+    enabled: turn prefix rollouts on.
     members: members of each group of rollout.n that get a prefix (the rest are on-policy);
         must be < rollout.n.
     high_start / high_end, low_start / low_end: the prefix fraction p of each prefixed member
@@ -64,7 +68,7 @@ class RolloutConfig:
         generate the next step's prompts while the trainer trains; stream only).
     max_staleness: async mode: the oldest policy version (current - max_staleness) whose
         groups are still trained on (older ones are generated again); >= 1.
-    prefix: Prefix-RFT demonstration prefixes (`PrefixConfig`; not yet wired, off).
+    prefix: Prefix-RFT demonstration prefixes (`PrefixConfig`; off by default).
     """
 
     engine: str = "hf"
@@ -97,7 +101,7 @@ class RolloutConfig:
         if self.prefix.enabled and self.prefix.members >= self.n:
             raise ConfigError(f"rollout.prefix.members={self.prefix.members} must be < rollout.n={self.n} "
                               "(a group needs on-policy members)")
-        if self.prefix.enabled:
-            raise ConfigError("rollout.prefix.enabled=true: Prefix-RFT rollouts are not yet wired into "
-                              "generation (only the loss functions in spark_mcore.algo.prefix exist, "
-                              "issue 17); set rollout.prefix.enabled=false")
+        if self.prefix.enabled and self.source != "inprocess":
+            raise ConfigError("rollout.prefix.enabled=true needs rollout.source=inprocess (rollout workers do not "
+                              "generate demonstration prefixes yet); set rollout.source=inprocess or "
+                              "rollout.prefix.enabled=false")

@@ -49,7 +49,8 @@ def is_generator(pstate: ParallelState) -> bool:
 
 def _encode(groups: list[RolloutGroup]) -> bytes:
     rows = [[[r.prompt_ids, r.completion.token_ids, r.completion.logprobs, r.completion.text,
-              r.completion.finish_reason, float(r.reward), int(r.policy_version)] for r in g.rollouts]
+              r.completion.finish_reason, float(r.reward), int(r.policy_version), int(r.completion.prefix_len)]
+             for r in g.rollouts]
             for g in groups]
     return msgpack.packb(rows)
 
@@ -62,8 +63,9 @@ def _decode(payload: bytes, prompts: list[Prompt], where: str) -> list[RolloutGr
     groups = []
     for prompt, group in zip(prompts, rows, strict=True):
         rollouts = []
-        for prompt_ids, tokens, logprobs, text, finish, reward, version in group:
-            completion = Completion(token_ids=list(tokens), text=text, logprobs=logprobs, finish_reason=finish)
+        for prompt_ids, tokens, logprobs, text, finish, reward, version, prefix_len in group:
+            completion = Completion(token_ids=list(tokens), text=text, logprobs=logprobs, finish_reason=finish,
+                                    prefix_len=prefix_len)
             rollouts.append(Rollout(prompt, list(prompt_ids), completion, reward=reward, policy_version=version))
         groups.append(RolloutGroup(prompt=prompt, rollouts=rollouts))
     return groups

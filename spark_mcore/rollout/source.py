@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 from spark_mcore.rollout.base import RolloutEngine, SamplingParams
 from spark_mcore.rollout.divide import DividedRollout
 from spark_mcore.rollout.groups import generate_groups, score_groups
+from spark_mcore.rollout.prefix import PrefixRollouts, prefix_metrics
 from spark_mcore.transport.endpoint import StreamEndpoint, StreamStalled
 from spark_mcore.transport.protocol import WorkItem, item_from_wire, item_to_wire
 from spark_mcore.types import Prompt, RewardSample, RolloutGroup
@@ -90,14 +91,19 @@ class InProcessSource:
     it all. Called on every rank with the same request (a collective when divided)."""
 
     def __init__(self, engine: RolloutEngine | None, encode: Callable[[Prompt], list[int]], pool: Scorer,
-                 loader: Iterator[list[Prompt]], pstate: Any = None) -> None:
+                 loader: Iterator[list[Prompt]], pstate: Any = None, prefix: PrefixRollouts | None = None) -> None:
         self.engine, self.encode, self.pool, self.loader = engine, encode, pool, loader
         self._stats: dict[str, float] = {}
         self.produce = None if pstate is None else DividedRollout(self._local, pstate, stats=self._stats)
+        self.prefix = prefix  # Prefix-RFT: policy steps continue demonstration prefixes
+        self._bounds: tuple[float, float] | None = None  # this step's prefix fraction bounds, None: off
 
     def _local(self, prompts: list[Prompt], params: SamplingParams) -> list[RolloutGroup]:
         start = time.perf_counter()
-        groups = generate_groups(self.engine, prompts, self.encode, params)  # type: ignore[arg-type]
+        if self.prefix is not None and self._bounds is not None:
+            groups = self.prefix.generate(self.engine, prompts, self.encode, params, self._bounds)  # type: ignore[arg-type]
+        else:
+            groups = generate_groups(self.engine, prompts, self.encode, params)  # type: ignore[arg-type]
         mid = time.perf_counter()
         score_groups(groups, self.pool.score)
         self._stats.update({"time/generate": mid - start, "time/verify": time.perf_counter() - mid})
@@ -106,14 +112,20 @@ class InProcessSource:
     def collect(self, request: StepRequest) -> StepRollouts:
         prompts = (next(self.loader) if request.policy else []) + request.reward_prompts
         self._stats.clear()
-        if self.produce is None:
-            groups = self._local(prompts, request.params)
-            mine = sum(len(g.rollouts) for g in groups)
-        else:
-            groups = self.produce(prompts, request.params)
-            mine = self.produce.last_responses
+        self._bounds = self.prefix.bounds(request.policy_step) if self.prefix is not None and request.policy else None
+        try:
+            if self.produce is None:
+                groups = self._local(prompts, request.params)
+                mine = sum(len(g.rollouts) for g in groups)
+            else:
+                groups = self.produce(prompts, request.params)
+                mine = self.produce.last_responses
+        finally:
+            bounds, self._bounds = self._bounds, None
         metrics = {**self._stats, "rollout/responses": float(sum(len(g.rollouts) for g in groups)),
                    "rollout/responses_this_rank": float(mine)}
+        if bounds is not None:
+            metrics.update(prefix_metrics(groups, bounds))
         return StepRollouts(groups, None, metrics)
 
     def weights_pushed(self, version: int) -> None:

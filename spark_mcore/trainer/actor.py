@@ -28,7 +28,7 @@ from spark_mcore.distributed.collectives import broadcast_floats, broadcast_tens
 from spark_mcore.distributed.config import ParallelConfig
 from spark_mcore.distributed.context_parallel import split_for_cp
 from spark_mcore.distributed.parallel import ParallelState
-from spark_mcore.models.config import ModelConfig
+from spark_mcore.models.config import ModelConfig, StepHeadConfig
 from spark_mcore.models.packed import uses_te_attention
 from spark_mcore.models.registry import get_adapter
 from spark_mcore.models.vision import VisionInputs
@@ -42,6 +42,7 @@ from spark_mcore.trainer.packing import (
     padded_micro_batches,
     sequence_lengths,
 )
+from spark_mcore.trainer.step_head import StepHeadTrainer, finish_metrics
 from spark_mcore.types import TrainBatch
 
 # The interleaved schedule exchanges activations and gradients with both neighbours at once.
@@ -63,7 +64,8 @@ class MegatronActor:
     optimizer/scheduler and a frozen reference."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainerConfig, algo: AlgoConfig,
-                 pstate: ParallelState, vocab_size: int, parallel: ParallelConfig | None = None) -> None:
+                 pstate: ParallelState, vocab_size: int, parallel: ParallelConfig | None = None,
+                 step_head: StepHeadConfig | None = None) -> None:
         self.model_cfg, self.cfg, self.algo, self.pstate = model_cfg, cfg, algo, pstate
         self.adapter = get_adapter(model_cfg.family, model_cfg)
         self.vocab_size = vocab_size
@@ -84,6 +86,12 @@ class MegatronActor:
         self.temperature = 1.0
         self.optimizer: Any = None
         self.scheduler: Any = None
+        # the SPRM step head (model.step_head): on the last pipeline stage only
+        self.step_head: StepHeadTrainer | None = None
+        if model_cfg.step_head and pstate.is_last_stage:
+            self.step_head = StepHeadTrainer(step_head or StepHeadConfig(), self.chunks[-1], self.tf_config.num_layers,
+                                             self.tf_config.hidden_size, pstate, cfg.seed,
+                                             sequence_parallel=self.parallel.sequence_parallel)
 
     def _build_chunks(self) -> list[torch.nn.Module]:
         """One GPTModel per virtual pipeline stage of this rank (one without interleaving)."""
@@ -185,6 +193,8 @@ class MegatronActor:
     def _loss_wrapper(self, loss_fn: LossFn, mb: MicroBatch, norm: torch.Tensor,
                       logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if mb.num_sequences == 0:  # a filler micro-batch (interleaved schedule): no loss, no metrics
+            if self.step_head is not None:
+                self.step_head.loss(mb.seqs, mb.unpack, mb.tokens.shape)  # drops the captured state
             return logits.sum() * 0.0, {}
         logp = mb.unpack(sequence_logprobs(logits, mb.tokens, self.pstate, self.temperature,
                                             self.algo.logprob_chunk_tokens))
@@ -197,6 +207,9 @@ class MegatronActor:
         # megatron's schedule multiplies the loss by the CP size to undo the CP part.
         share = self._weight(mb.seqs) / norm
         scaled = loss * share * self._num_mb * self.pstate.dp_size
+        head = None if self.step_head is None else self.step_head.loss(mb.seqs, mb.unpack, mb.tokens.shape)
+        if head is not None:  # already this micro-batch's share of the global head loss
+            scaled = scaled + head * self._num_mb * self.pstate.dp_size
         # keys starting with "_" are per-token outputs (log-probs), passed through unscaled
         return scaled, {k: v.detach().float() * (1.0 if k.startswith("_") else share)
                         for k, v in metrics.items()}
@@ -280,43 +293,60 @@ class MegatronActor:
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
         """log p(tokens[t] | tokens[<t]) for every position, [B, T] (0 at t = 0 and padding)."""
+        return self._forward_values(batch, reference, entropy=False)[0]
+
+    @torch.no_grad()
+    def compute_logprobs_entropy(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's log-probs and the entropy of the distribution that predicted each token
+        (vocab-parallel under TP), both [B, T] and 0 off the loss mask; one forward pass."""
+        logp, ent = self._forward_values(batch, False, entropy=True)
+        assert ent is not None
+        return logp, ent
+
+    def _forward_values(self, batch: TrainBatch, reference: bool, entropy: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
         chunks = self.ref_chunks if reference else self.chunks
         if chunks is None:
             raise RuntimeError("no reference model: call snapshot_reference() with algo.kl_coef > 0")
         modes = [c.training for c in chunks]
         for c in chunks:
             c.eval()
-        outs, mbs = self._run(chunks, batch, lambda mb, logp, ent: (logp.sum() * 0, {"_logp": logp}), True)
+        outs, mbs = self._run(chunks, batch, lambda mb, logp, ent: (logp.sum() * 0, {"_logp": logp, **(
+            {"_ent": ent()} if entropy else {})}), True)
         for c, mode in zip(chunks, modes, strict=True):
             c.train(mode)
-        logp = None
-        if outs:  # scatter each micro-batch's sequences back to their batch rows
-            logp = torch.zeros(batch.tokens.shape, dtype=torch.float32)
-            for mb, out in zip(mbs, outs, strict=True):
-                keep = mb.index >= 0
-                if "_logp" in out and bool(keep.any()):
-                    logp[mb.index[keep].cpu()] = out["_logp"][keep.to(out["_logp"].device)].float().cpu()
-        # the loss lives on the last pipeline stage; every stage gets the values for symmetry
-        logp = broadcast_tensor(logp, tuple(batch.tokens.shape), torch.float32, self._last_stage_rank(),
-                                self.pstate.pp_group, self.pstate.device)
-        return logp * batch.loss_mask
+        values = []
+        for key in ["_logp", "_ent"] if entropy else ["_logp"]:
+            full = None
+            if outs:  # scatter each micro-batch's sequences back to their batch rows
+                full = torch.zeros(batch.tokens.shape, dtype=torch.float32)
+                for mb, out in zip(mbs, outs, strict=True):
+                    keep = mb.index >= 0
+                    if key in out and bool(keep.any()):
+                        full[mb.index[keep].cpu()] = out[key][keep.to(out[key].device)].float().cpu()
+            # the loss lives on the last pipeline stage; every stage gets the values for symmetry
+            full = broadcast_tensor(full, tuple(batch.tokens.shape), torch.float32, self._last_stage_rank(),
+                                    self.pstate.pp_group, self.pstate.device)
+            values.append(full * batch.loss_mask)
+        return values[0], values[1] if entropy else None
 
     def _grpo_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, entropy: Callable[[], torch.Tensor]
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
         return grpo_loss(logp, old, mb.ref_logprobs, mb.advantages, mb.loss_mask, self.algo, entropy=entropy(),
-                         engine_logp=mb.engine_logprobs)
+                         engine_logp=mb.engine_logprobs, prefix=mb.prefix_mask)
 
     def _sft_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, entropy: Callable[[], torch.Tensor]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss = sft_loss(logp, mb.loss_mask)
         return loss, {"sft_loss": loss.detach()}
 
-    def _optimize(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
+    def _optimize(self, batch: TrainBatch, loss_fn: LossFn, head: bool = False) -> dict[str, float]:
         for model in self.models:
             model.train()
             model.zero_grad_buffer()
         self.optimizer.zero_grad()
+        head = head and self.step_head is not None and self.step_head.begin(batch)
         outs, _ = self._run(self.models, batch, loss_fn, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
@@ -324,8 +354,11 @@ class MegatronActor:
         for out in outs:
             for k, v in out.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v)
+        if head:  # the head steps after the policy (skipped with it on an fp16 overflow)
+            metrics.update(self.step_head.finish(float(self.optimizer.get_loss_scale()), bool(ok)))
         # per-micro-batch shares were summed on this DP rank; the batch mean sums over DP ranks
         metrics = self._reduce_metrics(metrics if self.pstate.is_last_stage else None)
+        metrics.update(finish_metrics({k: metrics.pop(k) for k in list(metrics) if k.startswith("step_head/")}))
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["update_skipped"] = 0.0 if ok else 1.0
@@ -342,7 +375,7 @@ class MegatronActor:
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step of GRPO on `batch` (old/ref log-probs already filled in)."""
-        return self._optimize(batch, self._grpo_loss_fn)
+        return self._optimize(batch, self._grpo_loss_fn, head=True)
 
     def sft_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step of next-token likelihood on the masked (response) tokens."""

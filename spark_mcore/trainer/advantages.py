@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from spark_mcore.algo.config import AlgoConfig
+from spark_mcore.algo.prefix import prefix_token_advantages
 from spark_mcore.algo.process import TOKEN_ADVANTAGES
 from spark_mcore.types import TrainBatch
 
@@ -36,3 +37,22 @@ def refine_advantages(batch: TrainBatch, algo: AlgoConfig) -> dict[str, float]:
     dev = (batch.advantages - outcome.unsqueeze(1)).abs()
     total = torch.where(mask, dev, torch.zeros_like(dev)).sum()
     return {"adv_process_abs": float(total / mask.sum().clamp(min=1))}
+
+
+def keep_prefix_advantages(batch: TrainBatch, entropy: torch.Tensor | None, keep_fraction: float) -> dict[str, float]:
+    """Prefix-RFT: replaces `batch.advantages` ([B] or [B, T]) by [B, T] advantages in which only
+    the highest-entropy `keep_fraction` of the batch's prefix tokens keep theirs (the others 0).
+    Runs on the whole step batch (the fraction is of all its prefix tokens), after
+    `refine_advantages`. `entropy` [B, T] is the trainer's (None: the batch has no prefix tokens).
+
+    Returns metrics prefix_kept_frac, prefix_entropy (0.0 without prefix tokens).
+    """
+    if batch.prefix_mask is None:
+        raise ValueError("keep_prefix_advantages needs batch.prefix_mask (rollout.prefix.enabled)")
+    if entropy is None:
+        if bool((batch.prefix_mask.bool() & (batch.loss_mask > 0)).any()):
+            raise ValueError("keep_prefix_advantages: the batch has prefix tokens but no entropy was given")
+        return {"prefix_kept_frac": 0.0, "prefix_entropy": 0.0}
+    batch.advantages, metrics = prefix_token_advantages(batch.advantages, batch.loss_mask, batch.prefix_mask,
+                                                        entropy, keep_fraction)
+    return metrics

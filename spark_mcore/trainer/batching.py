@@ -32,20 +32,54 @@ def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id:
 
 # The processed images of a prompt (pixel_values, image_grid_thw), None for a text prompt.
 ImagesOf = Callable[[Prompt], "tuple[torch.Tensor, torch.Tensor] | None"]
+# The step positions of a response's token ids (response-relative), for the SPRM step head.
+StepsOf = Callable[[list[int]], list[int]]
+
+
+def step_labels(rollouts: list[Rollout], steps_of: StepsOf) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, S] long step positions in the prompt+response row, -1 padded; [B] float outcomes).
+    Only policy responses get steps: a recycled reward task's response is a judgement or a
+    revision, not a solution whose outcome labels its steps."""
+    rows = [[len(r.prompt_ids) + p for p in steps_of(r.completion.token_ids)]
+            if prompt_kind(r.prompt) == "policy" else [] for r in rollouts]
+    width = max((len(x) for x in rows), default=0)
+    pos = torch.full((len(rollouts), max(width, 1)), -1, dtype=torch.long)
+    for i, x in enumerate(rows):
+        pos[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+    return pos, torch.tensor([float(r.correct) for r in rollouts], dtype=torch.float32)
 
 
 def rollouts_to_batch(rollouts: list[Rollout], advantages: torch.Tensor, pad_id: int = 0,
-                      pad_to_multiple: int = 1, images_of: ImagesOf | None = None) -> TrainBatch:
+                      pad_to_multiple: int = 1, images_of: ImagesOf | None = None,
+                      steps_of: StepsOf | None = None, with_prefix_mask: bool = False) -> TrainBatch:
     """advantages [N] aligns with `rollouts`; kinds record the task kind for per-kind metrics.
+    steps_of: the step finder of the SPRM step head (sets step_positions and outcomes).
     images_of: the processed images of a rollout's prompt (vision-language models); SPARK's
-    judge and reflection prompts carry their source prompt's images, so they get them too."""
+    judge and reflection prompts carry their source prompt's images, so they get them too.
+    with_prefix_mask: set `prefix_mask` (Prefix-RFT; all False for on-policy responses)."""
     tokens, mask = pack_sequences([r.prompt_ids for r in rollouts],
                                   [r.completion.token_ids for r in rollouts], pad_id, pad_to_multiple)
     kinds = [prompt_kind(r.prompt) for r in rollouts]
     images = [images_of(r.prompt) for r in rollouts] if images_of is not None else []
+    steps, outcomes = step_labels(rollouts, steps_of) if steps_of is not None else (None, None)
     return TrainBatch(tokens=tokens, loss_mask=mask, advantages=advantages.float(), kinds=kinds,
                       engine_logprobs=engine_logprobs(rollouts, tokens.shape),
-                      images=images if any(i is not None for i in images) else [])
+                      prefix_mask=prefix_mask(rollouts, tokens.shape) if with_prefix_mask else None,
+                      images=images if any(i is not None for i in images) else [],
+                      step_positions=steps, outcomes=outcomes)
+
+
+def prefix_mask(rollouts: list[Rollout], shape: torch.Size) -> torch.Tensor:
+    """[B, T] bool: True on the first `completion.prefix_len` response tokens of each row (the
+    demonstration prefix, Prefix-RFT), aligned with the tokens like loss_mask."""
+    out = torch.zeros(shape, dtype=torch.bool)
+    for i, r in enumerate(rollouts):
+        n = r.completion.prefix_len
+        if not 0 <= n <= len(r.completion.token_ids):
+            raise ValueError(f"rollout {i}: prefix_len={n} outside its {len(r.completion.token_ids)} response tokens")
+        start = len(r.prompt_ids)
+        out[i, start:start + n] = True
+    return out
 
 
 def engine_logprobs(rollouts: list[Rollout], shape: torch.Size) -> torch.Tensor | None:
@@ -59,6 +93,13 @@ def engine_logprobs(rollouts: list[Rollout], shape: torch.Size) -> torch.Tensor 
         start = len(r.prompt_ids)
         out[i, start:start + len(r.completion.token_ids)] = torch.tensor(r.completion.logprobs, dtype=torch.float32)
     return out
+
+
+def sampled_mask(batch: TrainBatch) -> torch.Tensor:
+    """[B, T] float: loss_mask without the demonstration-prefix tokens (those the engine sampled)."""
+    if batch.prefix_mask is None:
+        return batch.loss_mask
+    return batch.loss_mask * (~batch.prefix_mask.bool()).to(batch.loss_mask.dtype)
 
 
 def select(batch: TrainBatch, index: torch.Tensor | slice) -> TrainBatch:
@@ -77,7 +118,8 @@ def select(batch: TrainBatch, index: torch.Tensor | slice) -> TrainBatch:
     return replace(batch, tokens=batch.tokens[index], loss_mask=batch.loss_mask[index],
                    advantages=batch.advantages[index], old_logprobs=pick(batch.old_logprobs),
                    ref_logprobs=pick(batch.ref_logprobs), kinds=kinds, group_ids=pick(batch.group_ids),
-                   engine_logprobs=pick(batch.engine_logprobs), images=images)
+                   engine_logprobs=pick(batch.engine_logprobs), prefix_mask=pick(batch.prefix_mask),
+                   images=images, step_positions=pick(batch.step_positions), outcomes=pick(batch.outcomes))
 
 
 def micro_batches(batch: TrainBatch, micro_batch_size: int) -> Iterator[TrainBatch]:
@@ -97,10 +139,13 @@ def pad_rows(batch: TrainBatch, multiple: int) -> TrainBatch:
     return replace(batch, tokens=grow(batch.tokens), loss_mask=grow(batch.loss_mask),
                    advantages=grow(batch.advantages), old_logprobs=grow(batch.old_logprobs),
                    ref_logprobs=grow(batch.ref_logprobs), kinds=batch.kinds + ["pad"] * extra if batch.kinds else [],
-                   engine_logprobs=grow(batch.engine_logprobs),
+                   engine_logprobs=grow(batch.engine_logprobs), prefix_mask=grow(batch.prefix_mask),
                    group_ids=None if batch.group_ids is None else torch.cat(
                        [batch.group_ids, batch.group_ids.new_full((extra,), -1)]),
-                   images=batch.images + [None] * extra if batch.images else [])
+                   images=batch.images + [None] * extra if batch.images else [],
+                   step_positions=None if batch.step_positions is None else torch.cat(
+                       [batch.step_positions, batch.step_positions.new_full((extra, batch.step_positions.shape[1]), -1)]),
+                   outcomes=grow(batch.outcomes))
 
 
 def dp_slice(batch: TrainBatch, dp_rank: int, dp_size: int) -> TrainBatch:
@@ -130,11 +175,15 @@ def split_for_updates(batch: TrainBatch, updates: int, seed: int | None = None) 
 
 def groups_to_batch(groups: list[RolloutGroup], eps: float, normalize_std: bool,
                     filter_zero_variance: bool, pad_id: int = 0,
-                    images_of: ImagesOf | None = None) -> tuple[TrainBatch | None, dict[str, float]]:
+                    images_of: ImagesOf | None = None, prefix: bool = False,
+                    steps_of: StepsOf | None = None) -> tuple[TrainBatch | None, dict[str, float]]:
     """GRPO batch from verified groups: group-normalised advantages per rollout.
 
     With `filter_zero_variance`, groups whose rewards are all equal are dropped (their advantages
     are 0, so they only dilute the token mean). Returns (None, stats) when nothing is left.
+    `prefix` (rollout.prefix.enabled): the batch carries `prefix_mask`, and a group with a
+    member that continued a demonstration prefix takes Dr. GRPO's baseline (r - mean, no std:
+    Prefix-RFT) whatever `normalize_std` says.
     """
     from spark_mcore.algo.advantages import grpo_advantages, zero_variance_groups
 
@@ -144,10 +193,16 @@ def groups_to_batch(groups: list[RolloutGroup], eps: float, normalize_std: bool,
     flat = zero_variance_groups(rewards, group_ids)
     stats = {"zero_variance_groups": float(len(set(group_ids[flat].tolist()))) if len(rollouts) else 0.0}
     adv = grpo_advantages(rewards, group_ids, eps=eps, normalize_std=normalize_std)
+    if prefix:
+        prefixed = torch.tensor([any(r.completion.prefix_len > 0 for r in g.rollouts) for g in groups
+                                 for _ in g.rollouts], dtype=torch.bool)
+        if bool(prefixed.any()):
+            adv = torch.where(prefixed, grpo_advantages(rewards, group_ids, normalize_std=False), adv)
     keep = ~flat if filter_zero_variance else torch.ones_like(flat)
     if not bool(keep.any()):
         return None, stats
     kept = [r for r, k in zip(rollouts, keep.tolist(), strict=False) if k]
-    batch = rollouts_to_batch(kept, adv[keep], pad_id=pad_id, images_of=images_of)
+    batch = rollouts_to_batch(kept, adv[keep], pad_id=pad_id, images_of=images_of, with_prefix_mask=prefix,
+                              steps_of=steps_of)
     batch.group_ids = group_ids[keep]
     return batch, stats

@@ -93,7 +93,7 @@ def test_prefix_rft_loss_hand_computed() -> None:
     torch.testing.assert_close(logp.grad, expected)
     assert m["prefix_token_frac"].item() == pytest.approx(2 / 5)
     assert m["prefix_kept_frac"].item() == pytest.approx(0.5)
-    assert m["clip_frac"].item() == pytest.approx(2 / 3)
+    assert m["clip_frac"].item() == pytest.approx(2 / 5)  # 2 clipped of 5 response tokens
     # the prefix term has no clip: a kept prefix token far from the old policy still pulls
     far = logp.detach().clone()
     far[0, 1] = ln(1e-4)
@@ -104,8 +104,11 @@ def test_prefix_rft_loss_hand_computed() -> None:
     from spark_mcore.algo.losses import policy_loss
     none = torch.zeros_like(prefix)
     a = prefix_rft_loss(logp.detach(), torch.zeros_like(old), adv, mask, none, none, clip_eps=0.2)[0]
-    b = policy_loss(logp.detach(), torch.zeros_like(old), adv, mask, clip_eps=0.2)[0]
-    assert a.item() == pytest.approx(b.item())
+    b = policy_loss(logp.detach(), torch.zeros_like(old), adv, mask, clip_eps=0.2)
+    assert a.item() == pytest.approx(b[0].item())
+    ma = prefix_rft_loss(logp.detach(), torch.zeros_like(old), adv, mask, none, none, clip_eps=0.2)[1]
+    for key in ("clip_frac", "ratio_mean", "approx_kl"):
+        assert ma[key].item() == pytest.approx(b[1][key].item()), key
 
 
 def test_dr_grpo_baseline_no_std() -> None:
@@ -114,10 +117,12 @@ def test_dr_grpo_baseline_no_std() -> None:
     torch.testing.assert_close(adv, torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.0, 0.0]))
 
 
-def test_prefix_config_validated_and_refused_until_wired() -> None:
+def test_prefix_config_validated() -> None:
     assert not load_run_config(None, []).rollout.prefix.enabled
-    with pytest.raises(ConfigError, match="not yet wired into generation"):
-        load_run_config(None, ["rollout.prefix.enabled=true"])
+    cfg = load_run_config(None, ["rollout.prefix.enabled=true"]).rollout.prefix
+    assert (cfg.members, cfg.high_start, cfg.high_end, cfg.entropy_keep) == (1, 0.95, 0.05, 0.2)
+    with pytest.raises(ConfigError, match="rollout.prefix.enabled=true needs rollout.source=inprocess"):
+        RolloutConfig(source="stream", prefix=PrefixConfig(enabled=True))
     with pytest.raises(ConfigError, match="rollout.prefix.members=8 must be < rollout.n=8"):
         RolloutConfig(n=8, prefix=PrefixConfig(enabled=True, members=8))
     with pytest.raises(ConfigError, match="rollout.prefix.high_start"):
@@ -126,3 +131,57 @@ def test_prefix_config_validated_and_refused_until_wired() -> None:
         PrefixConfig(entropy_keep=0.0)
     with pytest.raises(ConfigError, match="low_start/low_end"):
         PrefixConfig(low_end=0.5, high_end=0.1)
+
+
+def test_prefix_token_advantages_keep_only_high_entropy_prefix_tokens() -> None:
+    from spark_mcore.algo.prefix import prefix_token_advantages
+
+    adv = torch.tensor([2.0, -1.0])
+    mask = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 1, 1, 0]], dtype=torch.float32)
+    prefix = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 0, 0]], dtype=torch.bool)
+    # prefix entropies: 0.5, 3.0, 1.0 (row 0) and 2.0 (row 1); ceil(0.5 * 4) = 2 kept: 3.0 and 2.0
+    entropy = torch.tensor([[9.0, 0.5, 3.0, 1.0, 7.0], [9.0, 9.0, 2.0, 5.0, 0.0]])
+    out, metrics = prefix_token_advantages(adv, mask, prefix, entropy, keep_fraction=0.5)
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.0, 2.0, 0.0, 2.0], [0.0, 0.0, -1.0, -1.0, 0.0]]))
+    assert metrics == pytest.approx({"prefix_kept_frac": 0.5, "prefix_entropy": (0.5 + 3.0 + 1.0 + 2.0) / 4})
+    # per-token advantages (SPRO) keep their values where kept, 0 on dropped prefix tokens
+    token_adv = torch.arange(10, dtype=torch.float32).reshape(2, 5)
+    out, _ = prefix_token_advantages(token_adv, mask, prefix, entropy, keep_fraction=0.5)
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.0, 2.0, 0.0, 4.0], [0.0, 0.0, 7.0, 8.0, 0.0]]))
+    # no prefix tokens: the advantages broadcast over the mask, metrics 0
+    out, metrics = prefix_token_advantages(adv, mask, torch.zeros_like(prefix), entropy, 0.2)
+    torch.testing.assert_close(out, adv[:, None] * mask)
+    assert metrics == {"prefix_kept_frac": 0.0, "prefix_entropy": 0.0}
+
+
+def test_grpo_loss_with_prefix_is_unclipped_on_prefix_and_skips_its_kl() -> None:
+    from spark_mcore.algo.config import AlgoConfig
+    from spark_mcore.algo.losses import grpo_loss
+
+    logp = torch.tensor([[0.0, -1.0, -0.5, -0.2]], requires_grad=True)
+    old = torch.tensor([[0.0, -9.0, -0.7, -0.2]])  # the prefix token's old log-prob plays no role
+    ref = torch.tensor([[0.0, -3.0, -0.5, -0.4]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    prefix = torch.tensor([[False, True, False, False]])
+    cfg = AlgoConfig(kl_coef=0.1, clip_eps=0.2)
+    loss, m = grpo_loss(logp, old, ref, torch.tensor([1.5]), mask, cfg, prefix=prefix)
+    # prefix: -1.5 * -1.0 = 1.5; t2: ratio e^0.2 = 1.221 clipped to 1.2 -> -1.8; t3: ratio 1 -> -1.5
+    pg = (1.5 - 1.8 - 1.5) / 3
+    kl = (math.exp(-0.2) + 0.2 - 1.0) / 3  # k3 of t3 only (t2: logp == ref); the prefix's is skipped
+    assert m["pg_loss"].item() == pytest.approx(pg)
+    assert m["kl"].item() == pytest.approx(kl)
+    assert loss.item() == pytest.approx(pg + 0.1 * kl)
+    assert m["prefix_token_frac"].item() == pytest.approx(1 / 3)
+    assert m["clip_frac"].item() == pytest.approx(1 / 3)  # 1 clipped of 3 response tokens
+    loss.backward()
+    assert logp.grad[0, 1].item() == pytest.approx(-1.5 / 3)  # d(-A logp)/d logp / 3 tokens: no ratio
+
+
+def test_prefix_rft_loss_importance_weights_only_on_policy_tokens() -> None:
+    logp = torch.tensor([[0.0, -1.0, -0.5, -0.2]])
+    old = torch.tensor([[0.0, -9.0, -0.7, -0.2]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    prefix = torch.tensor([[False, True, False, False]])
+    weights = torch.tensor([[1.0, 9.0, 0.5, 1.0]])  # 9.0 on the prefix token must not count
+    loss, _ = prefix_rft_loss(logp, old, torch.tensor([1.5]), mask, prefix, None, clip_eps=0.2, is_weights=weights)
+    assert loss.item() == pytest.approx((1.5 - 1.8 * 0.5 - 1.5) / 3)

@@ -50,3 +50,24 @@ def test_arguments_are_validated() -> None:
     with pytest.raises(SystemExit):
         tool.parse_args(["--samples", "1"])
     assert tool.parse_args(["--task", "arith", "--seeds", "0"]).task == "arith"
+
+
+def test_arms_are_parsed_and_validated() -> None:
+    assert tool.parse_args([]).arms == ["grpo", "spark"]
+    assert tool.parse_args(["--arms", "grpo,spark,spro,prefix,spark+spro"]).arms == list(tool.ARMS)
+    assert tool.parse_args(["--arms", "prefix, grpo,prefix"]).arms == ["prefix", "grpo"]
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--arms", "grpo,ppo"])
+    with pytest.raises(tool.argparse.ArgumentTypeError, match="unknown arm"):
+        tool.parse_arms("grpo,,spark")
+    assert set(tool.ARMS) <= set(tool.MODELS)  # every arm has a table label
+    tool.check_arms(tool.parse_args(["--arms", "grpo,spark,spro,prefix,spark+spro"]), tool.TASKS["countdown"])
+
+
+def test_table_has_one_row_per_arm_and_checks_need_grpo_and_spark() -> None:
+    per_seed = {s: {"sft": _res(0.6, 0.3, 0.0), "grpo": _res(0.6, 0.4, 0.0), "prefix": _res(0.5, 0.45, 0.01)}
+                for s in range(2)}
+    md = tool.table(per_seed)
+    assert "| metric | warm start | GRPO-only | Prefix-RFT |" in md and "SPARK" not in md
+    assert md.count("| 1 | Prefix-RFT |") == 1
+    assert tool.checks(per_seed) == []

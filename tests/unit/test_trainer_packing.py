@@ -214,3 +214,41 @@ def test_rope_follows_per_sequence_positions(pstate: object) -> None:
     pos = mb.packed.position_ids
     assert torch.equal(emb[12, 0, 0], table[pos[0, 12], 0, 0]) and int(pos[0, 12]) == 2
     assert torch.equal(rotary(16), table)                         # restored afterwards
+
+
+def test_prefix_step_packed_equals_padded(pstate: object) -> None:
+    """Prefix-RFT: the prefix mask and [B, T] keep-masked advantages travel through packing;
+    log-probs, entropies, loss metrics and gradients match the padded layout."""
+    from spark_mcore.trainer.advantages import keep_prefix_advantages
+
+    def prefix_step(actor: MegatronActor, init: dict[str, torch.Tensor]) -> dict[str, object]:
+        actor.unwrapped.load_state_dict(init, strict=False)
+        actor.setup_optimizer(lr=1e-2, total_steps=10, warmup_steps=0)
+        actor.snapshot_reference()
+        batch = _batch()
+        batch.prefix_mask = torch.zeros(batch.tokens.shape, dtype=torch.bool)
+        for i in range(batch.num_sequences):  # the first 2 response tokens of rows 0, 2, 4, ...
+            if i % 2 == 0:
+                start = int(batch.loss_mask[i].nonzero()[0])
+                batch.prefix_mask[i, start:start + 2] = True
+        logp, ent = actor.compute_logprobs_entropy(batch)
+        assert torch.equal(logp, actor.compute_logprobs(batch))
+        batch.old_logprobs = logp + batch.loss_mask * batch.old_logprobs
+        batch.ref_logprobs = actor.compute_logprobs(batch, reference=True)
+        kept = keep_prefix_advantages(batch, ent, 0.5)
+        metrics = actor.train_step(batch)
+        grads = {k: v.main_grad.detach().clone() for k, v in actor.unwrapped.named_parameters()}
+        return {"ent": ent, "adv": batch.advantages, "kept": kept, "metrics": metrics, "grads": grads}
+
+    padded = _actor(pstate, pack=False)
+    init = {k: v.clone() for k, v in padded.unwrapped.state_dict().items() if torch.is_tensor(v)}
+    ref = prefix_step(padded, init)
+    got = prefix_step(_actor(pstate, pack=True, budget=16), init)
+    assert ref["adv"].dim() == 2 and ref["kept"]["prefix_kept_frac"] == pytest.approx(0.5)
+    assert bool((ref["ent"] > 0).any()) and (got["ent"] - ref["ent"]).abs().max() <= 1e-5
+    assert torch.equal(got["adv"], ref["adv"])
+    assert ref["metrics"]["prefix_token_frac"] > 0 and abs(ref["metrics"]["pg_loss"]) > 1e-4
+    for key in ("pg_loss", "kl", "entropy", "clip_frac", "prefix_token_frac", "grad_norm", "loss"):
+        assert got["metrics"][key] == pytest.approx(ref["metrics"][key], abs=1e-5), key
+    for name, g in ref["grads"].items():
+        assert (got["grads"][name] - g).abs().max() <= 1e-5, name
