@@ -5,7 +5,11 @@
 #   bash examples/run_tiny_disaggregated.sh [sync|async|both] [--set section.key=value ...]
 #
 # `both` (the default) runs sync mode, then async mode (rollout.max_staleness=1), and prints the
-# trainer's idle time per step (waiting for rollouts) of each. Every process it starts runs in
+# trainer's idle time per step (the seconds it waited for the step's groups) of each, with the
+# load average before and after each mode. Every process runs one compute thread
+# (OMP_NUM_THREADS, default 1; the servers take --threads 1), so that trainer and servers do not
+# fight over the cores and overlap is what async mode can win. SERVERS=1 runs one twin server
+# (default 2). Every process it starts runs in
 # its own session and is tracked: on exit (normal, error or Ctrl-C) the trainer gets SIGINT
 # (it stops the servers it launched), then anything left - trainer, servers, workers - is
 # killed by process group. Logs: runs/tiny_disaggregated_<mode>/{trainer,worker0,worker1}.log.
@@ -15,6 +19,8 @@ MODE=${1:-both}
 [[ $# -gt 0 ]] && shift
 case $MODE in sync|async|both) ;; *) echo "usage: $0 [sync|async|both] [--set k=v ...]" >&2; exit 2 ;; esac
 CONFIG=examples/configs/tiny_disaggregated.yaml
+SERVERS=${SERVERS:-2}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 PIDS=()
 
 free_port() { python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
@@ -45,33 +51,41 @@ run_mode() {
   local run_dir=runs/tiny_disaggregated_$mode stream_port server_port trainer status
   rm -rf "$run_dir" && mkdir -p "$run_dir"
   stream_port=$(free_port)
-  server_port=$(free_port)  # servers listen on server_port and server_port + 1
-  local common=(--config "$CONFIG" --set "checkpoint.dir=$run_dir" --set "rollout.mode=$mode" "$@")
-  echo "== $mode: trainer endpoint tcp://127.0.0.1:$stream_port, servers http://127.0.0.1:$server_port,+1; logs in $run_dir"
+  server_port=$(free_port)  # servers listen on server_port, server_port + 1, ...
+  local ports=() urls=() i
+  for ((i = 0; i < SERVERS; i++)); do ports+=($((server_port + i))); urls+=("http://127.0.0.1:$((server_port + i))"); done
+  local url_list
+  url_list=$(IFS=,; echo "${urls[*]}")
+  local common=(--config "$CONFIG" --set "checkpoint.dir=$run_dir" --set "rollout.mode=$mode"
+                --set "sglang.num_servers=$SERVERS" "$@")
+  echo "== $mode: trainer endpoint tcp://127.0.0.1:$stream_port, servers ${urls[*]}; logs in $run_dir;" \
+       "load average $(cut -d' ' -f1-3 /proc/loadavg), OMP_NUM_THREADS=$OMP_NUM_THREADS"
+  cut -d' ' -f1-3 /proc/loadavg >"$run_dir/loadavg_start"
   setsid spark-mcore train "${common[@]}" --set "transport.bind=tcp://127.0.0.1:$stream_port" \
     --set "sglang.base_port=$server_port" >"$run_dir/trainer.log" 2>&1 &
   trainer=$!
   PIDS+=("$trainer")
   for w in 0 1; do
     setsid spark-mcore rollout-worker --connect "tcp://127.0.0.1:$stream_port" "${common[@]}" --name "worker$w" \
-      --set "sglang.urls=[http://127.0.0.1:$server_port,http://127.0.0.1:$((server_port + 1))]" \
+      --set "sglang.urls=[$url_list]" \
       >"$run_dir/worker$w.log" 2>&1 &
     PIDS+=("$!")
   done
   # track the servers too (the trainer launches them in their own sessions and stops them itself)
   local found=0 pid port
-  while (( found < 2 )) && kill -0 "$trainer" 2>/dev/null; do
+  while (( found < SERVERS )) && kill -0 "$trainer" 2>/dev/null; do
     found=0
-    for port in "$server_port" $((server_port + 1)); do
+    for port in "${ports[@]}"; do
       pid=$(server_pid "$port"); [[ -n $pid ]] && found=$((found + 1))
     done
     sleep 1
   done
-  for port in "$server_port" $((server_port + 1)); do
+  for port in "${ports[@]}"; do
     pid=$(server_pid "$port"); [[ -n $pid ]] && PIDS+=("$pid") && echo "   server on port $port: pid $pid"
   done
   status=0
   wait "$trainer" || status=$?
+  cut -d' ' -f1-3 /proc/loadavg >"$run_dir/loadavg_end"
   tail -n 8 "$run_dir/trainer.log"
   cleanup
   return "$status"
@@ -81,16 +95,22 @@ idle_summary() {
   python - "$@" <<'EOF'
 import json, sys
 from pathlib import Path
-print("\n| mode | steps (policy + reward) | trainer idle per step, s (mean) | rollout per step, s | train per step, s |")
-print("|---|---|---|---|---|")
+# idle = waiting for the step's groups (time/trainer_idle); + push: also waiting for the servers to
+# take the new weights (time/sync: a CPU twin finishes its running batch first)
+print("\n| mode | steps | trainer idle per step, s (mean) | idle per step, each | idle + weight push per step, s | rollout / train / weight push per step, s | load average start -> end |")
+print("|---|---|---|---|---|---|---|")
 for mode in sys.argv[1:]:
-    rows = [json.loads(l) for l in Path(f"runs/tiny_disaggregated_{mode}/metrics.jsonl").read_text().splitlines()]
+    run = Path(f"runs/tiny_disaggregated_{mode}")
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "time/trainer_idle" in r][1:]  # the first step also waits for start-up
     if not steps:
         continue
     mean = lambda k: sum(r.get(k, 0.0) for r in steps) / len(steps)
-    print(f"| {mode} | {len(steps)} (first step excluded) | {mean('time/trainer_idle'):.2f} | "
-          f"{mean('time/rollout'):.2f} | {mean('time/train'):.2f} |")
+    load = " -> ".join((run / f).read_text().strip() for f in ("loadavg_start", "loadavg_end") if (run / f).exists())
+    each = " ".join(f"{r['time/trainer_idle']:.2f}" for r in steps)
+    print(f"| {mode} | {len(steps)} (first excluded) | {mean('time/trainer_idle'):.2f} | {each} | "
+          f"{mean('time/trainer_idle') + mean('time/sync'):.2f} | "
+          f"{mean('time/rollout'):.2f} / {mean('time/train'):.2f} / {mean('time/sync'):.2f} | {load} |")
 EOF
 }
 

@@ -1,6 +1,6 @@
 """Throughput and latency of the rollout stream against plain pyzmq PUSH/PULL of the same bytes.
 
-    python tools/bench_stream.py [--reps 3] [--sizes 1024,8192] [--messages-mb 40]
+    python tools/bench_stream.py [--reps 3] [--sizes 1024,8192] [--messages-mb 200]
 
 A message is one verified group: 8 responses x L tokens with per-token log-probs and texts
 (the frames `protocol.encode_result` makes). Runs alternate A B A B (stream, then PUSH/PULL)
@@ -11,8 +11,10 @@ with a fresh producer process each; the consumer is this process.
   push/pull  the producer sends the same frames over PUSH; the consumer only receives them.
 Both producers start from the group's arrays (the list -> array conversion of engine output
 and the consumer's tensor -> list conversion into records are reported separately: they cost
-the same whatever the transport). Latency is send -> accepted, wall clock, per message; the rate is groups over first send -> last
+the same whatever the transport). Latency is send -> accepted (CLOCK_MONOTONIC, system-wide), per message; the rate is groups over first send -> last
 arrival.
+Each row also gives the CPU ms per group of producer and consumer (all their threads): on a
+shared machine the rate moves with other jobs, the CPU cost hardly does.
 Prints one row per run, a summary per size, and as the last line the median ratio
 (stream / push-pull groups per second) over all runs.
 """
@@ -46,6 +48,9 @@ from spark_mcore.transport.wire import encode  # noqa: E402
 from spark_mcore.types import Completion, Prompt  # noqa: E402
 
 N_RESPONSES = 8
+# Groups that may be between producer and consumer: the stream's credits; PUSH/PULL gets the same
+# count as SNDHWM + RCVHWM (plus the kernel's socket buffers, which only the baseline uses).
+WINDOW = 64
 
 
 def group(tokens: int, seed: int = 0) -> WorkResult:
@@ -70,12 +75,10 @@ def produce_stream(endpoint: str, tokens: int, messages: int) -> None:
 
     res = group(tokens)
     tensors = result_tensors(res)
-    client = WorkerClient(endpoint, "bench", capacity=32, heartbeat_s=1.0, max_message_bytes=1 << 30)
-    sent = 0
+    client = WorkerClient(endpoint, "bench", capacity=WINDOW, heartbeat_s=1.0, max_message_bytes=1 << 30)
     while not client.trainer_done:
         for item in client.poll(5):
-            client.send_encoded(item.sample_id, _frames(res, tensors, item.sample_id, time.time()))
-            sent += 1
+            client.send_encoded(item.sample_id, _frames(res, tensors, item.sample_id, time.monotonic()))
     client.close()
 
 
@@ -84,10 +87,10 @@ def produce_pushpull(endpoint: str, tokens: int, messages: int) -> None:
     tensors = result_tensors(res)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.SNDHWM, 32)  # the same window as the stream's credits
+    sock.setsockopt(zmq.SNDHWM, WINDOW // 2)  # with the PULL side's RCVHWM: the stream's window
     sock.connect(endpoint)
     for i in range(messages):
-        sock.send_multipart(_frames(res, tensors, f"s{i}", time.time()), copy=False)
+        sock.send_multipart(_frames(res, tensors, f"s{i}", time.monotonic()), copy=False)
     sock.close(linger=-1)
     ctx.term()
 
@@ -98,7 +101,15 @@ def produce_pushpull(endpoint: str, tokens: int, messages: int) -> None:
 def _spawn(kind: str, endpoint: str, tokens: int, messages: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, __file__, "--produce", kind, "--endpoint", endpoint,
                              "--tokens", str(tokens), "--messages", str(messages)],
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+
+
+def _cpu_ms(out: str, consumer_s: float, messages: int) -> dict:
+    """CPU ms per group of producer and consumer (all threads, ZeroMQ's I/O thread included):
+    unlike the rate, it hardly moves with what else runs on the machine. `out`: the producer's
+    stdout (its CPU seconds on the last line)."""
+    producer_s = float(out.strip().splitlines()[-1])
+    return {"cpu_prod_ms": producer_s * 1e3 / messages, "cpu_cons_ms": consumer_s * 1e3 / messages}
 
 
 def _summary(recv: list[float], sent: list[float], nbytes: int) -> dict:
@@ -112,25 +123,27 @@ def _summary(recv: list[float], sent: list[float], nbytes: int) -> dict:
 
 
 def run_stream(tokens: int, messages: int) -> dict:
-    ep = StreamEndpoint(StreamConfig(credits_per_worker=32, max_message_bytes=1 << 30, heartbeat_s=1.0,
-                                     worker_timeout_s=60.0, high_water_mark=64))
+    ep = StreamEndpoint(StreamConfig(credits_per_worker=WINDOW, max_message_bytes=1 << 30, heartbeat_s=1.0,
+                                     worker_timeout_s=60.0, high_water_mark=2 * WINDOW))
     ep.submit([WorkItem(f"s{i}", Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1"), {"n": N_RESPONSES})
                for i in range(messages)])
     proc = _spawn("stream", ep.endpoint, tokens, messages)
+    cpu0 = time.process_time()
     recv, sent, nbytes = [], [], 0
     try:
         while len(recv) < messages:
             for acc in ep.poll(100):
-                recv.append(time.time())
+                recv.append(acc.received_at)  # when the endpoint accepted it (time.monotonic)
                 sent.append(acc.frames.meta["gen_s"])
                 nbytes = nbytes or int(sum(t.numel() * t.element_size() for t in
                                            (acc.frames.prompt_ids, acc.frames.token_ids, acc.frames.logprobs)))
             if proc.poll() is not None and len(recv) < messages:
                 raise RuntimeError("stream producer exited early")
     finally:
+        cpu = time.process_time() - cpu0
         ep.close()  # says goodbye: the producer exits
-        proc.wait(timeout=60)
-    return _summary(recv, sent, _message_bytes(tokens))
+        out, _ = proc.communicate(timeout=300)  # (reads its stdout while waiting: no pipe stall)
+    return {**_summary(recv, sent, _message_bytes(tokens)), **_cpu_ms(out, cpu, messages)}
 
 
 def run_pushpull(tokens: int, messages: int) -> dict:
@@ -138,22 +151,24 @@ def run_pushpull(tokens: int, messages: int) -> dict:
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.RCVHWM, 32)
+    sock.setsockopt(zmq.RCVHWM, WINDOW // 2)
     sock.bind("tcp://127.0.0.1:0")
     endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
     proc = _spawn("pushpull", endpoint, tokens, messages)
+    cpu0 = time.process_time()
     recv, sent = [], []
     try:
         for _ in range(messages):
             frames = sock.recv_multipart(copy=False)
-            recv.append(time.time())
+            recv.append(time.monotonic())
             sent.append(frames)  # read the send time after the run: the baseline does no work
     finally:
-        proc.wait(timeout=60)
+        cpu = time.process_time() - cpu0
+        out, _ = proc.communicate(timeout=300)
         sock.close(linger=0)
         ctx.term()
     sent = [msgpack.unpackb(f[0].buffer)["meta"]["gen_s"] for f in sent]
-    return _summary(recv, sent, _message_bytes(tokens))
+    return {**_summary(recv, sent, _message_bytes(tokens)), **_cpu_ms(out, cpu, messages)}
 
 
 def _message_bytes(tokens: int) -> int:
@@ -182,14 +197,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=4, help="A/B pairs per size")
     ap.add_argument("--sizes", default="1024,8192", help="tokens per response")
-    ap.add_argument("--messages-mb", type=float, default=60.0, help="MB sent per run (sets the message count)")
+    ap.add_argument("--messages-mb", type=float, default=200.0, help="MB sent per run (sets the message count)")
     ap.add_argument("--produce", choices=["stream", "pushpull"], help=argparse.SUPPRESS)
     ap.add_argument("--endpoint", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--messages", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.produce:
+        cpu0 = time.process_time()
         (produce_stream if args.produce == "stream" else produce_pushpull)(args.endpoint, args.tokens, args.messages)
+        print(time.process_time() - cpu0, flush=True)  # read by the consumer (_cpu_ms)
         return
     ratios: list[float] = []
     for tokens in [int(s) for s in args.sizes.split(",")]:
@@ -197,15 +214,18 @@ def main() -> None:
         messages = max(20, int(args.messages_mb * 1e6 / size))
         print(f"# {N_RESPONSES} x {tokens} tokens + log-probs: {size / 1e6:.3f} MB per group, {messages} groups per run; "
               f"{json.dumps({k: round(v, 2) for k, v in side_costs(tokens).items()})}", flush=True)
-        per_size = []
+        per_size, cpu_ratio = [], []
         for rep in range(args.reps):
             a = run_stream(tokens, messages)
             b = run_pushpull(tokens, messages)
             per_size.append(a["groups_s"] / b["groups_s"])
+            cpu_ratio.append((b["cpu_prod_ms"] + b["cpu_cons_ms"]) / (a["cpu_prod_ms"] + a["cpu_cons_ms"]))
             for name, r in (("stream", a), ("push/pull", b)):
                 print(f"{tokens:>5} rep {rep} {name:>9}: {r['groups_s']:8.1f} groups/s {r['mb_s']:8.1f} MB/s "
-                      f"p50 {r['p50_ms']:7.2f} ms p99 {r['p99_ms']:7.2f} ms", flush=True)
-        print(f"{tokens:>5} median ratio stream/push-pull: {statistics.median(per_size):.3f}", flush=True)
+                      f"p50 {r['p50_ms']:7.2f} ms p99 {r['p99_ms']:7.2f} ms  CPU ms/group producer "
+                      f"{r['cpu_prod_ms']:.3f} consumer {r['cpu_cons_ms']:.3f}", flush=True)
+        print(f"{tokens:>5} median ratio stream/push-pull: {statistics.median(per_size):.3f} (groups/s); "
+              f"{statistics.median(cpu_ratio):.3f} (groups per CPU second, producer + consumer)", flush=True)
         ratios += per_size
     print(f"{statistics.median(ratios):.3f}")
 

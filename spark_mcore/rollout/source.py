@@ -340,7 +340,14 @@ class StreamSource:
 class RankZeroSource:
     """More than one trainer rank: global rank 0 runs `inner` (the stream source: one endpoint
     per run), and every rank gets the same StepRollouts, broadcast as msgpack bytes in a tensor
-    over the default group (records, not pickles). Other ranks pass inner=None."""
+    over the default group (records, not pickles). Other ranks pass inner=None.
+
+    The division over DP replicas is the in-process path's (`rollout.divide.DividedRollout`):
+    every rank holds the whole step in the same order, because each builds the same GRPO batch
+    (group advantages, zero-variance filter, update split) and the same SPARK cache from it;
+    `train.update` then trains DP rank d on `dp_slice(batch, d, dp_size)` (TP/PP peers of a
+    replica train the same slice). Generation needs no division here: the workers do it.
+    Tested at DP2 and TP2 in tests/integration/test_stream_ranks.py."""
 
     def __init__(self, inner: RolloutSource | None, rank: int, device: Any = "cpu") -> None:
         if (rank == 0) != (inner is not None):

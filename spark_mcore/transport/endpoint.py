@@ -182,15 +182,19 @@ class StreamEndpoint:
         handled = 0
         self._assign()
         while handled < max_messages:
-            wait = 0 if out else max(0, int((deadline - time.monotonic()) * 1000))
-            if not self._sock.poll(wait, zmq.POLLIN):
-                break
+            if not self._sock.get(zmq.EVENTS) & zmq.POLLIN:  # (cheaper than a poll when one is queued)
+                wait = 0 if out else max(0, int((deadline - time.monotonic()) * 1000))
+                if not wait or not self._sock.poll(wait, zmq.POLLIN):
+                    break
             frames = self._sock.recv_multipart(copy=False)
             handled += 1
+            accepted = len(out)
             self._handle(frames, out)
-            if not self._sock.poll(0, zmq.POLLIN):  # queue drained: give work out before waiting again
+            # Credits are given back as soon as a top-up is due, not when the queue drains: a worker
+            # that streams steadily never waits for the trainer to catch up (no bubble per window).
+            # Acks only free the worker's copies: they go once per poll (<= max_messages ids).
+            if len(out) > accepted:
                 self._assign()
-                self._flush_acks()
         self._check_silent()
         self._assign()
         self._flush_acks()
@@ -212,7 +216,7 @@ class StreamEndpoint:
         try:
             if len(frames) < 2:
                 raise WireError("frames: no payload after the routing identity")
-            self.stats.bytes_in += sum(len(f.buffer) for f in frames[1:])
+            self.stats.bytes_in += sum(map(len, frames[1:]))
             msg_type, meta, tensors = decode(frames[1:])
             if msg_type in (HELLO, HEARTBEAT):
                 self._on_peer(identity, check_peer(meta, msg_type), msg_type == HELLO)
@@ -327,13 +331,14 @@ class StreamEndpoint:
                 if not w.in_flight:
                     logger.warning("rollout stream: worker '%s' silent for %.1fs", w.name, now - w.last_seen)
 
-    def _assign(self) -> None:
-        """Round-robin over live workers with credit, one message per worker."""
-        # A worker is topped up once a quarter of its window is free (or the queue is short):
-        # fewer, larger assign messages for the same window.
+    def _assign(self) -> bool:
+        """Round-robin over live workers with credit, one message per worker; True if any was sent."""
+        # A worker is topped up once half of its window is free (or the queue is short): fewer,
+        # larger assign messages for the same window (each message to a worker can cost a
+        # context switch on a busy host), while it still holds half a window of work.
         live = [w for w in self.workers.values() if not w.silent
                 and min(w.capacity, self.cfg.credits_per_worker) - len(w.in_flight)
-                >= min(len(self.pending), max(1, min(w.capacity, self.cfg.credits_per_worker) // 4))]
+                >= min(len(self.pending), max(1, min(w.capacity, self.cfg.credits_per_worker) // 2))]
         batches: dict[str, list[WorkItem]] = {}
         progress = True
         while self.pending and progress:
@@ -355,6 +360,7 @@ class StreamEndpoint:
                 self.owner[item.sample_id] = name
             self._send(w.identity, ASSIGN, {"session": self.session, "seq": w.seq, "policy_version": self.policy_version,
                                             "items": [item_to_wire(i) for i in items]})
+        return bool(batches)
 
     def _flush_acks(self) -> None:
         for identity, ids in self._acks.items():

@@ -150,11 +150,13 @@ class ResultFrames:
     def to_result(self) -> WorkResult:
         m = self.meta
         offsets = np.cumsum([0, *m["lengths"]])
-        ids, lps = self.token_ids.tolist(), None if self.logprobs is None else self.logprobs.tolist()
+        # numpy's tolist is faster than torch's (the tensors are CPU views of the frames)
+        ids = self.token_ids.numpy().tolist()
+        lps = None if self.logprobs is None else self.logprobs.numpy().tolist()
         comps = [Completion(token_ids=ids[a:b], text=t, logprobs=None if lps is None else lps[a:b], finish_reason=f)
                  for a, b, t, f in zip(offsets[:-1], offsets[1:], m["texts"], m["finish"], strict=True)]
         return WorkResult(sample_id=m["sample_id"], worker=m["worker"], policy_version=m["policy_version"],
-                          prompt_ids=self.prompt_ids.tolist(), completions=comps, rewards=list(m["rewards"]),
+                          prompt_ids=self.prompt_ids.numpy().tolist(), completions=comps, rewards=list(m["rewards"]),
                           candidates=list(m["reward_samples"]), gen_s=m["gen_s"])
 
 
@@ -167,13 +169,25 @@ def _check_lists(m: dict[str, Any]) -> int:
     for key in ("lengths", "texts", "finish", "rewards"):
         if not isinstance(m[key], list) or len(m[key]) != n:
             raise WireError(f"result.meta.{key}: expected a list of {max(n, 0)} entries (one per response)")
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in m["lengths"]):
+    # exact type checks (msgpack yields only int / float / str here; bool is not a number)
+    if not all(type(x) is int and x >= 0 for x in m["lengths"]):
         raise WireError("result.meta.lengths: expected non-negative integers")
-    if not all(isinstance(x, str) for x in m["texts"] + m["finish"]):
+    if not all(type(x) is str for x in m["texts"]) or not all(type(x) is str for x in m["finish"]):
         raise WireError("result.meta.texts/finish: expected strings")
-    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in m["rewards"]):
+    if not all(type(x) in _NUMBER for x in m["rewards"]) or not all(map(math.isfinite, m["rewards"])):
         raise WireError("result.meta.rewards: expected finite numbers")
     return n
+
+
+_NUMBER = (int, float)
+
+
+def _check_ids(name: str, t: torch.Tensor, max_token_id: int) -> None:
+    """0 <= id < max_token_id (or < 2**31 without a bound) in one pass: negative int32 values
+    are >= 2**31 when read as uint32."""
+    a = t.numpy()
+    if a.size and int(a.view(np.uint32).max()) >= (max_token_id or 1 << 31):
+        raise WireError(f"result.tensors.{name}: token ids outside [0, {max_token_id or 'inf'})")
 
 
 def _tensor(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, size: int | None) -> torch.Tensor:
@@ -204,13 +218,12 @@ def decode_result(meta: dict[str, Any], tensors: dict[str, torch.Tensor], max_to
     token_ids = _tensor(tensors, "token_ids", torch.int32, total)
     logprobs = _tensor(tensors, "logprobs", torch.float32, total) if "logprobs" in tensors else None
     # numpy, not torch, for these checks: torch's intra-op threads cost more than the work here
-    for name, t in (("prompt_ids", prompt_ids), ("token_ids", token_ids)):
-        a = t.numpy()
-        if a.size and (int(a.min()) < 0 or (max_token_id and int(a.max()) >= max_token_id)):
-            raise WireError(f"result.tensors.{name}: token ids outside [0, {max_token_id or 'inf'})")
+    _check_ids("prompt_ids", prompt_ids, max_token_id)
+    _check_ids("token_ids", token_ids, max_token_id)
     if logprobs is not None and logprobs.numel():
-        top = float(logprobs.numpy().max())  # NaN propagates into max; inf fails the bound
-        if not (math.isfinite(top) and top <= 1e-3) or not math.isfinite(float(logprobs.numpy().min())):
+        a = logprobs.numpy()
+        top = float(a.max())  # NaN propagates into max; inf fails the bound
+        if not (math.isfinite(top) and top <= 1e-3) or not math.isfinite(float(a.min())):
             raise WireError("result.tensors.logprobs: expected finite values <= 0")
     if not isinstance(m["reward_samples"], list) or len(m["reward_samples"]) > 2:
         raise WireError("result.meta.reward_samples: expected a list of at most 2 (judge, reflection)")

@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import torch
+import zmq
 
 SCHEMA_VERSION = 1
 
@@ -98,6 +99,8 @@ def encode(msg_type: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]
 
 
 def _as_buffer(frame: Any, index: int) -> memoryview:
+    if type(frame) is zmq.Frame:  # the receive path: a writable byte view, no copy
+        return frame.buffer
     if isinstance(frame, (bytes, bytearray, memoryview)):
         return memoryview(frame).cast("B") if isinstance(frame, memoryview) else memoryview(frame)
     buf = getattr(frame, "buffer", None)  # zmq.Frame from recv_multipart(copy=False)
@@ -151,9 +154,13 @@ def _decode_tensor(entry: Any, i: int, frames: Sequence[Any], used: set[int]) ->
         raise WireError(
             f"{where}: frame {index} of '{name}' has {buf.nbytes} bytes, but shape {shape} x {dtype} needs {expected}"
         )
-    # One copy out of the frame so that the tensor owns writable memory independent of ZeroMQ.
-    arr = np.frombuffer(buf, dtype=np_dtype).astype(np_dtype.newbyteorder("="), copy=True).reshape(shape)
-    t = torch.from_numpy(arr)
+    arr = np.frombuffer(buf, dtype=np_dtype)
+    # Zero-copy when the frame is writable, aligned and in host byte order (a zmq.Frame received
+    # with copy=False: the tensor keeps the frame alive); otherwise one copy, so that the tensor
+    # always owns writable, aligned memory (bytes are read-only, big-endian hosts swap).
+    if not (arr.flags.writeable and arr.flags.aligned and arr.dtype.isnative):
+        arr = arr.astype(np_dtype.newbyteorder("="), copy=True)
+    t = torch.from_numpy(arr.reshape(shape))
     return name, (t.view(torch.bfloat16) if torch_dtype == torch.bfloat16 else t)
 
 

@@ -132,8 +132,8 @@ class WorkerClient:
             self.policy_version = max(self.policy_version, _int(meta.get("policy_version"), "assign.policy_version"))
             if meta.get("session") == self.session:
                 self.seen_seq = max(self.seen_seq, seq)
-            for item in parsed:
-                if item.sample_id not in self.held:
+            for item in parsed:  # (not `self.held`: that builds a set per lookup)
+                if item.sample_id not in self.working and item.sample_id not in self.unacked:
                     self.working.add(item.sample_id)
                     new.append(item)
         elif msg_type == ACK:
