@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import spark_mcore.config  # noqa: F401  (before component configs)
+from spark_mcore.data.images import PROCESSOR_CONFIG, VisionProcessing, processor_config
 from spark_mcore.distributed.config import ParallelConfig
 from spark_mcore.distributed.launch import spawn_workers
 from spark_mcore.distributed.parallel import init_distributed
@@ -67,7 +68,13 @@ def _trainer(rank: int, url: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("vl_twin")
-    tiny_hf_model(tiny_vl_config(), seed=0).save_pretrained(tmp / "hf")
+    cfg = tiny_vl_config()
+    tiny_hf_model(cfg, seed=0).save_pretrained(tmp / "hf")
+    # the twin serves a VL model only with its image processor's settings (as spark-mcore exports)
+    v = cfg.vision
+    unit = (v.patch_size * v.spatial_merge_size) ** 2
+    processing = VisionProcessing(v.patch_size, v.spatial_merge_size, v.temporal_patch_size, unit, 4 * unit)
+    (tmp / "hf" / PROCESSOR_CONFIG).write_text(json.dumps(processor_config(processing)))
     servers = launch_servers(1, str(tmp / "hf"), 0, ["--threads", "1"], tmp / "logs", command=TWIN_SERVER_COMMAND)
     try:
         spawn_workers(_trainer, 2, args=(servers[0].url, str(tmp)), timeout_s=300)
