@@ -4,7 +4,10 @@ worker's prompts, staleness, and the StreamSource's checkpoint state."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -33,6 +36,28 @@ def _answer(client: WorkerClient) -> list[str]:
                                       [Completion([2], "t", [-0.1])], [1.0]))
         done.append(item.sample_id)
     return done
+
+@contextlib.contextmanager
+def _served(src: StreamSource) -> Iterator[list[str]]:
+    """A worker answering `src`'s assignments on a thread; yields the sample ids it answered.
+    Closes the worker and `src` on exit."""
+    client = WorkerClient(src.endpoint.endpoint, "w", capacity=8, heartbeat_s=0.05)
+    stop = threading.Event()
+    answered: list[str] = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            answered.extend(_answer(client))
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield answered
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        client.close()
+        src.close()
 
 
 def _pump(ep: StreamEndpoint, clients: list[WorkerClient], until, timeout: float = 10.0, answer: bool = True) -> list:
@@ -147,28 +172,12 @@ def test_stream_source_state_reissues_batches_in_flight() -> None:
     prompts = [Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1") for i in range(6)]
     loader = iter([prompts[0:2], prompts[2:4], prompts[4:6]])
     src = StreamSource(StreamEndpoint(StreamConfig(**FAST)), loader, max_staleness=1)
-    client = WorkerClient(src.endpoint.endpoint, "w", capacity=8, heartbeat_s=0.05)
-    import threading
-
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            _answer(client)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
+    with _served(src):
         out = src.collect(StepRequest(0, 0, True, [], SamplingParams(n=1)))
         assert [g.prompt.id for g in out.groups] == ["p0", "p1"]
         src.prefetch(True, [])  # async: the next step's batch is taken and assigned now
         state = src.state_dict()
         assert [[d["prompt"]["id"] for d in b] for b in state["batches"]] == [["p2", "p3"]]
-    finally:
-        stop.set()
-        t.join(timeout=5)
-        client.close()
-        src.close()
     again = StreamSource(StreamEndpoint(StreamConfig(**FAST)), iter([prompts[4:6]]))
     again.load_state_dict(state)
     assert again.endpoint.outstanding() == [d["sample_id"] for d in state["batches"][0]]
@@ -195,23 +204,11 @@ def test_curve_keys_encrypt_and_keep_out_peers_without_the_server_key() -> None:
 
 
 def test_async_prefetch_starts_reward_tasks_early_and_cancels_unused_ones() -> None:
-    import threading
-
     prompts = [Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1") for i in range(8)]
     rewards = [Prompt(f"r{i}", [{"role": "user", "content": "judge"}], "Yes", task="judge") for i in range(3)]
     src = StreamSource(StreamEndpoint(StreamConfig(**FAST)), iter([prompts[0:2], prompts[2:4], prompts[4:6]]),
                        max_staleness=1)
-    client = WorkerClient(src.endpoint.endpoint, "w", capacity=8, heartbeat_s=0.05)
-    stop = threading.Event()
-    answered: list[str] = []
-
-    def serve() -> None:
-        while not stop.is_set():
-            answered.extend(_answer(client))
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
+    with _served(src) as answered:
         src.collect(StepRequest(0, 0, True, [], SamplingParams(n=1)))
         src.prefetch(False, rewards[:2])
         hinted = {p: i.sample_id for p, i in src._hinted.items()}
@@ -223,30 +220,13 @@ def test_async_prefetch_starts_reward_tasks_early_and_cancels_unused_ones() -> N
         assert [g.prompt.id for g in out.groups] == ["r0", "r2"]
         assert hinted["r1"] in src.endpoint.done and hinted["r1"] not in src.endpoint.items, "unused hint cancelled"
         assert answered.count(hinted["r0"]) == 1, "the prefetched group was used, not generated again"
-    finally:
-        stop.set()
-        t.join(timeout=5)
-        client.close()
-        src.close()
 
 
 def test_async_groups_too_old_for_the_training_step_are_generated_again() -> None:
-    import threading
-
     prompts = [Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1") for i in range(4)]
     src = StreamSource(StreamEndpoint(StreamConfig(**FAST), max_staleness=1), iter([prompts[0:2], prompts[2:4]]),
                        max_staleness=1)
-    client = WorkerClient(src.endpoint.endpoint, "w", capacity=8, heartbeat_s=0.05)
-    stop = threading.Event()
-    answered: list[str] = []
-
-    def serve() -> None:
-        while not stop.is_set():
-            answered.extend(_answer(client))
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
+    with _served(src) as answered:
         src.collect(StepRequest(0, 0, True, [], SamplingParams(n=1)))
         src.prefetch(True, [])  # made by version 0 ...
         early = [i.sample_id for i in src._batches[0]]
@@ -260,8 +240,3 @@ def test_async_groups_too_old_for_the_training_step_are_generated_again() -> Non
         assert [g.prompt.id for g in out.groups] == ["p2", "p3"]
         assert {r.policy_version for g in out.groups for r in g.rollouts} == {2}, "generated again"
         assert out.metrics["stream/max_staleness_seen"] == 0
-    finally:
-        stop.set()
-        t.join(timeout=5)
-        client.close()
-        src.close()
