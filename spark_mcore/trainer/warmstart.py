@@ -3,6 +3,7 @@ optionally mixed with SPARK-format reward tasks (`warmstart.judge_fraction`)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -22,6 +23,8 @@ Example = tuple[Prompt, str]
 # spark_mcore.spark.warmstart_data.judge_sft_examples (passed in by the assembly: the trainer
 # does not depend on how SPARK renders its tasks).
 JudgeExamples = Callable[[list[Prompt], int, int], list[Example]]
+log = logging.getLogger(__name__)
+LOSS_WINDOW = 50  # batches of each kind in the running means of the loss
 
 
 def judge_batches(steps: int, fraction: float) -> list[bool]:
@@ -75,9 +78,17 @@ def warm_start(actor: MegatronActor, prompts: list[Prompt], tokenizer: object, e
     batches = sft_batches(prompts, tokenizer, encode, cfg.batch_size, seed, cfg.judge_fraction, cfg.steps,
                           judge_examples)
     metrics: dict[str, float] = {}
+    recent: dict[str, list[float]] = {"solution": [], "judge": []}  # loss per batch kind (homogeneous)
     bar = tqdm(range(cfg.steps), desc="warm start (SFT)", disable=not progress, dynamic_ncols=True)
-    for _ in bar:
-        local = dp_slice(next(batches), actor.pstate.dp_rank, actor.pstate.dp_size)
+    for step in bar:
+        batch = next(batches)
+        local = dp_slice(batch, actor.pstate.dp_rank, actor.pstate.dp_size)
         metrics = {**actor.sft_step(local), "rows_this_rank": float(local.num_sequences)}
+        kind = "solution" if all(k == "policy" for k in batch.kinds) else "judge"
+        recent[kind] = [*recent[kind], metrics["sft_loss"]][-LOSS_WINDOW:]
+        metrics.update({f"sft_loss_{k}": sum(v) / len(v) for k, v in recent.items() if v})
         bar.set_postfix(loss=f"{metrics['sft_loss']:.3f}")
+        if (step + 1) % 100 == 0 or step + 1 == cfg.steps:  # the judge loss must fall, not only the total
+            log.info("warm start step %d/%d: loss %s", step + 1, cfg.steps,
+                     ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in recent.items() if v))
     return metrics
