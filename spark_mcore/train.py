@@ -185,7 +185,8 @@ def prepare(run: Run, spark: SparkState, produce: DividedRollout) -> tuple[int, 
                 raise ConfigError(str(e)) from e
             judge = file_judge_examples(rows, cfg.warmstart.judge_file_share, judge_sft_examples)
         last = warm_start(run.actor, run.loader.prompts, run.tokenizer, run.encode, cfg.warmstart, cfg.data.seed,
-                          cfg.logging.progress and run.pstate.rank == 0, judge_examples=judge)
+                          cfg.logging.progress and run.pstate.rank == 0, judge_examples=judge,
+                          report=lambda msg: say(run, msg))
         run.logger.update({k: v for k, v in last.items() if k.startswith(("sft_loss", "rows_this_rank"))},
                           prefix="warmstart/")
         say(run, f"warm start: {cfg.warmstart.steps} SFT steps in {time.perf_counter() - start:.1f}s")
