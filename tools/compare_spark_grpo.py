@@ -146,9 +146,11 @@ class OwnJudge:
     prompts: int = 512  # training prompts sampled
     share: float = 0.5  # warmstart.judge_file_share
     per_group: int = 2  # distinct (right, wrong) pairs per mixed group
+    fraction: float = 0.0  # the last stage's warmstart.judge_fraction; 0 = the config's
 
     def key(self) -> list[Any]:
-        return [self.samples, self.prompts, self.share, self.per_group] if self.samples else []
+        return ([self.samples, self.prompts, self.share, self.per_group, *([self.fraction] if self.fraction else [])]
+                if self.samples else [])
 
 
 def own_judge_file(prev_hf: Path, config: Path, overrides: list[str], own: OwnJudge, path: Path) -> Path:
@@ -205,7 +207,8 @@ def warm_start_run(sft_dir: Path, config: Path, overrides: list[str], continue_s
             t0 = time.perf_counter()
             path = own_judge_file(prev / "hf", config, overrides, own, sft_dir.with_name(sft_dir.name + "-own_judge.jsonl"))
             wall += time.perf_counter() - t0
-            extra = [f"warmstart.judge_file={path}", f"warmstart.judge_file_share={own.share}"]
+            extra = [f"warmstart.judge_file={path}", f"warmstart.judge_file_share={own.share}",
+                     *([f"warmstart.judge_fraction={own.fraction}"] if own.fraction else [])]
         wall += train_run(dirs[i + 1], config, [*overrides, f"model.hf_path={prev / 'hf'}",
                                                 f"data.tokenizer={first / 'tokenizer'}", f"warmstart.steps={steps}",
                                                 "warmstart.warmup_steps=5", *extra], reuse)
@@ -447,6 +450,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="share of the last stage's judge-batch examples that are own rows (the rest synthetic)")
     p.add_argument("--own-judge-per-group", type=int, default=2,
                    help="distinct (right, wrong) answer pairs used per training prompt")
+    p.add_argument("--own-judge-fraction", type=float, default=0.0,
+                   help="the last stage's warmstart.judge_fraction (0 = the config's)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: the table from <out>/seed<s>/seed_results.json of earlier runs "
                         "(e.g. one process per seed, run in parallel)")
@@ -466,14 +471,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--continue-steps takes positive step counts")
     if args.own_judge_samples and (args.own_judge_samples < 2 or not args.continue_steps
                                    or args.own_judge_prompts < 1 or not 0 <= args.own_judge_share <= 1
-                                   or args.own_judge_per_group < 1):
+                                   or args.own_judge_per_group < 1 or not 0 <= args.own_judge_fraction < 1):
         p.error("--own-judge-samples needs K >= 2 and --continue-steps N (the rows come from the stage before "
                 "the last), --own-judge-prompts >= 1, --own-judge-share in [0, 1], --own-judge-per-group >= 1")
     return args
 
 
 def own_judge(args: argparse.Namespace) -> OwnJudge:
-    return OwnJudge(args.own_judge_samples, args.own_judge_prompts, args.own_judge_share, args.own_judge_per_group)
+    return OwnJudge(args.own_judge_samples, args.own_judge_prompts, args.own_judge_share, args.own_judge_per_group,
+                    args.own_judge_fraction)
 
 
 def main(argv: list[str] | None = None) -> int:
