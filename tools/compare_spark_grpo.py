@@ -4,10 +4,14 @@
         [--set key=value ...] [--sft-set key=value ...] [--rl-set key=value ...]
         [--eval-prompts 64] [--samples 8] [--rounds 2] [--reuse]
         [--arms grpo,spark,spro,prefix,spark+spro]   (any combination; default grpo,spark)
+        [--shared-warm-start] [--continue-steps N [N ...]] [--own-judge-samples K ...]
 
 Per seed:
   1. warm start once: `spark-mcore train` with trainer.steps=0 (SFT on worked solutions mixed
-     with SPARK-format judge tasks, `warmstart.judge_fraction`), exported to <out>/seed<s>/sft/hf;
+     with SPARK-format judge tasks, `warmstart.judge_fraction`), exported to <out>/seed<s>/sft/hf
+     (or one for all seeds, `--shared-warm-start`); `--continue-steps` adds SFT stages from the
+     previous export, and `--own-judge-samples K` makes the last stage's judge tasks rows built
+     from the previous stage's own K answers per TRAINING prompt (`OwnJudge`);
   2. the warm start answers the held-out prompts: `--samples` responses each at the rollout
      temperature (its avg@n) and one greedy. From its own right and wrong samples (groups with
      both) comes the seed's fixed judge set: one pair (asked in both orders) and two pointwise
