@@ -151,10 +151,11 @@ class OwnJudge:
     share: float = 0.5  # warmstart.judge_file_share
     per_group: int = 2  # distinct (right, wrong) pairs per mixed group
     fraction: float = 0.0  # the last stage's warmstart.judge_fraction; 0 = the config's
+    rationale: bool = False  # targets write the check before the verdict (countdown_trace)
 
     def key(self) -> list[Any]:
-        return ([self.samples, self.prompts, self.share, self.per_group, *([self.fraction] if self.fraction else [])]
-                if self.samples else [])
+        return ([self.samples, self.prompts, self.share, self.per_group, *([self.fraction] if self.fraction else []),
+                 *(["rationale"] if self.rationale else [])] if self.samples else [])
 
 
 def own_judge_file(prev_hf: Path, config: Path, overrides: list[str], own: OwnJudge, path: Path) -> Path:
@@ -178,7 +179,8 @@ def own_judge_file(prev_hf: Path, config: Path, overrides: list[str], own: OwnJu
         groups = sampled_groups(model, setup, cfg.data.seed)
     finally:
         model.engine.shutdown()
-    rows = own_judge_rows(groups, seed=cfg.data.seed, per_group=own.per_group, content_mode=cfg.spark.content_mode)
+    rows = own_judge_rows(groups, seed=cfg.data.seed, per_group=own.per_group, content_mode=cfg.spark.content_mode,
+                          rationale=own.rationale)
     rewards = [r.reward for g in groups for r in g.rollouts]
     mixed = sum(0 < sum(g.rewards) < len(g.rewards) for g in groups)
     print(f"  own judge rows: {len(rows)} from {mixed}/{len(groups)} mixed training groups "
@@ -454,6 +456,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="share of the last stage's judge-batch examples that are own rows (the rest synthetic)")
     p.add_argument("--own-judge-per-group", type=int, default=2,
                    help="distinct (right, wrong) answer pairs used per training prompt")
+    p.add_argument("--own-judge-rationale", action="store_true",
+                   help="own judge targets write the check before the verdict (countdown only: evaluate the box "
+                        "step by step, its numbers vs the given ones, value vs target, then the verdict)")
     p.add_argument("--own-judge-fraction", type=float, default=0.0,
                    help="the last stage's warmstart.judge_fraction (0 = the config's)")
     p.add_argument("--report-only", action="store_true",
@@ -483,7 +488,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def own_judge(args: argparse.Namespace) -> OwnJudge:
     return OwnJudge(args.own_judge_samples, args.own_judge_prompts, args.own_judge_share, args.own_judge_per_group,
-                    args.own_judge_fraction)
+                    args.own_judge_fraction, args.own_judge_rationale)
 
 
 def main(argv: list[str] | None = None) -> int:

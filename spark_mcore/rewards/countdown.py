@@ -134,7 +134,7 @@ class _Parser:
             op = self.tokens[self.pos]
             self.pos += 1
             rhs = self._term(depth)
-            value = value + rhs if op == "+" else value - rhs
+            value = self._apply(op, value, rhs)
         return value
 
     def _term(self, depth: int) -> Fraction:
@@ -143,10 +143,18 @@ class _Parser:
             op = self.tokens[self.pos]
             self.pos += 1
             rhs = self._factor(depth)
-            if op == "/" and rhs == 0:
-                raise _Reject("division by zero")
-            value = value * rhs if op == "*" else value / rhs
+            value = self._apply(op, value, rhs)
         return value
+
+    def _apply(self, op: str, lhs: Fraction, rhs: Fraction) -> Fraction:
+        """One binary operation, in evaluation order (a subclass may record it as a step)."""
+        if op == "/" and rhs == 0:
+            raise _Reject("division by zero")
+        if op == "+":
+            return lhs + rhs
+        if op == "-":
+            return lhs - rhs
+        return lhs * rhs if op == "*" else lhs / rhs
 
     def _factor(self, depth: int) -> Fraction:
         tok = self._peek()
