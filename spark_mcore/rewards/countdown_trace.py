@@ -101,9 +101,8 @@ def check_trace(response: str, answer: str) -> str:
 
 
 def pairwise_trace(first: str, second: str, answer: str) -> str:
-    """Both responses checked (`A: ... B: ...`), then `\\boxed{A}` when only the first is right,
-    `\\boxed{B}` when only the second is; None-free: with both or neither right the box says
-    which one the verifier prefers by order (A), as pairwise rows always hold one right one."""
+    """Both responses checked (`A: <check> B: <check>`), then `\\boxed{B}` when only the second
+    is right, else `\\boxed{A}` (pairwise judge rows always hold exactly one right response)."""
     body_a, ok_a = check_steps(first, answer)
     body_b, ok_b = check_steps(second, answer)
     return f"A: {body_a} B: {body_b} \\boxed{{{'B' if ok_b and not ok_a else 'A'}}}"

@@ -74,6 +74,10 @@ def test_the_shared_warm_start_is_keyed_by_its_configuration(tmp_path: Path) -> 
         tool.shared_warm_start(tmp_path, spec, cont)[0]
     own = tool.parse_args(["--shared-warm-start", "--continue-steps", "400", "--own-judge-samples", "8"])
     assert tool.shared_warm_start(tmp_path, spec, own)[0] != tool.shared_warm_start(tmp_path, spec, cont)[0]
+    traced = tool.parse_args(["--shared-warm-start", "--continue-steps", "400", "--own-judge-samples", "8",
+                              "--own-judge-rationale"])
+    assert tool.own_judge(traced).rationale and not tool.own_judge(own).rationale
+    assert tool.shared_warm_start(tmp_path, spec, traced)[0] != tool.shared_warm_start(tmp_path, spec, own)[0]
 
 
 def test_own_judge_arguments_are_validated() -> None:
