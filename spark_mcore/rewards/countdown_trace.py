@@ -1,7 +1,7 @@
 """A written check of a countdown response: the judge target that shows its work.
 
     check_trace("9-4=5. 5*5=25. \\boxed{(9-4)*5}", '{"numbers": [9, 4, 5], "target": 25}')
-    -> "9-4=5. 5*5=25. uses 9 4 5; given 9 4 5. 25=25. \\boxed{Yes}"
+    -> "9-4=5. 5*5=25. uses 9 4 5; given 9 4 5. 25 vs 25: same. \\boxed{Yes}"
 
 A judge that must answer `\\boxed{Yes}` / `\\boxed{No}` at once has to evaluate the boxed
 expression, match its numbers against the given ones and compare the value with the target
@@ -12,7 +12,9 @@ the step format the policy already writes (`a op b = value.`):
      (left to right, parentheses first; values exact, a fraction written `7/2`);
   2. `uses <literals>; given <numbers>.` and each broken rule: `4 not given.`,
      `7 used twice.` (or `used 3 times.`);
-  3. `v=T.` when the value equals the target, else `v is not T.`;
+  3. `v vs T: same.` when the value equals the target, else `v vs T: differ.` (the decision
+     is written after both numbers: a first format, `v=T.` / `v is not T.`, made the model pick
+     `=` before it had copied the target, and it wrote `24=14.`);
   4. `\\boxed{Yes}` iff no rule is broken and v = T, else `\\boxed{No}`.
 
 A missing box, an unreadable box (unknown symbol, unbalanced parenthesis, too long), more
@@ -89,7 +91,7 @@ def check_steps(response: str, answer: str) -> tuple[str, bool]:
     parts = [*parser.steps, f"uses {' '.join(map(str, parser.literals))}; given {' '.join(map(str, numbers))}."]
     problems = _number_problems(parser.literals, numbers)
     ok = value == target
-    parts += problems + [f"{_num(value)}={target}." if ok else f"{_num(value)} is not {target}."]
+    parts += problems + [f"{_num(value)} vs {target}: {'same' if ok else 'differ'}."]
     return " ".join(parts), ok and not problems
 
 

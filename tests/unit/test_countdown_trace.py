@@ -17,14 +17,14 @@ ANS = '{"numbers": [6, 7, 9], "target": 15}'
 
 
 @pytest.mark.parametrize(("response", "trace"), [
-    ("6+9=15. \\boxed{6+9}", "6+9=15. uses 6 9; given 6 7 9. 15=15. \\boxed{Yes}"),
-    ("7/7=1, no. 7+7=14. \\boxed{7+7}", "7+7=14. uses 7 7; given 6 7 9. 7 used twice. 14 is not 15. \\boxed{No}"),
-    ("\\boxed{(9-4)*5}", "9-4=5. 5*5=25. uses 9 4 5; given 6 7 9. 4 not given. 5 not given. 25 is not 15. \\boxed{No}"),
-    ("\\boxed{8+7}", "8+7=15. uses 8 7; given 6 7 9. 8 not given. 15=15. \\boxed{No}"),
-    ("\\boxed{9+6}", "9+6=15. uses 9 6; given 6 7 9. 15=15. \\boxed{Yes}"),
-    ("\\boxed{9*7/6}", "9*7=63. 63/6=21/2. uses 9 7 6; given 6 7 9. 21/2 is not 15. \\boxed{No}"),
-    ("\\boxed{9-7*6}", "7*6=42. 9-42=-33. uses 9 7 6; given 6 7 9. -33 is not 15. \\boxed{No}"),
-    ("\\boxed{15}", "uses 15; given 6 7 9. 15 not given. 15=15. \\boxed{No}"),
+    ("6+9=15. \\boxed{6+9}", "6+9=15. uses 6 9; given 6 7 9. 15 vs 15: same. \\boxed{Yes}"),
+    ("7/7=1, no. 7+7=14. \\boxed{7+7}", "7+7=14. uses 7 7; given 6 7 9. 7 used twice. 14 vs 15: differ. \\boxed{No}"),
+    ("\\boxed{(9-4)*5}", "9-4=5. 5*5=25. uses 9 4 5; given 6 7 9. 4 not given. 5 not given. 25 vs 15: differ. \\boxed{No}"),
+    ("\\boxed{8+7}", "8+7=15. uses 8 7; given 6 7 9. 8 not given. 15 vs 15: same. \\boxed{No}"),
+    ("\\boxed{9+6}", "9+6=15. uses 9 6; given 6 7 9. 15 vs 15: same. \\boxed{Yes}"),
+    ("\\boxed{9*7/6}", "9*7=63. 63/6=21/2. uses 9 7 6; given 6 7 9. 21/2 vs 15: differ. \\boxed{No}"),
+    ("\\boxed{9-7*6}", "7*6=42. 9-42=-33. uses 9 7 6; given 6 7 9. -33 vs 15: differ. \\boxed{No}"),
+    ("\\boxed{15}", "uses 15; given 6 7 9. 15 not given. 15 vs 15: same. \\boxed{No}"),
     ("\\boxed{9/(7-7)}", "7-7=0. 9/0 divides by zero. \\boxed{No}"),
     ("6+9=15.", "no box. \\boxed{No}"),
     ("\\boxed{6+}", "cannot read the box. \\boxed{No}"),
@@ -44,8 +44,8 @@ def test_three_uses_and_a_malformed_reference() -> None:
 def test_pairwise_trace_checks_both_and_boxes_the_right_one() -> None:
     right, wrong = "6+9=15. \\boxed{6+9}", "\\boxed{7+7}"
     assert pairwise_trace(right, wrong, ANS) == (
-        "A: 6+9=15. uses 6 9; given 6 7 9. 15=15. B: 7+7=14. uses 7 7; given 6 7 9. 7 used twice. "
-        "14 is not 15. \\boxed{A}")
+        "A: 6+9=15. uses 6 9; given 6 7 9. 15 vs 15: same. B: 7+7=14. uses 7 7; given 6 7 9. 7 used twice. "
+        "14 vs 15: differ. \\boxed{A}")
     assert pairwise_trace(wrong, right, ANS).endswith("\\boxed{B}")
 
 
