@@ -55,14 +55,13 @@ class _StepParser(_Parser):
 
 def _number_problems(used: list[int], given: list[int]) -> list[str]:
     """`4 not given.` / `7 used twice.` for each literal beyond the given multiset."""
-    have = Counter(given)
+    have, counts = Counter(given), Counter(used)
     problems = []
-    for n, count in sorted((Counter(used) - have).items(), key=lambda kv: used.index(kv[0])):
+    for n in sorted(counts - have, key=used.index):  # in order of first use
         if not have[n]:
             problems.append(f"{n} not given.")
         else:
-            total = Counter(used)[n]
-            problems.append(f"{n} used {'twice' if total == 2 else f'{total} times'}.")
+            problems.append(f"{n} used {'twice' if counts[n] == 2 else f'{counts[n]} times'}.")
     return problems
 
 

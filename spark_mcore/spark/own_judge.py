@@ -11,8 +11,8 @@ into pointwise and pairwise SFT rows rendered with the recycler's templates and 
     pairwise   (right, wrong) -> "\\boxed{A}",  (wrong, right) -> "\\boxed{B}"   (both orders)
 
 With `rationale=True` (countdown only: `spark_mcore.rewards.countdown_trace`) each target is
-a written check before the verdict (`7+7=14. uses 7 7; given 6 7 9. 7 used twice. 14 is not
-15. \\boxed{No}`; pairwise `A: <check> B: <check> \\boxed{A}`): a tiny judge can learn to write
+a written check before the verdict (`7+7=14. uses 7 7; given 6 7 9. 7 used twice. 14 vs 15:
+differ. \\boxed{No}`; pairwise `A: <check> B: <check> \\boxed{A}`): a tiny judge can learn to write
 the check step by step where it cannot compute the verdict in one token.
 
 Only mixed groups are used, so every label has a row of the other label from the same prompt
