@@ -27,6 +27,8 @@ from spark_mcore.types import (
 def _expect_map(d: Any, where: str, required: set[str], optional: frozenset[str] = frozenset()) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise WireError(f"{where}: expected a map, got {type(d).__name__}")
+    if d.keys() == required:  # the common case, in one comparison
+        return d
     missing = required - d.keys()
     if missing:
         raise WireError(f"{where}: missing field(s) {sorted(missing)}")
