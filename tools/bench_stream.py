@@ -7,8 +7,10 @@ A message is one verified group: 8 responses x L tokens with per-token log-probs
 with a fresh producer process each; the consumer is this process.
   stream     a WorkerClient (DEALER) answers the assignments of a StreamEndpoint (ROUTER):
              credits, acknowledgements, re-send bookkeeping, and on the trainer side full
-             validation of every message (`decode` + `decode_result`) into tensors.
-  push/pull  the producer sends the same frames over PUSH; the consumer only receives them.
+             validation of every message (`decode_arrays` + `decode_result`) into arrays.
+  push/pull  the producer sends the same frames over PUSH; the consumer only receives them and
+             drops them (as the stream's consumer drops each group once validated; the
+             producer reports its send times itself, so no message is parsed or kept).
 Both producers start from the group's arrays (the list -> array conversion of engine output
 and the consumer's tensor -> list conversion into records are reported separately: they cost
 the same whatever the transport). Latency is send -> accepted (CLOCK_MONOTONIC, system-wide), per message; the rate is groups over first send -> last
@@ -82,17 +84,20 @@ def produce_stream(endpoint: str, tokens: int, messages: int) -> None:
     client.close()
 
 
-def produce_pushpull(endpoint: str, tokens: int, messages: int) -> None:
+def produce_pushpull(endpoint: str, tokens: int, messages: int) -> list[float]:
     res = group(tokens)
     tensors = result_tensors(res)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, WINDOW // 2)  # with the PULL side's RCVHWM: the stream's window
     sock.connect(endpoint)
+    sent = []
     for i in range(messages):
-        sock.send_multipart(_frames(res, tensors, f"s{i}", time.monotonic()), copy=False)
+        sent.append(time.monotonic())
+        sock.send_multipart(_frames(res, tensors, f"s{i}", sent[-1]), copy=False)
     sock.close(linger=-1)
     ctx.term()
+    return sent  # the consumer reads them from here: it never has to parse (or keep) a message
 
 
 # --- consumers (this process) ----------------------------------------------------------------------
@@ -129,14 +134,12 @@ def run_stream(tokens: int, messages: int) -> dict:
                for i in range(messages)])
     proc = _spawn("stream", ep.endpoint, tokens, messages)
     cpu0 = time.process_time()
-    recv, sent, nbytes = [], [], 0
+    recv, sent = [], []
     try:
         while len(recv) < messages:
             for acc in ep.poll(100):
                 recv.append(acc.received_at)  # when the endpoint accepted it (time.monotonic)
                 sent.append(acc.frames.meta["gen_s"])
-                nbytes = nbytes or int(sum(t.numel() * t.element_size() for t in
-                                           (acc.frames.prompt_ids, acc.frames.token_ids, acc.frames.logprobs)))
             if proc.poll() is not None and len(recv) < messages:
                 raise RuntimeError("stream producer exited early")
     finally:
@@ -147,8 +150,6 @@ def run_stream(tokens: int, messages: int) -> dict:
 
 
 def run_pushpull(tokens: int, messages: int) -> dict:
-    import msgpack
-
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, WINDOW // 2)
@@ -156,18 +157,17 @@ def run_pushpull(tokens: int, messages: int) -> dict:
     endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
     proc = _spawn("pushpull", endpoint, tokens, messages)
     cpu0 = time.process_time()
-    recv, sent = [], []
+    recv = []
     try:
         for _ in range(messages):
-            frames = sock.recv_multipart(copy=False)
+            sock.recv_multipart(copy=False)  # received, then dropped: the baseline does no work
             recv.append(time.monotonic())
-            sent.append(frames)  # read the send time after the run: the baseline does no work
     finally:
         cpu = time.process_time() - cpu0
         out, _ = proc.communicate(timeout=300)
         sock.close(linger=0)
         ctx.term()
-    sent = [msgpack.unpackb(f[0].buffer)["meta"]["gen_s"] for f in sent]
+    sent = json.loads(out.strip().splitlines()[-2])  # the producer's send times, in order (one PUSH -> PULL pipe)
     return {**_summary(recv, sent, _message_bytes(tokens)), **_cpu_ms(out, cpu, messages)}
 
 
@@ -179,14 +179,14 @@ def _message_bytes(tokens: int) -> int:
 def side_costs(tokens: int) -> dict:
     """Per group, ms: engine lists -> arrays (producer) and validated tensors -> records (consumer)."""
     from spark_mcore.transport.protocol import decode_result
-    from spark_mcore.transport.wire import decode
+    from spark_mcore.transport.wire import decode_arrays
 
     res = group(tokens)
     t0 = time.perf_counter()
     tensors = result_tensors(res)
     t1 = time.perf_counter()
     frames = [bytes(memoryview(f)) for f in encode(RESULT, result_meta(res, "bench"), tensors)]
-    msg_type, meta, decoded = decode(frames)
+    msg_type, meta, decoded = decode_arrays(frames)
     t2 = time.perf_counter()
     decode_result(meta, decoded).to_result()
     t3 = time.perf_counter()
@@ -205,8 +205,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.produce:
         cpu0 = time.process_time()
-        (produce_stream if args.produce == "stream" else produce_pushpull)(args.endpoint, args.tokens, args.messages)
-        print(time.process_time() - cpu0, flush=True)  # read by the consumer (_cpu_ms)
+        sent = (produce_stream if args.produce == "stream" else produce_pushpull)(args.endpoint, args.tokens, args.messages)
+        cpu = time.process_time() - cpu0
+        print(json.dumps(sent), flush=True)  # send times (push/pull), read by run_pushpull
+        print(cpu, flush=True)  # read by the consumer (_cpu_ms)
         return
     ratios: list[float] = []
     for tokens in [int(s) for s in args.sizes.split(",")]:

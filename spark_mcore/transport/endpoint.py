@@ -45,7 +45,7 @@ from spark_mcore.transport.protocol import (
     decode_result,
     item_to_wire,
 )
-from spark_mcore.transport.wire import WireError, decode_arrays, encode
+from spark_mcore.transport.wire import WireError, decode_arrays, encode, readable, recv_frames
 
 logger = logging.getLogger(__name__)
 _LOG_FIRST_BAD = 5  # per sender, then every _LOG_EVERY_BAD-th
@@ -190,11 +190,11 @@ class StreamEndpoint:
         handled = 0
         self._assign()
         while handled < max_messages:
-            if not self._sock.get(zmq.EVENTS) & zmq.POLLIN:  # (cheaper than a poll when one is queued)
+            if not readable(self._sock):  # (cheaper than a poll when one is queued)
                 wait = 0 if out else max(0, int((deadline - time.monotonic()) * 1000))
                 if not wait or not self._poller.poll(wait):  # (Socket.poll builds a poller per call)
                     break
-            frames = self._sock.recv_multipart(copy=False)
+            frames = recv_frames(self._sock)
             handled += 1
             self._handle(frames, out)
             # Credits are given back as soon as a top-up is due, not when the queue drains: a worker

@@ -22,6 +22,7 @@ tensor frames (one per message), so a group costs one copy, not a Python list pe
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ from spark_mcore.transport.records import (
     prompt_to_wire,
     reward_sample_from_wire,
     reward_sample_to_wire,
+    try_prompt_from_wire,
 )
 from spark_mcore.transport.wire import _TORCH_TO_WIRE, WireError, encode
 from spark_mcore.types import Completion, Prompt, RewardSample, Rollout, RolloutGroup
@@ -97,15 +99,24 @@ def _sample_id(v: Any, where: str) -> str:
     return s
 
 
+_ITEM_KEYS = {"sample_id", "prompt", "params", "step", "index", "recycle"}
+
+
 def item_from_wire(d: Any, where: str = "item") -> WorkItem:
-    d = _expect_map(d, where, {"sample_id", "prompt", "params", "step", "index", "recycle"})
-    params = _expect_map(d["params"], f"{where}.params", set(), frozenset(_PARAM_KEYS))
-    if not isinstance(d["recycle"], bool):
-        raise WireError(f"{where}.recycle: expected a bool, got {d['recycle']!r}")
-    return WorkItem(sample_id=_sample_id(d["sample_id"], f"{where}.sample_id"),
-                    prompt=prompt_from_wire(d["prompt"], f"{where}.prompt"), params=dict(params),
-                    step=_int(d["step"], f"{where}.step"), index=_int(d["index"], f"{where}.index"),
-                    recycle=d["recycle"])
+    # one expression on msgpack's exact types first; the checks that name the field only on failure
+    if not (type(d) is dict and d.keys() == _ITEM_KEYS and type(d["params"]) is dict and d["params"].keys() <= _PARAM_KEYS
+            and type(d["recycle"]) is bool and type(d["step"]) is int and type(d["index"]) is int
+            and type(d["sample_id"]) is str and 0 < len(d["sample_id"]) <= MAX_ID_CHARS):
+        d = _expect_map(d, where, _ITEM_KEYS)
+        _expect_map(d["params"], f"{where}.params", set(), frozenset(_PARAM_KEYS))
+        if not isinstance(d["recycle"], bool):
+            raise WireError(f"{where}.recycle: expected a bool, got {d['recycle']!r}")
+        _sample_id(d["sample_id"], f"{where}.sample_id")
+        _int(d["step"], f"{where}.step")
+        _int(d["index"], f"{where}.index")
+    prompt = try_prompt_from_wire(d["prompt"]) or prompt_from_wire(d["prompt"], f"{where}.prompt")
+    return WorkItem(sample_id=d["sample_id"], prompt=prompt, params=dict(d["params"]), step=d["step"],
+                    index=d["index"], recycle=d["recycle"])
 
 
 # --- results ------------------------------------------------------------------------------------
@@ -139,30 +150,30 @@ def encode_result(res: WorkResult, incarnation: str) -> list[Any]:
 
 @dataclass
 class ResultFrames:
-    """A `result` message validated down to its tensors (what the stream hands over before any
-    per-token Python objects exist); `to_result` builds the records."""
+    """A `result` message validated down to its arrays (read-only use: numpy views of the received
+    frames, before any per-token Python objects exist); `to_result` builds the records."""
 
     meta: dict[str, Any]
-    prompt_ids: torch.Tensor
-    token_ids: torch.Tensor
-    logprobs: torch.Tensor | None
+    prompt_ids: np.ndarray  # int32 [P]
+    token_ids: np.ndarray  # int32 [sum(lengths)]
+    logprobs: np.ndarray | None  # float32 [sum(lengths)]
 
     def to_result(self) -> WorkResult:
         m = self.meta
-        offsets = np.cumsum([0, *m["lengths"]])
-        # numpy's tolist is faster than torch's (the tensors are CPU views of the frames)
-        ids = self.token_ids.numpy().tolist()
-        lps = None if self.logprobs is None else self.logprobs.numpy().tolist()
+        offsets = list(itertools.accumulate(m["lengths"], initial=0))
+        ids = self.token_ids.tolist()
+        lps = None if self.logprobs is None else self.logprobs.tolist()
         comps = [Completion(token_ids=ids[a:b], text=t, logprobs=None if lps is None else lps[a:b], finish_reason=f)
                  for a, b, t, f in zip(offsets[:-1], offsets[1:], m["texts"], m["finish"], strict=True)]
         return WorkResult(sample_id=m["sample_id"], worker=m["worker"], policy_version=m["policy_version"],
-                          prompt_ids=self.prompt_ids.numpy().tolist(), completions=comps, rewards=list(m["rewards"]),
+                          prompt_ids=self.prompt_ids.tolist(), completions=comps, rewards=list(m["rewards"]),
                           candidates=list(m["reward_samples"]), gen_s=m["gen_s"])
 
 
 _RESULT_KEYS = {"worker", "incarnation", "sample_id", "policy_version", "lengths", "texts", "finish", "rewards",
                 "reward_samples", "gen_s"}
 _INT, _STR, _NUMBER = frozenset({int}), frozenset({str}), frozenset({int, float})
+_MAX, _MIN = np.maximum.reduce, np.minimum.reduce  # (ndarray.max/min add a Python layer per call)
 _ARRAY_DTYPES = {"prompt_ids": "int32", "token_ids": "int32", "logprobs": "float32"}
 
 
@@ -206,7 +217,7 @@ def _check_ids(name: str, a: np.ndarray, max_token_id: int) -> None:
     """0 <= id < max_token_id (or < 2**31 without a bound) in one pass: negative int32 values
     are >= 2**31 when read as uint32."""
     # (compared as numpy scalars: int() of one costs more than the max over 8k ids)
-    if a.size and a.view(np.uint32).max() >= min(max_token_id or 1 << 31, 1 << 31):
+    if a.size and _MAX(a.view(np.uint32)) >= min(max_token_id or 1 << 31, 1 << 31):
         raise WireError(f"result.tensors.{name}: token ids outside [0, {max_token_id or 'inf'})")
 
 
@@ -234,8 +245,8 @@ def decode_result(meta: dict[str, Any], arrays: dict[str, Any], max_token_id: in
     _check_ids("prompt_ids", prompt_ids, max_token_id)
     _check_ids("token_ids", token_ids, max_token_id)
     if logprobs is not None and logprobs.size:
-        top = logprobs.max()  # NaN propagates into max; inf fails the bound
-        if not (top <= 1e-3 and math.isfinite(top)) or not math.isfinite(logprobs.min()):
+        top = _MAX(logprobs)  # NaN propagates into max; inf fails the bound
+        if not (top <= 1e-3 and math.isfinite(top)) or not math.isfinite(_MIN(logprobs)):
             raise WireError("result.tensors.logprobs: expected finite values <= 0")
     samples = m["reward_samples"]
     if type(samples) is not list or len(samples) > 2:
@@ -243,8 +254,7 @@ def decode_result(meta: dict[str, Any], arrays: dict[str, Any], max_token_id: in
     if samples:
         m["reward_samples"] = [reward_sample_from_wire(s, f"result.meta.reward_samples[{i}]")
                                for i, s in enumerate(samples)]
-    return ResultFrames(meta=m, prompt_ids=torch.from_numpy(prompt_ids), token_ids=torch.from_numpy(token_ids),
-                        logprobs=None if logprobs is None else torch.from_numpy(logprobs))
+    return ResultFrames(meta=m, prompt_ids=prompt_ids, token_ids=token_ids, logprobs=logprobs)
 
 
 # --- small control messages -----------------------------------------------------------------------

@@ -33,7 +33,7 @@ from spark_mcore.transport.protocol import (
     item_from_wire,
 )
 from spark_mcore.transport.records import _int, _str
-from spark_mcore.transport.wire import WireError, decode, encode
+from spark_mcore.transport.wire import WireError, decode, encode, readable, recv_frames
 
 logger = logging.getLogger(__name__)
 _MAX_DRAIN = 1024  # messages handled per readiness check in `poll`
@@ -117,10 +117,10 @@ class WorkerClient:
         """Handles every queued message without waiting (ZMQ_EVENTS, not a poll, says whether
         one is queued); bounded so that heartbeats still go out under a burst."""
         for _ in range(_MAX_DRAIN):
-            if not self._sock.get(zmq.EVENTS) & zmq.POLLIN:
+            if not readable(self._sock):
                 return
             try:
-                self._handle(self._sock.recv_multipart(copy=False), new)
+                self._handle(recv_frames(self._sock), new)
             except WireError as e:
                 logger.warning("rollout worker %s: ignored a bad message from the trainer: %s", self.worker, e)
 
