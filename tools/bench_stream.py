@@ -13,8 +13,12 @@ with a fresh producer process each; the consumer is this process.
              producer reports its send times itself, so no message is parsed or kept).
 Both producers start from the group's arrays (the list -> array conversion of engine output
 and the consumer's tensor -> list conversion into records are reported separately: they cost
-the same whatever the transport). Latency is send -> accepted (CLOCK_MONOTONIC, system-wide), per message; the rate is groups over first send -> last
-arrival.
+the same whatever the transport). Latency is send -> accepted (CLOCK_MONOTONIC, system-wide),
+per message; the rate is groups over first send -> last arrival.
+Every process collects its garbage once before its clock starts: a fresh process's first full
+collection (~0.1 s with torch imported) comes after so many allocations that it would land in
+whichever side's run allocates more Python objects, a start-up cost a long-running worker or
+trainer pays once.
 Each row also gives the CPU ms per group of producer and consumer (all their threads): on a
 shared machine the rate moves with other jobs, the CPU cost hardly does.
 Prints one row per run, a summary per size, and as the last line the median ratio
@@ -24,6 +28,7 @@ Prints one row per run, a summary per size, and as the last line the median rati
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -133,6 +138,7 @@ def run_stream(tokens: int, messages: int) -> dict:
     ep.submit([WorkItem(f"s{i}", Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1"), {"n": N_RESPONSES})
                for i in range(messages)])
     proc = _spawn("stream", ep.endpoint, tokens, messages)
+    gc.collect()
     cpu0 = time.process_time()
     recv, sent = [], []
     try:
@@ -156,6 +162,7 @@ def run_pushpull(tokens: int, messages: int) -> dict:
     sock.bind("tcp://127.0.0.1:0")
     endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
     proc = _spawn("pushpull", endpoint, tokens, messages)
+    gc.collect()
     cpu0 = time.process_time()
     recv = []
     try:
@@ -204,6 +211,7 @@ def main() -> None:
     ap.add_argument("--messages", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.produce:
+        gc.collect()  # the import-time garbage settled before the clock (see the module docstring)
         cpu0 = time.process_time()
         sent = (produce_stream if args.produce == "stream" else produce_pushpull)(args.endpoint, args.tokens, args.messages)
         cpu = time.process_time() - cpu0

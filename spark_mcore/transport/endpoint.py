@@ -45,7 +45,7 @@ from spark_mcore.transport.protocol import (
     decode_result,
     item_to_wire,
 )
-from spark_mcore.transport.wire import WireError, decode_arrays, encode, readable, recv_frames
+from spark_mcore.transport.wire import WireError, decode_arrays, encode, readable, recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
 _LOG_FIRST_BAD = 5  # per sender, then every _LOG_EVERY_BAD-th
@@ -382,7 +382,7 @@ class StreamEndpoint:
 
     def _send(self, identity: bytes, msg_type: str, meta: dict[str, Any]) -> None:
         try:
-            self._sock.send_multipart([identity, *encode(msg_type, meta)], flags=zmq.NOBLOCK)
+            send_frames(self._sock, [identity, *encode(msg_type, meta)])
         except zmq.Again:  # that worker's queue is full: it will be re-synced by its next report
             logger.warning("rollout stream: queue to %s is full; dropped a %s message", self._sender(identity), msg_type)
 

@@ -211,6 +211,19 @@ def readable(sock: zmq.Socket) -> bool:
     return bool(sock.getsockopt(_EVENTS) & _POLLIN)
 
 
+_SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
+
+
+def send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
+    """`sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)` with plain int flags (pyzmq's
+    flag enums cost a few microseconds per frame); raises zmq.Again like it when the queue is full
+    (a multipart message is queued whole or not at all)."""
+    *head, last = frames
+    for frame in head:
+        sock.send(frame, _NOBLOCK | _SNDMORE, copy=False)
+    sock.send(last, _NOBLOCK, copy=False)
+
+
 def recv_frames(sock: zmq.Socket) -> list[zmq.Frame]:
     """`sock.recv_multipart(copy=False)` at half the cost: each frame says itself whether more
     follow (`Frame.more`), so no RCVMORE option is read (and wrapped) per frame."""
@@ -239,4 +252,4 @@ def decode(frames: Sequence[Any]) -> tuple[str, dict[str, Any], dict[str, torch.
     return msg_type, meta, {name: as_tensor(dtype, arr) for name, (dtype, arr) in arrays.items()}
 
 
-__all__ = ["SCHEMA_VERSION", "WireError", "encode", "decode", "decode_arrays", "as_tensor", "readable", "recv_frames", "supported_dtypes"]
+__all__ = ["SCHEMA_VERSION", "WireError", "encode", "decode", "decode_arrays", "as_tensor", "readable", "recv_frames", "send_frames", "supported_dtypes"]

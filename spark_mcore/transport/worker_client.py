@@ -33,7 +33,7 @@ from spark_mcore.transport.protocol import (
     item_from_wire,
 )
 from spark_mcore.transport.records import _int, _str
-from spark_mcore.transport.wire import WireError, decode, encode, readable, recv_frames
+from spark_mcore.transport.wire import WireError, decode, encode, readable, recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
 _MAX_DRAIN = 1024  # messages handled per readiness check in `poll`
@@ -92,7 +92,7 @@ class WorkerClient:
 
     def _send(self, frames: list[Any]) -> bool:
         try:
-            self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            send_frames(self._sock, frames)
             return True
         except zmq.Again:  # trainer unreachable and the queue is full: the report/resend retries
             return False
