@@ -114,8 +114,9 @@ class StreamEndpoint:
         self._acks: dict[bytes, list[str]] = {}
         self._acks_since = 0.0  # when the oldest unsent ack was queued
         # Acks only free a worker's re-send copies (credits come back at acceptance), so they go in
-        # batches: a quarter window per worker, or after ACK_DELAY_S, whichever comes first.
-        self._ack_batch = max(1, cfg.credits_per_worker // 4)
+        # batches: with the worker's next assignment (one wake-up of the worker for both), at half
+        # a window, or after ACK_DELAY_S, whichever comes first.
+        self._ack_batch = max(1, cfg.credits_per_worker // 2)
         self.staleness = Counter()
         self._ctx = zmq.Context()
         self._sock = self._socket(cfg)
@@ -369,6 +370,8 @@ class StreamEndpoint:
             for item in items:
                 w.in_flight[item.sample_id] = w.seq
                 self.owner[item.sample_id] = name
+            if w.identity in self._acks:
+                self._send(w.identity, ACK, {"session": self.session, "ids": self._acks.pop(w.identity)})
             self._send(w.identity, ASSIGN, {"session": self.session, "seq": w.seq, "policy_version": self.policy_version,
                                             "items": [item_to_wire(i) for i in items]})
         return bool(batches)

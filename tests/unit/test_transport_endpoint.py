@@ -104,7 +104,7 @@ def test_credits_bound_what_a_worker_holds_and_every_item_arrives_once() -> None
 def test_acks_go_in_batches_but_never_wait_longer_than_the_ack_delay() -> None:
     from spark_mcore.transport.endpoint import ACK_DELAY_S
 
-    ep = StreamEndpoint(StreamConfig(credits_per_worker=64, **FAST))  # a batch is 16 acks
+    ep = StreamEndpoint(StreamConfig(credits_per_worker=64, **FAST))  # a batch is 32 acks
     client = WorkerClient(ep.endpoint, "w", capacity=64, heartbeat_s=0.05)
     try:
         ep.submit(_items(1))
