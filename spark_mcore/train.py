@@ -33,6 +33,7 @@ from spark_mcore.checkpoint.io import (
     load_actor_state,
     save_checkpoint,
 )
+from spark_mcore.config.loader import ConfigError
 from spark_mcore.config.run import RunConfig
 from spark_mcore.data.images import processor_config
 from spark_mcore.distributed.parallel import destroy_distributed
@@ -45,6 +46,7 @@ from spark_mcore.rollout.groups import generate_groups, score_groups
 from spark_mcore.rollout.source import StepRequest, StepRollouts
 from spark_mcore.runtime import Run, build_run
 from spark_mcore.spark.loop import SparkState, kind_metrics
+from spark_mcore.spark.own_judge import file_judge_examples, load_rows
 from spark_mcore.spark.warmstart_data import judge_sft_examples
 from spark_mcore.trainer.advantages import keep_prefix_advantages, refine_advantages
 from spark_mcore.trainer.batching import dp_slice, groups_to_batch, sampled_mask, split_for_updates
@@ -175,9 +177,17 @@ def prepare(run: Run, spark: SparkState, produce: DividedRollout) -> tuple[int, 
     ckpt = latest_checkpoint(run.run_dir) if cfg.checkpoint.resume else None
     if ckpt is None and cfg.warmstart.steps:
         start = time.perf_counter()
+        judge = judge_sft_examples
+        if cfg.warmstart.judge_file:  # the model's own answers (an earlier stage's), mixed in
+            try:
+                rows = load_rows(cfg.warmstart.judge_file)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+            judge = file_judge_examples(rows, cfg.warmstart.judge_file_share, judge_sft_examples)
         last = warm_start(run.actor, run.loader.prompts, run.tokenizer, run.encode, cfg.warmstart, cfg.data.seed,
-                          cfg.logging.progress and run.pstate.rank == 0, judge_examples=judge_sft_examples)
-        run.logger.update({"sft_loss": last["sft_loss"], "rows_this_rank": last["rows_this_rank"]},
+                          cfg.logging.progress and run.pstate.rank == 0, judge_examples=judge,
+                          report=lambda msg: say(run, msg))
+        run.logger.update({k: v for k, v in last.items() if k.startswith(("sft_loss", "rows_this_rank"))},
                           prefix="warmstart/")
         say(run, f"warm start: {cfg.warmstart.steps} SFT steps in {time.perf_counter() - start:.1f}s")
     run.actor.setup_optimizer(cfg.trainer.lr, updates, math.ceil(cfg.trainer.warmup_ratio * updates))

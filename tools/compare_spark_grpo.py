@@ -4,10 +4,14 @@
         [--set key=value ...] [--sft-set key=value ...] [--rl-set key=value ...]
         [--eval-prompts 64] [--samples 8] [--rounds 2] [--reuse]
         [--arms grpo,spark,spro,prefix,spark+spro]   (any combination; default grpo,spark)
+        [--shared-warm-start] [--continue-steps N [N ...]] [--own-judge-samples K ...]
 
 Per seed:
   1. warm start once: `spark-mcore train` with trainer.steps=0 (SFT on worked solutions mixed
-     with SPARK-format judge tasks, `warmstart.judge_fraction`), exported to <out>/seed<s>/sft/hf;
+     with SPARK-format judge tasks, `warmstart.judge_fraction`), exported to <out>/seed<s>/sft/hf
+     (or one for all seeds, `--shared-warm-start`); `--continue-steps` adds SFT stages from the
+     previous export, and `--own-judge-samples K` makes the last stage's judge tasks rows built
+     from the previous stage's own K answers per TRAINING prompt (`OwnJudge`);
   2. the warm start answers the held-out prompts: `--samples` responses each at the rollout
      temperature (its avg@n) and one greedy. From its own right and wrong samples (groups with
      both) comes the seed's fixed judge set: one pair (asked in both orders) and two pointwise
@@ -137,17 +141,83 @@ def train_run(run_dir: Path, config: Path, overrides: list[str], reuse: bool) ->
     return time.perf_counter() - start
 
 
-def warm_start_run(sft_dir: Path, config: Path, overrides: list[str], continue_steps: int, reuse: bool) -> float:
-    """The warm start into `sft_dir`; with `continue_steps` > 0 in two runs: the config's warm
-    start into <sft_dir>/../<name>-stage1, then `continue_steps` more SFT steps from its export
-    (a fresh lr warmup of 5 steps) into `sft_dir`, with stage 1's tokenizer copied over."""
+@dataclass(frozen=True)
+class OwnJudge:
+    """`--own-judge-samples`: the last warm-start stage's judge tasks come from the previous
+    stage's own answers on training prompts (`spark_mcore.spark.own_judge`)."""
+
+    samples: int = 0  # responses per training prompt at the rollout temperature; 0 = off
+    prompts: int = 512  # training prompts sampled
+    share: float = 0.5  # warmstart.judge_file_share
+    per_group: int = 2  # distinct (right, wrong) pairs per mixed group
+    fraction: float = 0.0  # the last stage's warmstart.judge_fraction; 0 = the config's
+
+    def key(self) -> list[Any]:
+        return ([self.samples, self.prompts, self.share, self.per_group, *([self.fraction] if self.fraction else [])]
+                if self.samples else [])
+
+
+def own_judge_file(prev_hf: Path, config: Path, overrides: list[str], own: OwnJudge, path: Path,
+                   reuse: bool = False) -> Path:
+    """Samples the export `prev_hf` on the first `own.prompts` TRAINING prompts (the warm
+    start's data config), verifies the answers and saves balanced judge rows from the groups
+    with a right and a wrong answer to `path` (kept when it exists and `reuse`)."""
+    if reuse and path.is_file():
+        print(f"  reusing {path}", flush=True)
+        return path
+    from spark_mcore.config.run import load_run_config
+    from spark_mcore.data.dataset import load_prompts
+    from spark_mcore.spark.own_judge import own_judge_rows, save_rows
+
+    cfg = load_run_config(config, overrides)
+    prompts = load_prompts(cfg.data, "train")[: own.prompts]
+    setup = EvalSetup(prompts, own.samples, cfg.rollout.temperature, cfg.rollout.max_new_tokens, 0, "samples", 0)
+    from spark_mcore.eval.cli import open_model
+
+    model = open_model(str(prev_hf))
+    try:
+        groups = sampled_groups(model, setup, cfg.data.seed)
+    finally:
+        model.engine.shutdown()
+    rows = own_judge_rows(groups, seed=cfg.data.seed, per_group=own.per_group, content_mode=cfg.spark.content_mode)
+    rewards = [r.reward for g in groups for r in g.rollouts]
+    mixed = sum(0 < sum(g.rewards) < len(g.rewards) for g in groups)
+    print(f"  own judge rows: {len(rows)} from {mixed}/{len(groups)} mixed training groups "
+          f"(their sampled accuracy {sum(rewards) / len(rewards):.3f}) -> {path}", flush=True)
+    if not rows:
+        raise RuntimeError("the warm start's samples on training prompts hold no prompt with both a right and a "
+                           "wrong answer: no own judge rows; train longer or drop --own-judge-samples")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_rows(rows, path)
+    return path
+
+
+def warm_start_run(sft_dir: Path, config: Path, overrides: list[str], continue_steps: list[int], reuse: bool,
+                   own: OwnJudge = OwnJudge()) -> float:
+    """The warm start into `sft_dir`; with `continue_steps` [n1, n2, ...] in stages: the config's
+    warm start into <sft_dir>-stage1, then n1 more SFT steps from its export (a fresh lr warmup
+    of 5 steps) into <sft_dir>-stage2, ..., the last into `sft_dir`, with stage 1's tokenizer
+    copied over. With `own.samples`, the last stage also trains on judge rows from the previous
+    stage's own answers on training prompts (<sft_dir>-own_judge.jsonl, `OwnJudge`)."""
+    if own.samples and not continue_steps:
+        raise SystemExit("--own-judge-samples needs --continue-steps: the rows come from an earlier stage's export")
     if not continue_steps:
         return train_run(sft_dir, config, overrides, reuse)
-    first = sft_dir.with_name(sft_dir.name + "-stage1")
+    dirs = [sft_dir.with_name(f"{sft_dir.name}-stage{i + 1}") for i in range(len(continue_steps))] + [sft_dir]
+    first = dirs[0]
     wall = train_run(first, config, overrides, reuse)
-    wall += train_run(sft_dir, config, [*overrides, f"model.hf_path={first / 'hf'}",
-                                        f"data.tokenizer={first / 'tokenizer'}", f"warmstart.steps={continue_steps}",
-                                        "warmstart.warmup_steps=5"], reuse)
+    for i, steps in enumerate(continue_steps):
+        prev, extra = dirs[i], []
+        if own.samples and i == len(continue_steps) - 1:
+            t0 = time.perf_counter()
+            path = own_judge_file(prev / "hf", config, overrides, own,
+                                  sft_dir.with_name(sft_dir.name + "-own_judge.jsonl"), reuse)
+            wall += time.perf_counter() - t0
+            extra = [f"warmstart.judge_file={path}", f"warmstart.judge_file_share={own.share}",
+                     *([f"warmstart.judge_fraction={own.fraction}"] if own.fraction else [])]
+        wall += train_run(dirs[i + 1], config, [*overrides, f"model.hf_path={prev / 'hf'}",
+                                                f"data.tokenizer={first / 'tokenizer'}", f"warmstart.steps={steps}",
+                                                "warmstart.warmup_steps=5", *extra], reuse)
     if not (sft_dir / "tokenizer").is_dir():
         shutil.copytree(first / "tokenizer", sft_dir / "tokenizer")
     return wall
@@ -248,7 +318,8 @@ def run_seed(seed: int, out: Path, spec: TaskSpec, setup: EvalSetup, args: argpa
     else:
         sft_dir, overrides, reuse = seed_dir / "sft", [*base, *spec.warm_start, *args.sft_extra], args.reuse
     print(f"seed {seed}: warm start -> {sft_dir}", flush=True)
-    times = {"sft": warm_start_run(sft_dir, spec.config, [*overrides, "trainer.steps=0"], args.continue_steps, reuse)}
+    times = {"sft": warm_start_run(sft_dir, spec.config, [*overrides, "trainer.steps=0"], args.continue_steps, reuse,
+                                   own_judge(args))}
     results: dict[str, dict[str, float]] = {}
     rows = None
     start = ["warmstart.steps=0", f"model.hf_path={sft_dir / 'hf'}", f"data.tokenizer={sft_dir / 'tokenizer'}"]
@@ -284,7 +355,9 @@ def shared_warm_start(out: Path, spec: TaskSpec, args: argparse.Namespace) -> tu
     ws_seed = args.warm_start_seed
     overrides = [*spec.shared, *args.extra, f"trainer.seed={ws_seed}", f"data.seed={ws_seed}",
                  f"spark.seed={ws_seed}", *spec.warm_start, *args.sft_extra]
-    key = hashlib.sha256(json.dumps([spec.config.read_text(), overrides, args.continue_steps]).encode()
+    # one continue stage keys as the int it was before stages could be chained (caches stay valid)
+    cont: Any = args.continue_steps[0] if len(args.continue_steps) == 1 else (args.continue_steps or 0)
+    key = hashlib.sha256(json.dumps([spec.config.read_text(), overrides, cont, *own_judge(args).key()]).encode()
                          ).hexdigest()[:12]
     return out / f"warmstart-{key}", overrides
 
@@ -372,8 +445,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shared-warm-start", action="store_true",
                    help="one warm start (seed --warm-start-seed) for every seed, cached on disk by its config")
     p.add_argument("--warm-start-seed", type=int, default=0)
-    p.add_argument("--continue-steps", type=int, default=0,
-                   help="continue the warm start for this many SFT steps in a second run from its export")
+    p.add_argument("--continue-steps", type=int, nargs="*", default=[], metavar="N",
+                   help="continue the warm start in further runs, each N SFT steps from the previous export "
+                        "(e.g. 400 600: three stages)")
+    p.add_argument("--own-judge-samples", type=int, default=0, metavar="K",
+                   help="the last warm-start stage also trains on judge rows from the previous stage's own K "
+                        "answers per training prompt (needs --continue-steps; 0 = off)")
+    p.add_argument("--own-judge-prompts", type=int, default=512, help="training prompts sampled for those rows")
+    p.add_argument("--own-judge-share", type=float, default=0.5,
+                   help="share of the last stage's judge-batch examples that are own rows (the rest synthetic)")
+    p.add_argument("--own-judge-per-group", type=int, default=2,
+                   help="distinct (right, wrong) answer pairs used per training prompt")
+    p.add_argument("--own-judge-fraction", type=float, default=0.0,
+                   help="the last stage's warmstart.judge_fraction (0 = the config's)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: the table from <out>/seed<s>/seed_results.json of earlier runs "
                         "(e.g. one process per seed, run in parallel)")
@@ -388,7 +472,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.seeds or args.eval_prompts < 1 or args.samples < 2 or args.rounds < 0:
         p.error("--seeds needs a seed, --eval-prompts >= 1, --samples >= 2 and --rounds >= 0")
+    args.continue_steps = [n for n in args.continue_steps if n]  # `--continue-steps 0`: none, as before
+    if any(n < 0 for n in args.continue_steps):
+        p.error("--continue-steps takes positive step counts")
+    if args.own_judge_samples and (args.own_judge_samples < 2 or not args.continue_steps
+                                   or args.own_judge_prompts < 1 or not 0 <= args.own_judge_share <= 1
+                                   or args.own_judge_per_group < 1 or not 0 <= args.own_judge_fraction < 1):
+        p.error("--own-judge-samples needs K >= 2 and --continue-steps N (the rows come from the stage before "
+                "the last), --own-judge-prompts >= 1, --own-judge-share in [0, 1], --own-judge-per-group >= 1")
     return args
+
+
+def own_judge(args: argparse.Namespace) -> OwnJudge:
+    return OwnJudge(args.own_judge_samples, args.own_judge_prompts, args.own_judge_share, args.own_judge_per_group,
+                    args.own_judge_fraction)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,6 +100,11 @@ class WarmStartConfig:
         from scratch can follow judge prompts a little before RL, as a pretrained one does.
         Keep it small (0.2-0.3) so that RL on the judge tasks still has room to improve.
         Needs builtin arith or countdown prompts; 0 trains on worked solutions only.
+    judge_file: JSONL of judge rows built from a model's OWN verified answers on training
+        prompts (`spark_mcore.spark.own_judge`; written by `tools/compare_spark_grpo.py
+        --own-judge-samples` between two warm-start stages). "" = none. Needs judge_fraction > 0.
+    judge_file_share: share of the judge-batch examples taken from `judge_file` (the rest are
+        the synthetic reward tasks above, reflection included).
     """
 
     steps: int = 0
@@ -107,6 +112,8 @@ class WarmStartConfig:
     batch_size: int = 64
     warmup_steps: int = 20
     judge_fraction: float = 0.0
+    judge_file: str = ""
+    judge_file_share: float = 0.5
 
     def __post_init__(self) -> None:
         check_ranges("warmstart", self, {"lr": "> 0", "warmup_steps": ">= 0"})
@@ -117,3 +124,8 @@ class WarmStartConfig:
                 f"warmstart.judge_fraction must be in [0, 1) (a share of the SFT examples), "
                 f"got {self.judge_fraction}"
             )
+        if not 0.0 <= self.judge_file_share <= 1.0:
+            raise ConfigError(f"warmstart.judge_file_share must be in [0, 1], got {self.judge_file_share}")
+        if self.judge_file and self.judge_fraction <= 0:
+            raise ConfigError("warmstart.judge_file needs warmstart.judge_fraction > 0 (the share of judge "
+                              "batches its rows go into); set judge_fraction or clear judge_file")

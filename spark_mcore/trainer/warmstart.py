@@ -22,6 +22,7 @@ Example = tuple[Prompt, str]
 # spark_mcore.spark.warmstart_data.judge_sft_examples (passed in by the assembly: the trainer
 # does not depend on how SPARK renders its tasks).
 JudgeExamples = Callable[[list[Prompt], int, int], list[Example]]
+LOSS_WINDOW = 50  # batches of each kind in the running means of the loss
 
 
 def judge_batches(steps: int, fraction: float) -> list[bool]:
@@ -66,8 +67,11 @@ def sft_batches(prompts: list[Prompt], tokenizer: object, encode: object, batch_
 
 def warm_start(actor: MegatronActor, prompts: list[Prompt], tokenizer: object, encode: object,
                cfg: WarmStartConfig, seed: int, progress: bool = True,
-               judge_examples: JudgeExamples | None = None) -> dict[str, float]:
-    """Runs `cfg.steps` SFT steps; returns the last step's metrics. `judge_examples` supplies the
+               judge_examples: JudgeExamples | None = None,
+               report: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Runs `cfg.steps` SFT steps; returns the last step's metrics (with `sft_loss_solution` and
+    `sft_loss_judge`: running means over the last LOSS_WINDOW batches of each kind; `report`
+    gets them every 100 steps). `judge_examples` supplies the
     reward-task batches when `cfg.judge_fraction` > 0. Every rank draws the same global batches
     of `cfg.batch_size` rows and trains on its DP slice of each (the loss is normalised over
     the DP ranks), so DP ranks share the work of one process."""
@@ -75,9 +79,17 @@ def warm_start(actor: MegatronActor, prompts: list[Prompt], tokenizer: object, e
     batches = sft_batches(prompts, tokenizer, encode, cfg.batch_size, seed, cfg.judge_fraction, cfg.steps,
                           judge_examples)
     metrics: dict[str, float] = {}
+    recent: dict[str, list[float]] = {"solution": [], "judge": []}  # loss per batch kind (homogeneous)
     bar = tqdm(range(cfg.steps), desc="warm start (SFT)", disable=not progress, dynamic_ncols=True)
-    for _ in bar:
-        local = dp_slice(next(batches), actor.pstate.dp_rank, actor.pstate.dp_size)
+    for step in bar:
+        batch = next(batches)
+        local = dp_slice(batch, actor.pstate.dp_rank, actor.pstate.dp_size)
         metrics = {**actor.sft_step(local), "rows_this_rank": float(local.num_sequences)}
+        kind = "solution" if all(k == "policy" for k in batch.kinds) else "judge"
+        recent[kind] = [*recent[kind], metrics["sft_loss"]][-LOSS_WINDOW:]
+        metrics.update({f"sft_loss_{k}": sum(v) / len(v) for k, v in recent.items() if v})
         bar.set_postfix(loss=f"{metrics['sft_loss']:.3f}")
+        if report is not None and ((step + 1) % 100 == 0 or step + 1 == cfg.steps):  # the judge loss must fall too
+            report(f"warm start step {step + 1}/{cfg.steps}: loss " +
+                   ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in recent.items() if v))
     return metrics

@@ -68,6 +68,48 @@ def test_the_shared_warm_start_is_keyed_by_its_configuration(tmp_path: Path) -> 
     assert tool.shared_warm_start(tmp_path, spec, tool.parse_args(["--shared-warm-start", "--warm-start-seed", "1"]))[0] != d0
     cont = tool.parse_args(["--shared-warm-start", "--continue-steps", "400"])
     assert tool.shared_warm_start(tmp_path, spec, cont)[0] != d0
+    assert tool.parse_args(["--continue-steps", "0"]).continue_steps == []  # 0: no continue stage, as before
+    two = tool.parse_args(["--shared-warm-start", "--continue-steps", "400", "600"])
+    assert two.continue_steps == [400, 600] and tool.shared_warm_start(tmp_path, spec, two)[0] != \
+        tool.shared_warm_start(tmp_path, spec, cont)[0]
+    own = tool.parse_args(["--shared-warm-start", "--continue-steps", "400", "--own-judge-samples", "8"])
+    assert tool.shared_warm_start(tmp_path, spec, own)[0] != tool.shared_warm_start(tmp_path, spec, cont)[0]
+
+
+def test_own_judge_arguments_are_validated() -> None:
+    for bad in (["--own-judge-samples", "8"], ["--continue-steps", "10", "--own-judge-samples", "1"],
+                ["--continue-steps", "10", "--own-judge-samples", "8", "--own-judge-share", "2"],
+                ["--continue-steps", "-3"]):
+        with pytest.raises(SystemExit):
+            tool.parse_args(bad)
+    args = tool.parse_args(["--continue-steps", "10", "--own-judge-samples", "8", "--own-judge-prompts", "64"])
+    assert tool.own_judge(args) == tool.OwnJudge(8, 64, 0.5, 2)
+
+
+def test_staged_warm_start_chains_exports_and_feeds_own_rows_to_the_last_stage(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs: list[tuple[str, list[str]]] = []
+
+    def fake_train(run_dir: Path, config: Path, overrides: list[str], reuse: bool) -> float:
+        runs.append((run_dir.name, overrides))
+        (run_dir / "tokenizer").mkdir(parents=True)
+        return 1.0
+
+    def fake_rows(prev_hf: Path, config: Path, overrides: list[str], own: object, path: Path, reuse: bool) -> Path:
+        assert prev_hf.parent.name == "ws-stage2"  # the stage before the last
+        return path
+
+    monkeypatch.setattr(tool, "train_run", fake_train)
+    monkeypatch.setattr(tool, "own_judge_file", fake_rows)
+    wall = tool.warm_start_run(tmp_path / "ws", Path("c.yaml"), ["a=1"], [400, 600], False, tool.OwnJudge(8))
+    assert wall == pytest.approx(3.0, abs=0.5) and [name for name, _ in runs] == ["ws-stage1", "ws-stage2", "ws"]
+    assert f"model.hf_path={tmp_path / 'ws-stage1' / 'hf'}" in runs[1][1] and "warmstart.steps=400" in runs[1][1]
+    last = runs[2][1]
+    assert f"model.hf_path={tmp_path / 'ws-stage2' / 'hf'}" in last and "warmstart.steps=600" in last
+    assert f"warmstart.judge_file={tmp_path / 'ws-own_judge.jsonl'}" in last
+    assert not any(o.startswith("warmstart.judge_file=") for o in runs[1][1])  # only the last stage
+    with pytest.raises(SystemExit, match="continue-steps"):
+        tool.warm_start_run(tmp_path / "x", Path("c.yaml"), [], [], False, tool.OwnJudge(8))
 
 
 def test_report_only_builds_the_table_from_saved_seeds(tmp_path: Path) -> None:
