@@ -7,12 +7,18 @@ A message is one verified group: 8 responses x L tokens with per-token log-probs
 with a fresh producer process each; the consumer is this process.
   stream     a WorkerClient (DEALER) answers the assignments of a StreamEndpoint (ROUTER):
              credits, acknowledgements, re-send bookkeeping, and on the trainer side full
-             validation of every message (`decode` + `decode_result`) into tensors.
-  push/pull  the producer sends the same frames over PUSH; the consumer only receives them.
+             validation of every message (`decode_arrays` + `decode_result`) into arrays.
+  push/pull  the producer sends the same frames over PUSH; the consumer only receives them and
+             drops them (as the stream's consumer drops each group once validated; the
+             producer reports its send times itself, so no message is parsed or kept).
 Both producers start from the group's arrays (the list -> array conversion of engine output
 and the consumer's tensor -> list conversion into records are reported separately: they cost
-the same whatever the transport). Latency is send -> accepted (CLOCK_MONOTONIC, system-wide), per message; the rate is groups over first send -> last
-arrival.
+the same whatever the transport). Latency is send -> accepted (CLOCK_MONOTONIC, system-wide),
+per message; the rate is groups over first send -> last arrival.
+Every process collects its garbage once before its clock starts: a fresh process's first full
+collection (~0.1 s with torch imported) comes after so many allocations that it would land in
+whichever side's run allocates more Python objects, a start-up cost a long-running worker or
+trainer pays once.
 Each row also gives the CPU ms per group of producer and consumer (all their threads): on a
 shared machine the rate moves with other jobs, the CPU cost hardly does.
 Prints one row per run, a summary per size, and as the last line the median ratio
@@ -22,6 +28,7 @@ Prints one row per run, a summary per size, and as the last line the median rati
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -82,17 +89,20 @@ def produce_stream(endpoint: str, tokens: int, messages: int) -> None:
     client.close()
 
 
-def produce_pushpull(endpoint: str, tokens: int, messages: int) -> None:
+def produce_pushpull(endpoint: str, tokens: int, messages: int) -> list[float]:
     res = group(tokens)
     tensors = result_tensors(res)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, WINDOW // 2)  # with the PULL side's RCVHWM: the stream's window
     sock.connect(endpoint)
+    sent = []
     for i in range(messages):
-        sock.send_multipart(_frames(res, tensors, f"s{i}", time.monotonic()), copy=False)
+        sent.append(time.monotonic())
+        sock.send_multipart(_frames(res, tensors, f"s{i}", sent[-1]), copy=False)
     sock.close(linger=-1)
     ctx.term()
+    return sent  # the consumer reads them from here: it never has to parse (or keep) a message
 
 
 # --- consumers (this process) ----------------------------------------------------------------------
@@ -128,15 +138,14 @@ def run_stream(tokens: int, messages: int) -> dict:
     ep.submit([WorkItem(f"s{i}", Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1"), {"n": N_RESPONSES})
                for i in range(messages)])
     proc = _spawn("stream", ep.endpoint, tokens, messages)
+    gc.collect()
     cpu0 = time.process_time()
-    recv, sent, nbytes = [], [], 0
+    recv, sent = [], []
     try:
         while len(recv) < messages:
             for acc in ep.poll(100):
                 recv.append(acc.received_at)  # when the endpoint accepted it (time.monotonic)
                 sent.append(acc.frames.meta["gen_s"])
-                nbytes = nbytes or int(sum(t.numel() * t.element_size() for t in
-                                           (acc.frames.prompt_ids, acc.frames.token_ids, acc.frames.logprobs)))
             if proc.poll() is not None and len(recv) < messages:
                 raise RuntimeError("stream producer exited early")
     finally:
@@ -147,27 +156,25 @@ def run_stream(tokens: int, messages: int) -> dict:
 
 
 def run_pushpull(tokens: int, messages: int) -> dict:
-    import msgpack
-
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, WINDOW // 2)
     sock.bind("tcp://127.0.0.1:0")
     endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
     proc = _spawn("pushpull", endpoint, tokens, messages)
+    gc.collect()
     cpu0 = time.process_time()
-    recv, sent = [], []
+    recv = []
     try:
         for _ in range(messages):
-            frames = sock.recv_multipart(copy=False)
+            sock.recv_multipart(copy=False)  # received, then dropped: the baseline does no work
             recv.append(time.monotonic())
-            sent.append(frames)  # read the send time after the run: the baseline does no work
     finally:
         cpu = time.process_time() - cpu0
         out, _ = proc.communicate(timeout=300)
         sock.close(linger=0)
         ctx.term()
-    sent = [msgpack.unpackb(f[0].buffer)["meta"]["gen_s"] for f in sent]
+    sent = json.loads(out.strip().splitlines()[-2])  # the producer's send times, in order (one PUSH -> PULL pipe)
     return {**_summary(recv, sent, _message_bytes(tokens)), **_cpu_ms(out, cpu, messages)}
 
 
@@ -179,14 +186,14 @@ def _message_bytes(tokens: int) -> int:
 def side_costs(tokens: int) -> dict:
     """Per group, ms: engine lists -> arrays (producer) and validated tensors -> records (consumer)."""
     from spark_mcore.transport.protocol import decode_result
-    from spark_mcore.transport.wire import decode
+    from spark_mcore.transport.wire import decode_arrays
 
     res = group(tokens)
     t0 = time.perf_counter()
     tensors = result_tensors(res)
     t1 = time.perf_counter()
     frames = [bytes(memoryview(f)) for f in encode(RESULT, result_meta(res, "bench"), tensors)]
-    msg_type, meta, decoded = decode(frames)
+    msg_type, meta, decoded = decode_arrays(frames)
     t2 = time.perf_counter()
     decode_result(meta, decoded).to_result()
     t3 = time.perf_counter()
@@ -204,9 +211,12 @@ def main() -> None:
     ap.add_argument("--messages", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.produce:
+        gc.collect()  # the import-time garbage settled before the clock (see the module docstring)
         cpu0 = time.process_time()
-        (produce_stream if args.produce == "stream" else produce_pushpull)(args.endpoint, args.tokens, args.messages)
-        print(time.process_time() - cpu0, flush=True)  # read by the consumer (_cpu_ms)
+        sent = (produce_stream if args.produce == "stream" else produce_pushpull)(args.endpoint, args.tokens, args.messages)
+        cpu = time.process_time() - cpu0
+        print(json.dumps(sent), flush=True)  # send times (push/pull), read by run_pushpull
+        print(cpu, flush=True)  # read by the consumer (_cpu_ms)
         return
     ratios: list[float] = []
     for tokens in [int(s) for s in args.sizes.split(",")]:

@@ -158,11 +158,12 @@ class OwnJudge:
                  *(["rationale"] if self.rationale else [])] if self.samples else [])
 
 
-def own_judge_file(prev_hf: Path, config: Path, overrides: list[str], own: OwnJudge, path: Path) -> Path:
+def own_judge_file(prev_hf: Path, config: Path, overrides: list[str], own: OwnJudge, path: Path,
+                   reuse: bool = False) -> Path:
     """Samples the export `prev_hf` on the first `own.prompts` TRAINING prompts (the warm
     start's data config), verifies the answers and saves balanced judge rows from the groups
-    with a right and a wrong answer to `path` (reused when it exists)."""
-    if path.is_file():
+    with a right and a wrong answer to `path` (kept when it exists and `reuse`)."""
+    if reuse and path.is_file():
         print(f"  reusing {path}", flush=True)
         return path
     from spark_mcore.config.run import load_run_config
@@ -211,7 +212,8 @@ def warm_start_run(sft_dir: Path, config: Path, overrides: list[str], continue_s
         prev, extra = dirs[i], []
         if own.samples and i == len(continue_steps) - 1:
             t0 = time.perf_counter()
-            path = own_judge_file(prev / "hf", config, overrides, own, sft_dir.with_name(sft_dir.name + "-own_judge.jsonl"))
+            path = own_judge_file(prev / "hf", config, overrides, own,
+                                  sft_dir.with_name(sft_dir.name + "-own_judge.jsonl"), reuse)
             wall += time.perf_counter() - t0
             extra = [f"warmstart.judge_file={path}", f"warmstart.judge_file_share={own.share}",
                      *([f"warmstart.judge_fraction={own.fraction}"] if own.fraction else [])]

@@ -45,10 +45,11 @@ from spark_mcore.transport.protocol import (
     decode_result,
     item_to_wire,
 )
-from spark_mcore.transport.wire import WireError, decode, encode
+from spark_mcore.transport.wire import WireError, decode_arrays, encode, readable, recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
 _LOG_FIRST_BAD = 5  # per sender, then every _LOG_EVERY_BAD-th
+ACK_DELAY_S = 0.02  # the longest an accepted result waits for its ack (see `_flush_acks`)
 
 
 class StreamStalled(RuntimeError):
@@ -111,9 +112,17 @@ class StreamEndpoint:
         self.workers: dict[str, _Worker] = {}
         self._by_identity: dict[bytes, str] = {}
         self._acks: dict[bytes, list[str]] = {}
+        self._acks_since = 0.0  # when the oldest unsent ack was queued
+        # Acks only free a worker's re-send copies (credits come back at acceptance), so they go in
+        # batches: with the worker's next assignment (one wake-up of the worker for both), at half
+        # a window, or after ACK_DELAY_S, whichever comes first.
+        self._ack_batch = max(1, cfg.credits_per_worker // 2)
         self.staleness = Counter()
         self._ctx = zmq.Context()
         self._sock = self._socket(cfg)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._topup_due = False  # an accepted result freed enough credit for `_assign` to send
         self._closed = False
         self.last_progress = time.monotonic()
 
@@ -182,22 +191,20 @@ class StreamEndpoint:
         handled = 0
         self._assign()
         while handled < max_messages:
-            if not self._sock.get(zmq.EVENTS) & zmq.POLLIN:  # (cheaper than a poll when one is queued)
+            if not readable(self._sock):  # (cheaper than a poll when one is queued)
                 wait = 0 if out else max(0, int((deadline - time.monotonic()) * 1000))
-                if not wait or not self._sock.poll(wait, zmq.POLLIN):
+                if not wait or not self._poller.poll(wait):  # (Socket.poll builds a poller per call)
                     break
-            frames = self._sock.recv_multipart(copy=False)
+            frames = recv_frames(self._sock)
             handled += 1
-            accepted = len(out)
             self._handle(frames, out)
             # Credits are given back as soon as a top-up is due, not when the queue drains: a worker
             # that streams steadily never waits for the trainer to catch up (no bubble per window).
-            # Acks only free the worker's copies: they go once per poll (<= max_messages ids).
-            if len(out) > accepted:
+            if self._topup_due:
                 self._assign()
         self._check_silent()
         self._assign()
-        self._flush_acks()
+        self._flush_acks(force=time.monotonic() - self._acks_since >= ACK_DELAY_S)
         if out:
             self.last_progress = time.monotonic()
         return out
@@ -217,11 +224,11 @@ class StreamEndpoint:
             if len(frames) < 2:
                 raise WireError("frames: no payload after the routing identity")
             self.stats.bytes_in += sum(map(len, frames[1:]))
-            msg_type, meta, tensors = decode(frames[1:])
+            msg_type, meta, arrays = decode_arrays(frames[1:])
             if msg_type in (HELLO, HEARTBEAT):
                 self._on_peer(identity, check_peer(meta, msg_type), msg_type == HELLO)
             elif msg_type == RESULT:
-                self._on_result(identity, decode_result(meta, tensors, self.cfg.max_token_id), out)
+                self._on_result(identity, decode_result(meta, arrays, self.cfg.max_token_id), out)
             elif msg_type == BYE:
                 self._on_bye(identity)
             else:
@@ -277,15 +284,16 @@ class StreamEndpoint:
         name = self._by_identity.get(identity)
         if name is not None:
             self.workers[name].last_seen = time.monotonic()
-        self._acks.setdefault(identity, []).append(sid)  # taken or not wanted: the worker may forget it
         item = self.items.get(sid)
+        n = None if item is None else item.params.get("n")
+        if n is not None and len(m["lengths"]) != n:
+            raise WireError(f"result '{sid}': {len(m['lengths'])} responses, the assignment asked for n={n}")
+        if not self._acks:
+            self._acks_since = time.monotonic()
+        self._acks.setdefault(identity, []).append(sid)  # taken or not wanted: the worker may forget it
         if item is None:
             self.stats.duplicates += 1
             return
-        n = item.params.get("n")
-        if n is not None and len(m["lengths"]) != n:
-            self._acks[identity].pop()
-            raise WireError(f"result '{sid}': {len(m['lengths'])} responses, the assignment asked for n={n}")
         owner = self.workers.get(self.owner.get(sid, ""))
         age = self.policy_version - m["policy_version"]
         if self.max_staleness is not None and age > self.max_staleness:
@@ -303,6 +311,7 @@ class StreamEndpoint:
         if owner is not None:
             owner.in_flight.pop(sid, None)
             owner.returned += 1
+            self._topup_due = self._topup_due or (bool(self.pending) and self._wants_topup(owner))
         self.staleness[max(age, 0)] += 1
         self.stats.results += 1
         out.append(Accepted(item=item, frames=frames, received_at=time.monotonic()))
@@ -331,14 +340,17 @@ class StreamEndpoint:
                 if not w.in_flight:
                     logger.warning("rollout stream: worker '%s' silent for %.1fs", w.name, now - w.last_seen)
 
+    def _wants_topup(self, w: _Worker) -> bool:
+        """A worker is topped up once half of its window is free (or the queue is short): fewer,
+        larger assign messages for the same window (each message to a worker can cost a context
+        switch on a busy host), while it still holds half a window of work."""
+        window = min(w.capacity, self.cfg.credits_per_worker)
+        return not w.silent and window - len(w.in_flight) >= min(len(self.pending), max(1, window // 2))
+
     def _assign(self) -> bool:
         """Round-robin over live workers with credit, one message per worker; True if any was sent."""
-        # A worker is topped up once half of its window is free (or the queue is short): fewer,
-        # larger assign messages for the same window (each message to a worker can cost a
-        # context switch on a busy host), while it still holds half a window of work.
-        live = [w for w in self.workers.values() if not w.silent
-                and min(w.capacity, self.cfg.credits_per_worker) - len(w.in_flight)
-                >= min(len(self.pending), max(1, min(w.capacity, self.cfg.credits_per_worker) // 2))]
+        self._topup_due = False
+        live = [w for w in self.workers.values() if self._wants_topup(w)]
         batches: dict[str, list[WorkItem]] = {}
         progress = True
         while self.pending and progress:
@@ -358,18 +370,22 @@ class StreamEndpoint:
             for item in items:
                 w.in_flight[item.sample_id] = w.seq
                 self.owner[item.sample_id] = name
+            if w.identity in self._acks:
+                self._send(w.identity, ACK, {"session": self.session, "ids": self._acks.pop(w.identity)})
             self._send(w.identity, ASSIGN, {"session": self.session, "seq": w.seq, "policy_version": self.policy_version,
                                             "items": [item_to_wire(i) for i in items]})
         return bool(batches)
 
-    def _flush_acks(self) -> None:
-        for identity, ids in self._acks.items():
-            self._send(identity, ACK, {"session": self.session, "ids": ids})
-        self._acks.clear()
+    def _flush_acks(self, force: bool) -> None:
+        """Acknowledges per worker once a batch is due (or every pending id when `force`)."""
+        for identity in [i for i, ids in self._acks.items() if force or len(ids) >= self._ack_batch]:
+            self._send(identity, ACK, {"session": self.session, "ids": self._acks.pop(identity)})
+        if force or not self._acks:
+            self._acks_since = time.monotonic()
 
     def _send(self, identity: bytes, msg_type: str, meta: dict[str, Any]) -> None:
         try:
-            self._sock.send_multipart([identity, *encode(msg_type, meta)], flags=zmq.NOBLOCK)
+            send_frames(self._sock, [identity, *encode(msg_type, meta)])
         except zmq.Again:  # that worker's queue is full: it will be re-synced by its next report
             logger.warning("rollout stream: queue to %s is full; dropped a %s message", self._sender(identity), msg_type)
 
@@ -391,6 +407,7 @@ class StreamEndpoint:
         if not self._closed:
             self._closed = True
             if goodbye:
+                self._flush_acks(force=True)
                 for w in self.workers.values():
                     self._send(w.identity, BYE, {"session": self.session})
             self._sock.close(linger=500 if goodbye else 0)

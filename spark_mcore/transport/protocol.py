@@ -22,6 +22,7 @@ tensor frames (one per message), so a group costs one copy, not a Python list pe
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,8 +39,9 @@ from spark_mcore.transport.records import (
     prompt_to_wire,
     reward_sample_from_wire,
     reward_sample_to_wire,
+    try_prompt_from_wire,
 )
-from spark_mcore.transport.wire import WireError, encode
+from spark_mcore.transport.wire import _TORCH_TO_WIRE, WireError, encode
 from spark_mcore.types import Completion, Prompt, RewardSample, Rollout, RolloutGroup
 
 HELLO, HEARTBEAT, RESULT, BYE = "hello", "heartbeat", "result", "bye"
@@ -97,15 +99,24 @@ def _sample_id(v: Any, where: str) -> str:
     return s
 
 
+_ITEM_KEYS = {"sample_id", "prompt", "params", "step", "index", "recycle"}
+
+
 def item_from_wire(d: Any, where: str = "item") -> WorkItem:
-    d = _expect_map(d, where, {"sample_id", "prompt", "params", "step", "index", "recycle"})
-    params = _expect_map(d["params"], f"{where}.params", set(), frozenset(_PARAM_KEYS))
-    if not isinstance(d["recycle"], bool):
-        raise WireError(f"{where}.recycle: expected a bool, got {d['recycle']!r}")
-    return WorkItem(sample_id=_sample_id(d["sample_id"], f"{where}.sample_id"),
-                    prompt=prompt_from_wire(d["prompt"], f"{where}.prompt"), params=dict(params),
-                    step=_int(d["step"], f"{where}.step"), index=_int(d["index"], f"{where}.index"),
-                    recycle=d["recycle"])
+    # one expression on msgpack's exact types first; the checks that name the field only on failure
+    if not (type(d) is dict and d.keys() == _ITEM_KEYS and type(d["params"]) is dict and d["params"].keys() <= _PARAM_KEYS
+            and type(d["recycle"]) is bool and type(d["step"]) is int and type(d["index"]) is int
+            and type(d["sample_id"]) is str and 0 < len(d["sample_id"]) <= MAX_ID_CHARS):
+        d = _expect_map(d, where, _ITEM_KEYS)
+        _expect_map(d["params"], f"{where}.params", set(), frozenset(_PARAM_KEYS))
+        if not isinstance(d["recycle"], bool):
+            raise WireError(f"{where}.recycle: expected a bool, got {d['recycle']!r}")
+        _sample_id(d["sample_id"], f"{where}.sample_id")
+        _int(d["step"], f"{where}.step")
+        _int(d["index"], f"{where}.index")
+    prompt = try_prompt_from_wire(d["prompt"]) or prompt_from_wire(d["prompt"], f"{where}.prompt")
+    return WorkItem(sample_id=d["sample_id"], prompt=prompt, params=dict(d["params"]), step=d["step"],
+                    index=d["index"], recycle=d["recycle"])
 
 
 # --- results ------------------------------------------------------------------------------------
@@ -139,96 +150,110 @@ def encode_result(res: WorkResult, incarnation: str) -> list[Any]:
 
 @dataclass
 class ResultFrames:
-    """A `result` message validated down to its tensors (what the stream hands over before any
-    per-token Python objects exist); `to_result` builds the records."""
+    """A `result` message validated down to its arrays (read-only use: numpy views of the received
+    frames, before any per-token Python objects exist); `to_result` builds the records."""
 
     meta: dict[str, Any]
-    prompt_ids: torch.Tensor
-    token_ids: torch.Tensor
-    logprobs: torch.Tensor | None
+    prompt_ids: np.ndarray  # int32 [P]
+    token_ids: np.ndarray  # int32 [sum(lengths)]
+    logprobs: np.ndarray | None  # float32 [sum(lengths)]
 
     def to_result(self) -> WorkResult:
         m = self.meta
-        offsets = np.cumsum([0, *m["lengths"]])
-        # numpy's tolist is faster than torch's (the tensors are CPU views of the frames)
-        ids = self.token_ids.numpy().tolist()
-        lps = None if self.logprobs is None else self.logprobs.numpy().tolist()
+        offsets = list(itertools.accumulate(m["lengths"], initial=0))
+        ids = self.token_ids.tolist()
+        lps = None if self.logprobs is None else self.logprobs.tolist()
         comps = [Completion(token_ids=ids[a:b], text=t, logprobs=None if lps is None else lps[a:b], finish_reason=f)
                  for a, b, t, f in zip(offsets[:-1], offsets[1:], m["texts"], m["finish"], strict=True)]
         return WorkResult(sample_id=m["sample_id"], worker=m["worker"], policy_version=m["policy_version"],
-                          prompt_ids=self.prompt_ids.numpy().tolist(), completions=comps, rewards=list(m["rewards"]),
+                          prompt_ids=self.prompt_ids.tolist(), completions=comps, rewards=list(m["rewards"]),
                           candidates=list(m["reward_samples"]), gen_s=m["gen_s"])
 
 
 _RESULT_KEYS = {"worker", "incarnation", "sample_id", "policy_version", "lengths", "texts", "finish", "rewards",
                 "reward_samples", "gen_s"}
+_INT, _STR, _NUMBER = frozenset({int}), frozenset({str}), frozenset({int, float})
+_MAX, _MIN = np.maximum.reduce, np.minimum.reduce  # (ndarray.max/min add a Python layer per call)
+_ARRAY_DTYPES = {"prompt_ids": "int32", "token_ids": "int32", "logprobs": "float32"}
 
 
 def _check_lists(m: dict[str, Any]) -> int:
-    n = len(m["lengths"]) if isinstance(m["lengths"], list) else -1
-    for key in ("lengths", "texts", "finish", "rewards"):
-        if not isinstance(m[key], list) or len(m[key]) != n:
-            raise WireError(f"result.meta.{key}: expected a list of {max(n, 0)} entries (one per response)")
+    lengths, texts, finish, rewards = m["lengths"], m["texts"], m["finish"], m["rewards"]
+    n = len(lengths) if type(lengths) is list else -1
+    if not (type(texts) is list and type(finish) is list and type(rewards) is list
+            and len(texts) == len(finish) == len(rewards) == n):
+        for key in ("lengths", "texts", "finish", "rewards"):
+            if not isinstance(m[key], list) or len(m[key]) != n:
+                raise WireError(f"result.meta.{key}: expected a list of {max(n, 0)} entries (one per response)")
     # exact type checks (msgpack yields only int / float / str here; bool is not a number)
-    if not all(type(x) is int and x >= 0 for x in m["lengths"]):
+    if not set(map(type, lengths)) <= _INT or (lengths and min(lengths) < 0):
         raise WireError("result.meta.lengths: expected non-negative integers")
-    if not all(type(x) is str for x in m["texts"]) or not all(type(x) is str for x in m["finish"]):
+    if not set(map(type, texts)) <= _STR or not set(map(type, finish)) <= _STR:
         raise WireError("result.meta.texts/finish: expected strings")
-    if not all(type(x) in _NUMBER for x in m["rewards"]) or not all(map(math.isfinite, m["rewards"])):
+    if not set(map(type, rewards)) <= _NUMBER or not all(map(math.isfinite, rewards)):
         raise WireError("result.meta.rewards: expected finite numbers")
     return n
 
 
-_NUMBER = (int, float)
+def _array(arrays: dict[str, Any], name: str, size: int | None) -> np.ndarray:
+    """The validated 1-D array `name` of a result. `arrays`: `wire.decode_arrays`' (dtype, array)
+    pairs, or torch tensors."""
+    entry = arrays.get(name)
+    if entry is None:
+        raise WireError(f"result.tensors.{name}: missing")
+    want = _ARRAY_DTYPES[name]
+    if isinstance(entry, torch.Tensor):
+        dtype, shape = _TORCH_TO_WIRE.get(entry.dtype, str(entry.dtype)), entry.shape
+        a = entry.numpy() if dtype == want else None
+    else:
+        (dtype, a), shape = entry, entry[1].shape
+    if dtype != want or len(shape) != 1 or (size is not None and shape[0] != size):
+        raise WireError(f"result.tensors.{name}: expected {want} [{'P' if size is None else size}], "
+                        f"got {dtype} {list(shape)}")
+    return a
 
 
-def _check_ids(name: str, t: torch.Tensor, max_token_id: int) -> None:
+def _check_ids(name: str, a: np.ndarray, max_token_id: int) -> None:
     """0 <= id < max_token_id (or < 2**31 without a bound) in one pass: negative int32 values
     are >= 2**31 when read as uint32."""
-    a = t.numpy()
-    if a.size and int(a.view(np.uint32).max()) >= (max_token_id or 1 << 31):
+    # (compared as numpy scalars: int() of one costs more than the max over 8k ids)
+    if a.size and _MAX(a.view(np.uint32)) >= min(max_token_id or 1 << 31, 1 << 31):
         raise WireError(f"result.tensors.{name}: token ids outside [0, {max_token_id or 'inf'})")
 
 
-def _tensor(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, size: int | None) -> torch.Tensor:
-    t = tensors.get(name)
-    if t is None:
-        raise WireError(f"result.tensors.{name}: missing")
-    if t.dtype != dtype or t.dim() != 1 or (size is not None and t.numel() != size):
-        want = f"[{size}]" if size is not None else "[P]"
-        raise WireError(f"result.tensors.{name}: expected {dtype} {want}, got {t.dtype} {list(t.shape)}")
-    return t
-
-
-def decode_result(meta: dict[str, Any], tensors: dict[str, torch.Tensor], max_token_id: int = 0) -> ResultFrames:
+def decode_result(meta: dict[str, Any], arrays: dict[str, Any], max_token_id: int = 0) -> ResultFrames:
     """Validates a decoded `result` message: required fields and types, one length/text/finish/
-    reward per response, tensor dtypes and sizes, token ids in range, finite log-probs <= 0."""
+    reward per response, tensor dtypes and sizes, token ids in range, finite log-probs <= 0.
+    `arrays`: from `wire.decode_arrays` (or torch tensors from `wire.decode`)."""
     m = _expect_map(meta, "result.meta", _RESULT_KEYS)
     _sample_id(m["sample_id"], "result.meta.sample_id")
-    _str(m["worker"], "result.meta.worker")
-    if _int(m["policy_version"], "result.meta.policy_version") < 0:
-        raise WireError("result.meta.policy_version: must be >= 0")
-    _float(m["gen_s"], "result.meta.gen_s")
+    if type(m["worker"]) is not str:
+        _str(m["worker"], "result.meta.worker")
+    if type(m["policy_version"]) is not int or m["policy_version"] < 0:
+        if _int(m["policy_version"], "result.meta.policy_version") < 0:
+            raise WireError("result.meta.policy_version: must be >= 0")
+    if type(m["gen_s"]) is not float:
+        _float(m["gen_s"], "result.meta.gen_s")
     _check_lists(m)
-    unknown = tensors.keys() - {"prompt_ids", "token_ids", "logprobs"}
-    if unknown:
-        raise WireError(f"result.tensors: unknown tensor(s) {sorted(unknown)}")
+    if len(arrays) > 3 or arrays.keys() - _ARRAY_DTYPES.keys():
+        raise WireError(f"result.tensors: unknown tensor(s) {sorted(arrays.keys() - _ARRAY_DTYPES.keys())}")
     total = sum(m["lengths"])
-    prompt_ids = _tensor(tensors, "prompt_ids", torch.int32, None)
-    token_ids = _tensor(tensors, "token_ids", torch.int32, total)
-    logprobs = _tensor(tensors, "logprobs", torch.float32, total) if "logprobs" in tensors else None
+    prompt_ids = _array(arrays, "prompt_ids", None)
+    token_ids = _array(arrays, "token_ids", total)
+    logprobs = _array(arrays, "logprobs", total) if "logprobs" in arrays else None
     # numpy, not torch, for these checks: torch's intra-op threads cost more than the work here
     _check_ids("prompt_ids", prompt_ids, max_token_id)
     _check_ids("token_ids", token_ids, max_token_id)
-    if logprobs is not None and logprobs.numel():
-        a = logprobs.numpy()
-        top = float(a.max())  # NaN propagates into max; inf fails the bound
-        if not (math.isfinite(top) and top <= 1e-3) or not math.isfinite(float(a.min())):
+    if logprobs is not None and logprobs.size:
+        top = _MAX(logprobs)  # NaN propagates into max; inf fails the bound
+        if not (top <= 1e-3 and math.isfinite(top)) or not math.isfinite(_MIN(logprobs)):
             raise WireError("result.tensors.logprobs: expected finite values <= 0")
-    if not isinstance(m["reward_samples"], list) or len(m["reward_samples"]) > 2:
+    samples = m["reward_samples"]
+    if type(samples) is not list or len(samples) > 2:
         raise WireError("result.meta.reward_samples: expected a list of at most 2 (judge, reflection)")
-    m["reward_samples"] = [reward_sample_from_wire(s, f"result.meta.reward_samples[{i}]")
-                           for i, s in enumerate(m["reward_samples"])]
+    if samples:
+        m["reward_samples"] = [reward_sample_from_wire(s, f"result.meta.reward_samples[{i}]")
+                               for i, s in enumerate(samples)]
     return ResultFrames(meta=m, prompt_ids=prompt_ids, token_ids=token_ids, logprobs=logprobs)
 
 

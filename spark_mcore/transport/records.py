@@ -27,6 +27,8 @@ from spark_mcore.types import (
 def _expect_map(d: Any, where: str, required: set[str], optional: frozenset[str] = frozenset()) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise WireError(f"{where}: expected a map, got {type(d).__name__}")
+    if d.keys() == required:  # the common case, in one comparison
+        return d
     missing = required - d.keys()
     if missing:
         raise WireError(f"{where}: missing field(s) {sorted(missing)}")
@@ -76,8 +78,21 @@ def prompt_to_wire(p: Prompt) -> dict[str, Any]:
             "images": list(p.images), "meta": dict(p.meta)}
 
 
-def prompt_from_wire(d: Any, where: str = "prompt") -> Prompt:
-    d = _expect_map(d, where, {"id", "messages", "answer", "task", "images", "meta"})
+_PROMPT_KEYS = {"id", "messages", "answer", "task", "images", "meta"}
+
+
+def _prompt_ok(d: Any) -> bool:
+    """`prompt_from_wire`'s checks as one expression on msgpack's exact types (no error text built
+    per field on the happy path); False sends the prompt through the checks that name the field."""
+    return (type(d) is dict and d.keys() == _PROMPT_KEYS and type(d["id"]) is str and type(d["answer"]) is str
+            and type(d["task"]) is str and type(d["meta"]) is dict and type(d["images"]) is list
+            and type(d["messages"]) is list and all(type(x) is str for x in d["images"])
+            and all(type(m) is dict and all(type(k) is str and type(v) is str for k, v in m.items())
+                    for m in d["messages"]))
+
+
+def _check_prompt(d: Any, where: str) -> None:
+    d = _expect_map(d, where, _PROMPT_KEYS)
     messages = d["messages"]
     if not isinstance(messages, list):
         raise WireError(f"{where}.messages: expected a list of {{role, content}} maps")
@@ -89,9 +104,25 @@ def prompt_from_wire(d: Any, where: str = "prompt") -> Prompt:
         raise WireError(f"{where}.images: expected a list of path/URL strings, got {images!r}")
     if not isinstance(d["meta"], dict):
         raise WireError(f"{where}.meta: expected a map, got {type(d['meta']).__name__}")
-    return Prompt(id=_str(d["id"], f"{where}.id"), messages=[dict(m) for m in messages],
-                  answer=_str(d["answer"], f"{where}.answer"), task=_str(d["task"], f"{where}.task"),
-                  images=list(images), meta=dict(d["meta"]))
+    for key in ("id", "answer", "task"):
+        _str(d[key], f"{where}.{key}")
+
+
+def _build_prompt(d: dict[str, Any]) -> Prompt:
+    return Prompt(id=d["id"], messages=[dict(m) for m in d["messages"]], answer=d["answer"], task=d["task"],
+                  images=list(d["images"]), meta=dict(d["meta"]))
+
+
+def try_prompt_from_wire(d: Any) -> Prompt | None:
+    """`prompt_from_wire` on the happy path, None where that one would have to explain a failure
+    (lets a caller build the field path only then)."""
+    return _build_prompt(d) if _prompt_ok(d) else None
+
+
+def prompt_from_wire(d: Any, where: str = "prompt") -> Prompt:
+    if not _prompt_ok(d):
+        _check_prompt(d, where)
+    return _build_prompt(d)
 
 
 # --- Completion / Rollout / RolloutGroup ----------------------------------------------------------
@@ -204,7 +235,7 @@ def train_batch_from_wire(meta: dict[str, Any], tensors: dict[str, torch.Tensor]
 
 
 __all__ = [
-    "prompt_to_wire", "prompt_from_wire", "completion_to_wire", "completion_from_wire",
+    "prompt_to_wire", "prompt_from_wire", "try_prompt_from_wire", "completion_to_wire", "completion_from_wire",
     "rollout_to_wire", "rollout_from_wire", "group_to_wire", "group_from_wire",
     "reward_sample_to_wire", "reward_sample_from_wire", "train_batch_to_wire", "train_batch_from_wire",
 ]

@@ -37,6 +37,7 @@ _DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
     "bool": (torch.bool, np.dtype("?")),
 }
 _TORCH_TO_WIRE = {tdt: name for name, (tdt, _) in _DTYPES.items()}
+_NATIVE = {name: npd.isnative for name, (_, npd) in _DTYPES.items()}
 # Bound on one header so that a hostile frame 0 cannot make msgpack allocate without limit.
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 
@@ -128,49 +129,56 @@ def _check_header(header: Any) -> tuple[str, dict[str, Any], list[Any]]:
     return msg_type, meta, table
 
 
-def _decode_tensor(entry: Any, i: int, frames: Sequence[Any], used: set[int]) -> tuple[str, torch.Tensor]:
+def _bad_entry(entry: Any, i: int, frames: Sequence[Any], used: set[int]) -> WireError:
+    """The error for a tensor table entry that failed the fast checks in `_decode_array`."""
     where = f"header.tensors[{i}]"
     if not isinstance(entry, list) or len(entry) != 4:
-        raise WireError(f"{where}: expected [name, dtype, shape, frame_index], got {entry!r}")
+        return WireError(f"{where}: expected [name, dtype, shape, frame_index], got {entry!r}")
     name, dtype, shape, index = entry
     if not isinstance(name, str) or not name:
-        raise WireError(f"{where}.name: expected a non-empty string, got {name!r}")
-    if dtype not in _DTYPES:
-        raise WireError(f"{where}.dtype: unknown dtype {dtype!r} for '{name}'; known: {supported_dtypes()}")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-        raise WireError(f"{where}.shape: expected a list of non-negative ints for '{name}', got {shape!r}")
-    if not isinstance(index, int) or isinstance(index, bool) or not 1 <= index < len(frames):
-        raise WireError(
-            f"{where}.frame_index: {index!r} for '{name}' points outside the {len(frames)} frames received "
-            "(missing tensor frame?)"
-        )
-    if index in used:
-        raise WireError(f"{where}.frame_index: frame {index} is claimed by two tensors")
+        return WireError(f"{where}.name: expected a non-empty string, got {name!r}")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        return WireError(f"{where}.dtype: unknown dtype {dtype!r} for '{name}'; known: {supported_dtypes()}")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        return WireError(f"{where}.shape: expected a list of non-negative ints for '{name}', got {shape!r}")
+    if type(index) is not int or not 1 <= index < len(frames):
+        return WireError(f"{where}.frame_index: {index!r} for '{name}' points outside the {len(frames)} frames "
+                         "received (missing tensor frame?)")
+    return WireError(f"{where}.frame_index: frame {index} is claimed by two tensors")
+
+
+def _decode_array(entry: Any, i: int, frames: Sequence[Any], used: set[int]) -> tuple[str, str, np.ndarray]:
+    """(name, wire dtype, flat-or-shaped numpy view of the frame) for tensor table entry `i`.
+    The happy path is a handful of exact-type checks (msgpack yields exact types); any failure
+    is explained by `_bad_entry`."""
+    if type(entry) is not list or len(entry) != 4:
+        raise _bad_entry(entry, i, frames, used)
+    name, dtype, shape, index = entry
+    spec = _DTYPES.get(dtype) if type(dtype) is str else None
+    if (type(name) is not str or not name or spec is None or type(shape) is not list
+            or not all(type(s) is int and s >= 0 for s in shape)
+            or type(index) is not int or not 1 <= index < len(frames) or index in used):
+        raise _bad_entry(entry, i, frames, used)
     used.add(index)
-    torch_dtype, np_dtype = _DTYPES[dtype]
+    np_dtype = spec[1]
     buf = _as_buffer(frames[index], index)
-    expected = math.prod(shape) * np_dtype.itemsize
+    expected = (shape[0] if len(shape) == 1 else math.prod(shape)) * np_dtype.itemsize
     if buf.nbytes != expected:
-        raise WireError(
-            f"{where}: frame {index} of '{name}' has {buf.nbytes} bytes, but shape {shape} x {dtype} needs {expected}"
-        )
+        raise WireError(f"header.tensors[{i}]: frame {index} of '{name}' has {buf.nbytes} bytes, but shape {shape} x "
+                        f"{dtype} needs {expected}")
     arr = np.frombuffer(buf, dtype=np_dtype)
     # Zero-copy when the frame is writable, aligned and in host byte order (a zmq.Frame received
-    # with copy=False: the tensor keeps the frame alive); otherwise one copy, so that the tensor
+    # with copy=False: the array keeps the frame alive); otherwise one copy, so that the result
     # always owns writable, aligned memory (bytes are read-only, big-endian hosts swap).
-    if not (arr.flags.writeable and arr.flags.aligned and arr.dtype.isnative):
+    flags = arr.flags
+    if not (flags.writeable and flags.aligned and _NATIVE[dtype]):
         arr = arr.astype(np_dtype.newbyteorder("="), copy=True)
-    t = torch.from_numpy(arr.reshape(shape))
-    return name, (t.view(torch.bfloat16) if torch_dtype == torch.bfloat16 else t)
+    return name, dtype, (arr if len(shape) == 1 else arr.reshape(shape))
 
 
-def decode(frames: Sequence[Any]) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
-    """Parse and validate frames from `encode`; returns (msg_type, meta, tensors).
-
-    Raises WireError naming the field for: an unknown schema version, a malformed header,
-    an unknown dtype, a missing or extra frame, or a frame whose byte length differs from
-    shape x dtype.
-    """
+def decode_arrays(frames: Sequence[Any]) -> tuple[str, dict[str, Any], dict[str, tuple[str, np.ndarray]]]:
+    """`decode` without the torch views: (msg_type, meta, {name: (wire dtype, numpy array)});
+    a bfloat16 tensor arrives as its int16 bit pattern. Same validation as `decode`."""
     if not isinstance(frames, (list, tuple)) or not frames:
         raise WireError("frames: expected a non-empty list of frames (frame 0 = msgpack header)")
     head = _as_buffer(frames[0], 0)
@@ -185,14 +193,63 @@ def decode(frames: Sequence[Any]) -> tuple[str, dict[str, Any], dict[str, torch.
         raise WireError(
             f"frames: header lists {len(table)} tensors but {len(frames) - 1} tensor frames arrived"
         )
-    tensors: dict[str, torch.Tensor] = {}
+    arrays: dict[str, tuple[str, np.ndarray]] = {}
     used: set[int] = set()
     for i, entry in enumerate(table):
-        name, t = _decode_tensor(entry, i, frames, used)
-        if name in tensors:
+        name, dtype, arr = _decode_array(entry, i, frames, used)
+        if name in arrays:
             raise WireError(f"header.tensors[{i}].name: duplicate tensor name '{name}'")
-        tensors[name] = t
-    return msg_type, meta, tensors
+        arrays[name] = (dtype, arr)
+    return msg_type, meta, arrays
 
 
-__all__ = ["SCHEMA_VERSION", "WireError", "encode", "decode", "supported_dtypes"]
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: pyzmq's enum wrappers cost more than the call
+
+
+def readable(sock: zmq.Socket) -> bool:
+    """A message is queued on `sock` (ZMQ_EVENTS: no poller built, no wait)."""
+    return bool(sock.getsockopt(_EVENTS) & _POLLIN)
+
+
+_SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
+
+
+def send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
+    """`sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)` with plain int flags (pyzmq's
+    flag enums cost a few microseconds per frame); raises zmq.Again like it when the queue is full
+    (a multipart message is queued whole or not at all)."""
+    *head, last = frames
+    for frame in head:
+        sock.send(frame, _NOBLOCK | _SNDMORE, copy=False)
+    sock.send(last, _NOBLOCK, copy=False)
+
+
+def recv_frames(sock: zmq.Socket) -> list[zmq.Frame]:
+    """`sock.recv_multipart(copy=False)` at half the cost: each frame says itself whether more
+    follow (`Frame.more`), so no RCVMORE option is read (and wrapped) per frame."""
+    frame = sock.recv(copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = sock.recv(copy=False)
+        frames.append(frame)
+    return frames
+
+
+def as_tensor(dtype: str, arr: np.ndarray) -> torch.Tensor:
+    """The torch view of an array from `decode_arrays` (shares its memory)."""
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def decode(frames: Sequence[Any]) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+    """Parse and validate frames from `encode`; returns (msg_type, meta, tensors).
+
+    Raises WireError naming the field for: an unknown schema version, a malformed header,
+    an unknown dtype, a missing or extra frame, or a frame whose byte length differs from
+    shape x dtype.
+    """
+    msg_type, meta, arrays = decode_arrays(frames)
+    return msg_type, meta, {name: as_tensor(dtype, arr) for name, (dtype, arr) in arrays.items()}
+
+
+__all__ = ["SCHEMA_VERSION", "WireError", "encode", "decode", "decode_arrays", "as_tensor", "readable", "recv_frames", "send_frames", "supported_dtypes"]

@@ -11,6 +11,7 @@ Not thread-safe: one thread calls `poll` / `send_result` (ZeroMQ sockets are sin
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import uuid
@@ -32,9 +33,10 @@ from spark_mcore.transport.protocol import (
     item_from_wire,
 )
 from spark_mcore.transport.records import _int, _str
-from spark_mcore.transport.wire import WireError, decode, encode
+from spark_mcore.transport.wire import WireError, decode, encode, readable, recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
+_MAX_DRAIN = 1024  # messages handled per readiness check in `poll`
 
 
 class WorkerClient:
@@ -73,6 +75,8 @@ class WorkerClient:
             self._sock.setsockopt(zmq.CURVE_PUBLICKEY, pub)
             self._sock.setsockopt(zmq.CURVE_SECRETKEY, sec)
         self._sock.connect(connect)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
         self._last_report = 0.0
         self._closed = False
         self._report(HELLO)
@@ -88,7 +92,7 @@ class WorkerClient:
 
     def _send(self, frames: list[Any]) -> bool:
         try:
-            self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            send_frames(self._sock, frames)
             return True
         except zmq.Again:  # trainer unreachable and the queue is full: the report/resend retries
             return False
@@ -99,15 +103,24 @@ class WorkerClient:
         new: list[WorkItem] = []
         deadline = time.monotonic() + timeout_ms / 1000.0
         while True:
-            if time.monotonic() - self._last_report >= self.heartbeat_s:
+            now = time.monotonic()
+            if now - self._last_report >= self.heartbeat_s:
                 self._report(HEARTBEAT)
-            wait = 0 if new else max(0, min(int((deadline - time.monotonic()) * 1000), int(self.heartbeat_s * 1000)))
-            if not self._sock.poll(wait, zmq.POLLIN):
-                if new or time.monotonic() >= deadline:
-                    return new
-                continue
+            self._drain(new)
+            if new or now >= deadline:
+                return new
+            # rounded up: a zero wait would spin through the last millisecond before the deadline
+            wait = max(1, min(math.ceil((deadline - now) * 1000), math.ceil(self.heartbeat_s * 1000)))
+            self._poller.poll(wait)  # (a persistent poller: Socket.poll builds one per call)
+
+    def _drain(self, new: list[WorkItem]) -> None:
+        """Handles every queued message without waiting (ZMQ_EVENTS, not a poll, says whether
+        one is queued); bounded so that heartbeats still go out under a burst."""
+        for _ in range(_MAX_DRAIN):
+            if not readable(self._sock):
+                return
             try:
-                self._handle(self._sock.recv_multipart(copy=False), new)
+                self._handle(recv_frames(self._sock), new)
             except WireError as e:
                 logger.warning("rollout worker %s: ignored a bad message from the trainer: %s", self.worker, e)
 

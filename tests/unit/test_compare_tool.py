@@ -99,7 +99,7 @@ def test_staged_warm_start_chains_exports_and_feeds_own_rows_to_the_last_stage(
         (run_dir / "tokenizer").mkdir(parents=True)
         return 1.0
 
-    def fake_rows(prev_hf: Path, config: Path, overrides: list[str], own: object, path: Path) -> Path:
+    def fake_rows(prev_hf: Path, config: Path, overrides: list[str], own: object, path: Path, reuse: bool) -> Path:
         assert prev_hf.parent.name == "ws-stage2"  # the stage before the last
         return path
 

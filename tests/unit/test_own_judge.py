@@ -81,3 +81,4 @@ def test_the_config_field_is_validated() -> None:
     with pytest.raises(ConfigError, match="judge_file_share"):
         WarmStartConfig(judge_fraction=0.3, judge_file="rows.jsonl", judge_file_share=1.5)
     assert WarmStartConfig(judge_fraction=0.3, judge_file="rows.jsonl").judge_file_share == 0.5
+

@@ -184,3 +184,26 @@ def test_judge_fraction_is_validated() -> None:
     for bad in (-0.1, 1.0):
         with pytest.raises(ConfigError, match=r"warmstart.judge_fraction must be in \[0, 1\)"):
             WarmStartConfig(judge_fraction=bad)
+
+
+def test_the_warm_start_reports_the_loss_of_solution_and_judge_batches_apart() -> None:
+    from types import SimpleNamespace
+
+    from spark_mcore.trainer.warmstart import warm_start
+
+    class FakeActor:  # loss 1.0 on judge batches, 0.2 on worked solutions
+        pstate = SimpleNamespace(dp_rank=0, dp_size=1)
+
+        def setup_optimizer(self, lr: float, steps: int, warmup: int) -> None:
+            pass
+
+        def sft_step(self, batch: object) -> dict[str, float]:
+            return {"sft_loss": 0.2 if set(batch.kinds) == {"policy"} else 1.0}  # type: ignore[attr-defined]
+
+    tok = build_tokenizer(None, corpus_texts())
+    reports: list[str] = []
+    cfg = WarmStartConfig(steps=8, batch_size=2, judge_fraction=0.25)
+    out = warm_start(FakeActor(), arith_problems([1], "train", 20, seed=0), tok, lambda p: encode_prompt(tok, p),
+                     cfg, seed=0, progress=False, judge_examples=judge_sft_examples, report=reports.append)
+    assert out["sft_loss_judge"] == pytest.approx(1.0) and out["sft_loss_solution"] == pytest.approx(0.2)
+    assert reports == ["warm start step 8/8: loss solution 0.200, judge 1.000"]  # and every 100 steps

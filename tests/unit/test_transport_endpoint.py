@@ -101,6 +101,36 @@ def test_credits_bound_what_a_worker_holds_and_every_item_arrives_once() -> None
         ep.close()
 
 
+def test_acks_go_in_batches_but_never_wait_longer_than_the_ack_delay() -> None:
+    from spark_mcore.transport.endpoint import ACK_DELAY_S
+
+    ep = StreamEndpoint(StreamConfig(credits_per_worker=64, **FAST))  # a batch is 32 acks
+    client = WorkerClient(ep.endpoint, "w", capacity=64, heartbeat_s=0.05)
+    try:
+        ep.submit(_items(1))
+        got = _pump(ep, [client], lambda g: len(g) == 1)
+        t0 = time.monotonic()
+        _pump(ep, [client], lambda g: not client.unacked, answer=False)  # one result: no batch fills
+        assert time.monotonic() - t0 < ACK_DELAY_S + 2.0 and got[0].item.sample_id == "s0"
+    finally:
+        client.close()
+        ep.close()
+
+
+def test_an_idle_worker_waits_in_its_poller_instead_of_spinning() -> None:
+    ep = StreamEndpoint(StreamConfig(**FAST))
+    client = WorkerClient(ep.endpoint, "w", capacity=4, heartbeat_s=5.0)
+    calls = []
+    real = client._poller.poll
+    client._poller.poll = lambda ms: calls.append(ms) or real(ms)
+    try:
+        assert client.poll(50) == []
+        assert 1 <= len(calls) <= 3 and all(ms >= 1 for ms in calls), calls
+    finally:
+        client.close()
+        ep.close()
+
+
 def test_resent_results_after_trainer_restart_are_deduplicated() -> None:
     ep = StreamEndpoint(StreamConfig(credits_per_worker=4, **FAST))
     client = WorkerClient(ep.endpoint, "w", capacity=4, heartbeat_s=0.05)

@@ -190,3 +190,31 @@ def test_train_batch_roundtrip_and_shape_checks() -> None:
     tensors2["advantages"] = torch.zeros(3)
     with pytest.raises(WireError, match=r"train_batch\.advantages: shape \[3\] != \[B\] = \[2\]"):
         rec.train_batch_from_wire(meta2, tensors2)
+
+
+def test_decode_arrays_is_decode_without_torch_and_zero_copy_from_received_frames() -> None:
+    import numpy as np
+    import zmq
+
+    from spark_mcore.transport.wire import decode_arrays, recv_frames, send_frames
+
+    t = {"a": torch.arange(6, dtype=torch.int32).reshape(2, 3), "b": torch.tensor([1.0, -2.0], dtype=torch.bfloat16)}
+    msg_type, meta, arrays = decode_arrays(encode("m", {"k": 1}, t))
+    assert (msg_type, meta) == ("m", {"k": 1})
+    assert arrays["a"][0] == "int32" and arrays["a"][1].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert arrays["b"][0] == "bfloat16" and arrays["b"][1].dtype == np.int16  # the bit pattern
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        b.connect(f"tcp://127.0.0.1:{a.bind_to_random_port('tcp://127.0.0.1')}")
+        send_frames(b, encode("m", {}, {"x": torch.arange(40_000, dtype=torch.int32)}))  # > zmq.COPY_THRESHOLD
+        assert a.poll(5000)
+        frames = recv_frames(a)
+        assert len(frames) == 2
+        arr = decode_arrays(frames)[2]["x"][1]
+        assert np.shares_memory(arr, np.frombuffer(frames[1].buffer, dtype=np.uint8)), "a view, not a copy"
+        assert arr[-1] == 39_999 and arr.flags.writeable
+    finally:
+        a.close(linger=0)
+        b.close(linger=0)
+        ctx.term()
