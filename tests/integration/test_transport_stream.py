@@ -63,8 +63,8 @@ def _reader(stream, lines: list[str]) -> None:
         lines.append(line.strip())
 
 
-def _collect(consumer: RolloutConsumer, into: StreamBatch) -> None:
-    b = consumer.recv(timeout_ms=50)
+def _collect(consumer: RolloutConsumer, into: StreamBatch, max_messages: int = 64) -> None:
+    b = consumer.recv(timeout_ms=50, max_messages=max_messages)
     into.groups += b.groups
     into.group_versions += b.group_versions
 
@@ -87,8 +87,11 @@ def test_two_process_stream_back_pressure_staleness_and_malformed_frames() -> No
     threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
     got = StreamBatch()
     try:
-        # Serve control traffic until the producer has said hello (credits go out in recv).
-        _wait(lambda: _collect(consumer, got) or consumer.num_producers == 1, 90, f"producer hello; output {lines}")
+        # Serve control traffic until the producer has said hello (credits go out in recv). One data
+        # message per recv: a fast producer could otherwise send everything and say goodbye inside a
+        # single recv (credits are returned while it drains), and the hello would never be seen.
+        _wait(lambda: _collect(consumer, got, max_messages=1) or consumer.num_producers == 1, 90,
+              f"producer hello; output {lines}")
         consumed = consumer.stats.messages
         # Stop reading: the producer can send only what has been granted, then must block on the
         # next message (it says so). A producer that sent more would never block on that one.
