@@ -35,6 +35,7 @@ from spark_mcore.checkpoint.io import (
 )
 from spark_mcore.config.loader import ConfigError
 from spark_mcore.config.run import RunConfig
+from spark_mcore.data.chat import encode_response
 from spark_mcore.data.images import processor_config
 from spark_mcore.distributed.parallel import destroy_distributed
 from spark_mcore.distributed.signals import StopOnSignal
@@ -45,6 +46,7 @@ from spark_mcore.rollout.divide import DividedRollout
 from spark_mcore.rollout.groups import generate_groups, score_groups
 from spark_mcore.rollout.source import StepRequest, StepRollouts
 from spark_mcore.runtime import Run, build_run
+from spark_mcore.spark.demos import with_check_demos
 from spark_mcore.spark.loop import SparkState, kind_metrics
 from spark_mcore.spark.own_judge import file_judge_examples, load_rows
 from spark_mcore.spark.warmstart_data import judge_sft_examples
@@ -246,7 +248,11 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
             step = rollout(run, StepRequest(it, policy_steps, plan.kind == "policy", reward_prompts, params))
             run.logger.update(spark.after_step(plan, step.groups, policy_steps, step.candidates))
             run.source.prefetch(*spark.peek())  # async sources start on the next step's prompts now
-            update(run, step.groups, version=it + 1, off_policy=step.off_policy)
+            groups = step.groups
+            if cfg.spark.check_demo and plan.kind != "policy":  # a documented deviation (spark/demos.py)
+                groups, demos = with_check_demos(groups, lambda text: encode_response(run.tokenizer, text))
+                run.logger.update({"spark/check_demos": float(demos)})
+            update(run, groups, version=it + 1, off_policy=step.off_policy)
             policy_steps, it = policy_steps + (plan.kind == "policy"), it + 1
             bar.update(plan.kind == "policy")
             run.logger.flush(it, f"[{plan.kind} step {it}, policy {policy_steps}/{cfg.trainer.steps}]",

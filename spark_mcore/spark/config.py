@@ -38,6 +38,10 @@ class SparkConfig:
         response(s), instead of the verdict alone. Other tasks keep the `judge` verifier.
     judge_check_weight: with judge_check, the share of the reward given to the written check
         (step agreement, 0..1); the verdict gets the rest. Full credit needs both right.
+    check_demo: with judge_check, each reward step adds to every judge_check group one more
+        member, the reference check and the right verdict, scored like a sample, so GRPO trains
+        on it with the group's advantage (`spark/demos.py`). A DEVIATION from the paper's pure
+        on-policy reward steps (self-training on verified labels); off by default.
     judge_balance: per recycle call, pointwise tasks of the majority label ("Yes" or "No") are
         dropped (a seeded subset) until both labels are equally many, so a judge that answers
         one constant verdict scores 50 % on them (pairwise labels are already 50/50).
@@ -57,6 +61,7 @@ class SparkConfig:
     judge_check: bool = False
     judge_check_weight: float = 0.5
     judge_balance: bool = False
+    check_demo: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in ("alternate", "mixed"):
@@ -77,6 +82,9 @@ class SparkConfig:
             raise ConfigError("spark.reward_batch_size must be >= 0 (0 = data.prompts_per_step)")
         if self.cache_max < 1:
             raise ConfigError("spark.cache_max must be >= 1 (and at least the reward batch size)")
+        if self.check_demo and not self.judge_check:
+            raise ConfigError("spark.check_demo needs spark.judge_check: true (the demonstration is the reference "
+                              "check that judge_check tasks carry)")
         if self.max_shown_chars < 0:
             raise ConfigError("spark.max_shown_chars must be >= 0 (0 = no limit)")
 

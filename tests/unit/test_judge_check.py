@@ -158,3 +158,22 @@ def test_kind_metrics_reports_verdict_accuracy_of_checked_tasks() -> None:
     metrics = kind_metrics(rollouts)
     assert metrics["judge_accuracy"] == pytest.approx(0.5) and metrics["judge_verdict_accuracy"] == 0.5
     assert json.loads(task.answer)["label"] == "No"
+
+
+def test_check_demo_adds_the_reference_to_judge_check_groups_only() -> None:
+    from spark_mcore.spark.demos import with_check_demos
+
+    cfg = SparkConfig(enabled=True, judge_check=True, content_mode="cot", judge_per_prompt=1.0,
+                      reflection_per_prompt=1.0)
+    tasks = Recycler(cfg).recycle([_group([WRONG, WRONG], [False, False])], step=1)
+    assert [t.kind for t in tasks] == ["pointwise", "reflection"]
+    groups = [RolloutGroup(t.prompt, [Rollout(prompt=t.prompt, prompt_ids=[5, 6], completion=Completion([2], "x"),
+                                              reward=0.0, policy_version=4)] * 2) for t in tasks]
+    out, added = with_check_demos(groups, lambda text: [len(text), 9])
+    assert added == 1 and len(out[0].rollouts) == 3 and out[1] is groups[1]
+    demo = out[0].rollouts[-1]
+    assert demo.completion.text == f"{WRONG_CHECK} \\boxed{{No}}" and demo.reward == 1.0
+    assert demo.prompt_ids == [5, 6] and demo.completion.token_ids == [len(demo.completion.text), 9]
+    assert demo.policy_version == 4 and demo.completion.logprobs is None
+    with pytest.raises(ConfigError, match="judge_check"):
+        SparkConfig(check_demo=True)
