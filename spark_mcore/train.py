@@ -132,12 +132,13 @@ def dp_gather_rows(run: Run, batch: TrainBatch, local: torch.Tensor) -> torch.Te
     return torch.cat([p.cpu() for p in parts])[: batch.num_sequences]
 
 
-def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool = False) -> None:
+def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool = False,
+           lr_scale: float = 1.0) -> None:
     """One GRPO update of the actor on `groups`, then the new weights go to the engine.
     `off_policy`: the groups may be older than the actor (async), so the policy term is
     corrected by truncated importance sampling against the engine's log-probs. Every rank
     builds the same global batch and update split and trains on its DP slice of each update
-    (the actor normalises the loss over DP ranks)."""
+    (the actor normalises the loss over DP ranks). `lr_scale`: times the scheduled lr."""
     algo, log, ps = run.cfg.algo, run.logger, run.pstate
     batch, stats = groups_to_batch(groups, algo.adv_eps, algo.normalize_std, algo.filter_zero_variance,
                                    pad_id=run.tokenizer.pad_token_id or 0,
@@ -161,7 +162,7 @@ def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool 
                 log.update(keep_prefix_advantages(batch, entropy, run.cfg.rollout.prefix.entropy_keep), "train/")
             # several optimizer steps per rollout batch: later ones are off-policy w.r.t. the
             # old log-probs above, which is what the PPO clip is for
-            steps = [run.actor.train_step(dp_slice(mini, ps.dp_rank, ps.dp_size)) for mini in
+            steps = [run.actor.train_step(dp_slice(mini, ps.dp_rank, ps.dp_size), lr_scale=lr_scale) for mini in
                      split_for_updates(batch, run.cfg.trainer.updates_per_step, seed=version)]
             keys = dict.fromkeys(k for s in steps for k in s)  # the step head's only where it had steps
             means = {k: sum(s[k] for s in steps if k in s) / sum(k in s for s in steps) for k in keys}
@@ -252,7 +253,8 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
             if cfg.spark.check_demo and plan.kind != "policy":  # a documented deviation (spark/demos.py)
                 groups, demos = with_check_demos(groups, lambda text: encode_response(run.tokenizer, text))
                 run.logger.update({"spark/check_demos": float(demos)})
-            update(run, groups, version=it + 1, off_policy=step.off_policy)
+            update(run, groups, version=it + 1, off_policy=step.off_policy,
+                   lr_scale=1.0 if plan.kind == "policy" else cfg.spark.reward_lr_scale)
             policy_steps, it = policy_steps + (plan.kind == "policy"), it + 1
             bar.update(plan.kind == "policy")
             run.logger.flush(it, f"[{plan.kind} step {it}, policy {policy_steps}/{cfg.trainer.steps}]",

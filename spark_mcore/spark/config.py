@@ -38,6 +38,8 @@ class SparkConfig:
         response(s), instead of the verdict alone. Other tasks keep the `judge` verifier.
     judge_check_weight: with judge_check, the share of the reward given to the written check
         (step agreement, 0..1); the verdict gets the rest. Full credit needs both right.
+    reward_lr_scale: a reward step's learning rate is this times the scheduled one (policy
+        steps keep it), so reward steps can move the shared weights more gently; 1.0 = the paper.
     check_demo: with judge_check, each reward step adds to every judge_check group one more
         member, the reference check and the right verdict, scored like a sample, so GRPO trains
         on it with the group's advantage (`spark/demos.py`). A DEVIATION from the paper's pure
@@ -62,6 +64,7 @@ class SparkConfig:
     judge_check_weight: float = 0.5
     judge_balance: bool = False
     check_demo: bool = False
+    reward_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.schedule not in ("alternate", "mixed"):
@@ -82,6 +85,8 @@ class SparkConfig:
             raise ConfigError("spark.reward_batch_size must be >= 0 (0 = data.prompts_per_step)")
         if self.cache_max < 1:
             raise ConfigError("spark.cache_max must be >= 1 (and at least the reward batch size)")
+        if not 0.0 < self.reward_lr_scale <= 10.0:
+            raise ConfigError(f"spark.reward_lr_scale must be in (0, 10], got {self.reward_lr_scale}")
         if self.check_demo and not self.judge_check:
             raise ConfigError("spark.check_demo needs spark.judge_check: true (the demonstration is the reference "
                               "check that judge_check tasks carry)")
