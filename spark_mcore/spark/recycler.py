@@ -187,7 +187,7 @@ class Recycler:
         if writer is None:
             return JUDGE_TASK, label
         checks = [writer(c.text, str(src.answer))[0] for c in shown]
-        check = checks[0] if len(checks) == 1 else " ".join(f"{p}: {c}" for p, c in zip("AB", checks))
+        check = checks[0] if len(checks) == 1 else " ".join(f"{p}: {c}" for p, c in zip("AB", checks, strict=True))
         return JUDGE_CHECK_TASK, judge_check_answer(label, check, self.cfg.judge_check_weight)
 
     def _reflection(
