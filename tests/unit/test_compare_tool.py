@@ -168,3 +168,13 @@ def test_config_option_replaces_the_task_config_and_keys_the_warm_start(tmp_path
         tool.shared_warm_start(tmp_path, tool.task_spec(base), base)[0]  # the config's text is in the key
     with pytest.raises(SystemExit):
         tool.parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_the_fourth_round_config_loads_with_its_spark_options() -> None:
+    from spark_mcore.config.run import load_run_config
+
+    path = tool.REPO / "examples" / "configs" / "compare_countdown_check.yaml"
+    cfg = load_run_config(path, [])
+    assert (cfg.spark.judge_check, cfg.spark.judge_balance, cfg.spark.check_demo) == (True, True, True)
+    assert cfg.spark.reward_lr_scale == 0.25 and cfg.rollout.max_new_tokens == cfg.eval.max_new_tokens == 128
+    tool.check_arms(tool.parse_args(["--config", str(path)]), tool.task_spec(tool.parse_args(["--config", str(path)])))
