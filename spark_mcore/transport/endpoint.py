@@ -13,8 +13,11 @@ Re-assignment: a worker silent for transport.worker_timeout_s, a worker that res
 incarnation), a worker whose report no longer lists a prompt it was sent, and a result too stale
 to train on all send the prompt back to `pending`; the log names the worker.
 Bad input: every message is validated (wire format, fields, dtypes, sizes); a bad one is logged
-with its sender (rate-limited per sender) and dropped, and the stream goes on. ZeroMQ itself
-refuses messages over transport.max_message_bytes. Nothing is unpickled.
+with its sender (rate-limited per sender) and dropped, and the stream goes on. A `results`
+message (several results that were ready together) with broken framing is dropped whole; a bad
+member of a sound one is dropped alone (logged as `results[i]`), the others are taken.
+ZeroMQ refuses frames over transport.max_message_bytes, and the endpoint drops a message whose
+frames add up to more. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from spark_mcore.transport.protocol import (
     HEARTBEAT,
     HELLO,
     RESULT,
+    RESULTS,
     VERSION,
     WELCOME,
     PeerReport,
@@ -43,6 +47,7 @@ from spark_mcore.transport.protocol import (
     WorkItem,
     check_peer,
     decode_result,
+    decode_results,
     item_to_wire,
 )
 from spark_mcore.transport.wire import WireError, decode_arrays, encode, readable, recv_frames, send_frames
@@ -223,12 +228,17 @@ class StreamEndpoint:
         try:
             if len(frames) < 2:
                 raise WireError("frames: no payload after the routing identity")
-            self.stats.bytes_in += sum(map(len, frames[1:]))
+            size = sum(map(len, frames[1:]))
+            self.stats.bytes_in += size
+            if size > self.cfg.max_message_bytes:
+                raise WireError(f"message of {size} bytes exceeds transport.max_message_bytes={self.cfg.max_message_bytes}")
             msg_type, meta, arrays = decode_arrays(frames[1:])
-            if msg_type in (HELLO, HEARTBEAT):
-                self._on_peer(identity, check_peer(meta, msg_type), msg_type == HELLO)
+            if msg_type == RESULTS:
+                self._on_results(identity, decode_results(meta, arrays, self.cfg.max_token_id), out)
             elif msg_type == RESULT:
                 self._on_result(identity, decode_result(meta, arrays, self.cfg.max_token_id), out)
+            elif msg_type in (HELLO, HEARTBEAT):
+                self._on_peer(identity, check_peer(meta, msg_type), msg_type == HELLO)
             elif msg_type == BYE:
                 self._on_bye(identity)
             else:
@@ -278,6 +288,17 @@ class StreamEndpoint:
         w = self.workers.pop(name, None) if name else None
         if w is not None:
             self._requeue(w, list(w.in_flight), "said goodbye")
+
+    def _on_results(self, identity: bytes, members: list[ResultFrames | WireError], out: list[Accepted]) -> None:
+        """Each member of a `results` message as if it had come alone: a bad one is rejected (and
+        logged with its sender), the others are taken."""
+        for i, member in enumerate(members):
+            try:
+                if isinstance(member, WireError):
+                    raise member
+                self._on_result(identity, member, out)
+            except WireError as e:
+                self._bad(identity, f"results[{i}]: {e}")
 
     def _on_result(self, identity: bytes, frames: ResultFrames, out: list[Accepted]) -> None:
         sid, m = frames.meta["sample_id"], frames.meta
