@@ -31,7 +31,8 @@ class StreamConfig:
         disconnects its sender; the endpoint drops a message whose frames add up to more).
     batch_max_results / batch_max_bytes: a worker sends results that are ready at the same time
         in one `results` message of at most this many results and (about) this many bytes; it
-        never waits for more. 1 = one message per result.
+        never waits for more. 1 = one message per result. A message never exceeds
+        max_message_bytes (a larger batch is split).
     high_water_mark: ZeroMQ queue bound in messages per peer.
     max_token_id: results with token ids at or above this are rejected (0 = no check).
     """
@@ -63,9 +64,6 @@ class StreamConfig:
                               f"({self.heartbeat_s}) or live workers look dead")
         if self.batch_max_results > 256:
             raise ConfigError(f"transport.batch_max_results: at most 256 results per message, got {self.batch_max_results}")
-        if self.batch_max_bytes > self.max_message_bytes:
-            raise ConfigError(f"transport.batch_max_bytes ({self.batch_max_bytes}) must be <= transport.max_message_bytes "
-                              f"({self.max_message_bytes}) or the trainer refuses the batches")
         if bool(self.curve_secret_key) != bool(self.curve_public_key):
             raise ConfigError("transport.curve_secret_key and transport.curve_public_key go together: set both or neither")
         for name in ("curve_secret_key", "curve_public_key"):

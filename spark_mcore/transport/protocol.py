@@ -224,12 +224,12 @@ def _check_lists(m: dict[str, Any]) -> int:
     return n
 
 
-def _array(arrays: dict[str, Any], name: str, size: int | None) -> np.ndarray:
+def _array(arrays: dict[str, Any], name: str, size: int | None, where: str = "result") -> np.ndarray:
     """The validated 1-D array `name` of a result. `arrays`: `wire.decode_arrays`' (dtype, array)
     pairs, or torch tensors."""
     entry = arrays.get(name)
     if entry is None:
-        raise WireError(f"result.tensors.{name}: missing")
+        raise WireError(f"{where}.tensors.{name}: missing")
     want = _ARRAY_DTYPES[name]
     if isinstance(entry, torch.Tensor):
         dtype, shape = _TORCH_TO_WIRE.get(entry.dtype, str(entry.dtype)), entry.shape
@@ -237,7 +237,7 @@ def _array(arrays: dict[str, Any], name: str, size: int | None) -> np.ndarray:
     else:
         (dtype, a), shape = entry, entry[1].shape
     if dtype != want or len(shape) != 1 or (size is not None and shape[0] != size):
-        raise WireError(f"result.tensors.{name}: expected {want} [{'P' if size is None else size}], "
+        raise WireError(f"{where}.tensors.{name}: expected {want} [{'P' if size is None else size}], "
                         f"got {dtype} {list(shape)}")
     return a
 
@@ -323,9 +323,9 @@ def decode_results(meta: dict[str, Any], arrays: dict[str, Any], max_token_id: i
     plens, tlens = _lens(m, "prompt_lens", n), _lens(m, "token_lens", n)
     if len(arrays) > 3 or arrays.keys() - _ARRAY_DTYPES.keys():
         raise WireError(f"results.tensors: unknown tensor(s) {sorted(arrays.keys() - _ARRAY_DTYPES.keys())}")
-    prompt_ids = _array(arrays, "prompt_ids", sum(plens))
-    token_ids = _array(arrays, "token_ids", sum(tlens))
-    logprobs = _array(arrays, "logprobs", token_ids.shape[0]) if "logprobs" in arrays else None
+    prompt_ids = _array(arrays, "prompt_ids", sum(plens), "results")
+    token_ids = _array(arrays, "token_ids", sum(tlens), "results")
+    logprobs = _array(arrays, "logprobs", token_ids.shape[0], "results") if "logprobs" in arrays else None
     try:
         _check_values(prompt_ids, token_ids, logprobs, max_token_id)
         checked = True
