@@ -14,8 +14,6 @@ satisfies about half the time, so rewards vary and the GRPO loss is not vacuous.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -25,7 +23,9 @@ import torch
 from safetensors.torch import load_file
 
 from spark_mcore.data.arith import arith_problems
-from spark_mcore.distributed.parallel import find_free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train_launch import launch_train, read_metrics, read_ranks  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -102,21 +102,10 @@ def _write_data(path: Path) -> None:
 
 
 def _launch(root: Path, name: str, nproc: int, overrides: list[str]) -> dict[str, object]:
-    run_dir, record = root / name, root / f"{name}_record"
-    record.mkdir()
-    data = root / "data.jsonl"
-    sets = [a for kv in [*MICRO, *overrides, f"data.source={data}", f"data.eval_source={data}",
-                         f"checkpoint.dir={run_dir}"] for a in ("--set", kv)]
-    runner = [str(root / "runner.py"), "train", *sets]
-    cmd = [sys.executable, *runner] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(find_free_port()), *runner]
-    env = {**os.environ, "RECORD_DIR": str(record), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
-    assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    ranks = [json.loads((record / f"rank{r}.json").read_text()) for r in range(nproc)]
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"dir": run_dir, "stdout": proc.stdout, "ranks": ranks, "metrics": metrics}
+    run_dir, record, data = root / name, root / f"{name}_record", root / "data.jsonl"
+    proc = launch_train(root / "runner.py", nproc, [*MICRO, *overrides, f"data.source={data}",
+                        f"data.eval_source={data}", f"checkpoint.dir={run_dir}"], record=record)
+    return {"dir": run_dir, "stdout": proc.stdout, "ranks": read_ranks(record, nproc), "metrics": read_metrics(run_dir)}
 
 
 @pytest.fixture(scope="module")

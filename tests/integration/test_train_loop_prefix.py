@@ -6,8 +6,6 @@ mask) samples the same responses and logs the same metrics as world size 1."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -15,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from spark_mcore.data.arith import arith_problems, worked_solution
-from spark_mcore.distributed.parallel import find_free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train_launch import launch_train, read_metrics, read_ranks  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -60,21 +60,11 @@ RUNNER = textwrap.dedent("""
 
 
 def _launch(root: Path, name: str, nproc: int, overrides: list[str]) -> dict[str, object]:
-    run_dir, record = root / name, root / f"{name}_record"
-    record.mkdir()
-    data = root / "data.jsonl"
-    sets = [a for kv in [*MICRO, *overrides, f"data.source={data}", f"data.eval_source={data}",
-                         f"checkpoint.dir={run_dir}"] for a in ("--set", kv)]
-    runner = [str(root / "runner.py"), "train", "--config", str(ROOT / "examples/configs/tiny_cpu.yaml"), *sets]
-    cmd = [sys.executable, *runner] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(find_free_port()), *runner]
-    env = {**os.environ, "RECORD_DIR": str(record), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, start_new_session=True)
-    assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    responses = [json.loads((record / f"rank{r}.json").read_text()) for r in range(nproc)]
-    return {"stdout": proc.stdout, "metrics": metrics, "responses": responses}
+    run_dir, record, data = root / name, root / f"{name}_record", root / "data.jsonl"
+    proc = launch_train(root / "runner.py", nproc, [*MICRO, *overrides, f"data.source={data}",
+                        f"data.eval_source={data}", f"checkpoint.dir={run_dir}"], record=record,
+                        config=ROOT / "examples/configs/tiny_cpu.yaml")
+    return {"stdout": proc.stdout, "metrics": read_metrics(run_dir), "responses": read_ranks(record, nproc)}
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ both step labels occur and the class weights are not degenerate.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,8 +22,10 @@ import torch
 from safetensors.torch import load_file
 
 from spark_mcore.cli import main
-from spark_mcore.distributed.parallel import find_free_port
 from spark_mcore.rewards import register_verifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train_launch import launch_train, read_metrics  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -82,23 +83,13 @@ def _prepare(root: Path) -> Path:
 
 def _train(root: Path, run_dir: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
     data = _prepare(root)
-    record = run_dir.parent / f"{run_dir.name}_record"
-    record.mkdir(exist_ok=True)
-    sets = [a for kv in [*MICRO, f"data.source={data}", f"data.eval_source={data}", f"checkpoint.dir={run_dir}",
-                         *extra] for a in ("--set", kv)]
-    runner = [str(root / "runner.py"), "train", *sets]
-    cmd = [sys.executable, *runner] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(find_free_port()), *runner]
-    env = {**os.environ, "RECORD_DIR": str(record), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500, env=env)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
+    return launch_train(root / "runner.py", nproc, [*MICRO, f"data.source={data}", f"data.eval_source={data}",
+                        f"checkpoint.dir={run_dir}", *extra], record=run_dir.parent / f"{run_dir.name}_record",
+                        timeout=500)
 
 
 def _metrics(run_dir: Path) -> dict[int, dict[str, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows}  # the last record per step wins
+    return {r["step"]: r for r in read_metrics(run_dir)}  # the last record per step wins
 
 
 @pytest.fixture(scope="module")

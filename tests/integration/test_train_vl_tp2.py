@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -21,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from spark_mcore.data.shapes import shapes_problems
-from spark_mcore.distributed.parallel import find_free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train_launch import launch_train, read_metrics, read_ranks  # noqa: E402
 
 pytestmark = pytest.mark.slow  # ~25 s of CPU for the two ranks (imports, model builds, 3 steps)
 
@@ -91,17 +91,9 @@ def tp2_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("vl_tp2")
     train, held_out = _write_data(root, "train", 16), _write_data(root, "test", 2)
     (root / "runner.py").write_text(RUNNER)
-    (root / "record").mkdir()
-    sets = [a for kv in [*OVERRIDES, f"data.source={train}", f"data.eval_source={held_out}",
-                         f"checkpoint.dir={root / 'run'}"] for a in ("--set", kv)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(find_free_port()), str(root / "runner.py"), "train", "--config", str(CONFIG), *sets]
-    env = {**os.environ, "RECORD_DIR": str(root / "record"), "OMP_NUM_THREADS": "1"}
-    # torchrun tears its workers down itself when one fails; a hung run is killed by the timeout
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, start_new_session=True)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    ranks = [json.loads((root / "record" / f"rank{r}.json").read_text()) for r in range(2)]
-    metrics = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    proc = launch_train(root / "runner.py", 2, [*OVERRIDES, f"data.source={train}", f"data.eval_source={held_out}",
+                        f"checkpoint.dir={root / 'run'}"], record=root / "record", config=CONFIG, timeout=300)
+    ranks, metrics = read_ranks(root / "record", 2), read_metrics(root / "run")
     return {"dir": root / "run", "stdout": proc.stdout, "ranks": ranks, "metrics": metrics}
 
 

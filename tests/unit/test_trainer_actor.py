@@ -1,6 +1,8 @@
 """The Megatron actor at world size 1 on CPU: log-probs, micro-batch invariance, SFT learning."""
 
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,9 @@ from spark_mcore.models.config import ModelConfig
 from spark_mcore.trainer.actor import MegatronActor
 from spark_mcore.trainer.config import TrainerConfig
 from spark_mcore.types import TrainBatch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from padded_batch import padded_batch  # noqa: E402
 
 VOCAB = 64
 
@@ -32,13 +37,7 @@ def _actor(pstate: object, mbs: int, kl: float = 0.0) -> MegatronActor:
 
 
 def _batch() -> TrainBatch:
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, VOCAB, (6, 10), generator=g)
-    mask = torch.zeros(6, 10)
-    for i, (start, end) in enumerate([(3, 10), (4, 8), (2, 5), (5, 10), (3, 9), (6, 7)]):
-        mask[i, start:end] = 1
-        tokens[i, end:] = 0
-    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0]))
+    return padded_batch(VOCAB, torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0]))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -6,6 +6,7 @@ the layout refusal, export/load and the best-of-N selection."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +30,9 @@ from spark_mcore.trainer.batching import step_labels
 from spark_mcore.trainer.config import TrainerConfig
 from spark_mcore.trainer.step_head import StepHeadTrainer
 from spark_mcore.types import Completion, Prompt, Rollout, TrainBatch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from padded_batch import padded_batch  # noqa: E402
 
 VOCAB = 64
 
@@ -116,15 +120,9 @@ def _actor(pstate: object, mbs: int, scale: float = 1e-4) -> MegatronActor:
 
 def _batch() -> TrainBatch:
     """Zero advantages (no policy gradient: every backbone gradient comes from the head)."""
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, VOCAB, (6, 10), generator=g)
-    mask = torch.zeros(6, 10)
-    for i, (start, end) in enumerate([(3, 10), (4, 8), (2, 5), (5, 10), (3, 9), (6, 7)]):
-        mask[i, start:end] = 1
-        tokens[i, end:] = 0
     steps = torch.tensor([[4, 6, 9], [5, 7, -1], [3, -1, -1], [-1, -1, -1], [4, 8, -1], [6, -1, -1]])
-    return TrainBatch(tokens=tokens, loss_mask=mask, advantages=torch.zeros(6), step_positions=steps,
-                      outcomes=torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0]))
+    return padded_batch(VOCAB, torch.zeros(6), step_positions=steps,
+                        outcomes=torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0]))
 
 
 def _layer1_output(actor: MegatronActor, tokens: torch.Tensor) -> torch.Tensor:
