@@ -22,7 +22,15 @@ import zmq
 
 from spark_mcore.transport.config import StreamConfig
 from spark_mcore.transport.endpoint import StreamEndpoint
-from spark_mcore.transport.protocol import RESULT, WorkItem, WorkResult, encode_result, encode_results, result_meta, result_tensors
+from spark_mcore.transport.protocol import (
+    RESULT,
+    WorkItem,
+    WorkResult,
+    encode_result,
+    encode_results,
+    result_meta,
+    result_tensors,
+)
 from spark_mcore.transport.wire import SCHEMA_VERSION
 from spark_mcore.transport.worker_client import WorkerClient
 from spark_mcore.types import Completion, Prompt
