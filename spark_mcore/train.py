@@ -35,6 +35,7 @@ from spark_mcore.checkpoint.io import (
 )
 from spark_mcore.config.loader import ConfigError
 from spark_mcore.config.run import RunConfig
+from spark_mcore.data.chat import encode_response
 from spark_mcore.data.images import processor_config
 from spark_mcore.distributed.parallel import destroy_distributed
 from spark_mcore.distributed.signals import StopOnSignal
@@ -45,6 +46,7 @@ from spark_mcore.rollout.divide import DividedRollout
 from spark_mcore.rollout.groups import generate_groups, score_groups
 from spark_mcore.rollout.source import StepRequest, StepRollouts
 from spark_mcore.runtime import Run, build_run
+from spark_mcore.spark.demos import with_check_demos
 from spark_mcore.spark.loop import SparkState, kind_metrics
 from spark_mcore.spark.own_judge import file_judge_examples, load_rows
 from spark_mcore.spark.warmstart_data import judge_sft_examples
@@ -130,12 +132,13 @@ def dp_gather_rows(run: Run, batch: TrainBatch, local: torch.Tensor) -> torch.Te
     return torch.cat([p.cpu() for p in parts])[: batch.num_sequences]
 
 
-def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool = False) -> None:
+def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool = False,
+           lr_scale: float = 1.0) -> None:
     """One GRPO update of the actor on `groups`, then the new weights go to the engine.
     `off_policy`: the groups may be older than the actor (async), so the policy term is
     corrected by truncated importance sampling against the engine's log-probs. Every rank
     builds the same global batch and update split and trains on its DP slice of each update
-    (the actor normalises the loss over DP ranks)."""
+    (the actor normalises the loss over DP ranks). `lr_scale`: times the scheduled lr."""
     algo, log, ps = run.cfg.algo, run.logger, run.pstate
     batch, stats = groups_to_batch(groups, algo.adv_eps, algo.normalize_std, algo.filter_zero_variance,
                                    pad_id=run.tokenizer.pad_token_id or 0,
@@ -159,7 +162,7 @@ def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool 
                 log.update(keep_prefix_advantages(batch, entropy, run.cfg.rollout.prefix.entropy_keep), "train/")
             # several optimizer steps per rollout batch: later ones are off-policy w.r.t. the
             # old log-probs above, which is what the PPO clip is for
-            steps = [run.actor.train_step(dp_slice(mini, ps.dp_rank, ps.dp_size)) for mini in
+            steps = [run.actor.train_step(dp_slice(mini, ps.dp_rank, ps.dp_size), lr_scale=lr_scale) for mini in
                      split_for_updates(batch, run.cfg.trainer.updates_per_step, seed=version)]
             keys = dict.fromkeys(k for s in steps for k in s)  # the step head's only where it had steps
             means = {k: sum(s[k] for s in steps if k in s) / sum(k in s for s in steps) for k in keys}
@@ -246,7 +249,12 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
             step = rollout(run, StepRequest(it, policy_steps, plan.kind == "policy", reward_prompts, params))
             run.logger.update(spark.after_step(plan, step.groups, policy_steps, step.candidates))
             run.source.prefetch(*spark.peek())  # async sources start on the next step's prompts now
-            update(run, step.groups, version=it + 1, off_policy=step.off_policy)
+            groups = step.groups
+            if cfg.spark.check_demo and plan.kind != "policy":  # a documented deviation (spark/demos.py)
+                groups, demos = with_check_demos(groups, lambda text: encode_response(run.tokenizer, text))
+                run.logger.update({"spark/check_demos": float(demos)})
+            update(run, groups, version=it + 1, off_policy=step.off_policy,
+                   lr_scale=1.0 if plan.kind == "policy" else cfg.spark.reward_lr_scale)
             policy_steps, it = policy_steps + (plan.kind == "policy"), it + 1
             bar.update(plan.kind == "policy")
             run.logger.flush(it, f"[{plan.kind} step {it}, policy {policy_steps}/{cfg.trainer.steps}]",

@@ -2,7 +2,7 @@
 
     python tools/compare_spark_grpo.py --task countdown|arith --seeds 0 1 2 --out runs/compare
         [--set key=value ...] [--sft-set key=value ...] [--rl-set key=value ...]
-        [--eval-prompts 64] [--samples 8] [--rounds 2] [--reuse]
+        [--config YAML] [--eval-prompts 64] [--samples 8] [--rounds 2] [--reuse]
         [--arms grpo,spark,spro,prefix,spark+spro]   (any combination; default grpo,spark)
         [--shared-warm-start] [--continue-steps N [N ...]] [--own-judge-samples K ...]
 
@@ -36,6 +36,7 @@ export already exists.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -434,6 +435,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", choices=sorted(TASKS), default="countdown")
     p.add_argument("--out", default=None, help="directory for runs and results (default runs/compare_<task>)")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="the runs' base config instead of the task's (e.g. examples/configs/compare_countdown_check.yaml"
+                        "); its text is part of the shared warm start's cache key")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--eval-prompts", type=int, default=64, help="held-out test prompts evaluated")
     p.add_argument("--samples", type=int, default=8, help="samples per prompt for avg@n (and the judge set)")
@@ -478,6 +482,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.seeds or args.eval_prompts < 1 or args.samples < 2 or args.rounds < 0:
         p.error("--seeds needs a seed, --eval-prompts >= 1, --samples >= 2 and --rounds >= 0")
     args.continue_steps = [n for n in args.continue_steps if n]  # `--continue-steps 0`: none, as before
+    if args.config is not None and not Path(args.config).is_file():
+        p.error(f"--config {args.config}: no such file")
     if any(n < 0 for n in args.continue_steps):
         p.error("--continue-steps takes positive step counts")
     if args.own_judge_samples and (args.own_judge_samples < 2 or not args.continue_steps
@@ -488,6 +494,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def task_spec(args: argparse.Namespace) -> TaskSpec:
+    """The task's spec, with `--config` as its base config when given."""
+    spec = TASKS[args.task]
+    return spec if args.config is None else dataclasses.replace(spec, config=Path(args.config).resolve())
+
+
 def own_judge(args: argparse.Namespace) -> OwnJudge:
     return OwnJudge(args.own_judge_samples, args.own_judge_prompts, args.own_judge_share, args.own_judge_per_group,
                     args.own_judge_fraction, args.own_judge_rationale)
@@ -495,7 +507,7 @@ def own_judge(args: argparse.Namespace) -> OwnJudge:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    spec = TASKS[args.task]
+    spec = task_spec(args)
     start = time.perf_counter()
     out = Path(args.out or f"runs/compare_{args.task}").resolve()
     check_arms(args, spec)

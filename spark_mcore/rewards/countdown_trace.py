@@ -30,6 +30,7 @@ from fractions import Fraction
 
 from spark_mcore.rewards.boxed import extract_boxed
 from spark_mcore.rewards.countdown import _Parser, _Reject, parse_answer, tokenize
+from spark_mcore.rewards.judge_check import register_check_writer
 
 YES, NO = "\\boxed{Yes}", "\\boxed{No}"
 
@@ -65,6 +66,7 @@ def _number_problems(used: list[int], given: list[int]) -> list[str]:
     return problems
 
 
+@register_check_writer("countdown")  # the reference check of recycled judge tasks (spark.judge_check)
 def check_steps(response: str, answer: str) -> tuple[str, bool]:
     """(the written check without its verdict box, the verdict); see the module docstring."""
     ref = parse_answer(answer)

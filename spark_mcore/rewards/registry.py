@@ -25,8 +25,9 @@ class Verifier(Protocol):
 
 
 _REGISTRY: dict[str, Verifier] = {}
-# math; exact/choice/judge; countdown
-_BUILTINS = ("spark_mcore.rewards.math_verifier", "spark_mcore.rewards.verifiers", "spark_mcore.rewards.countdown")
+# math; exact/choice/judge; countdown; judge_check (judge tasks scored on their written check too)
+_BUILTINS = ("spark_mcore.rewards.math_verifier", "spark_mcore.rewards.verifiers", "spark_mcore.rewards.countdown",
+             "spark_mcore.rewards.judge_check")
 
 
 def _load_builtins() -> None:

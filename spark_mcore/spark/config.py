@@ -32,6 +32,21 @@ class SparkConfig:
     max_shown_chars: longest response text shown in a task; a longer one keeps its last
         characters (where the final answer is) after a "..." marker. 0 = no limit.
     seed: template and sample selection; recycling is deterministic for (seed, step).
+    judge_check: judge tasks recycled from a source task with a registered check writer
+        (`spark_mcore.rewards.judge_check`; countdown) are scored by the `judge_check` verifier:
+        the verdict AND the written check before it, against the reference check of the shown
+        response(s), instead of the verdict alone. Other tasks keep the `judge` verifier.
+    judge_check_weight: with judge_check, the share of the reward given to the written check
+        (step agreement, 0..1); the verdict gets the rest. Full credit needs both right.
+    reward_lr_scale: a reward step's learning rate is this times the scheduled one (policy
+        steps keep it), so reward steps can move the shared weights more gently; 1.0 = the paper.
+    check_demo: with judge_check, each reward step adds to every judge_check group one more
+        member, the reference check and the right verdict, scored like a sample, so GRPO trains
+        on it with the group's advantage (`spark/demos.py`). A DEVIATION from the paper's pure
+        on-policy reward steps (self-training on verified labels); off by default.
+    judge_balance: per recycle call, pointwise tasks of the majority label ("Yes" or "No") are
+        dropped (a seeded subset) until both labels are equally many, so a judge that answers
+        one constant verdict scores 50 % on them (pairwise labels are already 50/50).
     """
 
     enabled: bool = False
@@ -45,6 +60,11 @@ class SparkConfig:
     cache_max: int = 4096
     max_shown_chars: int = 0
     seed: int = 0
+    judge_check: bool = False
+    judge_check_weight: float = 0.5
+    judge_balance: bool = False
+    check_demo: bool = False
+    reward_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.schedule not in ("alternate", "mixed"):
@@ -57,7 +77,7 @@ class SparkConfig:
             raise ConfigError(
                 f"spark.mixed_ratio must be in (0, 4] reward prompts per policy prompt, got {self.mixed_ratio}"
             )
-        for name in ("pointwise_prob_mixed", "judge_per_prompt", "reflection_per_prompt"):
+        for name in ("pointwise_prob_mixed", "judge_per_prompt", "reflection_per_prompt", "judge_check_weight"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"spark.{name} must be in [0, 1], got {value}")
@@ -65,6 +85,11 @@ class SparkConfig:
             raise ConfigError("spark.reward_batch_size must be >= 0 (0 = data.prompts_per_step)")
         if self.cache_max < 1:
             raise ConfigError("spark.cache_max must be >= 1 (and at least the reward batch size)")
+        if not 0.0 < self.reward_lr_scale <= 10.0:
+            raise ConfigError(f"spark.reward_lr_scale must be in (0, 10], got {self.reward_lr_scale}")
+        if self.check_demo and not self.judge_check:
+            raise ConfigError("spark.check_demo needs spark.judge_check: true (the demonstration is the reference "
+                              "check that judge_check tasks carry)")
         if self.max_shown_chars < 0:
             raise ConfigError("spark.max_shown_chars must be >= 0 (0 = no limit)")
 

@@ -11,6 +11,8 @@ from spark_mcore.spark.recycler import Recycler
 from spark_mcore.spark.schedule import SparkSchedule, StepKind, StepPlan
 from spark_mcore.types import KIND_KEY, Prompt, RewardSample, Rollout, RolloutGroup, prompt_kind
 
+_JUDGE_CHECK_TASK = "judge_check"  # spark_mcore.rewards.judge_check.JUDGE_CHECK_TASK (not imported eagerly)
+
 
 class SparkState:
     """Recycler + cache + schedule. With `enabled: false` every step is a plain policy step."""
@@ -66,7 +68,9 @@ class SparkState:
 
 
 def kind_metrics(rollouts: list[Rollout]) -> dict[str, float]:
-    """Mean reward per task kind in a batch; judge accuracy = mean reward of judge tasks."""
+    """Mean reward per task kind in a batch; judge accuracy = mean reward of judge tasks. With
+    tasks scored on their written check too (`spark.judge_check`), also the share of right
+    verdicts alone, `judge_verdict_accuracy`."""
     out: dict[str, float] = {}
     by_kind: dict[str, list[float]] = {}
     for r in rollouts:
@@ -76,6 +80,13 @@ def kind_metrics(rollouts: list[Rollout]) -> dict[str, float]:
     judge = by_kind.get("pointwise", []) + by_kind.get("pairwise", [])
     if judge:
         out["judge_accuracy"] = sum(judge) / len(judge)
+    checked = [r for r in rollouts if r.prompt.task == _JUDGE_CHECK_TASK]
+    if checked:
+        from spark_mcore.rewards.judge_check import verdict_label  # lazy, as in the recycler
+        from spark_mcore.rewards.verifiers import judge_verifier
+
+        verdicts = [judge_verifier(r.completion.text, verdict_label(r.prompt.answer)) for r in checked]
+        out["judge_verdict_accuracy"] = sum(verdicts) / len(verdicts)
     if "reflection" in by_kind:
         out["reflection_success"] = out["reward_reflection"]
     return out

@@ -8,7 +8,11 @@ Selection (the public SPARK recipe, for any number of groups and any group sizes
                           shuffled, label = the letter of the right one
   any wrong response   -> also a reflection task on one wrong response, label = ground truth
 At most ceil(judge_per_prompt * groups) judge and ceil(reflection_per_prompt * groups)
-reflection samples are kept per call (a seeded random subset of the groups).
+reflection samples are kept per call (a seeded random subset of the groups); with
+`judge_balance`, first the pointwise tasks of the majority label are cut to the minority's count.
+With `judge_check`, a judge task whose source task has a check writer (countdown) is scored by
+the `judge_check` verifier: its answer carries the label and the reference check of the shown
+response(s) (`A: <check> B: <check>` for a pair), written from the full response text.
 
 Edge cases, by decision:
   - empty responses (after stripping trailing special tokens) are never shown; a group is
@@ -87,6 +91,9 @@ class Recycler:
         reflections = [next((s for s in c if s.kind == "reflection"), None) for c in per_group]
         judge_cap, reflection_cap = self.cfg.caps(len(per_group))
         step_rng = random.Random(f"spark-caps:{self.cfg.seed}:{step}")
+        balanced_out = 0
+        if self.cfg.judge_balance:
+            judges, balanced_out = _balanced(judges, random.Random(f"spark-balance:{self.cfg.seed}:{step}"))
         keep_j = _capped(judges, judge_cap, step_rng)
         keep_r = _capped(reflections, reflection_cap, step_rng)
         out: list[RewardSample] = []
@@ -95,6 +102,8 @@ class Recycler:
                 s for s, keep in ((judges[gi], gi in keep_j), (reflections[gi], gi in keep_r)) if keep and s
             ]
         self.last_stats = _stats(out, judges, reflections)
+        if self.cfg.judge_balance:
+            self.last_stats["spark/balanced_out"] = balanced_out
         return out
 
     def _from_group(
@@ -139,7 +148,8 @@ class Recycler:
         shown, used = self._show(cand, view)
         text = render_pointwise(template, question_text(group.prompt), shown, used)
         label = "Yes" if cand.correct else "No"
-        return _sample("pointwise", group, step, text, label, JUDGE_TASK, template, used, [cand])
+        task, answer = self._judge_reference(group.prompt, label, [cand])
+        return _sample("pointwise", group, step, text, label, task, template, used, [cand], answer)
 
     def _pairwise(
         self,
@@ -162,7 +172,23 @@ class Recycler:
         text = render_pairwise(template, question_text(group.prompt), a, b, g_view)
         shown = [good, bad] if good_first else [bad, good]
         label = "A" if good_first else "B"
-        return _sample("pairwise", group, step, text, label, JUDGE_TASK, template, g_view, shown)
+        task, answer = self._judge_reference(group.prompt, label, shown)
+        return _sample("pairwise", group, step, text, label, task, template, g_view, shown, answer)
+
+    def _judge_reference(self, src: Prompt, label: str, shown: list[_Candidate]) -> tuple[str, str]:
+        """(verifier, answer) of a judge task: `judge` + the label, or with `judge_check` and a
+        check writer for the source task, `judge_check` + label and reference check."""
+        if not self.cfg.judge_check:
+            return JUDGE_TASK, label
+        # lazy: spark/ does not load the verifier package just to be imported
+        from spark_mcore.rewards.judge_check import JUDGE_CHECK_TASK, get_check_writer, judge_check_answer
+
+        writer = get_check_writer(src.task)
+        if writer is None:
+            return JUDGE_TASK, label
+        checks = [writer(c.text, str(src.answer))[0] for c in shown]
+        check = checks[0] if len(checks) == 1 else " ".join(f"{p}: {c}" for p, c in zip("AB", checks, strict=True))
+        return JUDGE_CHECK_TASK, judge_check_answer(label, check, self.cfg.judge_check_weight)
 
     def _reflection(
         self, group: RolloutGroup, step: int, rng: random.Random, cand: _Candidate
@@ -186,7 +212,9 @@ def _sample(
     template: Template,
     view: View,
     shown: list[_Candidate],
+    answer: str | None = None,
 ) -> RewardSample:
+    """`answer`: the task's reference for its verifier (default: the label itself)."""
     src = group.prompt
     meta = {
         KIND_KEY: kind,
@@ -201,7 +229,7 @@ def _sample(
     prompt = Prompt(
         id=f"{src.id}@s{step}:{kind}",
         messages=[{"role": "user", "content": text}],
-        answer=label,
+        answer=label if answer is None else answer,
         task=task,
         images=list(src.images),
         meta=meta,
@@ -215,6 +243,18 @@ def _capped(samples: list[RewardSample | None], cap: int, rng: random.Random) ->
     if len(present) <= cap:
         return set(present)
     return set(rng.sample(present, cap))
+
+
+def _balanced(judges: list[RewardSample | None], rng: random.Random) -> tuple[list[RewardSample | None], int]:
+    """`judges` with the pointwise samples of the majority label cut (a seeded subset set to
+    None) to the minority label's count; returns (judges, how many were cut)."""
+    by_label: dict[str, list[int]] = {"Yes": [], "No": []}
+    for i, s in enumerate(judges):
+        if s is not None and s.kind == "pointwise" and s.label in by_label:
+            by_label[s.label].append(i)
+    keep = min(len(v) for v in by_label.values())
+    cut = {i for v in by_label.values() if len(v) > keep for i in rng.sample(v, len(v) - keep)}
+    return [None if i in cut else s for i, s in enumerate(judges)], len(cut)
 
 
 def _stats(

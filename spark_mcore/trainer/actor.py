@@ -341,14 +341,22 @@ class MegatronActor:
         loss = sft_loss(logp, mb.loss_mask)
         return loss, {"sft_loss": loss.detach()}
 
-    def _optimize(self, batch: TrainBatch, loss_fn: LossFn, head: bool = False) -> dict[str, float]:
+    def _optimize(self, batch: TrainBatch, loss_fn: LossFn, head: bool = False,
+                  lr_scale: float = 1.0) -> dict[str, float]:
+        """One optimizer step; `lr_scale` multiplies the scheduled learning rate of this step
+        only (the scheduler sets every group's lr again afterwards)."""
         for model in self.models:
             model.train()
             model.zero_grad_buffer()
         self.optimizer.zero_grad()
         head = head and self.step_head is not None and self.step_head.begin(batch)
         outs, _ = self._run(self.models, batch, loss_fn, forward_only=False)
+        scheduled = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= lr_scale
         ok, grad_norm, _ = self.optimizer.step()
+        for group, lr in zip(self.optimizer.param_groups, scheduled, strict=True):
+            group["lr"] = lr
         self.scheduler.step(increment=1)
         metrics: dict[str, float] = {}
         for out in outs:
@@ -373,9 +381,10 @@ class MegatronActor:
             metrics = dict(zip(keys, values.cpu().tolist(), strict=False))
         return metrics
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step of GRPO on `batch` (old/ref log-probs already filled in)."""
-        return self._optimize(batch, self._grpo_loss_fn, head=True)
+    def train_step(self, batch: TrainBatch, lr_scale: float = 1.0) -> dict[str, float]:
+        """One optimizer step of GRPO on `batch` (old/ref log-probs already filled in), at
+        `lr_scale` times the scheduled learning rate (SPARK's `spark.reward_lr_scale`)."""
+        return self._optimize(batch, self._grpo_loss_fn, head=True, lr_scale=lr_scale)
 
     def sft_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step of next-token likelihood on the masked (response) tokens."""

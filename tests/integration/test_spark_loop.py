@@ -112,3 +112,31 @@ def test_model_hf_path_starts_the_actor_and_engine_from_an_export(tmp_path: Path
             build(f"checkpoint.dir={tmp_path / 'bad'}", *start)
         finally:
             destroy_distributed()
+
+
+def test_judge_check_demos_and_reward_lr_scale_reach_the_reward_step(tmp_path: Path, monkeypatch) -> None:
+    """countdown with spark.judge_check + check_demo + reward_lr_scale: the reward step's judge
+    groups are scored by `judge_check`, each gets the reference check as one more member, and the
+    actor steps at the scaled lr in reward steps only."""
+    cfg = load_run_config(None, [*MICRO, f"checkpoint.dir={tmp_path}", "data.source=builtin:countdown",
+                                 "spark.judge_check=true", "spark.check_demo=true", "spark.reward_lr_scale=0.5",
+                                 "spark.judge_per_prompt=1.0", "spark.reflection_per_prompt=0.0",
+                                 "rollout.max_new_tokens=24"])
+    updates: list = []
+    update = train_module.update
+
+    def spy(run, groups, version, off_policy=False, lr_scale=1.0):  # type: ignore[no-untyped-def]
+        updates.append((groups, lr_scale))
+        return update(run, groups, version, off_policy, lr_scale)
+
+    monkeypatch.setattr(train_module, "update", spy)
+    train(cfg)
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [lr for _, lr in updates] == [1.0, 0.5, 1.0]
+    reward_groups = updates[1][0]
+    assert reward_groups and all(g.prompt.task == "judge_check" for g in reward_groups)
+    assert all(len(g.rollouts) == 4 + 1 for g in reward_groups)  # rollout.n + the demonstration
+    for g in reward_groups:
+        demo = g.rollouts[-1]
+        assert demo.reward == 1.0 and demo.completion.text.endswith(f"\\boxed{{{json.loads(g.prompt.answer)['label']}}}")
+    assert steps[1]["spark/check_demos"] == len(reward_groups) and "rollout/judge_verdict_accuracy" in steps[1]

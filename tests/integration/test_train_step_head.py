@@ -53,10 +53,10 @@ RUNNER = textwrap.dedent("""
         ACTORS = []
         train_step = MegatronActor.train_step
 
-        def recording_train_step(self, batch):
+        def recording_train_step(self, batch, **kwargs):
             if not ACTORS:
                 ACTORS.append(self)
-            return train_step(self, batch)
+            return train_step(self, batch, **kwargs)
 
         def dump():
             if ACTORS and ACTORS[0].step_head is not None:

@@ -154,3 +154,27 @@ def test_table_has_one_row_per_arm_and_checks_need_grpo_and_spark() -> None:
     assert "| metric | warm start | GRPO-only | Prefix-RFT |" in md and "SPARK" not in md
     assert md.count("| 1 | Prefix-RFT |") == 1
     assert tool.checks(per_seed) == []
+
+
+def test_config_option_replaces_the_task_config_and_keys_the_warm_start(tmp_path: Path) -> None:
+    base = tool.parse_args(["--shared-warm-start"])
+    assert tool.task_spec(base) == tool.TASKS["countdown"]
+    yaml = tmp_path / "other.yaml"
+    yaml.write_text(tool.TASKS["countdown"].config.read_text() + "# a comment\n")
+    other = tool.parse_args(["--shared-warm-start", "--config", str(yaml)])
+    spec = tool.task_spec(other)
+    assert spec.config == yaml.resolve() and spec.rl == tool.TASKS["countdown"].rl
+    assert tool.shared_warm_start(tmp_path, spec, other)[0] != \
+        tool.shared_warm_start(tmp_path, tool.task_spec(base), base)[0]  # the config's text is in the key
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_the_fourth_round_config_loads_with_its_spark_options() -> None:
+    from spark_mcore.config.run import load_run_config
+
+    path = tool.REPO / "examples" / "configs" / "compare_countdown_check.yaml"
+    cfg = load_run_config(path, [])
+    assert (cfg.spark.judge_check, cfg.spark.judge_balance, cfg.spark.check_demo) == (True, True, True)
+    assert cfg.spark.reward_lr_scale == 0.25 and cfg.rollout.max_new_tokens == cfg.eval.max_new_tokens == 128
+    tool.check_arms(tool.parse_args(["--config", str(path)]), tool.task_spec(tool.parse_args(["--config", str(path)])))

@@ -133,3 +133,23 @@ def test_logprob_chunk_tokens_reaches_the_log_prob_kernel(pstate: object, monkey
     chunked = actor.compute_logprobs(_batch())
     assert seen == [None, 3]
     assert torch.allclose(auto, chunked, atol=1e-6)
+
+
+def test_lr_scale_scales_one_step_and_leaves_the_schedule(pstate: object) -> None:
+    actor = _actor(pstate, mbs=6)
+    initial = {k: v.clone() for k, v in actor.unwrapped.state_dict().items() if torch.is_tensor(v)}
+    batch = _batch()
+    batch.old_logprobs = actor.compute_logprobs(batch)
+    deltas, lrs = [], []
+    for scale in (1.0, 0.25):
+        actor.unwrapped.load_state_dict(initial, strict=False)
+        actor.setup_optimizer(lr=1e-2, total_steps=10, warmup_steps=0)
+        actor.train_step(batch, lr_scale=scale)
+        now = actor.unwrapped.state_dict()
+        deltas.append({k: now[k] - initial[k] for k in initial if k in now and now[k].is_floating_point()})
+        lrs.append([g["lr"] for g in actor.optimizer.param_groups])
+    moved = [k for k in deltas[0] if float(deltas[0][k].abs().max()) > 1e-6]
+    assert moved  # Adam's first step is lr * g/|g| per coordinate: a quarter of the lr, a quarter of the move
+    for k in moved:
+        assert torch.allclose(deltas[1][k], 0.25 * deltas[0][k], rtol=1e-3, atol=1e-7), k
+    assert lrs[0] == lrs[1]  # the scheduled lr is back after the scaled step
