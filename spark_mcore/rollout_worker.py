@@ -129,7 +129,8 @@ def run_worker(connect: str, cfg: RunConfig, name: str | None = None, capacity: 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     client = WorkerClient(connect, name, capacity or cfg.transport.credits_per_worker, cfg.transport.heartbeat_s,
-                          cfg.transport.curve_public_key, cfg.transport.high_water_mark, cfg.transport.max_message_bytes)
+                          cfg.transport.curve_public_key, cfg.transport.high_water_mark, cfg.transport.max_message_bytes,
+                          cfg.transport.batch_max_results, cfg.transport.batch_max_bytes)
     todo: queue.Queue[tuple[list[WorkItem], int] | None] = queue.Queue()
     done: queue.Queue[list[WorkResult] | BaseException] = queue.Queue()
     gen: list[_Generator] = []
@@ -152,12 +153,14 @@ def run_worker(connect: str, cfg: RunConfig, name: str | None = None, capacity: 
             items = client.poll(50)
             for batch in _batches(items):
                 todo.put((batch, client.policy_version))
+            ready: list[WorkResult] = []
             while not done.empty():
                 out = done.get()
                 if isinstance(out, BaseException):
                     raise out
-                for res in out:
-                    client.send_result(res)
+                ready += out
+            if ready:  # what finished since the last look, in as few messages as the caps allow
+                client.send_results(ready)
         if client.trainer_done:
             print(f"rollout worker {client.worker}: the trainer finished its run; exiting", flush=True)
         return 0

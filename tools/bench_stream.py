@@ -7,7 +7,10 @@ A message is one verified group: 8 responses x L tokens with per-token log-probs
 with a fresh producer process each; the consumer is this process.
   stream     a WorkerClient (DEALER) answers the assignments of a StreamEndpoint (ROUTER):
              credits, acknowledgements, re-send bookkeeping, and on the trainer side full
-             validation of every message (`decode_arrays` + `decode_result`) into arrays.
+             validation of every result (`decode_arrays` + `decode_result(s)`) into arrays.
+             The groups of one assignment are ready together, so the worker coalesces them
+             as it would in a run (transport defaults: up to 32 results and ~1 MiB per
+             `results` message: about 11 groups at 1k tokens, one at 8k).
   push/pull  the producer sends the same frames over PUSH; the consumer only receives them and
              drops them (as the stream's consumer drops each group once validated; the
              producer reports its send times itself, so no message is parsed or kept).
@@ -84,8 +87,12 @@ def produce_stream(endpoint: str, tokens: int, messages: int) -> None:
     tensors = result_tensors(res)
     client = WorkerClient(endpoint, "bench", capacity=WINDOW, heartbeat_s=1.0, max_message_bytes=1 << 30)
     while not client.trainer_done:
-        for item in client.poll(5):
-            client.send_encoded(item.sample_id, _frames(res, tensors, item.sample_id, time.monotonic()))
+        parts = []
+        for item in client.poll(5):  # every assigned item is ready at once (no engine here)
+            res.sample_id, res.gen_s = item.sample_id, time.monotonic()  # gen_s: when the group was ready
+            parts.append((item.sample_id, result_meta(res, client.incarnation), tensors))
+        if parts:
+            client.send_parts(parts)  # (the transport's defaults: up to 32 results / ~1 MiB per message)
     client.close()
 
 

@@ -27,7 +27,12 @@ class StreamConfig:
     stall_timeout_s: the trainer gives up (StreamStalled naming the workers) when no result
         arrives for this long while it waits for a step.
     heartbeat_s: how often workers report in (and what they hold).
-    max_message_bytes: larger messages are refused by ZeroMQ (the sender is disconnected).
+    max_message_bytes: the largest message the trainer takes (ZeroMQ refuses a larger frame and
+        disconnects its sender; the endpoint drops a message whose frames add up to more).
+    batch_max_results / batch_max_bytes: a worker sends results that are ready at the same time
+        in one `results` message of at most this many results and (about) this many bytes; it
+        never waits for more. 1 = one message per result. A message never exceeds
+        max_message_bytes (a larger batch is split).
     high_water_mark: ZeroMQ queue bound in messages per peer.
     max_token_id: results with token ids at or above this are rejected (0 = no check).
     """
@@ -43,10 +48,12 @@ class StreamConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     high_water_mark: int = 256
     max_token_id: int = 0
+    batch_max_results: int = 32
+    batch_max_bytes: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         check_bind_address(self.bind, self.allow_all_interfaces)
-        for name in ("credits_per_worker", "high_water_mark", "max_message_bytes"):
+        for name in ("credits_per_worker", "high_water_mark", "max_message_bytes", "batch_max_results", "batch_max_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"transport.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("worker_timeout_s", "stall_timeout_s", "heartbeat_s"):
@@ -55,6 +62,8 @@ class StreamConfig:
         if self.worker_timeout_s < 2 * self.heartbeat_s:
             raise ConfigError(f"transport.worker_timeout_s ({self.worker_timeout_s}) must be >= 2 x transport.heartbeat_s "
                               f"({self.heartbeat_s}) or live workers look dead")
+        if self.batch_max_results > 256:
+            raise ConfigError(f"transport.batch_max_results: at most 256 results per message, got {self.batch_max_results}")
         if bool(self.curve_secret_key) != bool(self.curve_public_key):
             raise ConfigError("transport.curve_secret_key and transport.curve_public_key go together: set both or neither")
         for name in ("curve_secret_key", "curve_public_key"):

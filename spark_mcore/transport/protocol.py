@@ -8,6 +8,10 @@
     result     {worker, incarnation, sample_id, policy_version, lengths, texts, finish, rewards,
                 reward_samples, gen_s}  + tensors prompt_ids int32 [P], token_ids int32 [sum(lengths)],
                                           logprobs float32 [sum(lengths)] (absent without engine log-probs)
+    results    {results: [result meta, ...], prompt_lens: [P_i], token_lens: [T_i]}  2..MAX_BATCH
+                results that were ready together, in one message: the same tensors, each the
+                members' arrays end to end (member i's are the slices at the running offsets of
+                prompt_lens / token_lens); all members have log-probs or none does
     bye        {worker, incarnation}
   trainer -> worker
     welcome    {session, policy_version}                                  answers hello / heartbeat
@@ -15,6 +19,11 @@
     ack        {session, ids: [sample_id]}                                 results taken (or not wanted)
     version    {session, policy_version}                                   new weights on the engines
 
+A `results` message is framing around results that are each validated exactly like a single
+`result` (`decode_results`): a broken frame (header, lengths that do not add up to the frames, a
+member count outside 2..MAX_BATCH) rejects the whole message; a member that fails its own checks
+is rejected alone and the others are taken. Workers coalesce only results already finished
+(never wait for more), up to transport.batch_max_results and about transport.batch_max_bytes.
 A result carries no prompt: the trainer rebuilds the group from its own record of the
 assignment, so a worker cannot change what it was asked. Token ids and log-probs travel as raw
 tensor frames (one per message), so a group costs one copy, not a Python list per token.
@@ -44,11 +53,12 @@ from spark_mcore.transport.records import (
 from spark_mcore.transport.wire import _TORCH_TO_WIRE, WireError, encode
 from spark_mcore.types import Completion, Prompt, RewardSample, Rollout, RolloutGroup
 
-HELLO, HEARTBEAT, RESULT, BYE = "hello", "heartbeat", "result", "bye"
+HELLO, HEARTBEAT, RESULT, RESULTS, BYE = "hello", "heartbeat", "result", "results", "bye"
 WELCOME, ASSIGN, ACK, VERSION = "welcome", "assign", "ack", "version"
 _PARAM_KEYS = {"n", "temperature", "top_p", "max_new_tokens", "seed", "stop_token_ids"}
 MAX_ID_CHARS = 200
 MAX_HELD = 100_000
+MAX_BATCH = 256  # results in one `results` message
 
 
 @dataclass
@@ -148,6 +158,25 @@ def encode_result(res: WorkResult, incarnation: str) -> list[Any]:
     return encode(RESULT, result_meta(res, incarnation), result_tensors(res))
 
 
+def encode_results(parts: list[tuple[dict[str, Any], dict[str, torch.Tensor]]]) -> list[Any]:
+    """Frames of one message for results that are ready together: (`result_meta`, `result_tensors`)
+    pairs. One pair is a plain `result` message (zero-copy); more are a `results` message whose
+    tensors are the members' arrays end to end (one copy, see the module docstring)."""
+    if not parts:
+        raise WireError("results: nothing to encode")
+    if len(parts) == 1:
+        return encode(RESULT, *parts[0])
+    if len(parts) > MAX_BATCH:
+        raise WireError(f"results: {len(parts)} results in one message, at most {MAX_BATCH}")
+    names = [name for name in _ARRAY_DTYPES if name in parts[0][1]]
+    if any(t.keys() != parts[0][1].keys() for _, t in parts):
+        raise WireError("results: members must all carry the same tensors (all with log-probs or none)")
+    tensors = {name: torch.from_numpy(np.concatenate([t[name].numpy() for _, t in parts])) for name in names}
+    meta = {"results": [m for m, _ in parts], "prompt_lens": [int(t["prompt_ids"].shape[0]) for _, t in parts],
+            "token_lens": [int(t["token_ids"].shape[0]) for _, t in parts]}
+    return encode(RESULTS, meta, tensors)
+
+
 @dataclass
 class ResultFrames:
     """A `result` message validated down to its arrays (read-only use: numpy views of the received
@@ -195,12 +224,12 @@ def _check_lists(m: dict[str, Any]) -> int:
     return n
 
 
-def _array(arrays: dict[str, Any], name: str, size: int | None) -> np.ndarray:
+def _array(arrays: dict[str, Any], name: str, size: int | None, where: str = "result") -> np.ndarray:
     """The validated 1-D array `name` of a result. `arrays`: `wire.decode_arrays`' (dtype, array)
     pairs, or torch tensors."""
     entry = arrays.get(name)
     if entry is None:
-        raise WireError(f"result.tensors.{name}: missing")
+        raise WireError(f"{where}.tensors.{name}: missing")
     want = _ARRAY_DTYPES[name]
     if isinstance(entry, torch.Tensor):
         dtype, shape = _TORCH_TO_WIRE.get(entry.dtype, str(entry.dtype)), entry.shape
@@ -208,7 +237,7 @@ def _array(arrays: dict[str, Any], name: str, size: int | None) -> np.ndarray:
     else:
         (dtype, a), shape = entry, entry[1].shape
     if dtype != want or len(shape) != 1 or (size is not None and shape[0] != size):
-        raise WireError(f"result.tensors.{name}: expected {want} [{'P' if size is None else size}], "
+        raise WireError(f"{where}.tensors.{name}: expected {want} [{'P' if size is None else size}], "
                         f"got {dtype} {list(shape)}")
     return a
 
@@ -221,10 +250,8 @@ def _check_ids(name: str, a: np.ndarray, max_token_id: int) -> None:
         raise WireError(f"result.tensors.{name}: token ids outside [0, {max_token_id or 'inf'})")
 
 
-def decode_result(meta: dict[str, Any], arrays: dict[str, Any], max_token_id: int = 0) -> ResultFrames:
-    """Validates a decoded `result` message: required fields and types, one length/text/finish/
-    reward per response, tensor dtypes and sizes, token ids in range, finite log-probs <= 0.
-    `arrays`: from `wire.decode_arrays` (or torch tensors from `wire.decode`)."""
+def _check_meta(meta: Any) -> dict[str, Any]:
+    """The fields of a result's meta (everything but its tensors and reward samples)."""
     m = _expect_map(meta, "result.meta", _RESULT_KEYS)
     _sample_id(m["sample_id"], "result.meta.sample_id")
     if type(m["worker"]) is not str:
@@ -235,12 +262,11 @@ def decode_result(meta: dict[str, Any], arrays: dict[str, Any], max_token_id: in
     if type(m["gen_s"]) is not float:
         _float(m["gen_s"], "result.meta.gen_s")
     _check_lists(m)
-    if len(arrays) > 3 or arrays.keys() - _ARRAY_DTYPES.keys():
-        raise WireError(f"result.tensors: unknown tensor(s) {sorted(arrays.keys() - _ARRAY_DTYPES.keys())}")
-    total = sum(m["lengths"])
-    prompt_ids = _array(arrays, "prompt_ids", None)
-    token_ids = _array(arrays, "token_ids", total)
-    logprobs = _array(arrays, "logprobs", total) if "logprobs" in arrays else None
+    return m
+
+
+def _check_values(prompt_ids: np.ndarray, token_ids: np.ndarray, logprobs: np.ndarray | None, max_token_id: int) -> None:
+    """Token ids in range, log-probs finite and <= 0."""
     # numpy, not torch, for these checks: torch's intra-op threads cost more than the work here
     _check_ids("prompt_ids", prompt_ids, max_token_id)
     _check_ids("token_ids", token_ids, max_token_id)
@@ -248,6 +274,9 @@ def decode_result(meta: dict[str, Any], arrays: dict[str, Any], max_token_id: in
         top = _MAX(logprobs)  # NaN propagates into max; inf fails the bound
         if not (top <= 1e-3 and math.isfinite(top)) or not math.isfinite(_MIN(logprobs)):
             raise WireError("result.tensors.logprobs: expected finite values <= 0")
+
+
+def _finish(m: dict[str, Any], prompt_ids: np.ndarray, token_ids: np.ndarray, logprobs: np.ndarray | None) -> ResultFrames:
     samples = m["reward_samples"]
     if type(samples) is not list or len(samples) > 2:
         raise WireError("result.meta.reward_samples: expected a list of at most 2 (judge, reflection)")
@@ -255,6 +284,77 @@ def decode_result(meta: dict[str, Any], arrays: dict[str, Any], max_token_id: in
         m["reward_samples"] = [reward_sample_from_wire(s, f"result.meta.reward_samples[{i}]")
                                for i, s in enumerate(samples)]
     return ResultFrames(meta=m, prompt_ids=prompt_ids, token_ids=token_ids, logprobs=logprobs)
+
+
+def decode_result(meta: dict[str, Any], arrays: dict[str, Any], max_token_id: int = 0) -> ResultFrames:
+    """Validates a decoded `result` message: required fields and types, one length/text/finish/
+    reward per response, tensor dtypes and sizes, token ids in range, finite log-probs <= 0.
+    `arrays`: from `wire.decode_arrays` (or torch tensors from `wire.decode`)."""
+    m = _check_meta(meta)
+    if len(arrays) > 3 or arrays.keys() - _ARRAY_DTYPES.keys():
+        raise WireError(f"result.tensors: unknown tensor(s) {sorted(arrays.keys() - _ARRAY_DTYPES.keys())}")
+    total = sum(m["lengths"])
+    prompt_ids = _array(arrays, "prompt_ids", None)
+    token_ids = _array(arrays, "token_ids", total)
+    logprobs = _array(arrays, "logprobs", total) if "logprobs" in arrays else None
+    _check_values(prompt_ids, token_ids, logprobs, max_token_id)
+    return _finish(m, prompt_ids, token_ids, logprobs)
+
+
+def _lens(m: dict[str, Any], key: str, n: int) -> list[int]:
+    lens = m[key]
+    if type(lens) is not list or len(lens) != n or not set(map(type, lens)) <= _INT or min(lens) < 0:
+        raise WireError(f"results.meta.{key}: expected {n} non-negative integers (one per result)")
+    return lens
+
+
+def decode_results(meta: dict[str, Any], arrays: dict[str, Any], max_token_id: int = 0) -> list[ResultFrames | WireError]:
+    """Validates a decoded `results` message (see the module docstring). Raises WireError when
+    the framing is broken (the whole message is rejected); otherwise returns, per member in
+    order, its ResultFrames or the WireError that rejects that member alone. Each member passes
+    exactly `decode_result`'s checks; the value checks (token ids, log-probs) run once over the
+    whole arrays and, only if they fail there, per member to find the bad ones."""
+    m = _expect_map(meta, "results.meta", {"results", "prompt_lens", "token_lens"})
+    metas = m["results"]
+    n = len(metas) if type(metas) is list else -1
+    if not 2 <= n <= MAX_BATCH:
+        raise WireError(f"results.meta.results: expected a list of 2..{MAX_BATCH} result metas, got "
+                        f"{n if n >= 0 else type(metas).__name__}")
+    plens, tlens = _lens(m, "prompt_lens", n), _lens(m, "token_lens", n)
+    if len(arrays) > 3 or arrays.keys() - _ARRAY_DTYPES.keys():
+        raise WireError(f"results.tensors: unknown tensor(s) {sorted(arrays.keys() - _ARRAY_DTYPES.keys())}")
+    prompt_ids = _array(arrays, "prompt_ids", sum(plens), "results")
+    token_ids = _array(arrays, "token_ids", sum(tlens), "results")
+    logprobs = _array(arrays, "logprobs", token_ids.shape[0], "results") if "logprobs" in arrays else None
+    try:
+        _check_values(prompt_ids, token_ids, logprobs, max_token_id)
+        checked = True
+    except WireError:
+        checked = False
+    out: list[ResultFrames | WireError] = []
+    p0 = t0 = 0
+    for i in range(n):
+        p1, t1 = p0 + plens[i], t0 + tlens[i]
+        try:
+            out.append(_member(metas[i], prompt_ids[p0:p1], token_ids[t0:t1],
+                               None if logprobs is None else logprobs[t0:t1], max_token_id, checked))
+        except WireError as e:
+            out.append(e)
+        p0, t0 = p1, t1
+    return out
+
+
+def _member(meta: Any, prompt_ids: np.ndarray, token_ids: np.ndarray, logprobs: np.ndarray | None,
+            max_token_id: int, checked: bool) -> ResultFrames:
+    """One member of a `results` message, checked as `decode_result` checks a single result (the
+    value checks skipped when they already passed over the whole message: `checked`)."""
+    m = _check_meta(meta)
+    if sum(m["lengths"]) != token_ids.shape[0]:
+        raise WireError(f"result.meta.lengths: the responses have {sum(m['lengths'])} tokens, but "
+                        f"results.meta.token_lens gives this result {token_ids.shape[0]}")
+    if not checked:
+        _check_values(prompt_ids, token_ids, logprobs, max_token_id)
+    return _finish(m, prompt_ids, token_ids, logprobs)
 
 
 # --- small control messages -----------------------------------------------------------------------
@@ -288,5 +388,6 @@ def check_peer(meta: dict[str, Any], kind: str) -> PeerReport:
                       _int(m["seen_seq"], f"{kind}.meta.seen_seq"))
 
 
-__all__ = ["WorkItem", "WorkResult", "ResultFrames", "item_to_wire", "item_from_wire", "encode_result", "result_meta", "result_tensors",
-           "decode_result", "check_peer", "PeerReport", "HELLO", "HEARTBEAT", "RESULT", "BYE", "WELCOME", "ASSIGN", "ACK", "VERSION"]
+__all__ = ["WorkItem", "WorkResult", "ResultFrames", "item_to_wire", "item_from_wire", "encode_result", "encode_results",
+           "result_meta", "result_tensors", "decode_result", "decode_results", "check_peer", "PeerReport", "HELLO",
+           "HEARTBEAT", "RESULT", "RESULTS", "BYE", "WELCOME", "ASSIGN", "ACK", "VERSION", "MAX_BATCH"]

@@ -3,7 +3,9 @@ prompt assignments and sends verified groups back until the trainer acknowledges
 
 Delivery: a result stays in `unacked` until an `ack` names it. When the trainer answers with a
 new session (it restarted) or the connection moved, every unacknowledged result is sent again;
-the trainer keeps the first copy of each sample id. Heartbeats report what the worker holds, so
+the trainer keeps the first copy of each sample id. Results handed over together (`send_results`,
+`send_parts`) go out in `results` messages of at most `batch_max_results` results and about
+`batch_max_bytes` (never more than `max_message_bytes`); nothing waits for a batch to fill. Heartbeats report what the worker holds, so
 the trainer can re-issue prompts whose assignment was lost with a connection.
 Not thread-safe: one thread calls `poll` / `send_result` (ZeroMQ sockets are single-threaded).
 """
@@ -29,14 +31,19 @@ from spark_mcore.transport.protocol import (
     WELCOME,
     WorkItem,
     WorkResult,
-    encode_result,
+    encode_results,
     item_from_wire,
+    result_meta,
+    result_tensors,
 )
 from spark_mcore.transport.records import _int, _str
 from spark_mcore.transport.wire import WireError, decode, encode, readable, recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
 _MAX_DRAIN = 1024  # messages handled per readiness check in `poll`
+_META_BYTES = 512  # a result's header besides its texts, for the batch size estimate
+
+Part = tuple[dict[str, Any], dict[str, Any]]  # (result_meta, result_tensors) of one result
 
 
 class WorkerClient:
@@ -44,12 +51,18 @@ class WorkerClient:
     server_public_key: the trainer's CURVE public key when it uses CURVE (Z85, 40 chars)."""
 
     def __init__(self, connect: str, worker: str | None = None, capacity: int = 8, heartbeat_s: float = 1.0,
-                 server_public_key: str = "", high_water_mark: int = 256, max_message_bytes: int = 64 << 20) -> None:
+                 server_public_key: str = "", high_water_mark: int = 256, max_message_bytes: int = 64 << 20,
+                 batch_max_results: int = 32, batch_max_bytes: int = 1 << 20) -> None:
         if not isinstance(connect, str) or not connect.startswith(("tcp://", "ipc://", "inproc://")):
             raise ValueError(f"--connect: expected the trainer's address like tcp://127.0.0.1:5555, got {connect!r}")
         if capacity < 1:
             raise ValueError(f"capacity: must be >= 1, got {capacity}")
+        if not 1 <= batch_max_results <= 256 or batch_max_bytes < 1:
+            raise ValueError(f"batch_max_results: 1..256, batch_max_bytes: >= 1; got {batch_max_results}, {batch_max_bytes}")
         self.connect = connect
+        self.batch_max_results = batch_max_results
+        self.batch_max_bytes = min(batch_max_bytes, max_message_bytes)
+        self.max_message_bytes = max_message_bytes
         self.worker = worker or f"worker-{os.getpid()}"
         self.incarnation = uuid.uuid4().hex[:12]
         self.capacity = capacity
@@ -58,7 +71,7 @@ class WorkerClient:
         self.session = ""
         self.seen_seq = -1
         self.working: set[str] = set()
-        self.unacked: dict[str, list[Any]] = {}
+        self.unacked: dict[str, Part] = {}
         self.resent = 0
         self.trainer_done = False  # the trainer said goodbye (its run ended)
         self._ctx = zmq.Context()
@@ -134,8 +147,7 @@ class WorkerClient:
                     logger.warning("rollout worker %s: trainer session changed (%s -> %s): re-sending %d result(s)",
                                    self.worker, self.session, session, len(self.unacked))
                 self.session, self.seen_seq = session, -1
-                for frames_ in self.unacked.values():
-                    self.resent += self._send(frames_)
+                self.resent += self._send_batched(list(self.unacked.values()))
         elif msg_type == ASSIGN:
             seq = _int(meta.get("seq"), "assign.seq")
             items = meta.get("items")
@@ -164,13 +176,41 @@ class WorkerClient:
 
     def send_result(self, result: WorkResult) -> None:
         """Sends a verified group; it is kept (and re-sent after a trainer restart) until acked."""
-        self.send_encoded(result.sample_id, encode_result(result, self.incarnation))
+        self.send_results([result])
 
-    def send_encoded(self, sample_id: str, frames: list[Any]) -> None:
-        """`send_result` for frames already encoded (`protocol.encode_result`, same incarnation)."""
-        self.working.discard(sample_id)
-        self.unacked[sample_id] = frames
-        self._send(frames)
+    def send_results(self, results: list[WorkResult]) -> None:
+        """`send_result` for results that are all ready now: they share messages (see the module
+        docstring)."""
+        self.send_parts([(r.sample_id, result_meta(r, self.incarnation), result_tensors(r)) for r in results])
+
+    def send_parts(self, parts: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> None:
+        """`send_results` for results already split into (sample_id, `protocol.result_meta` with
+        this client's incarnation, `protocol.result_tensors`)."""
+        for sid, meta, tensors in parts:
+            self.working.discard(sid)
+            self.unacked[sid] = (meta, tensors)
+        self._send_batched([(meta, tensors) for _, meta, tensors in parts])
+
+    def _send_batched(self, parts: list[Part]) -> int:
+        """Sends `parts` in order, in as few messages as the caps allow; returns how many of the
+        results went out (a full queue drops a message: the re-send after a reconnect covers it)."""
+        sent, batch, size = 0, [], 0
+        for meta, tensors in parts:
+            nbytes = sum(t.nbytes for t in tensors.values()) + sum(map(len, meta["texts"])) + _META_BYTES
+            if batch and (len(batch) >= self.batch_max_results or size + nbytes > self.batch_max_bytes
+                          or tensors.keys() != batch[0][1].keys()):
+                sent += self._send_batch(batch)
+                batch, size = [], 0
+            batch.append((meta, tensors))
+            size += nbytes
+        return sent + (self._send_batch(batch) if batch else 0)
+
+    def _send_batch(self, batch: list[Part]) -> int:
+        frames = encode_results(batch)
+        if len(batch) > 1 and sum(memoryview(f).nbytes for f in frames) > self.max_message_bytes:
+            half = len(batch) // 2  # the estimate was short (long reward-task prompts, non-ASCII texts)
+            return self._send_batch(batch[:half]) + self._send_batch(batch[half:])
+        return len(batch) if self._send(frames) else 0
 
     def close(self) -> None:
         if self._closed:

@@ -2,7 +2,8 @@
 
 Hostile peers send truncated frames, a wrong schema version, wrong dtypes and shapes, huge
 declared sizes, random bytes, a message over the size limit, forged results for prompts they
-were never given, and a flood of junk. Each bad message is rejected (counted, logged with its
+were never given, broken `results` batches (truncated, counts that do not match the frames, too
+many members, over the size limit, one bad member among good ones), and a flood of junk. Each bad message is rejected (counted, logged with its
 sender), the endpoint's memory stays bounded, and every sample of the honest worker arrives
 exactly once.
 """
@@ -21,7 +22,15 @@ import zmq
 
 from spark_mcore.transport.config import StreamConfig
 from spark_mcore.transport.endpoint import StreamEndpoint
-from spark_mcore.transport.protocol import RESULT, WorkItem, WorkResult, encode_result
+from spark_mcore.transport.protocol import (
+    RESULT,
+    WorkItem,
+    WorkResult,
+    encode_result,
+    encode_results,
+    result_meta,
+    result_tensors,
+)
 from spark_mcore.transport.wire import SCHEMA_VERSION
 from spark_mcore.transport.worker_client import WorkerClient
 from spark_mcore.types import Completion, Prompt
@@ -40,8 +49,7 @@ def _honest(endpoint: str, stop: threading.Event) -> None:
     client = WorkerClient(endpoint, "honest", capacity=4, heartbeat_s=0.1)
     try:
         while not stop.is_set():
-            for item in client.poll(20):
-                client.send_result(_result(item.sample_id))
+            client.send_results([_result(item.sample_id) for item in client.poll(20)])  # coalesced
     finally:
         client.close()
 
@@ -74,6 +82,32 @@ def _bad_messages(sid: str) -> list[list[bytes]]:
         [msgpack.packb({"v": SCHEMA_VERSION, "type": RESULT, "meta": [], "tensors": []})],  # meta not a map
         [bytes(random.Random(0).randbytes(64))],  # random bytes
         [msgpack.packb(2**63)],  # msgpack of the wrong kind
+        *_bad_batches(sid),
+    ]
+
+
+def _bad_batches(sid: str) -> list[list[bytes]]:
+    """`results` messages that must each count as exactly one bad message and cost no sample."""
+    def batch(*sids: str) -> list[bytes]:
+        frames = encode_results([(result_meta(_result(s), "x"), result_tensors(_result(s))) for s in sids])
+        return [bytes(memoryview(f)) for f in frames]
+
+    good = batch(sid, "never-assigned-b")
+    header = msgpack.unpackb(good[0])
+    meta = header["meta"]
+
+    def with_meta(**changes) -> list[bytes]:
+        return [msgpack.packb({**header, "meta": {**meta, **changes}}, use_bin_type=True), *good[1:]]
+
+    nan_member = np.frombuffer(good[3], dtype="<f4").copy()
+    nan_member[0] = np.nan  # in the first member (sid): the second, a result nobody asked for, is a duplicate
+    return [
+        good[:-1],  # truncated batch: the log-prob frame missing
+        [*good[:2], good[2][:-4], good[3]],  # truncated token ids
+        with_meta(prompt_lens=[3, 3, 3]),  # a count that does not match the results
+        with_meta(token_lens=[6, 7]),  # lengths that do not add up to the frames
+        with_meta(results=meta["results"] * 200, prompt_lens=[3] * 400, token_lens=[6] * 400),  # over MAX_BATCH
+        [*good[:3], nan_member.tobytes()],  # one bad member: rejected alone
     ]
 
 
@@ -91,7 +125,7 @@ def test_endpoint_rejects_bad_frames_bounded_memory_and_honest_samples_arrive(ca
     honest = threading.Thread(target=_honest, args=(ep.endpoint, stop), daemon=True)
     honest.start()
     ctx = zmq.Context()
-    attackers = [ctx.socket(zmq.DEALER) for _ in range(3)]
+    attackers = [ctx.socket(zmq.DEALER) for _ in range(4)]
     for s in attackers:
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, 100_000)
@@ -108,11 +142,17 @@ def test_endpoint_rejects_bad_frames_bounded_memory_and_honest_samples_arrive(ca
         forged = encode_result(_result("never-assigned"), "x")
         attackers[1].send_multipart(forged)  # a well-formed result nobody asked for
         attackers[1].send_multipart([b"\0" * (2 << 20)])  # over max_message_bytes: ZeroMQ drops the peer
+        long = [Completion([5] * 30_000, "t", [-0.1] * 30_000)] * 2
+        big = [(result_meta(r, "x"), result_tensors(r)) for r in (WorkResult(f"b{i}", "x", 0, [1], long, [1.0, 1.0])
+                                                                  for i in range(4))]
+        over = encode_results(big)  # each frame under the limit, the message over it: the endpoint drops it
+        assert max(len(memoryview(f)) for f in over) < 1 << 20 < sum(len(memoryview(f)) for f in over)
+        attackers[3].send_multipart(over)
         junk = random.Random(1)
         for _ in range(FLOOD):  # a flood from one sender
             attackers[2].send_multipart([junk.randbytes(junk.randrange(1, 200))], flags=zmq.NOBLOCK)
         deadline = time.monotonic() + 40
-        while (len(accepted) < N_ITEMS or ep.stats.malformed < len(bad) + FLOOD * 0.5) and time.monotonic() < deadline:
+        while (len(accepted) < N_ITEMS or ep.stats.malformed < len(bad) + 1 + FLOOD * 0.5) and time.monotonic() < deadline:
             for a in ep.poll(20):
                 accepted[a.item.sample_id] = accepted.get(a.item.sample_id, 0) + 1
     finally:
@@ -124,7 +164,8 @@ def test_endpoint_rejects_bad_frames_bounded_memory_and_honest_samples_arrive(ca
         ep.close()
     assert sorted(accepted) == sorted(f"s{i}" for i in range(N_ITEMS)), "every honest sample arrives"
     assert set(accepted.values()) == {1}, "each exactly once"
-    assert ep.stats.malformed >= len(bad) + FLOOD * 0.5
+    assert ep.stats.malformed >= len(bad) + 1 + FLOOD * 0.5
+    assert "max_message_bytes" in " ".join(r.getMessage() for r in caplog.records), "the batch over the limit"
     assert ep.stats.duplicates >= 1  # the forged result was acknowledged and dropped
     assert _rss_mb() - rss0 < 64, "memory stays bounded under the flood"
     senders = {r.getMessage().split(" from ")[1].split(":")[0] for r in caplog.records if "dropped a bad message" in r.getMessage()}
@@ -150,6 +191,7 @@ def test_each_kind_of_bad_message_is_rejected_and_costs_no_sample() -> None:
         while ep.stats.malformed < len(bad) and time.monotonic() < deadline:
             got += ep.poll(20)
         assert ep.stats.malformed == len(bad) and not got
+        assert ep.stats.duplicates == 1, "the good member of the batch with one bad member was taken (a duplicate)"
         assert ep.outstanding() == ["s3"], "a rejected result leaves its prompt outstanding"
         peer.send_multipart(encode_result(_result("s3"), "x"))  # the real one still counts
         while not got and time.monotonic() < deadline:

@@ -131,15 +131,18 @@ def test_an_idle_worker_waits_in_its_poller_instead_of_spinning() -> None:
         ep.close()
 
 
-def test_resent_results_after_trainer_restart_are_deduplicated() -> None:
+@pytest.mark.parametrize("together", [False, True], ids=["one_message_each", "one_results_message"])
+def test_resent_results_after_trainer_restart_are_deduplicated(together: bool) -> None:
     ep = StreamEndpoint(StreamConfig(credits_per_worker=4, **FAST))
     client = WorkerClient(ep.endpoint, "w", capacity=4, heartbeat_s=0.05)
     try:
         ep.submit(_items(2))
         _pump(ep, [client], lambda g: client.working == {"s0", "s1"}, answer=False)
         assert _answer(client) == [] and len(client.working) == 2
-        for sid in sorted(client.working):  # results sent, but the trainer dies before reading them
-            client.send_result(WorkResult(sid, "w", 0, [1], [Completion([2], "t", [-0.1])], [1.0]))
+        # results sent, but the trainer dies before reading them
+        results = [WorkResult(sid, "w", 0, [1], [Completion([2], "t", [-0.1])], [1.0]) for sid in sorted(client.working)]
+        for batch in [results] if together else [[r] for r in results]:
+            client.send_results(batch)
         endpoint = ep.endpoint
         ep.close(goodbye=False)
         deadline = time.monotonic() + 10

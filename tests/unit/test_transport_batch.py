@@ -1,0 +1,253 @@
+"""The `results` message: several results that were ready together in one message. Framing errors
+(a missing or truncated frame, counts that do not match the frames, a message over the size
+limit) reject the whole message; a member that fails the checks of a single `result` is rejected
+alone (logged with its sender) and the others are taken; workers never exceed their caps."""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from spark_mcore.config.loader import ConfigError
+from spark_mcore.transport.config import StreamConfig
+from spark_mcore.transport.endpoint import StreamEndpoint
+from spark_mcore.transport.protocol import (
+    MAX_BATCH,
+    RESULT,
+    RESULTS,
+    WorkItem,
+    WorkResult,
+    decode_result,
+    decode_results,
+    encode_results,
+    result_meta,
+    result_tensors,
+)
+from spark_mcore.transport.wire import WireError, decode_arrays
+from spark_mcore.transport.worker_client import WorkerClient
+from spark_mcore.types import Completion, Prompt
+
+
+def _result(sid: str, tokens: int = 3, lp: float = -0.5) -> WorkResult:
+    comps = [Completion([5 + i for i in range(tokens)], f"text {sid}", [lp] * tokens) for _ in range(2)]
+    return WorkResult(sid, "w", 0, [1, 2, len(sid)], comps, [1.0, 0.0])
+
+
+def _part(res: WorkResult) -> tuple[dict, dict]:
+    return result_meta(res, "inc"), result_tensors(res)
+
+
+def _bytes(frames: list) -> list[bytes]:
+    return [bytes(memoryview(f)) for f in frames]
+
+
+def test_members_decode_exactly_as_single_results() -> None:
+    results = [_result("a", 3), _result("bb", 0), _result("c", 5)]
+    frames = _bytes(encode_results([_part(r) for r in results]))
+    assert len(frames) == 4, "one header + prompt ids, token ids, log-probs end to end"
+    msg_type, meta, arrays = decode_arrays(frames)
+    assert msg_type == RESULTS and meta["prompt_lens"] == [3, 3, 3] and meta["token_lens"] == [6, 0, 10]
+    members = decode_results(meta, arrays)
+    for res, got in zip(results, members, strict=True):
+        _, m1, a1 = decode_arrays(_bytes(encode_results([_part(res)])))
+        single = decode_result(m1, a1)
+        assert got.to_result() == single.to_result() == res
+    one = _bytes(encode_results([_part(results[0])]))
+    assert decode_arrays(one)[0] == RESULT, "a batch of one is a plain result message"
+
+
+def test_encode_refuses_mixed_log_probs_and_oversized_batches() -> None:
+    bare = _result("x")
+    for c in bare.completions:
+        c.logprobs = None
+    with pytest.raises(WireError, match="same tensors"):
+        encode_results([_part(_result("a")), _part(bare)])
+    with pytest.raises(WireError, match=f"at most {MAX_BATCH}"):
+        encode_results([_part(_result(f"s{i}")) for i in range(MAX_BATCH + 1)])
+
+
+def _batch(n: int = 3) -> tuple[dict, list[bytes]]:
+    frames = _bytes(encode_results([_part(_result(f"s{i}")) for i in range(n)]))
+    return msgpack.unpackb(frames[0]), frames
+
+
+def _with(header: dict, frames: list[bytes], **meta_changes) -> list[bytes]:
+    h = {**header, "meta": {**header["meta"], **meta_changes}}
+    return [msgpack.packb(h, use_bin_type=True), *frames[1:]]
+
+
+def test_broken_framing_rejects_the_whole_message() -> None:
+    header, frames = _batch()
+    meta = header["meta"]
+    with pytest.raises(WireError, match="tensor frames arrived"):
+        decode_arrays(frames[:-1])  # truncated: a frame missing
+    with pytest.raises(WireError, match="bytes"):
+        decode_arrays([*frames[:2], frames[2][:7], frames[3]])  # truncated tensor bytes
+    broken = {
+        "count": _with(header, frames, prompt_lens=meta["prompt_lens"][:2]),  # 2 lengths for 3 results
+        "sums": _with(header, frames, token_lens=[6, 6, 7]),  # lengths do not add up to the frame
+        "one": _with(header, frames, results=meta["results"][:1], prompt_lens=[3], token_lens=[6]),
+        "negative": _with(header, frames, token_lens=[-6, 6, 18]),
+        "not a list": _with(header, frames, results={"a": 1}),
+    }
+    for name, bad in broken.items():
+        _, m, arrays = decode_arrays(bad)
+        with pytest.raises(WireError, match="results"):
+            decode_results(m, arrays)
+        assert name
+
+
+def test_one_bad_member_is_rejected_alone() -> None:
+    header, frames = _batch(3)
+    metas = header["meta"]["results"]
+    bad_meta = [metas[0], {**metas[1], "rewards": [1.0]}, metas[2]]  # 1 reward for 2 responses
+    _, m, arrays = decode_arrays(_with(header, frames, results=bad_meta))
+    got = decode_results(m, arrays)
+    assert isinstance(got[1], WireError) and "rewards" in str(got[1])
+    assert [g.meta["sample_id"] for g in (got[0], got[2])] == ["s0", "s2"]
+    # a value check that fails over the whole message is redone per member to find the bad one
+    lps = np.frombuffer(frames[3], dtype="<f4").copy()
+    lps[6 + 2] = np.nan  # member 1's third log-prob
+    _, m, arrays = decode_arrays([*frames[:3], lps.tobytes()])
+    got = decode_results(m, arrays)
+    assert [type(g).__name__ for g in got] == ["ResultFrames", "WireError", "ResultFrames"]
+    assert "logprobs" in str(got[1])
+    ids = np.frombuffer(frames[2], dtype="<i4").copy()
+    ids[-1] = 10**6  # member 2's last token id, over max_token_id
+    _, m, arrays = decode_arrays([frames[0], frames[1], ids.tobytes(), frames[3]])
+    got = decode_results(m, arrays, max_token_id=1000)
+    assert [isinstance(g, WireError) for g in got] == [False, False, True]
+    # a member whose responses do not fill its share of the tokens
+    short = [metas[0], {**metas[1], "lengths": [3, 2]}, metas[2]]
+    _, m, arrays = decode_arrays(_with(header, frames, results=short))
+    assert "token_lens" in str(decode_results(m, arrays)[1])
+
+
+def _endpoint(**cfg) -> StreamEndpoint:
+    ep = StreamEndpoint(StreamConfig(heartbeat_s=0.1, worker_timeout_s=5.0, **cfg))
+    ep.submit([WorkItem(f"s{i}", Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1"), {"n": 2}) for i in range(3)])
+    return ep
+
+
+def _drain(ep: StreamEndpoint, until, timeout: float = 10.0) -> list:
+    got, deadline = [], time.monotonic() + timeout
+    while not until(got):
+        assert time.monotonic() < deadline, "timed out"
+        got += ep.poll(20)
+    return got
+
+
+def test_endpoint_takes_the_good_members_and_logs_the_bad_one_with_its_sender(caplog) -> None:
+    ep = _endpoint()
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(ep.endpoint)
+    try:
+        header, frames = _batch(3)
+        metas = header["meta"]["results"]
+        peer.send_multipart(_with(header, frames, results=[metas[0], {**metas[1], "gen_s": "soon"}, metas[2]]))
+        got = _drain(ep, lambda g: len(g) >= 2 and ep.stats.malformed >= 1)
+        assert sorted(a.item.sample_id for a in got) == ["s0", "s2"] and ep.stats.malformed == 1
+        assert ep.outstanding() == ["s1"], "the rejected member's prompt is still owed"
+        logged = [r.getMessage() for r in caplog.records if "dropped a bad message" in r.getMessage()]
+        assert len(logged) == 1 and "unregistered peer" in logged[0] and "results[1]" in logged[0]
+        peer.send_multipart(_bytes(encode_results([_part(_result("s0")), _part(_result("s1"))])))  # s0 again
+        got = _drain(ep, lambda g: len(g) >= 1 and ep.stats.duplicates >= 1)
+        assert [a.item.sample_id for a in got] == ["s1"], "dedup by sample id inside a batch"
+    finally:
+        peer.close()
+        ctx.term()
+        ep.close()
+
+
+def test_endpoint_drops_a_batch_over_the_size_limit_whole() -> None:
+    ep = _endpoint(max_message_bytes=64 << 10)
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(ep.endpoint)
+    try:
+        # each frame is under the limit (ZeroMQ's own check is per frame), together they are over it
+        frames = _bytes(encode_results([_part(_result(f"s{i}", tokens=2000)) for i in range(3)]))
+        assert max(map(len, frames)) < 64 << 10 < sum(map(len, frames))
+        peer.send_multipart(frames)
+        got = _drain(ep, lambda g: ep.stats.malformed >= 1 or g)
+        assert not got and "max_message_bytes" in ep.stats.last_error
+        assert sorted(ep.outstanding()) == ["s0", "s1", "s2"]
+    finally:
+        peer.close()
+        ctx.term()
+        ep.close()
+
+
+def test_worker_coalesces_within_its_caps_and_every_result_arrives_once() -> None:
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("tcp://127.0.0.1:0")
+    client = WorkerClient(router.getsockopt(zmq.LAST_ENDPOINT).decode(), "w", batch_max_results=3,
+                          batch_max_bytes=20_000, max_message_bytes=1 << 20)
+    try:
+        small = [_result(f"a{i}") for i in range(7)]
+        big = [_result(f"b{i}", tokens=1000) for i in range(3)]  # ~16 kB of tensors each
+        client.send_results(small + big)
+        seen, sizes = [], []
+        while len(seen) < 10:
+            assert router.poll(5000), f"only {seen} arrived"
+            frames = router.recv_multipart()[1:]
+            msg_type, meta, arrays = decode_arrays(frames)
+            if msg_type == "hello":
+                continue
+            members = decode_results(meta, arrays) if msg_type == RESULTS else [decode_result(meta, arrays)]
+            sizes.append(len(members))
+            seen += [m.meta["sample_id"] for m in members]
+        assert seen == [r.sample_id for r in small + big], "in order, each once"
+        assert sizes == [3, 3, 2, 1, 1], "at most 3 per message; the byte cap splits the large ones"
+        assert set(client.unacked) == set(seen), "kept until acknowledged"
+    finally:
+        client.close()
+        router.close()
+        ctx.term()
+
+
+def test_a_batch_never_exceeds_max_message_bytes() -> None:
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("tcp://127.0.0.1:0")
+    # texts far longer than the estimate expects (4-byte characters): the encoded batch is split
+    results = [_result(f"t{i}") for i in range(4)]
+    for r in results:
+        for c in r.completions:
+            c.text = "\U0001F600" * 3000
+    client = WorkerClient(router.getsockopt(zmq.LAST_ENDPOINT).decode(), "w", max_message_bytes=30_000)
+    try:
+        client.send_results(results)
+        seen = []
+        while len(seen) < 4:
+            assert router.poll(5000), f"only {seen} arrived"
+            frames = router.recv_multipart()[1:]
+            assert sum(map(len, frames)) <= 30_000
+            msg_type, meta, arrays = decode_arrays(frames)
+            if msg_type != "hello":
+                members = decode_results(meta, arrays) if msg_type == RESULTS else [decode_result(meta, arrays)]
+                seen += [m.meta["sample_id"] for m in members]
+        assert seen == ["t0", "t1", "t2", "t3"]
+    finally:
+        client.close()
+        router.close()
+        ctx.term()
+
+
+def test_batch_caps_are_checked_in_the_config() -> None:
+    with pytest.raises(ConfigError, match="batch_max_bytes"):
+        StreamConfig(batch_max_bytes=0)
+    with pytest.raises(ConfigError, match="batch_max_results"):
+        StreamConfig(batch_max_results=0)
+    with pytest.raises(ConfigError, match="batch_max_results"):
+        StreamConfig(batch_max_results=MAX_BATCH + 1)
