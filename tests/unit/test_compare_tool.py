@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -178,3 +179,15 @@ def test_the_fourth_round_config_loads_with_its_spark_options() -> None:
     assert (cfg.spark.judge_check, cfg.spark.judge_balance, cfg.spark.check_demo) == (True, True, True)
     assert cfg.spark.reward_lr_scale == 0.25 and cfg.rollout.max_new_tokens == cfg.eval.max_new_tokens == 128
     tool.check_arms(tool.parse_args(["--config", str(path)]), tool.task_spec(tool.parse_args(["--config", str(path)])))
+
+
+def test_the_fifth_round_config_is_the_fourth_with_full_lr_reward_steps() -> None:
+    from spark_mcore.config.run import load_run_config
+
+    configs = tool.REPO / "examples" / "configs"
+    room = load_run_config(configs / "compare_countdown_room.yaml", [])
+    check = load_run_config(configs / "compare_countdown_check.yaml", [])
+    assert room.spark.reward_lr_scale == 1.0
+    assert dataclasses.replace(room.spark, reward_lr_scale=0.25) == check.spark
+    assert (room.model, room.warmstart, room.data, room.trainer) == (check.model, check.warmstart, check.data,
+                                                                     check.trainer)
