@@ -6,6 +6,7 @@ alone (logged with its sender) and the others are taken; workers never exceed th
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import msgpack
 import numpy as np
@@ -185,41 +186,54 @@ def test_endpoint_drops_a_batch_over_the_size_limit_whole() -> None:
         ep.close()
 
 
-def test_worker_coalesces_within_its_caps_and_every_result_arrives_once() -> None:
+@pytest.fixture
+def router() -> Iterator[zmq.Socket]:
+    """A ROUTER on a free loopback port, standing in for the trainer's endpoint."""
     ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind("tcp://127.0.0.1:0")
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind("tcp://127.0.0.1:0")
+    try:
+        yield sock
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def _received_ids(router: zmq.Socket, want: int, max_bytes: int | None = None) -> tuple[list[str], list[int]]:
+    """(sample ids in arrival order, members per message) of the next results on `router` until
+    `want` ids arrived; hellos are skipped, each message is at most `max_bytes` when given."""
+    seen: list[str] = []
+    sizes: list[int] = []
+    while len(seen) < want:
+        assert router.poll(5000), f"only {seen} arrived"
+        frames = router.recv_multipart()[1:]
+        assert max_bytes is None or sum(map(len, frames)) <= max_bytes
+        msg_type, meta, arrays = decode_arrays(frames)
+        if msg_type == "hello":
+            continue
+        members = decode_results(meta, arrays) if msg_type == RESULTS else [decode_result(meta, arrays)]
+        sizes.append(len(members))
+        seen += [m.meta["sample_id"] for m in members]
+    return seen, sizes
+
+
+def test_worker_coalesces_within_its_caps_and_every_result_arrives_once(router: zmq.Socket) -> None:
     client = WorkerClient(router.getsockopt(zmq.LAST_ENDPOINT).decode(), "w", batch_max_results=3,
                           batch_max_bytes=20_000, max_message_bytes=1 << 20)
     try:
         small = [_result(f"a{i}") for i in range(7)]
         big = [_result(f"b{i}", tokens=1000) for i in range(3)]  # ~16 kB of tensors each
         client.send_results(small + big)
-        seen, sizes = [], []
-        while len(seen) < 10:
-            assert router.poll(5000), f"only {seen} arrived"
-            frames = router.recv_multipart()[1:]
-            msg_type, meta, arrays = decode_arrays(frames)
-            if msg_type == "hello":
-                continue
-            members = decode_results(meta, arrays) if msg_type == RESULTS else [decode_result(meta, arrays)]
-            sizes.append(len(members))
-            seen += [m.meta["sample_id"] for m in members]
+        seen, sizes = _received_ids(router, 10)
         assert seen == [r.sample_id for r in small + big], "in order, each once"
         assert sizes == [3, 3, 2, 1, 1], "at most 3 per message; the byte cap splits the large ones"
         assert set(client.unacked) == set(seen), "kept until acknowledged"
     finally:
         client.close()
-        router.close()
-        ctx.term()
 
 
-def test_a_batch_never_exceeds_max_message_bytes() -> None:
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind("tcp://127.0.0.1:0")
+def test_a_batch_never_exceeds_max_message_bytes(router: zmq.Socket) -> None:
     # texts far longer than the estimate expects (4-byte characters): the encoded batch is split
     results = [_result(f"t{i}") for i in range(4)]
     for r in results:
@@ -228,20 +242,10 @@ def test_a_batch_never_exceeds_max_message_bytes() -> None:
     client = WorkerClient(router.getsockopt(zmq.LAST_ENDPOINT).decode(), "w", max_message_bytes=30_000)
     try:
         client.send_results(results)
-        seen = []
-        while len(seen) < 4:
-            assert router.poll(5000), f"only {seen} arrived"
-            frames = router.recv_multipart()[1:]
-            assert sum(map(len, frames)) <= 30_000
-            msg_type, meta, arrays = decode_arrays(frames)
-            if msg_type != "hello":
-                members = decode_results(meta, arrays) if msg_type == RESULTS else [decode_result(meta, arrays)]
-                seen += [m.meta["sample_id"] for m in members]
+        seen, _ = _received_ids(router, 4, max_bytes=30_000)
         assert seen == ["t0", "t1", "t2", "t3"]
     finally:
         client.close()
-        router.close()
-        ctx.term()
 
 
 def test_batch_caps_are_checked_in_the_config() -> None:
