@@ -31,7 +31,7 @@ def test_spro_two_steps_end_to_end(tmp_path: Path, monkeypatch) -> None:
         # mixed rewards (parity of the text): the tiny model answers nothing right after 2 SFT steps
         run.pool.score = lambda items: [float(zlib.crc32(text.encode()) % 2) for _, text, _ in items]
         step = run.actor.train_step
-        run.actor.train_step = lambda mini: (seen.append(tuple(mini.advantages.shape)), step(mini))[1]
+        run.actor.train_step = lambda mini, **kw: (seen.append(tuple(mini.advantages.shape)), step(mini, **kw))[1]
         runs.append(run)
         return run
 

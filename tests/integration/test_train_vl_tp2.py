@@ -45,11 +45,11 @@ RUNNER = textwrap.dedent("""
         RECORD = {"train": [], "tower": [], "generate": []}
         train_step, embed, generate = MegatronActor.train_step, Qwen2_5_VLGPTModel.embed_inputs, HFEngine.generate
 
-        def recording_train_step(self, batch):
+        def recording_train_step(self, batch, **kwargs):
             RECORD["train"].append({"kinds": sorted(set(batch.kinds)), "rows": batch.num_sequences,
                                     "image_rows": sum(i is not None for i in batch.images),
                                     "pads": [int((batch.tokens[r] == 513).sum()) for r in range(batch.num_sequences)]})
-            return train_step(self, batch)
+            return train_step(self, batch, **kwargs)
 
         def recording_embed(self, input_ids, images):
             if images is not None:
