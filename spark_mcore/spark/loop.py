@@ -11,8 +11,6 @@ from spark_mcore.spark.recycler import Recycler
 from spark_mcore.spark.schedule import SparkSchedule, StepKind, StepPlan
 from spark_mcore.types import KIND_KEY, Prompt, RewardSample, Rollout, RolloutGroup, prompt_kind
 
-_JUDGE_CHECK_TASK = "judge_check"  # spark_mcore.rewards.judge_check.JUDGE_CHECK_TASK (not imported eagerly)
-
 
 class SparkState:
     """Recycler + cache + schedule. With `enabled: false` every step is a plain policy step."""
@@ -80,9 +78,10 @@ def kind_metrics(rollouts: list[Rollout]) -> dict[str, float]:
     judge = by_kind.get("pointwise", []) + by_kind.get("pairwise", [])
     if judge:
         out["judge_accuracy"] = sum(judge) / len(judge)
-    checked = [r for r in rollouts if r.prompt.task == _JUDGE_CHECK_TASK]
+    from spark_mcore.rewards.judge_check import JUDGE_CHECK_TASK, verdict_label  # lazy, as in the recycler
+
+    checked = [r for r in rollouts if r.prompt.task == JUDGE_CHECK_TASK]
     if checked:
-        from spark_mcore.rewards.judge_check import verdict_label  # lazy, as in the recycler
         from spark_mcore.rewards.verifiers import judge_verifier
 
         verdicts = [judge_verifier(r.completion.text, verdict_label(r.prompt.answer)) for r in checked]
