@@ -80,11 +80,19 @@ def _frames(res: WorkResult, tensors: dict, sid: str, sent: float) -> list:
 # --- producers (child processes) -----------------------------------------------------------------
 
 
-def produce_stream(endpoint: str, tokens: int, messages: int) -> None:
+def _settled_cpu() -> float:
+    """The producer's CPU clock once its test group is built (not part of the stream) and the
+    import-time garbage is collected (see the module docstring)."""
+    gc.collect()
+    return time.process_time()
+
+
+def produce_stream(endpoint: str, tokens: int, messages: int) -> tuple[None, float]:
     from spark_mcore.transport.worker_client import WorkerClient
 
     res = group(tokens)
     tensors = result_tensors(res)
+    cpu0 = _settled_cpu()
     client = WorkerClient(endpoint, "bench", capacity=WINDOW, heartbeat_s=1.0, max_message_bytes=1 << 30)
     while not client.trainer_done:
         parts = []
@@ -94,11 +102,13 @@ def produce_stream(endpoint: str, tokens: int, messages: int) -> None:
         if parts:
             client.send_parts(parts)  # (the transport's defaults: up to 32 results / ~1 MiB per message)
     client.close()
+    return None, time.process_time() - cpu0
 
 
-def produce_pushpull(endpoint: str, tokens: int, messages: int) -> list[float]:
+def produce_pushpull(endpoint: str, tokens: int, messages: int) -> tuple[list[float], float]:
     res = group(tokens)
     tensors = result_tensors(res)
+    cpu0 = _settled_cpu()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, WINDOW // 2)  # with the PULL side's RCVHWM: the stream's window
@@ -109,7 +119,8 @@ def produce_pushpull(endpoint: str, tokens: int, messages: int) -> list[float]:
         sock.send_multipart(_frames(res, tensors, f"s{i}", sent[-1]), copy=False)
     sock.close(linger=-1)
     ctx.term()
-    return sent  # the consumer reads them from here: it never has to parse (or keep) a message
+    # the consumer reads the send times from here: it never has to parse (or keep) a message
+    return sent, time.process_time() - cpu0
 
 
 # --- consumers (this process) ----------------------------------------------------------------------
@@ -218,10 +229,7 @@ def main() -> None:
     ap.add_argument("--messages", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.produce:
-        gc.collect()  # the import-time garbage settled before the clock (see the module docstring)
-        cpu0 = time.process_time()
-        sent = (produce_stream if args.produce == "stream" else produce_pushpull)(args.endpoint, args.tokens, args.messages)
-        cpu = time.process_time() - cpu0
+        sent, cpu = (produce_stream if args.produce == "stream" else produce_pushpull)(args.endpoint, args.tokens, args.messages)
         print(json.dumps(sent), flush=True)  # send times (push/pull), read by run_pushpull
         print(cpu, flush=True)  # read by the consumer (_cpu_ms)
         return
