@@ -3,7 +3,7 @@
     python tools/bench_stream.py [--reps 3] [--sizes 1024,8192] [--messages-mb 200]
 
 A message is one verified group: 8 responses x L tokens with per-token log-probs and texts
-(the frames `protocol.encode_result` makes). Runs alternate A B A B (stream, then PUSH/PULL)
+(the frames `protocol.encode_result` makes: token ids, log-probs and texts as raw frames). Runs alternate A B A B (stream, then PUSH/PULL)
 with a fresh producer process each; the consumer is this process.
   stream     a WorkerClient (DEALER) answers the assignments of a StreamEndpoint (ROUTER):
              credits, acknowledgements, re-send bookkeeping, and on the trainer side full
@@ -22,7 +22,8 @@ Every process collects its garbage once before its clock starts: a fresh process
 collection (~0.1 s with torch imported) comes after so many allocations that it would land in
 whichever side's run allocates more Python objects, a start-up cost a long-running worker or
 trainer pays once.
-Each row also gives the CPU ms per group of producer and consumer (all their threads): on a
+Each row also gives the CPU ms per group of producer and consumer (all their threads; the
+producer's clock starts once its test group is built, which is not part of either stream): on a
 shared machine the rate moves with other jobs, the CPU cost hardly does.
 Prints one row per run, a summary per size, and as the last line the median ratio
 (stream / push-pull groups per second) over all runs.
