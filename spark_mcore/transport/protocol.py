@@ -68,6 +68,8 @@ _PARAM_KEYS = {"n", "temperature", "top_p", "max_new_tokens", "seed", "stop_toke
 MAX_ID_CHARS = 200
 MAX_HELD = 100_000
 MAX_BATCH = 256  # results in one `results` message
+# a lone surrogate (no detokenizer makes one) cannot be UTF-8: sent as "?" rather than failing the group
+_UTF8_ERRORS = "replace"
 LOGPROB_TOLERANCE = 1e-3  # engine log-probs up to this far above 0 are rounding noise (sent as -0.0)
 _NEG_FINITE_MAX = int(np.array([-np.finfo(np.float32).max], dtype=np.float32).view(np.int32)[0])
 
@@ -160,17 +162,20 @@ def result_tensors(res: WorkResult) -> dict[str, torch.Tensor]:
                "token_ids": torch.from_numpy(flat([c.token_ids for c in res.completions], np.int32))}
     if res.completions and all(c.logprobs is not None for c in res.completions):
         tensors["logprobs"] = torch.from_numpy(wire_logprobs(flat([c.logprobs for c in res.completions], np.float32)))
-    text = bytearray("".join(c.text for c in res.completions), "utf-8")  # (one copy, writable: no torch warning)
+    text = bytearray("".join(c.text for c in res.completions), "utf-8", _UTF8_ERRORS)  # (writable: no torch warning)
     tensors["texts"] = torch.frombuffer(text, dtype=torch.uint8) if text else torch.zeros(0, dtype=torch.uint8)
     return tensors
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", _UTF8_ERRORS))
 
 
 def result_meta(res: WorkResult, incarnation: str) -> dict[str, Any]:
     """A result's header (its bulk data goes in `result_tensors`)."""
     return {"worker": res.worker, "incarnation": incarnation, "sample_id": res.sample_id,
             "policy_version": res.policy_version, "lengths": [len(c.token_ids) for c in res.completions],
-            "text_lens": [len(c.text.encode("utf-8")) if not c.text.isascii() else len(c.text)
-                          for c in res.completions],
+            "text_lens": [_utf8_len(c.text) for c in res.completions],
             "finish": [c.finish_reason for c in res.completions],
             "rewards": [float(r) for r in res.rewards],
             "reward_samples": [reward_sample_to_wire(s) for s in res.candidates], "gen_s": float(res.gen_s)}

@@ -72,6 +72,11 @@ def test_texts_round_trip_ascii_or_not(texts: list[str]) -> None:
     assert [c.text for c in _decode(_frames(_res("a", texts))).to_result().completions] == texts
 
 
+def test_a_lone_surrogate_travels_as_a_replacement_not_a_failure() -> None:
+    got = _decode(_frames(_res("a", ["x\ud800y", "é"]))).to_result()
+    assert [c.text for c in got.completions] == ["x?y", "é"]
+
+
 def test_invalid_utf8_is_rejected_naming_the_response() -> None:
     frames = _frames(_res("a", ["ok", "é!"]))
     bad = frames[4][:2] + b"\xc3\x28" + frames[4][4:]  # a broken two-byte sequence in response 1
