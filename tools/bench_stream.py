@@ -1,6 +1,6 @@
 """Throughput and latency of the rollout stream against plain pyzmq PUSH/PULL of the same bytes.
 
-    python tools/bench_stream.py [--reps 3] [--sizes 1024,8192] [--messages-mb 200]
+    python tools/bench_stream.py [--reps 4] [--sizes 1024,8192] [--messages-mb 800]
 
 A message is one verified group: 8 responses x L tokens with per-token log-probs and texts
 (the frames `protocol.encode_result` makes: token ids, log-probs and texts as raw frames). Runs alternate A B A B (stream, then PUSH/PULL)
@@ -223,7 +223,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=4, help="A/B pairs per size")
     ap.add_argument("--sizes", default="1024,8192", help="tokens per response")
-    ap.add_argument("--messages-mb", type=float, default=200.0, help="MB sent per run (sets the message count)")
+    # 800 MB: runs of 0.3-1 s on the 2-core machine; at 200 MB an 8k run lasted ~0.1 s, and start-up
+    # (connection, first allocations, the producer's first sends) weighed on the rate
+    ap.add_argument("--messages-mb", type=float, default=800.0, help="MB sent per run (sets the message count)")
     ap.add_argument("--produce", choices=["stream", "pushpull"], help=argparse.SUPPRESS)
     ap.add_argument("--endpoint", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
