@@ -1,9 +1,9 @@
 """Throughput and latency of the rollout stream against plain pyzmq PUSH/PULL of the same bytes.
 
-    python tools/bench_stream.py [--reps 3] [--sizes 1024,8192] [--messages-mb 200]
+    python tools/bench_stream.py [--reps 4] [--sizes 1024,8192] [--messages-mb 800]
 
 A message is one verified group: 8 responses x L tokens with per-token log-probs and texts
-(the frames `protocol.encode_result` makes). Runs alternate A B A B (stream, then PUSH/PULL)
+(the frames `protocol.encode_result` makes: token ids, log-probs and texts as raw frames). Runs alternate A B A B (stream, then PUSH/PULL)
 with a fresh producer process each; the consumer is this process.
   stream     a WorkerClient (DEALER) answers the assignments of a StreamEndpoint (ROUTER):
              credits, acknowledgements, re-send bookkeeping, and on the trainer side full
@@ -22,7 +22,8 @@ Every process collects its garbage once before its clock starts: a fresh process
 collection (~0.1 s with torch imported) comes after so many allocations that it would land in
 whichever side's run allocates more Python objects, a start-up cost a long-running worker or
 trainer pays once.
-Each row also gives the CPU ms per group of producer and consumer (all their threads): on a
+Each row also gives the CPU ms per group of producer and consumer (all their threads; the
+producer's clock starts once its test group is built, which is not part of either stream): on a
 shared machine the rate moves with other jobs, the CPU cost hardly does.
 Prints one row per run, a summary per size, and as the last line the median ratio
 (stream / push-pull groups per second) over all runs.
@@ -80,11 +81,19 @@ def _frames(res: WorkResult, tensors: dict, sid: str, sent: float) -> list:
 # --- producers (child processes) -----------------------------------------------------------------
 
 
-def produce_stream(endpoint: str, tokens: int, messages: int) -> None:
+def _settled_cpu() -> float:
+    """The producer's CPU clock once its test group is built (not part of the stream) and the
+    import-time garbage is collected (see the module docstring)."""
+    gc.collect()
+    return time.process_time()
+
+
+def produce_stream(endpoint: str, tokens: int, messages: int) -> tuple[None, float]:
     from spark_mcore.transport.worker_client import WorkerClient
 
     res = group(tokens)
     tensors = result_tensors(res)
+    cpu0 = _settled_cpu()
     client = WorkerClient(endpoint, "bench", capacity=WINDOW, heartbeat_s=1.0, max_message_bytes=1 << 30)
     while not client.trainer_done:
         parts = []
@@ -94,11 +103,13 @@ def produce_stream(endpoint: str, tokens: int, messages: int) -> None:
         if parts:
             client.send_parts(parts)  # (the transport's defaults: up to 32 results / ~1 MiB per message)
     client.close()
+    return None, time.process_time() - cpu0
 
 
-def produce_pushpull(endpoint: str, tokens: int, messages: int) -> list[float]:
+def produce_pushpull(endpoint: str, tokens: int, messages: int) -> tuple[list[float], float]:
     res = group(tokens)
     tensors = result_tensors(res)
+    cpu0 = _settled_cpu()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, WINDOW // 2)  # with the PULL side's RCVHWM: the stream's window
@@ -109,7 +120,8 @@ def produce_pushpull(endpoint: str, tokens: int, messages: int) -> list[float]:
         sock.send_multipart(_frames(res, tensors, f"s{i}", sent[-1]), copy=False)
     sock.close(linger=-1)
     ctx.term()
-    return sent  # the consumer reads them from here: it never has to parse (or keep) a message
+    # the consumer reads the send times from here: it never has to parse (or keep) a message
+    return sent, time.process_time() - cpu0
 
 
 # --- consumers (this process) ----------------------------------------------------------------------
@@ -211,17 +223,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=4, help="A/B pairs per size")
     ap.add_argument("--sizes", default="1024,8192", help="tokens per response")
-    ap.add_argument("--messages-mb", type=float, default=200.0, help="MB sent per run (sets the message count)")
+    # 800 MB: runs of 0.3-1 s on the 2-core machine; at 200 MB an 8k run lasted ~0.1 s, and start-up
+    # (connection, first allocations, the producer's first sends) weighed on the rate
+    ap.add_argument("--messages-mb", type=float, default=800.0, help="MB sent per run (sets the message count)")
     ap.add_argument("--produce", choices=["stream", "pushpull"], help=argparse.SUPPRESS)
     ap.add_argument("--endpoint", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--messages", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.produce:
-        gc.collect()  # the import-time garbage settled before the clock (see the module docstring)
-        cpu0 = time.process_time()
-        sent = (produce_stream if args.produce == "stream" else produce_pushpull)(args.endpoint, args.tokens, args.messages)
-        cpu = time.process_time() - cpu0
+        sent, cpu = (produce_stream if args.produce == "stream" else produce_pushpull)(args.endpoint, args.tokens, args.messages)
         print(json.dumps(sent), flush=True)  # send times (push/pull), read by run_pushpull
         print(cpu, flush=True)  # read by the consumer (_cpu_ms)
         return

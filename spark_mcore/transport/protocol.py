@@ -5,13 +5,14 @@
     heartbeat  {worker, incarnation, capacity, held, session, seen_seq}   every transport.heartbeat_s
                held: sample ids the worker holds (queued, generating or unacked); seen_seq: the
                highest `assign.seq` it received from trainer `session` (-1 = none)
-    result     {worker, incarnation, sample_id, policy_version, lengths, texts, finish, rewards,
+    result     {worker, incarnation, sample_id, policy_version, lengths, text_lens, finish, rewards,
                 reward_samples, gen_s}  + tensors prompt_ids int32 [P], token_ids int32 [sum(lengths)],
-                                          logprobs float32 [sum(lengths)] (absent without engine log-probs)
-    results    {results: [result meta, ...], prompt_lens: [P_i], token_lens: [T_i]}  2..MAX_BATCH
-                results that were ready together, in one message: the same tensors, each the
-                members' arrays end to end (member i's are the slices at the running offsets of
-                prompt_lens / token_lens); all members have log-probs or none does
+                                          logprobs float32 [sum(lengths)] (absent without engine log-probs),
+                                          texts uint8 [sum(text_lens)] (the responses' UTF-8, end to end)
+    results    {results: [result meta, ...], prompt_lens: [P_i], token_lens: [T_i], text_bytes: [B_i]}
+                2..MAX_BATCH results that were ready together, in one message: the same tensors,
+                each the members' arrays end to end (member i's are the slices at the running
+                offsets of prompt_lens / token_lens / text_bytes); all members have log-probs or none
     bye        {worker, incarnation}
   trainer -> worker
     welcome    {session, policy_version}                                  answers hello / heartbeat
@@ -25,8 +26,16 @@ member count outside 2..MAX_BATCH) rejects the whole message; a member that fail
 is rejected alone and the others are taken. Workers coalesce only results already finished
 (never wait for more), up to transport.batch_max_results and about transport.batch_max_bytes.
 A result carries no prompt: the trainer rebuilds the group from its own record of the
-assignment, so a worker cannot change what it was asked. Token ids and log-probs travel as raw
-tensor frames (one per message), so a group costs one copy, not a Python list per token.
+assignment, so a worker cannot change what it was asked. Token ids, log-probs and texts travel as
+raw tensor frames (one per message), so a group costs one copy, not a Python object per token, and
+the trainer validates them with one vectorised pass each before any Python object is built:
+  token ids   0 <= id < transport.max_token_id (one max over the uint32 view)
+  log-probs   finite and <= 0. They travel with the sign bit set: the worker writes -0.0 for a
+              log-prob of 0 and for rounding noise in (0, LOGPROB_TOLERANCE] (`wire_logprobs`), so
+              one max over the int32 view checks them (negative finite floats are exactly the
+              int32 values <= that of -FLT_MAX; +0.0, positives, inf and NaN are all above it)
+  texts       valid UTF-8: one max over the bytes proves the common all-ASCII case; otherwise
+              each response is decoded strictly (and kept, so records do not decode it again)
 """
 
 from __future__ import annotations
@@ -59,6 +68,10 @@ _PARAM_KEYS = {"n", "temperature", "top_p", "max_new_tokens", "seed", "stop_toke
 MAX_ID_CHARS = 200
 MAX_HELD = 100_000
 MAX_BATCH = 256  # results in one `results` message
+# a lone surrogate (no detokenizer makes one) cannot be UTF-8: sent as "?" rather than failing the group
+_UTF8_ERRORS = "replace"
+LOGPROB_TOLERANCE = 1e-3  # engine log-probs up to this far above 0 are rounding noise (sent as -0.0)
+_NEG_FINITE_MAX = int(np.array([-np.finfo(np.float32).max], dtype=np.float32).view(np.int32)[0])
 
 
 @dataclass
@@ -132,23 +145,38 @@ def item_from_wire(d: Any, where: str = "item") -> WorkItem:
 # --- results ------------------------------------------------------------------------------------
 
 
+def wire_logprobs(lp: np.ndarray) -> np.ndarray:
+    """`lp` (float32, in place) as log-probs travel: -0.0 for 0 and for rounding noise in
+    (0, LOGPROB_TOLERANCE]; anything else (NaN, inf, a larger positive value) is left for the
+    trainer to reject (see the module docstring)."""
+    lp[(lp >= 0) & (lp <= LOGPROB_TOLERANCE)] = -0.0
+    return lp
+
+
 def result_tensors(res: WorkResult) -> dict[str, torch.Tensor]:
-    """The raw frames of a result: prompt ids, all responses' token ids and log-probs, flat."""
-    def flat(lists: list[list[Any]], dtype: type) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate([np.asarray(x, dtype=dtype) for x in lists]) if lists
-                                else np.zeros(0, dtype=dtype))
+    """The raw frames of a result: prompt ids, all responses' token ids, log-probs and texts, flat."""
+    def flat(lists: list[list[Any]], dtype: type) -> np.ndarray:
+        return np.concatenate([np.asarray(x, dtype=dtype) for x in lists]) if lists else np.zeros(0, dtype=dtype)
 
     tensors = {"prompt_ids": torch.from_numpy(np.asarray(res.prompt_ids, dtype=np.int32)),
-               "token_ids": flat([c.token_ids for c in res.completions], np.int32)}
+               "token_ids": torch.from_numpy(flat([c.token_ids for c in res.completions], np.int32))}
     if res.completions and all(c.logprobs is not None for c in res.completions):
-        tensors["logprobs"] = flat([c.logprobs for c in res.completions], np.float32)
+        tensors["logprobs"] = torch.from_numpy(wire_logprobs(flat([c.logprobs for c in res.completions], np.float32)))
+    text = bytearray("".join(c.text for c in res.completions), "utf-8", _UTF8_ERRORS)  # (writable: no torch warning)
+    tensors["texts"] = torch.frombuffer(text, dtype=torch.uint8) if text else torch.zeros(0, dtype=torch.uint8)
     return tensors
 
 
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", _UTF8_ERRORS))
+
+
 def result_meta(res: WorkResult, incarnation: str) -> dict[str, Any]:
+    """A result's header (its bulk data goes in `result_tensors`)."""
     return {"worker": res.worker, "incarnation": incarnation, "sample_id": res.sample_id,
             "policy_version": res.policy_version, "lengths": [len(c.token_ids) for c in res.completions],
-            "texts": [c.text for c in res.completions], "finish": [c.finish_reason for c in res.completions],
+            "text_lens": [_utf8_len(c.text) for c in res.completions],
+            "finish": [c.finish_reason for c in res.completions],
             "rewards": [float(r) for r in res.rewards],
             "reward_samples": [reward_sample_to_wire(s) for s in res.candidates], "gen_s": float(res.gen_s)}
 
@@ -173,7 +201,8 @@ def encode_results(parts: list[tuple[dict[str, Any], dict[str, torch.Tensor]]]) 
         raise WireError("results: members must all carry the same tensors (all with log-probs or none)")
     tensors = {name: torch.from_numpy(np.concatenate([t[name].numpy() for _, t in parts])) for name in names}
     meta = {"results": [m for m, _ in parts], "prompt_lens": [int(t["prompt_ids"].shape[0]) for _, t in parts],
-            "token_lens": [int(t["token_ids"].shape[0]) for _, t in parts]}
+            "token_lens": [int(t["token_ids"].shape[0]) for _, t in parts],
+            "text_bytes": [int(t["texts"].shape[0]) for _, t in parts]}
     return encode(RESULTS, meta, tensors)
 
 
@@ -186,6 +215,14 @@ class ResultFrames:
     prompt_ids: np.ndarray  # int32 [P]
     token_ids: np.ndarray  # int32 [sum(lengths)]
     logprobs: np.ndarray | None  # float32 [sum(lengths)]
+    texts: np.ndarray | list[str]  # uint8 [sum(text_lens)] checked as ASCII, or the decoded texts
+
+    def response_texts(self) -> list[str]:
+        if isinstance(self.texts, list):
+            return self.texts
+        raw = self.texts.tobytes()
+        offsets = list(itertools.accumulate(self.meta["text_lens"], initial=0))
+        return [raw[a:b].decode("ascii") for a, b in zip(offsets[:-1], offsets[1:])]
 
     def to_result(self) -> WorkResult:
         m = self.meta
@@ -193,32 +230,33 @@ class ResultFrames:
         ids = self.token_ids.tolist()
         lps = None if self.logprobs is None else self.logprobs.tolist()
         comps = [Completion(token_ids=ids[a:b], text=t, logprobs=None if lps is None else lps[a:b], finish_reason=f)
-                 for a, b, t, f in zip(offsets[:-1], offsets[1:], m["texts"], m["finish"], strict=True)]
+                 for a, b, t, f in zip(offsets[:-1], offsets[1:], self.response_texts(), m["finish"], strict=True)]
         return WorkResult(sample_id=m["sample_id"], worker=m["worker"], policy_version=m["policy_version"],
                           prompt_ids=self.prompt_ids.tolist(), completions=comps, rewards=list(m["rewards"]),
                           candidates=list(m["reward_samples"]), gen_s=m["gen_s"])
 
 
-_RESULT_KEYS = {"worker", "incarnation", "sample_id", "policy_version", "lengths", "texts", "finish", "rewards",
+_RESULT_KEYS = {"worker", "incarnation", "sample_id", "policy_version", "lengths", "text_lens", "finish", "rewards",
                 "reward_samples", "gen_s"}
 _INT, _STR, _NUMBER = frozenset({int}), frozenset({str}), frozenset({int, float})
-_MAX, _MIN = np.maximum.reduce, np.minimum.reduce  # (ndarray.max/min add a Python layer per call)
-_ARRAY_DTYPES = {"prompt_ids": "int32", "token_ids": "int32", "logprobs": "float32"}
+_MAX = np.maximum.reduce  # (ndarray.max adds a Python layer per call)
+_ARRAY_DTYPES = {"prompt_ids": "int32", "token_ids": "int32", "logprobs": "float32", "texts": "uint8"}
 
 
 def _check_lists(m: dict[str, Any]) -> int:
-    lengths, texts, finish, rewards = m["lengths"], m["texts"], m["finish"], m["rewards"]
+    lengths, text_lens, finish, rewards = m["lengths"], m["text_lens"], m["finish"], m["rewards"]
     n = len(lengths) if type(lengths) is list else -1
-    if not (type(texts) is list and type(finish) is list and type(rewards) is list
-            and len(texts) == len(finish) == len(rewards) == n):
-        for key in ("lengths", "texts", "finish", "rewards"):
+    if not (type(text_lens) is list and type(finish) is list and type(rewards) is list
+            and len(text_lens) == len(finish) == len(rewards) == n):
+        for key in ("lengths", "text_lens", "finish", "rewards"):
             if not isinstance(m[key], list) or len(m[key]) != n:
                 raise WireError(f"result.meta.{key}: expected a list of {max(n, 0)} entries (one per response)")
     # exact type checks (msgpack yields only int / float / str here; bool is not a number)
-    if not set(map(type, lengths)) <= _INT or (lengths and min(lengths) < 0):
-        raise WireError("result.meta.lengths: expected non-negative integers")
-    if not set(map(type, texts)) <= _STR or not set(map(type, finish)) <= _STR:
-        raise WireError("result.meta.texts/finish: expected strings")
+    for key in ("lengths", "text_lens"):
+        if not set(map(type, m[key])) <= _INT or (m[key] and min(m[key]) < 0):
+            raise WireError(f"result.meta.{key}: expected non-negative integers")
+    if not set(map(type, finish)) <= _STR:
+        raise WireError("result.meta.finish: expected strings")
     if not set(map(type, rewards)) <= _NUMBER or not all(map(math.isfinite, rewards)):
         raise WireError("result.meta.rewards: expected finite numbers")
     return n
@@ -265,40 +303,73 @@ def _check_meta(meta: Any) -> dict[str, Any]:
     return m
 
 
-def _check_values(prompt_ids: np.ndarray, token_ids: np.ndarray, logprobs: np.ndarray | None, max_token_id: int) -> None:
-    """Token ids in range, log-probs finite and <= 0."""
+@dataclass
+class _Bulk:
+    """A result's (or a whole `results` message's) arrays, in wire order."""
+
+    prompt_ids: np.ndarray
+    token_ids: np.ndarray
+    logprobs: np.ndarray | None
+    texts: np.ndarray
+
+    def member(self, p: slice, t: slice, b: slice) -> _Bulk:
+        return _Bulk(self.prompt_ids[p], self.token_ids[t], None if self.logprobs is None else self.logprobs[t],
+                     self.texts[b])
+
+
+def _bulk(arrays: dict[str, Any], prompts: int | None, tokens: int, text_bytes: int, where: str) -> _Bulk:
+    if arrays.keys() - _ARRAY_DTYPES.keys():
+        raise WireError(f"{where}.tensors: unknown tensor(s) {sorted(arrays.keys() - _ARRAY_DTYPES.keys())}")
+    return _Bulk(_array(arrays, "prompt_ids", prompts, where), _array(arrays, "token_ids", tokens, where),
+                 _array(arrays, "logprobs", tokens, where) if "logprobs" in arrays else None,
+                 _array(arrays, "texts", text_bytes, where))
+
+
+def _check_values(bulk: _Bulk, max_token_id: int) -> bool:
+    """Token ids in range and log-probs finite and <= 0, one pass each (see the module
+    docstring); returns whether the texts are all ASCII (then valid UTF-8 as well)."""
     # numpy, not torch, for these checks: torch's intra-op threads cost more than the work here
-    _check_ids("prompt_ids", prompt_ids, max_token_id)
-    _check_ids("token_ids", token_ids, max_token_id)
-    if logprobs is not None and logprobs.size:
-        top = _MAX(logprobs)  # NaN propagates into max; inf fails the bound
-        if not (top <= 1e-3 and math.isfinite(top)) or not math.isfinite(_MIN(logprobs)):
-            raise WireError("result.tensors.logprobs: expected finite values <= 0")
+    _check_ids("prompt_ids", bulk.prompt_ids, max_token_id)
+    _check_ids("token_ids", bulk.token_ids, max_token_id)
+    lp = bulk.logprobs
+    if lp is not None and lp.size and _MAX(lp.view(np.int32)) > _NEG_FINITE_MAX:
+        raise WireError("result.tensors.logprobs: expected finite values <= 0, sent with the sign bit set "
+                        "(-0.0 for 0: build the frames with protocol.result_tensors)")
+    return not bulk.texts.size or _MAX(bulk.texts) < 0x80
 
 
-def _finish(m: dict[str, Any], prompt_ids: np.ndarray, token_ids: np.ndarray, logprobs: np.ndarray | None) -> ResultFrames:
+def _texts(m: dict[str, Any], texts: np.ndarray, ascii_only: bool) -> np.ndarray | list[str]:
+    """The texts as ResultFrames keeps them: the checked ASCII bytes, or decoded strictly."""
+    if ascii_only:
+        return texts
+    raw, out, a = texts.tobytes(), [], 0
+    for i, n in enumerate(m["text_lens"]):
+        try:
+            out.append(raw[a:a + n].decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise WireError(f"result.tensors.texts: response {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from e
+        a += n
+    return out
+
+
+def _finish(m: dict[str, Any], bulk: _Bulk, ascii_only: bool) -> ResultFrames:
     samples = m["reward_samples"]
     if type(samples) is not list or len(samples) > 2:
         raise WireError("result.meta.reward_samples: expected a list of at most 2 (judge, reflection)")
     if samples:
         m["reward_samples"] = [reward_sample_from_wire(s, f"result.meta.reward_samples[{i}]")
                                for i, s in enumerate(samples)]
-    return ResultFrames(meta=m, prompt_ids=prompt_ids, token_ids=token_ids, logprobs=logprobs)
+    return ResultFrames(meta=m, prompt_ids=bulk.prompt_ids, token_ids=bulk.token_ids, logprobs=bulk.logprobs,
+                        texts=_texts(m, bulk.texts, ascii_only))
 
 
 def decode_result(meta: dict[str, Any], arrays: dict[str, Any], max_token_id: int = 0) -> ResultFrames:
-    """Validates a decoded `result` message: required fields and types, one length/text/finish/
-    reward per response, tensor dtypes and sizes, token ids in range, finite log-probs <= 0.
-    `arrays`: from `wire.decode_arrays` (or torch tensors from `wire.decode`)."""
+    """Validates a decoded `result` message: required fields and types, one length/text length/
+    finish/reward per response, tensor dtypes and sizes, token ids in range, finite log-probs <= 0,
+    UTF-8 texts. `arrays`: from `wire.decode_arrays` (or torch tensors from `wire.decode`)."""
     m = _check_meta(meta)
-    if len(arrays) > 3 or arrays.keys() - _ARRAY_DTYPES.keys():
-        raise WireError(f"result.tensors: unknown tensor(s) {sorted(arrays.keys() - _ARRAY_DTYPES.keys())}")
-    total = sum(m["lengths"])
-    prompt_ids = _array(arrays, "prompt_ids", None)
-    token_ids = _array(arrays, "token_ids", total)
-    logprobs = _array(arrays, "logprobs", total) if "logprobs" in arrays else None
-    _check_values(prompt_ids, token_ids, logprobs, max_token_id)
-    return _finish(m, prompt_ids, token_ids, logprobs)
+    bulk = _bulk(arrays, None, sum(m["lengths"]), sum(m["text_lens"]), "result")
+    return _finish(m, bulk, _check_values(bulk, max_token_id))
 
 
 def _lens(m: dict[str, Any], key: str, n: int) -> list[int]:
@@ -312,49 +383,43 @@ def decode_results(meta: dict[str, Any], arrays: dict[str, Any], max_token_id: i
     """Validates a decoded `results` message (see the module docstring). Raises WireError when
     the framing is broken (the whole message is rejected); otherwise returns, per member in
     order, its ResultFrames or the WireError that rejects that member alone. Each member passes
-    exactly `decode_result`'s checks; the value checks (token ids, log-probs) run once over the
-    whole arrays and, only if they fail there, per member to find the bad ones."""
-    m = _expect_map(meta, "results.meta", {"results", "prompt_lens", "token_lens"})
+    exactly `decode_result`'s checks; the value checks (token ids, log-probs, ASCII texts) run
+    once over the whole arrays and, only if they fail there, per member to find the bad ones."""
+    m = _expect_map(meta, "results.meta", {"results", "prompt_lens", "token_lens", "text_bytes"})
     metas = m["results"]
     n = len(metas) if type(metas) is list else -1
     if not 2 <= n <= MAX_BATCH:
         raise WireError(f"results.meta.results: expected a list of 2..{MAX_BATCH} result metas, got "
                         f"{n if n >= 0 else type(metas).__name__}")
-    plens, tlens = _lens(m, "prompt_lens", n), _lens(m, "token_lens", n)
-    if len(arrays) > 3 or arrays.keys() - _ARRAY_DTYPES.keys():
-        raise WireError(f"results.tensors: unknown tensor(s) {sorted(arrays.keys() - _ARRAY_DTYPES.keys())}")
-    prompt_ids = _array(arrays, "prompt_ids", sum(plens), "results")
-    token_ids = _array(arrays, "token_ids", sum(tlens), "results")
-    logprobs = _array(arrays, "logprobs", token_ids.shape[0], "results") if "logprobs" in arrays else None
+    lens = [_lens(m, key, n) for key in ("prompt_lens", "token_lens", "text_bytes")]
+    bulk = _bulk(arrays, *map(sum, lens), "results")
     try:
-        _check_values(prompt_ids, token_ids, logprobs, max_token_id)
-        checked = True
+        ascii_only: bool | None = _check_values(bulk, max_token_id)
     except WireError:
-        checked = False
+        ascii_only = None  # some member is bad: each is checked on its own
     out: list[ResultFrames | WireError] = []
-    p0 = t0 = 0
+    ends = [list(itertools.accumulate(x)) for x in lens]
     for i in range(n):
-        p1, t1 = p0 + plens[i], t0 + tlens[i]
+        spans = [slice(e[i] - x[i], e[i]) for e, x in zip(ends, lens, strict=True)]
         try:
-            out.append(_member(metas[i], prompt_ids[p0:p1], token_ids[t0:t1],
-                               None if logprobs is None else logprobs[t0:t1], max_token_id, checked))
+            out.append(_member(metas[i], bulk.member(*spans), max_token_id, ascii_only))
         except WireError as e:
             out.append(e)
-        p0, t0 = p1, t1
     return out
 
 
-def _member(meta: Any, prompt_ids: np.ndarray, token_ids: np.ndarray, logprobs: np.ndarray | None,
-            max_token_id: int, checked: bool) -> ResultFrames:
+def _member(meta: Any, bulk: _Bulk, max_token_id: int, ascii_only: bool | None) -> ResultFrames:
     """One member of a `results` message, checked as `decode_result` checks a single result (the
-    value checks skipped when they already passed over the whole message: `checked`)."""
+    value checks skipped when they already ran over the whole message: `ascii_only` not None)."""
     m = _check_meta(meta)
-    if sum(m["lengths"]) != token_ids.shape[0]:
-        raise WireError(f"result.meta.lengths: the responses have {sum(m['lengths'])} tokens, but "
-                        f"results.meta.token_lens gives this result {token_ids.shape[0]}")
-    if not checked:
-        _check_values(prompt_ids, token_ids, logprobs, max_token_id)
-    return _finish(m, prompt_ids, token_ids, logprobs)
+    for key, size, frame in (("lengths", bulk.token_ids.shape[0], "token_lens"),
+                             ("text_lens", bulk.texts.shape[0], "text_bytes")):
+        if sum(m[key]) != size:
+            raise WireError(f"result.meta.{key}: the responses add up to {sum(m[key])}, but "
+                            f"results.meta.{frame} gives this result {size}")
+    if ascii_only is None:
+        ascii_only = _check_values(bulk, max_token_id)
+    return _finish(m, bulk, ascii_only)
 
 
 # --- small control messages -----------------------------------------------------------------------

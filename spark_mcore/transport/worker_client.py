@@ -41,7 +41,7 @@ from spark_mcore.transport.wire import WireError, decode, encode, readable, recv
 
 logger = logging.getLogger(__name__)
 _MAX_DRAIN = 1024  # messages handled per readiness check in `poll`
-_META_BYTES = 512  # a result's header besides its texts, for the batch size estimate
+_META_BYTES = 512  # a result's header (its texts are a tensor frame), for the batch size estimate
 
 Part = tuple[dict[str, Any], dict[str, Any]]  # (result_meta, result_tensors) of one result
 
@@ -196,7 +196,7 @@ class WorkerClient:
         results went out (a full queue drops a message: the re-send after a reconnect covers it)."""
         sent, batch, size = 0, [], 0
         for meta, tensors in parts:
-            nbytes = sum(t.nbytes for t in tensors.values()) + sum(map(len, meta["texts"])) + _META_BYTES
+            nbytes = sum(t.nbytes for t in tensors.values()) + _META_BYTES
             if batch and (len(batch) >= self.batch_max_results or size + nbytes > self.batch_max_bytes
                           or tensors.keys() != batch[0][1].keys()):
                 sent += self._send_batch(batch)
@@ -208,7 +208,7 @@ class WorkerClient:
     def _send_batch(self, batch: list[Part]) -> int:
         frames = encode_results(batch)
         if len(batch) > 1 and sum(memoryview(f).nbytes for f in frames) > self.max_message_bytes:
-            half = len(batch) // 2  # the estimate was short (long reward-task prompts, non-ASCII texts)
+            half = len(batch) // 2  # the estimate was short (long reward-task prompts in the header)
             return self._send_batch(batch[:half]) + self._send_batch(batch[half:])
         return len(batch) if self._send(frames) else 0
 

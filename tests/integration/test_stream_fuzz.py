@@ -78,6 +78,9 @@ def _bad_messages(sid: str) -> list[list[bytes]]:
         with_header(tensors=huge),  # huge declared tensor shape
         with_header(meta={k: v for k, v in meta.items() if k != "rewards"}),  # required field missing
         with_header(meta={**meta, "rewards": [float("nan"), 1.0]}),  # non-finite reward
+        [*good[:4], b"\xff" + good[4][1:]],  # texts that are not UTF-8
+        [*good[:3], np.zeros(6, dtype="<f4").tobytes(), good[4]],  # log-probs +0.0 (the wire sends -0.0)
+        with_header(meta={**meta, "text_lens": [9, 10]}),  # text lengths that do not add up to the frame
         with_header(type="exec"),  # unknown message type
         [msgpack.packb({"v": SCHEMA_VERSION, "type": RESULT, "meta": [], "tensors": []})],  # meta not a map
         [bytes(random.Random(0).randbytes(64))],  # random bytes
@@ -103,11 +106,11 @@ def _bad_batches(sid: str) -> list[list[bytes]]:
     nan_member[0] = np.nan  # in the first member (sid): the second, a result nobody asked for, is a duplicate
     return [
         good[:-1],  # truncated batch: the log-prob frame missing
-        [*good[:2], good[2][:-4], good[3]],  # truncated token ids
+        [*good[:2], good[2][:-4], *good[3:]],  # truncated token ids
         with_meta(prompt_lens=[3, 3, 3]),  # a count that does not match the results
         with_meta(token_lens=[6, 7]),  # lengths that do not add up to the frames
         with_meta(results=meta["results"] * 200, prompt_lens=[3] * 400, token_lens=[6] * 400),  # over MAX_BATCH
-        [*good[:3], nan_member.tobytes()],  # one bad member: rejected alone
+        [*good[:3], nan_member.tobytes(), good[4]],  # one bad member: rejected alone
     ]
 
 

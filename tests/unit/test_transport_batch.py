@@ -49,9 +49,10 @@ def _bytes(frames: list) -> list[bytes]:
 def test_members_decode_exactly_as_single_results() -> None:
     results = [_result("a", 3), _result("bb", 0), _result("c", 5)]
     frames = _bytes(encode_results([_part(r) for r in results]))
-    assert len(frames) == 4, "one header + prompt ids, token ids, log-probs end to end"
+    assert len(frames) == 5, "one header + prompt ids, token ids, log-probs, texts end to end"
     msg_type, meta, arrays = decode_arrays(frames)
     assert msg_type == RESULTS and meta["prompt_lens"] == [3, 3, 3] and meta["token_lens"] == [6, 0, 10]
+    assert meta["text_bytes"] == [12, 14, 12] and frames[4] == b"text atext atext bbtext bbtext ctext c"
     members = decode_results(meta, arrays)
     for res, got in zip(results, members, strict=True):
         _, m1, a1 = decode_arrays(_bytes(encode_results([_part(res)])))
@@ -87,12 +88,15 @@ def test_broken_framing_rejects_the_whole_message() -> None:
     with pytest.raises(WireError, match="tensor frames arrived"):
         decode_arrays(frames[:-1])  # truncated: a frame missing
     with pytest.raises(WireError, match="bytes"):
-        decode_arrays([*frames[:2], frames[2][:7], frames[3]])  # truncated tensor bytes
+        decode_arrays([*frames[:2], frames[2][:7], *frames[3:]])  # truncated tensor bytes
     broken = {
         "count": _with(header, frames, prompt_lens=meta["prompt_lens"][:2]),  # 2 lengths for 3 results
         "sums": _with(header, frames, token_lens=[6, 6, 7]),  # lengths do not add up to the frame
         "one": _with(header, frames, results=meta["results"][:1], prompt_lens=[3], token_lens=[6]),
         "negative": _with(header, frames, token_lens=[-6, 6, 18]),
+        "text sums": _with(header, frames, text_bytes=[12, 12, 13]),
+        "no text_bytes": [msgpack.packb({**header, "meta": {k: v for k, v in meta.items() if k != "text_bytes"}}),
+                          *frames[1:]],
         "not a list": _with(header, frames, results={"a": 1}),
     }
     for name, bad in broken.items():
@@ -113,13 +117,13 @@ def test_one_bad_member_is_rejected_alone() -> None:
     # a value check that fails over the whole message is redone per member to find the bad one
     lps = np.frombuffer(frames[3], dtype="<f4").copy()
     lps[6 + 2] = np.nan  # member 1's third log-prob
-    _, m, arrays = decode_arrays([*frames[:3], lps.tobytes()])
+    _, m, arrays = decode_arrays([*frames[:3], lps.tobytes(), frames[4]])
     got = decode_results(m, arrays)
     assert [type(g).__name__ for g in got] == ["ResultFrames", "WireError", "ResultFrames"]
     assert "logprobs" in str(got[1])
     ids = np.frombuffer(frames[2], dtype="<i4").copy()
     ids[-1] = 10**6  # member 2's last token id, over max_token_id
-    _, m, arrays = decode_arrays([frames[0], frames[1], ids.tobytes(), frames[3]])
+    _, m, arrays = decode_arrays([frames[0], frames[1], ids.tobytes(), *frames[3:]])
     got = decode_results(m, arrays, max_token_id=1000)
     assert [isinstance(g, WireError) for g in got] == [False, False, True]
     # a member whose responses do not fill its share of the tokens
