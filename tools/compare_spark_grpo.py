@@ -5,6 +5,7 @@
         [--config YAML] [--eval-prompts 64] [--samples 8] [--rounds 2] [--reuse]
         [--arms grpo,spark,spro,prefix,spark+spro]   (any combination; default grpo,spark)
         [--shared-warm-start] [--continue-steps N [N ...]] [--own-judge-samples K ...]
+        [--eval-prompts 0 (all)] [--per-seed-judge-set] [--rescore]
 
 Per seed:
   1. warm start once: `spark-mcore train` with trainer.steps=0 (SFT on worked solutions mixed
