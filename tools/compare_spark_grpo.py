@@ -5,6 +5,7 @@
         [--config YAML] [--eval-prompts 64] [--samples 8] [--rounds 2] [--reuse]
         [--arms grpo,spark,spro,prefix,spark+spro]   (any combination; default grpo,spark)
         [--shared-warm-start] [--continue-steps N [N ...]] [--own-judge-samples K ...]
+        [--eval-prompts 0 (all)] [--per-seed-judge-set] [--rescore]
 
 Per seed:
   1. warm start once: `spark-mcore train` with trainer.steps=0 (SFT on worked solutions mixed
@@ -12,11 +13,13 @@ Per seed:
      (or one for all seeds, `--shared-warm-start`); `--continue-steps` adds SFT stages from the
      previous export, and `--own-judge-samples K` makes the last stage's judge tasks rows built
      from the previous stage's own K answers per TRAINING prompt (`OwnJudge`);
-  2. the warm start answers the held-out prompts: `--samples` responses each at the rollout
-     temperature (its avg@n) and one greedy. From its own right and wrong samples (groups with
-     both) comes the seed's fixed judge set: one pair (asked in both orders) and two pointwise
-     rows (right -> Yes, wrong -> No) per such prompt (`--judge-set synthetic`: right vs
-     perturbed worked solutions instead, arith only);
+  2. the warm start answers the held-out prompts (`--eval-prompts`, 0 = all): `--samples`
+     responses each at the rollout temperature (its avg@n) and one greedy. From its own right and
+     wrong samples (groups with both) comes the fixed judge set: one pair (asked in both orders)
+     and two pointwise rows (right -> Yes, wrong -> No) per such prompt (`--judge-set synthetic`:
+     right vs perturbed worked solutions instead, arith only). With `--shared-warm-start` it is
+     ONE set for every seed and arm, sampled with seed `--warm-start-seed` and built once
+     (<out>/judgeset-<key>; `--per-seed-judge-set`: each seed's own, as in rounds 1-5);
   3. each arm of `--arms` starts from that export with the same policy budget (trainer.steps
      policy steps x data.prompts_per_step prompts x rollout.n samples, same seeds) and its own
      config overrides (`ARMS`): grpo (spark.enabled=false), spark (spark.enabled=true; its
@@ -30,7 +33,7 @@ Per seed:
 Writes <out>/results.json (every number, per seed, and the configuration) and <out>/results.md
 (mean ± std over seeds, then per seed), and prints the table and the issue's checks.
 Training runs are subprocesses (logs in their run directories); `--reuse` keeps runs whose HF
-export already exists.
+export already exists; `--rescore` trains nothing and re-evaluates the exports on disk.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/compare_report.py, run as a script or loaded
+from compare_report import METRICS, MODELS, checks, mean_std, table  # noqa: E402,F401  (re-exported for tests)
 
 
 @dataclass(frozen=True)
@@ -87,11 +92,7 @@ ARMS: dict[str, list[str]] = {
     "spark+spro": ["spark.enabled=true", "algo.advantage=spro"],
 }
 DEFAULT_ARMS = "grpo,spark"
-MODELS = {"sft": "warm start", "grpo": "GRPO-only", "spark": "SPARK", "spro": "SPRO", "prefix": "Prefix-RFT",
-          "spark+spro": "SPARK+SPRO"}
-METRICS = {"greedy": "greedy acc", "avg_n": "avg@n acc", "pointwise": "judge pointwise acc",
-           "pairwise": "judge pairwise acc (both orders)", "judge": "judge acc (mean of the two)",
-           "self_reflect": "acc w/ self-reflection", "sr_delta": "self-reflection change vs greedy"}
+ALL_HELD_OUT = 2048  # `--eval-prompts 0`: every distinct held-out prompt, up to this many
 
 
 def run_env() -> dict[str, str]:
@@ -253,22 +254,62 @@ def sampled_groups(model: Any, setup: EvalSetup, seed: int) -> list[Any]:
     return groups
 
 
-def build_judge_set(groups: list[Any], setup: EvalSetup, seed: int, out: Path) -> Any:
-    """The seed's fixed judge set, from the warm start's own samples (or synthetic for arith);
-    saved as JSONL next to the runs."""
-    from spark_mcore.eval.reward_bench import heldout_from_groups, save_jsonl
+def judge_rows_from(groups: list[Any], setup: EvalSetup, seed: int) -> Any:
+    """A judge set from the warm start's own samples (or synthetic for arith)."""
+    from spark_mcore.eval.reward_bench import heldout_from_groups
 
     if setup.judge_set == "synthetic":
         from spark_mcore.eval.judge_eval import arith_judge_set
 
-        rows = arith_judge_set(setup.prompts, seed=seed, limit=setup.judge_rows)
-    else:
-        rows = heldout_from_groups(groups, seed=seed, max_rows=setup.judge_rows)
-        if not rows.pairs:
-            raise RuntimeError("the warm start's samples hold no prompt with both a right and a wrong response, "
-                               "so there is no judge set: strengthen the warm start or use --judge-set synthetic")
+        return arith_judge_set(setup.prompts, seed=seed, limit=setup.judge_rows)
+    rows = heldout_from_groups(groups, seed=seed, max_rows=setup.judge_rows)
+    if not rows.pairs:
+        raise RuntimeError("the warm start's samples hold no prompt with both a right and a wrong response, "
+                           "so there is no judge set: strengthen the warm start or use --judge-set synthetic")
+    return rows
+
+
+def build_judge_set(groups: list[Any], setup: EvalSetup, seed: int, out: Path) -> Any:
+    """The seed's own fixed judge set (`--per-seed-judge-set`); saved as JSONL next to the runs."""
+    from spark_mcore.eval.reward_bench import save_jsonl
+
+    rows = judge_rows_from(groups, setup, seed)
     save_jsonl(rows.pairs, out / "judge_pairs.jsonl")
     save_jsonl(rows.points, out / "judge_points.jsonl")
+    return rows
+
+
+def judge_set_dir(out: Path, sft_dir: Path, setup: EvalSetup, seed: int) -> Path:
+    """<out>/judgeset-<key>: the key hashes the warm start's directory (itself keyed by its
+    config), the held-out prompts, the sampling settings and the sampling seed."""
+    key = [sft_dir.name, [(p.id, p.answer) for p in setup.prompts], setup.samples, setup.temperature,
+           setup.max_new_tokens, setup.judge_set, setup.judge_rows, seed]
+    return out / f"judgeset-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]}"
+
+
+def shared_judge_rows(out: Path, sft_dir: Path, setup: EvalSetup, seed: int) -> Any:
+    """The ONE judge set of every seed and arm (`--shared-warm-start`): the warm start's
+    `setup.samples` answers per held-out prompt with sampling seed `seed`, built by the first
+    seed process that gets here and loaded by the others (`spark_mcore.eval.judge_set`)."""
+    from spark_mcore.eval.judge_set import shared_judge_set
+
+    def build() -> Any:
+        if setup.judge_set == "synthetic":
+            return judge_rows_from([], setup, seed)
+        from spark_mcore.eval.cli import open_model
+
+        model = open_model(str(sft_dir / "hf"))
+        try:
+            groups = sampled_groups(model, setup, seed)
+        finally:
+            model.engine.shutdown()
+        return judge_rows_from(groups, setup, seed)
+
+    path = judge_set_dir(out, sft_dir, setup, seed)
+    rows, built = shared_judge_set(path, build, {"warm_start": str(sft_dir), "prompts": len(setup.prompts),
+                                                 "samples": setup.samples, "seed": seed})
+    print(f"  shared judge set {'built' if built else 'loaded'}: {len(rows.pairs)} pairs, {len(rows.points)} "
+          f"pointwise rows -> {path}", flush=True)
     return rows
 
 
@@ -306,28 +347,56 @@ def _num(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
-def run_seed(seed: int, out: Path, spec: TaskSpec, setup: EvalSetup, args: argparse.Namespace
-             ) -> dict[str, dict[str, float]]:
-    """Warm start and its evaluation (which fixes the judge set), then each arm and its
-    evaluation, for one seed. Override order: the task's
-    shared ones, --set, phase defaults, --sft-set / --rl-set, then what defines the phase."""
-    seeds = [f"trainer.seed={seed}", f"data.seed={seed}", f"spark.seed={seed}"]
-    base = [*spec.shared, *args.extra, *seeds]
-    seed_dir = out / f"seed{seed}"
-    seed_dir.mkdir(parents=True, exist_ok=True)  # the judge set lands here before any arm runs
+def warm_start_of(seed: int, seed_dir: Path, spec: TaskSpec, args: argparse.Namespace) -> tuple[Path, float]:
+    """(directory, train seconds) of the seed's warm start: trained (or reused from disk) or,
+    with `--rescore`, only located."""
     if args.shared_warm_start:
-        sft_dir, overrides = shared_warm_start(out, spec, args)
+        sft_dir, overrides = shared_warm_start(seed_dir.parent, spec, args)
         reuse = True  # cached on disk, keyed by everything that defines it
     else:
-        sft_dir, overrides, reuse = seed_dir / "sft", [*base, *spec.warm_start, *args.sft_extra], args.reuse
+        sft_dir, reuse = seed_dir / "sft", args.reuse
+        overrides = [*spec.shared, *args.extra, *seed_overrides(seed), *spec.warm_start, *args.sft_extra]
     print(f"seed {seed}: warm start -> {sft_dir}", flush=True)
-    times = {"sft": warm_start_run(sft_dir, spec.config, [*overrides, "trainer.steps=0"], args.continue_steps, reuse,
-                                   own_judge(args))}
+    if args.rescore:
+        return existing_export(sft_dir), 0.0
+    return sft_dir, warm_start_run(sft_dir, spec.config, [*overrides, "trainer.steps=0"], args.continue_steps,
+                                   reuse, own_judge(args))
+
+
+def existing_export(run_dir: Path) -> Path:
+    """`run_dir` when it holds an HF export (`--rescore` trains nothing), else a clear exit."""
+    if not (run_dir / "hf" / "config.json").is_file():
+        raise SystemExit(f"--rescore: {run_dir / 'hf'} holds no export; train that run first (drop --rescore)")
+    return run_dir
+
+
+def seed_overrides(seed: int) -> list[str]:
+    return [f"trainer.seed={seed}", f"data.seed={seed}", f"spark.seed={seed}"]
+
+
+def run_seed(seed: int, out: Path, spec: TaskSpec, setup: EvalSetup, args: argparse.Namespace
+             ) -> dict[str, dict[str, float]]:
+    """Warm start and its evaluation (which fixes the judge set unless it is shared), then each
+    arm and its evaluation, for one seed. Override order: the task's shared ones, --set, phase
+    defaults, --sft-set / --rl-set, then what defines the phase. `--rescore` trains nothing:
+    it re-evaluates the runs on disk and keeps their recorded train times."""
+    seed_dir = out / f"seed{seed}"
+    seed_dir.mkdir(parents=True, exist_ok=True)  # the judge set lands here before any arm runs
+    old_path = seed_dir / "seed_results.json"
+    old = json.loads(old_path.read_text()) if args.rescore and old_path.is_file() else {}
+    if old and not (backup := seed_dir / "seed_results.before_rescore.json").is_file():
+        backup.write_text(json.dumps(old, indent=2))  # the first numbers stay on disk
+    sft_dir, wall = warm_start_of(seed, seed_dir, spec, args)
+    times = {"sft": old.get("sft", {}).get("train_s", wall)}
+    rows = shared_judge_rows(out, sft_dir, setup, args.warm_start_seed) if args.shared_judge_set else None
     results: dict[str, dict[str, float]] = {}
-    rows = None
     start = ["warmstart.steps=0", f"model.hf_path={sft_dir / 'hf'}", f"data.tokenizer={sft_dir / 'tokenizer'}"]
+    base = [*spec.shared, *args.extra, *seed_overrides(seed)]
     for name in ["sft"] if args.warm_start_only else ["sft", *args.arms]:
-        if name in ARMS:
+        if name in ARMS and args.rescore:
+            times[name] = old.get(name, {}).get("train_s", 0.0)
+            existing_export(seed_dir / name)
+        elif name in ARMS:
             print(f"seed {seed}: {name} -> {seed_dir / name}", flush=True)
             times[name] = train_run(seed_dir / name, spec.config,
                                     [*base, *spec.rl, *args.rl_extra, *start, *ARMS[name]], args.reuse)
@@ -336,7 +405,7 @@ def run_seed(seed: int, out: Path, spec: TaskSpec, setup: EvalSetup, args: argpa
         results[name], rows = evaluate(hf, setup, seed, rows, seed_dir)
         results[name].update(train_s=times[name], eval_s=time.perf_counter() - t0)
         print(f"seed {seed}: {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in results[name].items()), flush=True)
-        (seed_dir / "seed_results.json").write_text(json.dumps(results, indent=2))
+        old_path.write_text(json.dumps(results, indent=2))
     return results
 
 
@@ -365,68 +434,21 @@ def shared_warm_start(out: Path, spec: TaskSpec, args: argparse.Namespace) -> tu
     return out / f"warmstart-{key}", overrides
 
 
-# ---------------------------------------------------------------- reporting
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def table(per_seed: dict[int, dict[str, dict[str, float]]]) -> str:
-    """Markdown: one row per metric, mean ± std over seeds per model; then a per-seed table."""
-    seeds = sorted(per_seed)
-    models = {name: label for name, label in MODELS.items() if name in per_seed[seeds[0]]}  # the run's arms
-    lines = ["| metric | " + " | ".join(models.values()) + " |", "|---|" + "---|" * len(models)]
-    for key, label in [*METRICS.items(), ("train_s", "train wall s")]:
-        cells = []
-        for name in models:
-            m, s = mean_std([per_seed[sd][name][key] for sd in seeds])
-            cells.append(f"{m:.0f} ± {s:.0f}" if key == "train_s" else f"{100 * m:+.1f} ± {100 * s:.1f}"
-                         if key == "sr_delta" else f"{100 * m:.1f} ± {100 * s:.1f}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "| seed | model | " + " | ".join(METRICS.values()) + " |", "|---|---|" + "---|" * len(METRICS)]
-    for sd in seeds:
-        for name, label in models.items():
-            lines.append(f"| {sd} | {label} | " + " | ".join(f"{100 * per_seed[sd][name][k]:.1f}" for k in METRICS)
-                         + " |")
-    return "\n".join(lines)
-
-
-def checks(per_seed: dict[int, dict[str, dict[str, float]]]) -> list[tuple[str, bool, str]]:
-    """The issue's three claims, SPARK against GRPO-only: (claim, holds, numbers); none unless
-    both arms ran."""
-    seeds = sorted(per_seed)
-    if not {"grpo", "spark"} <= set(per_seed[seeds[0]]):
-        return []
-
-    def stats(name: str, key: str) -> tuple[float, float]:
-        return mean_std([per_seed[s][name][key] for s in seeds])
-
-    out = []
-    (js, jss), (jg, jgs) = stats("spark", "judge"), stats("grpo", "judge")
-    out.append(("judge acc: SPARK - GRPO > max(std)", js - jg > max(jss, jgs),
-                f"{100 * js:.1f} vs {100 * jg:.1f} (std {100 * jss:.1f}, {100 * jgs:.1f})"))
-    (ds, _), (dg, _) = stats("spark", "sr_delta"), stats("grpo", "sr_delta")
-    out.append(("self-reflection change: SPARK > GRPO", ds > dg, f"{100 * ds:+.1f} vs {100 * dg:+.1f}"))
-    (gs, gss), (gg, ggs) = stats("spark", "greedy"), stats("grpo", "greedy")
-    out.append(("greedy acc: SPARK >= GRPO - one std", gs >= gg - max(gss, ggs),
-                f"{100 * gs:.1f} vs {100 * gg:.1f} (std {100 * gss:.1f}, {100 * ggs:.1f})"))
-    # not one of the issue's claims: a judge that answers one constant verdict scores exactly
-    # 0.5 on balanced rows, so the first claim can hold against a below-chance GRPO judge
-    out.append(("(sanity) SPARK judge acc > 50% + its std", js > 0.5 + jss, f"{100 * js:.1f} (std {100 * jss:.1f})"))
-    return out
-
-
 def eval_setup(args: argparse.Namespace, spec: TaskSpec) -> EvalSetup:
     """The held-out prompts (data seed 0, the test split, for every seed) and decoding settings,
     read from the task's config with the same overrides as the runs."""
     from spark_mcore.config.run import load_run_config
     from spark_mcore.data.dataset import load_prompts
+    from spark_mcore.eval.judge_set import distinct_prompts
 
-    cfg = load_run_config(spec.config, [*spec.shared, *args.extra, "data.seed=0",
-                                        f"data.test_size={args.eval_prompts}"])
+    size = args.eval_prompts or ALL_HELD_OUT
+    cfg = load_run_config(spec.config, [*spec.shared, *args.extra, "data.seed=0", f"data.test_size={size}"])
     if args.judge_set == "synthetic" and not cfg.data.source.endswith(":arith"):
         raise SystemExit("--judge-set synthetic needs --task arith (countdown's judge set comes from samples)")
-    return EvalSetup(prompts=load_prompts(cfg.data, "test"), samples=args.samples, temperature=cfg.rollout.temperature,
+    prompts = load_prompts(cfg.data, "test")
+    if not args.eval_prompts:  # all: the split's pool, cut where it starts repeating
+        prompts = distinct_prompts(prompts)
+    return EvalSetup(prompts=prompts, samples=args.samples, temperature=cfg.rollout.temperature,
                      max_new_tokens=args.max_new_tokens or cfg.eval.max_new_tokens, rounds=args.rounds,
                      judge_set=args.judge_set, judge_rows=args.judge_rows)
 
@@ -439,7 +461,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the runs' base config instead of the task's (e.g. examples/configs/compare_countdown_check.yaml"
                         "); its text is part of the shared warm start's cache key")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--eval-prompts", type=int, default=64, help="held-out test prompts evaluated")
+    p.add_argument("--eval-prompts", type=int, default=64,
+                   help=f"held-out test prompts evaluated (0 = every distinct one, at most {ALL_HELD_OUT})")
     p.add_argument("--samples", type=int, default=8, help="samples per prompt for avg@n (and the judge set)")
     p.add_argument("--judge-set", choices=["samples", "synthetic"], default="samples")
     p.add_argument("--judge-rows", type=int, default=0, help="at most this many judge pairs (0 = all)")
@@ -450,7 +473,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reuse", action="store_true", help="keep runs that already have an hf/ export")
     p.add_argument("--shared-warm-start", action="store_true",
                    help="one warm start (seed --warm-start-seed) for every seed, cached on disk by its config")
-    p.add_argument("--warm-start-seed", type=int, default=0)
+    p.add_argument("--warm-start-seed", type=int, default=0,
+                   help="the shared warm start's training seed, and the sampling seed of the shared judge set")
+    p.add_argument("--per-seed-judge-set", action="store_true",
+                   help="with --shared-warm-start: each seed builds its own judge set from the warm start's samples "
+                        "with its own sampling seed (rounds 1-5 of the README) instead of the one shared set")
+    p.add_argument("--rescore", action="store_true",
+                   help="train nothing: re-evaluate every seed's existing exports (warm start and arms) and rewrite "
+                        "its seed_results.json, keeping the recorded train times (first numbers kept in "
+                        "seed_results.before_rescore.json)")
     p.add_argument("--continue-steps", type=int, nargs="*", default=[], metavar="N",
                    help="continue the warm start in further runs, each N SFT steps from the previous export "
                         "(e.g. 400 600: three stages)")
@@ -479,8 +510,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rl-set", dest="rl_extra", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every RL arm (e.g. trainer.steps=20)")
     args = p.parse_args(argv)
-    if not args.seeds or args.eval_prompts < 1 or args.samples < 2 or args.rounds < 0:
-        p.error("--seeds needs a seed, --eval-prompts >= 1, --samples >= 2 and --rounds >= 0")
+    if not args.seeds or args.eval_prompts < 0 or args.samples < 2 or args.rounds < 0:
+        p.error("--seeds needs a seed, --eval-prompts >= 0 (0 = all), --samples >= 2 and --rounds >= 0")
+    if args.rescore and (args.report_only or args.warm_start_only):
+        p.error("--rescore re-evaluates finished runs: not with --report-only or --warm-start-only")
+    # one judge set for every seed and arm whenever they share the warm start it is built from
+    args.shared_judge_set = args.shared_warm_start and not args.per_seed_judge_set
     args.continue_steps = [n for n in args.continue_steps if n]  # `--continue-steps 0`: none, as before
     if args.config is not None and not Path(args.config).is_file():
         p.error(f"--config {args.config}: no such file")
@@ -526,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         wall = sum(r.get("train_s", 0.0) + r.get("eval_s", 0.0) for sd in per_seed.values() for r in sd.values())
     rows = statistics.fmean(per_seed[s]["sft"]["judge_rows"] for s in per_seed)
     note = (f"\n\n{args.task}: {len(setup.prompts)} held-out prompts; avg@{setup.samples} at temperature "
-            f"{setup.temperature}; judge set per seed from the warm start's own "
+            f"{setup.temperature}; judge set {'shared by every seed and arm' if args.shared_judge_set else 'per seed'} "
+            f"from the warm start's own "
             f"{'samples' if setup.judge_set == 'samples' else 'synthetic solutions'}: {rows:.0f} pairs on average "
             f"(each asked in both orders) and twice as many pointwise rows; self-reflection {setup.rounds} rounds; "
             f"{len(per_seed)} seeds ({', '.join(map(str, per_seed))}), mean ± std. "
@@ -543,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
          "config": str(spec.config), "shared": spec.shared, "warm_start": spec.warm_start, "rl": spec.rl,
          "extra": args.extra, "sft_extra": args.sft_extra, "rl_extra": args.rl_extra,
          "eval": {"prompts": len(setup.prompts), "samples": setup.samples, "temperature": setup.temperature,
-                  "max_new_tokens": setup.max_new_tokens, "rounds": setup.rounds, "judge_set": setup.judge_set}},
+                  "max_new_tokens": setup.max_new_tokens, "rounds": setup.rounds, "judge_set": setup.judge_set,
+                  "shared_judge_set": args.shared_judge_set}},
         indent=2))
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
     return 0

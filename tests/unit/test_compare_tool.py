@@ -191,3 +191,67 @@ def test_the_fifth_round_config_is_the_fourth_with_full_lr_reward_steps() -> Non
     assert dataclasses.replace(room.spark, reward_lr_scale=0.25) == check.spark
     assert (room.model, room.warmstart, room.data, room.trainer) == (check.model, check.warmstart, check.data,
                                                                      check.trainer)
+
+
+def test_the_judge_set_is_shared_with_a_shared_warm_start_unless_asked_per_seed() -> None:
+    assert tool.parse_args(["--shared-warm-start"]).shared_judge_set
+    assert not tool.parse_args(["--shared-warm-start", "--per-seed-judge-set"]).shared_judge_set
+    assert not tool.parse_args([]).shared_judge_set  # per-seed warm starts: per-seed sets
+    assert tool.parse_args(["--eval-prompts", "0"]).eval_prompts == 0  # 0 = every held-out prompt
+    for bad in (["--eval-prompts", "-1"], ["--rescore", "--report-only"], ["--rescore", "--warm-start-only"]):
+        with pytest.raises(SystemExit):
+            tool.parse_args(bad)
+
+
+def test_eval_prompts_zero_takes_the_whole_held_out_pool() -> None:
+    args = tool.parse_args(["--eval-prompts", "0"])
+    prompts = tool.eval_setup(args, tool.task_spec(args)).prompts
+    assert len(prompts) == 176 and len({p.answer for p in prompts}) == 176  # level 1's test pool
+
+
+def _setup(prompts: list) -> object:
+    return tool.EvalSetup(prompts, 8, 1.0, 128, 2, "samples", 0)
+
+
+def test_the_shared_judge_set_is_keyed_by_warm_start_prompts_and_seed(tmp_path: Path) -> None:
+    from spark_mcore.data.countdown import countdown_problems
+
+    p = countdown_problems([1], "test", 8, 0)
+    d = tool.judge_set_dir(tmp_path, tmp_path / "warmstart-a", _setup(p), 0)
+    assert d.parent == tmp_path and d.name.startswith("judgeset-")
+    assert d == tool.judge_set_dir(tmp_path, tmp_path / "warmstart-a", _setup(list(p)), 0)
+    others = [tool.judge_set_dir(tmp_path, tmp_path / "warmstart-b", _setup(p), 0),
+              tool.judge_set_dir(tmp_path, tmp_path / "warmstart-a", _setup(p[:4]), 0),
+              tool.judge_set_dir(tmp_path, tmp_path / "warmstart-a", _setup(p), 1)]
+    assert d not in others and len(set(others)) == 3
+
+
+def test_rescore_trains_nothing_keeps_train_times_and_every_seed_reads_one_set(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    args = tool.parse_args(["--shared-warm-start", "--rescore", "--seeds", "0", "1", "--out", str(tmp_path)])
+    spec = tool.task_spec(args)
+    ws, _ = tool.shared_warm_start(tmp_path, spec, args)
+    for run in [ws, *(tmp_path / f"seed{s}" / a for s in (0, 1) for a in ("grpo", "spark"))]:
+        (run / "hf").mkdir(parents=True)
+        (run / "hf" / "config.json").write_text("{}")
+    (tmp_path / "seed0" / "seed_results.json").write_text(json.dumps({"grpo": {"train_s": 121.0}}))
+    shared, evaluated = object(), []
+
+    def fake_eval(hf: Path, setup: object, seed: int, rows: object, out: Path) -> tuple[dict, object]:
+        assert rows is shared  # never built per seed
+        evaluated.append((seed, hf.parent.name))
+        return {"judge": 0.5}, rows
+
+    monkeypatch.setattr(tool, "train_run", lambda *a, **k: pytest.fail("--rescore must not train"))
+    monkeypatch.setattr(tool, "warm_start_run", lambda *a, **k: pytest.fail("--rescore must not train"))
+    monkeypatch.setattr(tool, "shared_judge_rows", lambda out, sft, setup, seed: shared)
+    monkeypatch.setattr(tool, "evaluate", fake_eval)
+    res = {s: tool.run_seed(s, tmp_path, spec, _setup([]), args) for s in (0, 1)}
+    assert evaluated == [(0, ws.name), (0, "grpo"), (0, "spark"), (1, ws.name), (1, "grpo"), (1, "spark")]
+    assert res[0]["grpo"]["train_s"] == 121.0 and res[1]["grpo"]["train_s"] == 0.0
+    assert json.loads((tmp_path / "seed0" / "seed_results.before_rescore.json").read_text())["grpo"]["train_s"] == 121.0
+    (tmp_path / "seed1" / "spark" / "hf" / "config.json").unlink()
+    with pytest.raises(SystemExit, match="no export"):
+        tool.run_seed(1, tmp_path, spec, _setup([]), args)
