@@ -62,11 +62,15 @@ def policy_errors(groups: list[Any]) -> dict[str, Any]:
                 right_with_false += any(not step_true(*s) for s in written_steps(r.completion.text))
     wrong = sum(kinds.values()) - kinds["right"]
     steps = [s for g in groups for r in g.rollouts for s in written_steps(r.completion.text)]
+    targets = [json.loads(g.prompt.answer)["target"] for g in groups for r in g.rollouts
+               for _ in written_steps(r.completion.text)]
+    false_to_target = sum(not step_true(*s) and s[3] == t for s, t in zip(steps, targets, strict=True))
     return {"answers": sum(kinds.values()), "right": kinds["right"],
             "wrong_by_cause": _share(Counter({k: v for k, v in kinds.items() if k != "right"}), wrong),
             "right_with_a_false_step": round(right_with_false / max(right, 1), 3),
             "written_steps": len(steps),
-            "written_steps_false": round(sum(not step_true(*s) for s in steps) / max(len(steps), 1), 3)}
+            "written_steps_false": round(sum(not step_true(*s) for s in steps) / max(len(steps), 1), 3),
+            "false_steps_claiming_the_target": round(false_to_target / max(sum(not step_true(*s) for s in steps), 1), 3)}
 
 
 def judge_checks(model: Any, judge_dir: Path, max_new: int) -> dict[str, Any]:
