@@ -1,10 +1,11 @@
 """Throughput and latency of the rollout stream against plain pyzmq PUSH/PULL of the same bytes.
 
-    python tools/bench_stream.py [--reps 4] [--sizes 1024,8192] [--messages-mb 800]
+    python tools/bench_stream.py [--reps 4] [--warmup 1] [--sizes 1024,8192] [--messages-mb 800]
 
 A message is one verified group: 8 responses x L tokens with per-token log-probs and texts
 (the frames `protocol.encode_result` makes: token ids, log-probs and texts as raw frames). Runs alternate A B A B (stream, then PUSH/PULL)
-with a fresh producer process each; the consumer is this process.
+with a fresh producer process each, after one short unmeasured A B pair per size; the consumer
+is this process.
   stream     a WorkerClient (DEALER) answers the assignments of a StreamEndpoint (ROUTER):
              credits, acknowledgements, re-send bookkeeping, and on the trainer side full
              validation of every result (`decode_arrays` + `decode_result(s)`) into arrays.
@@ -222,6 +223,9 @@ def side_costs(tokens: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=4, help="A/B pairs per size")
+    # the first stream run of a size was often the slowest of its pairs (heap growth to the
+    # window's size, first use of the endpoint's code paths): one short A/B pair first, unmeasured
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured A/B pairs per size (a quarter of a run each)")
     ap.add_argument("--sizes", default="1024,8192", help="tokens per response")
     # 800 MB: runs of 0.3-1 s on the 2-core machine; at 200 MB an 8k run lasted ~0.1 s, and start-up
     # (connection, first allocations, the producer's first sends) weighed on the rate
@@ -243,6 +247,9 @@ def main() -> None:
         print(f"# {N_RESPONSES} x {tokens} tokens + log-probs: {size / 1e6:.3f} MB per group, {messages} groups per run; "
               f"{json.dumps({k: round(v, 2) for k, v in side_costs(tokens).items()})}", flush=True)
         per_size, cpu_ratio = [], []
+        for _ in range(args.warmup):  # not measured: the first runs of a process also pay its start-up
+            run_stream(tokens, max(20, messages // 4))
+            run_pushpull(tokens, max(20, messages // 4))
         for rep in range(args.reps):
             a = run_stream(tokens, messages)
             b = run_pushpull(tokens, messages)

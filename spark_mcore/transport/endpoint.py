@@ -31,6 +31,7 @@ from typing import Any
 
 import zmq
 
+from spark_mcore.transport.batch import decode_results
 from spark_mcore.transport.config import StreamConfig, check_bind_address
 from spark_mcore.transport.protocol import (
     ACK,
@@ -47,7 +48,6 @@ from spark_mcore.transport.protocol import (
     WorkItem,
     check_peer,
     decode_result,
-    decode_results,
     item_to_wire,
 )
 from spark_mcore.transport.wire import WireError, decode_arrays, encode, readable, recv_frames, send_frames

@@ -9,10 +9,10 @@
                 reward_samples, gen_s}  + tensors prompt_ids int32 [P], token_ids int32 [sum(lengths)],
                                           logprobs float32 [sum(lengths)] (absent without engine log-probs),
                                           texts uint8 [sum(text_lens)] (the responses' UTF-8, end to end)
-    results    {results: [result meta, ...], prompt_lens: [P_i], token_lens: [T_i], text_bytes: [B_i]}
-                2..MAX_BATCH results that were ready together, in one message: the same tensors,
-                each the members' arrays end to end (member i's are the slices at the running
-                offsets of prompt_lens / token_lens / text_bytes); all members have log-probs or none
+    results    {worker, incarnation, sample_ids, policy_versions, gen_s, counts, prompt_lens, reward_samples,
+                lengths, text_lens, finish, rewards}: 2..MAX_BATCH results that were ready together, in
+                one message, column-wise (one list per field); the same tensors, each the members'
+                arrays end to end; all members have log-probs or none (`transport.batch`)
     bye        {worker, incarnation}
   trainer -> worker
     welcome    {session, policy_version}                                  answers hello / heartbeat
@@ -20,10 +20,10 @@
     ack        {session, ids: [sample_id]}                                 results taken (or not wanted)
     version    {session, policy_version}                                   new weights on the engines
 
-A `results` message is framing around results that are each validated exactly like a single
-`result` (`decode_results`): a broken frame (header, lengths that do not add up to the frames, a
-member count outside 2..MAX_BATCH) rejects the whole message; a member that fails its own checks
-is rejected alone and the others are taken. Workers coalesce only results already finished
+A `results` message (`transport.batch`) is validated member by member exactly like a single
+`result`: broken framing (header, counts and lengths that do not add up to the frames, a member
+count outside 2..MAX_BATCH) rejects the whole message; a member that fails its own checks is
+rejected alone and the others are taken. Workers coalesce only results already finished
 (never wait for more), up to transport.batch_max_results and about transport.batch_max_bytes.
 A result carries no prompt: the trainer rebuilds the group from its own record of the
 assignment, so a worker cannot change what it was asked. Token ids, log-probs and texts travel as
@@ -184,26 +184,6 @@ def result_meta(res: WorkResult, incarnation: str) -> dict[str, Any]:
 def encode_result(res: WorkResult, incarnation: str) -> list[Any]:
     """Frames of one `result` message (see the module docstring)."""
     return encode(RESULT, result_meta(res, incarnation), result_tensors(res))
-
-
-def encode_results(parts: list[tuple[dict[str, Any], dict[str, torch.Tensor]]]) -> list[Any]:
-    """Frames of one message for results that are ready together: (`result_meta`, `result_tensors`)
-    pairs. One pair is a plain `result` message (zero-copy); more are a `results` message whose
-    tensors are the members' arrays end to end (one copy, see the module docstring)."""
-    if not parts:
-        raise WireError("results: nothing to encode")
-    if len(parts) == 1:
-        return encode(RESULT, *parts[0])
-    if len(parts) > MAX_BATCH:
-        raise WireError(f"results: {len(parts)} results in one message, at most {MAX_BATCH}")
-    names = [name for name in _ARRAY_DTYPES if name in parts[0][1]]
-    if any(t.keys() != parts[0][1].keys() for _, t in parts):
-        raise WireError("results: members must all carry the same tensors (all with log-probs or none)")
-    tensors = {name: torch.from_numpy(np.concatenate([t[name].numpy() for _, t in parts])) for name in names}
-    meta = {"results": [m for m, _ in parts], "prompt_lens": [int(t["prompt_ids"].shape[0]) for _, t in parts],
-            "token_lens": [int(t["token_ids"].shape[0]) for _, t in parts],
-            "text_bytes": [int(t["texts"].shape[0]) for _, t in parts]}
-    return encode(RESULTS, meta, tensors)
 
 
 @dataclass
@@ -372,56 +352,6 @@ def decode_result(meta: dict[str, Any], arrays: dict[str, Any], max_token_id: in
     return _finish(m, bulk, _check_values(bulk, max_token_id))
 
 
-def _lens(m: dict[str, Any], key: str, n: int) -> list[int]:
-    lens = m[key]
-    if type(lens) is not list or len(lens) != n or not set(map(type, lens)) <= _INT or min(lens) < 0:
-        raise WireError(f"results.meta.{key}: expected {n} non-negative integers (one per result)")
-    return lens
-
-
-def decode_results(meta: dict[str, Any], arrays: dict[str, Any], max_token_id: int = 0) -> list[ResultFrames | WireError]:
-    """Validates a decoded `results` message (see the module docstring). Raises WireError when
-    the framing is broken (the whole message is rejected); otherwise returns, per member in
-    order, its ResultFrames or the WireError that rejects that member alone. Each member passes
-    exactly `decode_result`'s checks; the value checks (token ids, log-probs, ASCII texts) run
-    once over the whole arrays and, only if they fail there, per member to find the bad ones."""
-    m = _expect_map(meta, "results.meta", {"results", "prompt_lens", "token_lens", "text_bytes"})
-    metas = m["results"]
-    n = len(metas) if type(metas) is list else -1
-    if not 2 <= n <= MAX_BATCH:
-        raise WireError(f"results.meta.results: expected a list of 2..{MAX_BATCH} result metas, got "
-                        f"{n if n >= 0 else type(metas).__name__}")
-    lens = [_lens(m, key, n) for key in ("prompt_lens", "token_lens", "text_bytes")]
-    bulk = _bulk(arrays, *map(sum, lens), "results")
-    try:
-        ascii_only: bool | None = _check_values(bulk, max_token_id)
-    except WireError:
-        ascii_only = None  # some member is bad: each is checked on its own
-    out: list[ResultFrames | WireError] = []
-    ends = [list(itertools.accumulate(x)) for x in lens]
-    for i in range(n):
-        spans = [slice(e[i] - x[i], e[i]) for e, x in zip(ends, lens, strict=True)]
-        try:
-            out.append(_member(metas[i], bulk.member(*spans), max_token_id, ascii_only))
-        except WireError as e:
-            out.append(e)
-    return out
-
-
-def _member(meta: Any, bulk: _Bulk, max_token_id: int, ascii_only: bool | None) -> ResultFrames:
-    """One member of a `results` message, checked as `decode_result` checks a single result (the
-    value checks skipped when they already ran over the whole message: `ascii_only` not None)."""
-    m = _check_meta(meta)
-    for key, size, frame in (("lengths", bulk.token_ids.shape[0], "token_lens"),
-                             ("text_lens", bulk.texts.shape[0], "text_bytes")):
-        if sum(m[key]) != size:
-            raise WireError(f"result.meta.{key}: the responses add up to {sum(m[key])}, but "
-                            f"results.meta.{frame} gives this result {size}")
-    if ascii_only is None:
-        ascii_only = _check_values(bulk, max_token_id)
-    return _finish(m, bulk, ascii_only)
-
-
 # --- small control messages -----------------------------------------------------------------------
 
 
@@ -453,6 +383,6 @@ def check_peer(meta: dict[str, Any], kind: str) -> PeerReport:
                       _int(m["seen_seq"], f"{kind}.meta.seen_seq"))
 
 
-__all__ = ["WorkItem", "WorkResult", "ResultFrames", "item_to_wire", "item_from_wire", "encode_result", "encode_results",
-           "result_meta", "result_tensors", "decode_result", "decode_results", "check_peer", "PeerReport", "HELLO",
+__all__ = ["WorkItem", "WorkResult", "ResultFrames", "item_to_wire", "item_from_wire", "encode_result",
+           "result_meta", "result_tensors", "decode_result", "check_peer", "PeerReport", "HELLO",
            "HEARTBEAT", "RESULT", "RESULTS", "BYE", "WELCOME", "ASSIGN", "ACK", "VERSION", "MAX_BATCH"]

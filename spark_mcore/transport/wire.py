@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import zmq
 
-SCHEMA_VERSION = 2  # 2: result texts travel as a uint8 frame (protocol.result_tensors)
+SCHEMA_VERSION = 3  # 2: result texts travel as a uint8 frame (protocol.result_tensors); 3: `results` column-wise
 
 # wire name -> (torch dtype, little-endian numpy dtype used for the bytes)
 _DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {

@@ -21,6 +21,7 @@ from typing import Any
 
 import zmq
 
+from spark_mcore.transport.batch import encode_results
 from spark_mcore.transport.protocol import (
     ACK,
     ASSIGN,
@@ -31,7 +32,6 @@ from spark_mcore.transport.protocol import (
     WELCOME,
     WorkItem,
     WorkResult,
-    encode_results,
     item_from_wire,
     result_meta,
     result_tensors,

@@ -22,12 +22,12 @@ import zmq
 
 from spark_mcore.transport.config import StreamConfig
 from spark_mcore.transport.endpoint import StreamEndpoint
+from spark_mcore.transport.batch import PER_RESULT, encode_results
 from spark_mcore.transport.protocol import (
     RESULT,
     WorkItem,
     WorkResult,
     encode_result,
-    encode_results,
     result_meta,
     result_tensors,
 )
@@ -108,8 +108,9 @@ def _bad_batches(sid: str) -> list[list[bytes]]:
         good[:-1],  # truncated batch: the log-prob frame missing
         [*good[:2], good[2][:-4], *good[3:]],  # truncated token ids
         with_meta(prompt_lens=[3, 3, 3]),  # a count that does not match the results
-        with_meta(token_lens=[6, 7]),  # lengths that do not add up to the frames
-        with_meta(results=meta["results"] * 200, prompt_lens=[3] * 400, token_lens=[6] * 400),  # over MAX_BATCH
+        with_meta(lengths=[3, 3, 3, 4]),  # lengths that do not add up to the frames
+        with_meta(**{k: meta[k] * 200 for k in PER_RESULT}),  # over MAX_BATCH
+        with_meta(finish=meta["finish"][:3]),  # a column one entry short
         [*good[:3], nan_member.tobytes(), good[4]],  # one bad member: rejected alone
     ]
 

@@ -16,6 +16,7 @@ import zmq
 from spark_mcore.config.loader import ConfigError
 from spark_mcore.transport.config import StreamConfig
 from spark_mcore.transport.endpoint import StreamEndpoint
+from spark_mcore.transport.batch import decode_results, encode_results
 from spark_mcore.transport.protocol import (
     MAX_BATCH,
     RESULT,
@@ -23,8 +24,6 @@ from spark_mcore.transport.protocol import (
     WorkItem,
     WorkResult,
     decode_result,
-    decode_results,
-    encode_results,
     result_meta,
     result_tensors,
 )
@@ -51,8 +50,10 @@ def test_members_decode_exactly_as_single_results() -> None:
     frames = _bytes(encode_results([_part(r) for r in results]))
     assert len(frames) == 5, "one header + prompt ids, token ids, log-probs, texts end to end"
     msg_type, meta, arrays = decode_arrays(frames)
-    assert msg_type == RESULTS and meta["prompt_lens"] == [3, 3, 3] and meta["token_lens"] == [6, 0, 10]
-    assert meta["text_bytes"] == [12, 14, 12] and frames[4] == b"text atext atext bbtext bbtext ctext c"
+    assert msg_type == RESULTS and meta["sample_ids"] == ["a", "bb", "c"] and meta["counts"] == [2, 2, 2]
+    assert meta["prompt_lens"] == [3, 3, 3] and meta["lengths"] == [3, 3, 0, 0, 5, 5], "one list per field"
+    assert meta["text_lens"] == [6, 6, 7, 7, 6, 6] and frames[4] == b"text atext atext bbtext bbtext ctext c"
+    assert meta["rewards"] == [1.0, 0.0] * 3 and meta["finish"] == ["stop"] * 6 and meta["worker"] == "w"
     members = decode_results(meta, arrays)
     for res, got in zip(results, members, strict=True):
         _, m1, a1 = decode_arrays(_bytes(encode_results([_part(res)])))
@@ -90,14 +91,17 @@ def test_broken_framing_rejects_the_whole_message() -> None:
     with pytest.raises(WireError, match="bytes"):
         decode_arrays([*frames[:2], frames[2][:7], *frames[3:]])  # truncated tensor bytes
     broken = {
-        "count": _with(header, frames, prompt_lens=meta["prompt_lens"][:2]),  # 2 lengths for 3 results
-        "sums": _with(header, frames, token_lens=[6, 6, 7]),  # lengths do not add up to the frame
-        "one": _with(header, frames, results=meta["results"][:1], prompt_lens=[3], token_lens=[6]),
-        "negative": _with(header, frames, token_lens=[-6, 6, 18]),
-        "text sums": _with(header, frames, text_bytes=[12, 12, 13]),
-        "no text_bytes": [msgpack.packb({**header, "meta": {k: v for k, v in meta.items() if k != "text_bytes"}}),
-                          *frames[1:]],
-        "not a list": _with(header, frames, results={"a": 1}),
+        "count": _with(header, frames, counts=meta["counts"][:2]),  # 2 counts for 3 results
+        "sums": _with(header, frames, lengths=[3, 3, 0, 0, 5, 6]),  # lengths do not add up to the frame
+        "one": _with(header, frames, sample_ids=meta["sample_ids"][:1]),
+        "negative": _with(header, frames, lengths=[-3, 9, 3, 3, 3, 3]),
+        "text sums": _with(header, frames, text_lens=[6, 6, 7, 7, 6, 7]),
+        "no text_lens": [msgpack.packb({**header, "meta": {k: v for k, v in meta.items() if k != "text_lens"}}),
+                         *frames[1:]],
+        "not a list": _with(header, frames, sample_ids={"a": 1}),
+        "short column": _with(header, frames, finish=meta["finish"][:5]),  # 5 finish reasons for 6 responses
+        "worker": _with(header, frames, worker=7),
+        "float count": _with(header, frames, counts=[2.0, 2, 2]),
     }
     for name, bad in broken.items():
         _, m, arrays = decode_arrays(bad)
@@ -108,12 +112,20 @@ def test_broken_framing_rejects_the_whole_message() -> None:
 
 def test_one_bad_member_is_rejected_alone() -> None:
     header, frames = _batch(3)
-    metas = header["meta"]["results"]
-    bad_meta = [metas[0], {**metas[1], "rewards": [1.0]}, metas[2]]  # 1 reward for 2 responses
-    _, m, arrays = decode_arrays(_with(header, frames, results=bad_meta))
-    got = decode_results(m, arrays)
-    assert isinstance(got[1], WireError) and "rewards" in str(got[1])
-    assert [g.meta["sample_id"] for g in (got[0], got[2])] == ["s0", "s2"]
+    meta = header["meta"]
+    bad_columns = {  # a member fails one of a single result's own checks: member 1 is rejected alone
+        "rewards": {"rewards": [1.0, 0.0, float("nan"), 0.0, 1.0, 0.0]},
+        "policy_version": {"policy_versions": [0, -1, 0]},
+        "finish": {"finish": ["stop", "stop", 3, "stop", "stop", "stop"]},
+        "sample_id": {"sample_ids": ["s0", "", "s2"]},
+        "gen_s": {"gen_s": [meta["gen_s"][0], "soon", meta["gen_s"][2]]},
+        "reward_samples": {"reward_samples": [[], [1, 2, 3], []]},
+    }
+    for field_name, change in bad_columns.items():
+        _, m, arrays = decode_arrays(_with(header, frames, **change))
+        got = decode_results(m, arrays)
+        assert isinstance(got[1], WireError) and field_name in str(got[1]), (field_name, got[1])
+        assert [g.meta["sample_id"] for g in (got[0], got[2])] == ["s0", "s2"], field_name
     # a value check that fails over the whole message is redone per member to find the bad one
     lps = np.frombuffer(frames[3], dtype="<f4").copy()
     lps[6 + 2] = np.nan  # member 1's third log-prob
@@ -126,10 +138,12 @@ def test_one_bad_member_is_rejected_alone() -> None:
     _, m, arrays = decode_arrays([frames[0], frames[1], ids.tobytes(), *frames[3:]])
     got = decode_results(m, arrays, max_token_id=1000)
     assert [isinstance(g, WireError) for g in got] == [False, False, True]
-    # a member whose responses do not fill its share of the tokens
-    short = [metas[0], {**metas[1], "lengths": [3, 2]}, metas[2]]
-    _, m, arrays = decode_arrays(_with(header, frames, results=short))
-    assert "token_lens" in str(decode_results(m, arrays)[1])
+
+
+def test_members_must_come_from_one_incarnation() -> None:
+    a, b = _part(_result("a")), _part(_result("b"))
+    with pytest.raises(WireError, match="one worker incarnation"):
+        encode_results([a, ({**b[0], "incarnation": "other"}, b[1])])
 
 
 def _endpoint(**cfg) -> StreamEndpoint:
@@ -154,8 +168,8 @@ def test_endpoint_takes_the_good_members_and_logs_the_bad_one_with_its_sender(ca
     peer.connect(ep.endpoint)
     try:
         header, frames = _batch(3)
-        metas = header["meta"]["results"]
-        peer.send_multipart(_with(header, frames, results=[metas[0], {**metas[1], "gen_s": "soon"}, metas[2]]))
+        gen_s = header["meta"]["gen_s"]
+        peer.send_multipart(_with(header, frames, gen_s=[gen_s[0], "soon", gen_s[2]]))
         got = _drain(ep, lambda g: len(g) >= 2 and ep.stats.malformed >= 1)
         assert sorted(a.item.sample_id for a in got) == ["s0", "s2"] and ep.stats.malformed == 1
         assert ep.outstanding() == ["s1"], "the rejected member's prompt is still owed"

@@ -9,12 +9,11 @@ import math
 import numpy as np
 import pytest
 
+from spark_mcore.transport.batch import decode_results, encode_results
 from spark_mcore.transport.protocol import (
     LOGPROB_TOLERANCE,
     WorkResult,
     decode_result,
-    decode_results,
-    encode_results,
     result_meta,
     result_tensors,
     wire_logprobs,
