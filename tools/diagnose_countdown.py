@@ -75,16 +75,16 @@ def policy_errors(groups: list[Any]) -> dict[str, Any]:
 
 def judge_checks(model: Any, judge_dir: Path, max_new: int) -> dict[str, Any]:
     """(b): greedy pointwise judgements of the judge set, the written check's first wrong part."""
-    from spark_mcore.eval.countdown_errors import check_error, verdict_follows
+    import random
+
+    from spark_mcore.eval.countdown_errors import check_error, copy_verdict, verdict_follows
     from spark_mcore.eval.judge_set import load_judge_set
     from spark_mcore.rewards.countdown_trace import check_steps
-    from spark_mcore.eval.countdown_errors import copy_verdict
     from spark_mcore.rewards.verifiers import judge_verifier
     from spark_mcore.spark.judging import generate_texts, greedy_params, user_prompt
     from spark_mcore.spark.templates import pick_template, render_pointwise
     from spark_mcore.spark.text import show_response
     from spark_mcore.types import Prompt
-    import random
 
     rows = load_judge_set(judge_dir).points
     answers = {}
@@ -112,7 +112,7 @@ def judge_checks(model: Any, judge_dir: Path, max_new: int) -> dict[str, Any]:
     return {"rows": len(rows), "first_wrong_part": {k: _share(v, sum(v.values())) for k, v in parts.items()},
             "verdict_acc_by_first_wrong_part": acc_by_part,
             "verdict_follows_own_check": _share(follows, len(rows)), "copy_judge": _share(copy, len(rows)),
-            "examples": [{"response": r.response, "label": r.label, "judge": o} for r, o in list(zip(rows, outs))[:6]]}
+            "examples": [{"response": r.response, "label": r.label, "judge": o} for r, o in list(zip(rows, outs, strict=False))[:6]]}
 
 
 def _answer_of(question: str) -> str:
@@ -138,12 +138,10 @@ def recycled_tasks(groups: list[Any], spark_cfg: Any, per_step: int) -> list[Any
 
 def verdict_stats(groups: list[Any], max_new: int) -> dict[str, Any]:
     """(c): reward and verdict accuracy of sampled judge responses, by kind and label."""
-    from spark_mcore.rewards.boxed import extract_boxed
-    from spark_mcore.rewards.judge_check import verdict_label
-    from spark_mcore.rewards.verifiers import judge_verdict, judge_verifier
-
     from spark_mcore.eval.countdown_errors import verdict_follows
-    from spark_mcore.rewards.judge_check import parse_judge_check_answer
+    from spark_mcore.rewards.boxed import extract_boxed
+    from spark_mcore.rewards.judge_check import parse_judge_check_answer, verdict_label
+    from spark_mcore.rewards.verifiers import judge_verdict, judge_verifier
 
     cells: dict[str, list[float]] = {}
     boxes, lengths, total, consistent = Counter(), Counter(), 0, Counter()
