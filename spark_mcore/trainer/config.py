@@ -105,6 +105,11 @@ class WarmStartConfig:
         --own-judge-samples` between two warm-start stages). "" = none. Needs judge_fraction > 0.
     judge_file_share: share of the judge-batch examples taken from `judge_file` (the rest are
         the synthetic reward tasks above, reflection included).
+    drill_share: share of the worked-solution examples replaced by arithmetic drill rows
+        (`Compute: 7*3, 21-5.` -> `7*3=21. 21-5=16.`, `spark_mcore.data.drill`): every
+        one-step fact with values up to `drill_bound`, so that a small model's steps are right
+        and its wrong answers are search errors a judge can catch. 0 = none.
+    drill_bound: the largest operand and value of a drill fact (countdown levels 1-2: 30).
     """
 
     steps: int = 0
@@ -114,6 +119,8 @@ class WarmStartConfig:
     judge_fraction: float = 0.0
     judge_file: str = ""
     judge_file_share: float = 0.5
+    drill_share: float = 0.0
+    drill_bound: int = 30
 
     def __post_init__(self) -> None:
         check_ranges("warmstart", self, {"lr": "> 0", "warmup_steps": ">= 0"})
@@ -126,6 +133,9 @@ class WarmStartConfig:
             )
         if not 0.0 <= self.judge_file_share <= 1.0:
             raise ConfigError(f"warmstart.judge_file_share must be in [0, 1], got {self.judge_file_share}")
+        if not 0.0 <= self.drill_share < 1.0 or self.drill_bound < 1:
+            raise ConfigError(f"warmstart.drill_share must be in [0, 1) and warmstart.drill_bound >= 1, got "
+                              f"{self.drill_share} and {self.drill_bound}")
         if self.judge_file and self.judge_fraction <= 0:
             raise ConfigError("warmstart.judge_file needs warmstart.judge_fraction > 0 (the share of judge "
                               "batches its rows go into); set judge_fraction or clear judge_file")

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from spark_mcore.data.chat import encode_response
 from spark_mcore.data.dataset import sft_examples
+from spark_mcore.data.drill import drill_examples
 from spark_mcore.trainer.actor import MegatronActor
 from spark_mcore.trainer.batching import dp_slice, pack_sequences
 from spark_mcore.trainer.config import WarmStartConfig
@@ -22,6 +23,7 @@ Example = tuple[Prompt, str]
 # spark_mcore.spark.warmstart_data.judge_sft_examples (passed in by the assembly: the trainer
 # does not depend on how SPARK renders its tasks).
 JudgeExamples = Callable[[list[Prompt], int, int], list[Example]]
+DRILL_POOL = 20000  # drill rows drawn per run (more than a warm start uses; reshuffled after)
 LOSS_WINDOW = 50  # batches of each kind in the running means of the loss
 
 
@@ -42,16 +44,28 @@ def _endless(examples: list[Example], rng: random.Random) -> Iterator[Example]:
         yield from pool
 
 
+def _with_drill(solutions: Iterator[Example], share: float, bound: int, seed: int) -> Iterator[Example]:
+    """`solutions` with each row replaced, with probability `share`, by an arithmetic drill row
+    (`spark_mcore.data.drill`); share 0 returns `solutions` itself."""
+    if share <= 0:
+        return solutions
+    pick = random.Random(f"drill-mix:{seed}")
+    drill = _endless(drill_examples(DRILL_POOL, seed, bound=bound), random.Random(f"drill-order:{seed}"))
+    return (next(drill) if pick.random() < share else next(solutions) for _ in iter(int, 1))
+
+
 def sft_batches(prompts: list[Prompt], tokenizer: object, encode: object, batch_size: int,
                 seed: int, judge_fraction: float = 0.0, steps: int = 0,
-                judge_examples: JudgeExamples | None = None) -> Iterator[TrainBatch]:
+                judge_examples: JudgeExamples | None = None, drill_share: float = 0.0,
+                drill_bound: int = 30) -> Iterator[TrainBatch]:
     """Endless shuffled batches of (prompt, target) with the loss on the target only: worked
-    solutions and, with `judge_fraction` > 0, batches of reward tasks (`judge_batches` over
-    `steps` planned batches; batches after those repeat the plan), drawn from `judge_examples`."""
+    solutions (a `drill_share` of them replaced by arithmetic drill rows) and, with
+    `judge_fraction` > 0, batches of reward tasks (`judge_batches` over `steps` planned
+    batches; batches after those repeat the plan), drawn from `judge_examples`."""
     if judge_fraction > 0 and judge_examples is None:
         raise ValueError("sft_batches: judge_fraction > 0 needs judge_examples (the reward-task source)")
     rng = random.Random(seed)
-    solutions = _endless(sft_examples(prompts), rng)
+    solutions = _with_drill(_endless(sft_examples(prompts), rng), drill_share, drill_bound, seed)
     plan = judge_batches(max(steps, 1), judge_fraction) if judge_fraction > 0 else [False]
     tasks = judge_examples(prompts, sum(plan) * batch_size, seed) if any(plan) and judge_examples else []
     judge = _endless(tasks, rng) if tasks else None
@@ -77,7 +91,7 @@ def warm_start(actor: MegatronActor, prompts: list[Prompt], tokenizer: object, e
     the DP ranks), so DP ranks share the work of one process."""
     actor.setup_optimizer(cfg.lr, cfg.steps, cfg.warmup_steps)
     batches = sft_batches(prompts, tokenizer, encode, cfg.batch_size, seed, cfg.judge_fraction, cfg.steps,
-                          judge_examples)
+                          judge_examples, cfg.drill_share, cfg.drill_bound)
     metrics: dict[str, float] = {}
     recent: dict[str, list[float]] = {"solution": [], "judge": []}  # loss per batch kind (homogeneous)
     bar = tqdm(range(cfg.steps), desc="warm start (SFT)", disable=not progress, dynamic_ncols=True)

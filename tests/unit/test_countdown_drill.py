@@ -1,0 +1,89 @@
+"""Round seven of issue 15: the arithmetic drill rows of the warm start and the error classifiers."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+
+from spark_mcore.config.loader import ConfigError
+from spark_mcore.data.arith import arith_problems
+from spark_mcore.data.chat import encode_prompt
+from spark_mcore.data.drill import drill_examples, drill_facts
+from spark_mcore.data.tokenizer import build_tokenizer
+from spark_mcore.eval.countdown_errors import (
+    answer_error,
+    check_error,
+    copy_verdict,
+    split_check,
+    verdict_follows,
+    written_steps,
+)
+from spark_mcore.rewards.countdown_trace import check_steps
+from spark_mcore.spark.templates import corpus_texts
+from spark_mcore.trainer.config import WarmStartConfig
+from spark_mcore.trainer.warmstart import sft_batches
+
+ANS = '{"numbers": [9, 4, 5], "target": 25}'
+
+
+def test_drill_facts_are_true_in_range_and_cover_the_level() -> None:
+    facts = drill_facts(30, 9)
+    assert len(facts) == len(set(facts)) == 797
+    for a, op, b, c in facts:
+        exact = {"+": a + b, "-": a - b, "*": a * b, "/": Fraction(a, b)}[op]
+        assert exact == c and 0 <= c <= 30 and (a <= 9 or b <= 9)
+    for fact in ((4, "*", 7, 28), (13, "-", 9, 4), (27, "/", 9, 3), (9, "+", 21, 30)):
+        assert fact in facts
+    assert (4, "*", 8, 32) not in facts and (7, "/", 2, 3) not in facts
+
+
+def test_drill_rows_ask_for_the_facts_they_answer_and_are_deterministic() -> None:
+    rows = drill_examples(50, seed=3)
+    assert rows == drill_examples(50, seed=3) and rows != drill_examples(50, seed=4)
+    prompt, target = rows[0]
+    asked = prompt.messages[0]["content"].removeprefix("Compute: ").rstrip(".").split(", ")
+    assert [s.split("=")[0] for s in target.rstrip(".").split(". ")] == asked
+    facts = set(drill_facts())
+    assert all(s in facts for _, t in rows for s in written_steps(t))
+
+
+def test_drill_share_replaces_that_share_of_solution_rows() -> None:
+    tok = build_tokenizer(None, corpus_texts())
+    prompts = arith_problems([1], "train", 40, seed=0)
+    batches = sft_batches(prompts, tok, lambda p: encode_prompt(tok, p), batch_size=50, seed=0,
+                          drill_share=0.4)
+    drill_ids = encode_prompt(tok, drill_examples(1, 0)[0][0])[:6]  # the chat prefix + "Compute"
+    rows = [r for _ in range(4) for r in next(batches).tokens.tolist()]
+    share = sum(r[:6] == drill_ids for r in rows) / len(rows)
+    assert 0.3 < share < 0.5
+    with pytest.raises(ConfigError, match="drill_share"):
+        WarmStartConfig(drill_share=1.0)
+    assert WarmStartConfig(drill_share=0.3).drill_bound == 30
+
+
+def test_answer_error_names_the_first_cause() -> None:
+    assert answer_error("9-4=5. 5*5=25. \\boxed{(9-4)*5}", ANS) == "right"
+    assert answer_error("9-4=6. 6*5=25. \\boxed{(9-4)*5}", ANS) == "right"  # the box decides
+    assert answer_error("no box", ANS) == "unparseable"
+    assert answer_error("\\boxed{9^2}", ANS) == "unparseable"
+    assert answer_error("9+7=16. \\boxed{9+7}", ANS) == "foreign_number"
+    assert answer_error("9+9=18. \\boxed{9+9}", ANS) == "foreign_number"
+    assert answer_error("9+4=15. \\boxed{9+4}", ANS) == "false_step"
+    assert answer_error("9+4=13. \\boxed{9+5}", ANS) == "box_mismatch"
+    assert answer_error("9+4=13. \\boxed{9+4}", ANS) == "misses_target"
+
+
+def test_check_components_and_the_trusting_judge() -> None:
+    ref, _ = check_steps("9+4=15. \\boxed{9+4}", ANS)  # "9+4=13. uses 9 4; given 9 4 5. 13 vs 25: differ."
+    assert split_check(ref)["compare"] == ["13 vs 25: differ."]
+    assert check_error(ref + " \\boxed{No}", ref) == "none"
+    assert check_error(ref.replace("9+4=13", "9+4=15"), ref) == "steps"
+    assert check_error(ref.replace("given 9 4 5", "given 9 4 4"), ref) == "numbers"
+    assert check_error(ref.replace("13 vs 25", "13 vs 26"), ref) == "compare"
+    assert verdict_follows(ref + " \\boxed{No}", "No") and not verdict_follows(ref, "Yes")
+    assert verdict_follows("uses 9; given 9. 7 not given. 25 vs 25: same.", "no")  # a broken rule -> No
+    assert verdict_follows("no comparison", "Yes") is None
+    assert copy_verdict("9+4=25. \\boxed{9+4}", ANS) == "Yes"  # trusts the false step
+    assert copy_verdict("9-4=5. 5*5=25. \\boxed{(9-4)*5}", ANS) == "Yes"
+    assert copy_verdict("\\boxed{9+4}", ANS) == "No"
