@@ -93,7 +93,7 @@ def _group_rows(group: RolloutGroup, seed: int, per_group: int, content_mode: st
     rng.shuffle(wrong)
     question, pid, answer = question_text(group.prompt), group.prompt.id, str(group.prompt.answer)
     rows: list[OwnJudgeRow] = []
-    for good, bad in list(zip(right, wrong))[:per_group]:
+    for good, bad in list(zip(right, wrong, strict=False))[:per_group]:  # the shorter side bounds the pairs
         for text, label in ((good, "Yes"), (bad, "No")):
             view = _view(rng, content_mode)  # drawn before the label is used
             shown, used = show_response(text, view) or (text, "cot")

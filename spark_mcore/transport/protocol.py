@@ -202,7 +202,7 @@ class ResultFrames:
             return self.texts
         raw = self.texts.tobytes()
         offsets = list(itertools.accumulate(self.meta["text_lens"], initial=0))
-        return [raw[a:b].decode("ascii") for a, b in zip(offsets[:-1], offsets[1:])]
+        return [raw[a:b].decode("ascii") for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
     def to_result(self) -> WorkResult:
         m = self.meta

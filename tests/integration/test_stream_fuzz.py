@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import zmq
 
+from spark_mcore.transport.batch import PER_RESULT, encode_results
 from spark_mcore.transport.config import StreamConfig
 from spark_mcore.transport.endpoint import StreamEndpoint
-from spark_mcore.transport.batch import PER_RESULT, encode_results
 from spark_mcore.transport.protocol import (
     RESULT,
     WorkItem,

@@ -14,9 +14,9 @@ import pytest
 import zmq
 
 from spark_mcore.config.loader import ConfigError
+from spark_mcore.transport.batch import decode_results, encode_results
 from spark_mcore.transport.config import StreamConfig
 from spark_mcore.transport.endpoint import StreamEndpoint
-from spark_mcore.transport.batch import decode_results, encode_results
 from spark_mcore.transport.protocol import (
     MAX_BATCH,
     RESULT,
