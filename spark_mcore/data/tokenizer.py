@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from spark_mcore.config.loader import ConfigError
 from spark_mcore.data.arith import arith_problems, available_levels, worked_solution
 
 if TYPE_CHECKING:  # a runtime import would close the cycle data.config -> config -> config.run -> data.config
@@ -135,7 +136,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Loads a Hugging Face tokenizer directory (ours or a model's) and checks it has a pad id."""
     p = Path(path)
     if not p.is_dir():
-        raise FileNotFoundError(
+        raise ConfigError(  # a user error (exit 2), not an internal one
             f"data.tokenizer: '{p}' is not a directory; point it at a Hugging Face tokenizer folder"
         )
     tok = _from_pretrained(p)
