@@ -12,6 +12,7 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import spark_mcore.config  # noqa: F401  (must precede data.config: the config package imports it back)
+from spark_mcore.config.loader import ConfigError
 from spark_mcore.data.arith import arith_problems, worked_solution
 from spark_mcore.data.config import DataConfig
 from spark_mcore.data.tokenizer import CHAT_TEMPLATE, build_tokenizer, get_tokenizer, load_tokenizer
@@ -122,5 +123,5 @@ def test_get_tokenizer_builds_then_reuses(tmp_path: Path) -> None:
 
 
 def test_load_tokenizer_missing_dir(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="data.tokenizer"):
+    with pytest.raises(ConfigError, match="data.tokenizer"):
         load_tokenizer(tmp_path / "nope")
