@@ -363,6 +363,13 @@ def warm_start_of(seed: int, seed_dir: Path, spec: TaskSpec, args: argparse.Name
                                    reuse, own_judge(args))
 
 
+def tokenizer_of(run_dir: Path) -> Path:
+    """The tokenizer the arms load: the run's own (written when it built one), else its export's
+    (a warm start of zero steps from a given model writes no `tokenizer/`, its `hf/` holds one)."""
+    own = run_dir / "tokenizer"
+    return own if own.is_dir() else run_dir / "hf"
+
+
 def existing_export(run_dir: Path) -> Path:
     """`run_dir` when it holds an HF export (`--rescore` trains nothing), else a clear exit."""
     if not (run_dir / "hf" / "config.json").is_file():
@@ -390,7 +397,7 @@ def run_seed(seed: int, out: Path, spec: TaskSpec, setup: EvalSetup, args: argpa
     times = {"sft": old.get("sft", {}).get("train_s", wall)}
     rows = shared_judge_rows(out, sft_dir, setup, args.warm_start_seed) if args.shared_judge_set else None
     results: dict[str, dict[str, float]] = {}
-    start = ["warmstart.steps=0", f"model.hf_path={sft_dir / 'hf'}", f"data.tokenizer={sft_dir / 'tokenizer'}"]
+    start = ["warmstart.steps=0", f"model.hf_path={sft_dir / 'hf'}", f"data.tokenizer={tokenizer_of(sft_dir)}"]
     base = [*spec.shared, *args.extra, *seed_overrides(seed)]
     for name in ["sft"] if args.warm_start_only else ["sft", *args.arms]:
         if name in ARMS and args.rescore:

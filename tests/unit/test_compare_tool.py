@@ -255,3 +255,10 @@ def test_rescore_trains_nothing_keeps_train_times_and_every_seed_reads_one_set(
     (tmp_path / "seed1" / "spark" / "hf" / "config.json").unlink()
     with pytest.raises(SystemExit, match="no export"):
         tool.run_seed(1, tmp_path, spec, _setup([]), args)
+
+
+def test_arms_take_the_export_tokenizer_when_the_warm_start_wrote_none(tmp_path: Path) -> None:
+    (tmp_path / "hf").mkdir()
+    assert tool.tokenizer_of(tmp_path) == tmp_path / "hf", "a zero-step warm start: only its export has one"
+    (tmp_path / "tokenizer").mkdir()
+    assert tool.tokenizer_of(tmp_path) == tmp_path / "tokenizer", "the run's own tokenizer first"
