@@ -104,8 +104,8 @@ def _placement(m: dict[str, Any], key: str, n: int) -> list[int]:
     return col
 
 
-def _framing(m: Any) -> tuple[int, int]:
-    """(results k, responses N) of a sound `results` header; raises WireError otherwise."""
+def _framing(m: Any) -> int:
+    """The member count of a sound `results` header; raises WireError otherwise."""
     m = _expect_map(m, "results.meta", _KEYS)
     ids = m["sample_ids"]
     k = len(ids) if type(ids) is list else -1
@@ -122,7 +122,7 @@ def _framing(m: Any) -> tuple[int, int]:
         _column(m, key, k)
     for key in PER_RESPONSE:
         _column(m, key, n)
-    return k, n
+    return k
 
 
 def _columns_sound(m: dict[str, Any]) -> bool:
@@ -138,8 +138,7 @@ def decode_results(meta: Any, arrays: dict[str, Any], max_token_id: int = 0) -> 
     """Validates a decoded `results` message (see the module docstring). Raises WireError when
     the framing is broken (the whole message is rejected); otherwise returns, per member in
     order, its ResultFrames or the WireError that rejects that member alone."""
-    k, _ = _framing(meta)
-    m = meta
+    k, m = _framing(meta), meta
     bulk = _bulk(arrays, sum(m["prompt_lens"]), sum(m["lengths"]), sum(m["text_lens"]), "results")
     try:
         ascii_only: bool | None = _check_values(bulk, max_token_id)
