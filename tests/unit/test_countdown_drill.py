@@ -75,14 +75,16 @@ def test_answer_error_names_the_first_cause() -> None:
 
 
 def test_check_components_and_the_trusting_judge() -> None:
-    ref, _ = check_steps("9+4=15. \\boxed{9+4}", ANS)  # "9+4=13. uses 9 4; given 9 4 5. 13 vs 25: differ."
-    assert split_check(ref)["compare"] == ["13 vs 25: differ."]
+    ref, _ = check_steps("9+4=15. \\boxed{9+4}", ANS)  # "9+4=13. uses 9 4; given 9 4 5. 13 vs 25: 1 vs 2, differ."
+    assert split_check(ref)["compare"] == ["13 vs 25: 1 vs 2, differ."]
     assert check_error(ref + " \\boxed{No}", ref) == "none"
     assert check_error(ref.replace("9+4=13", "9+4=15"), ref) == "steps"
     assert check_error(ref.replace("given 9 4 5", "given 9 4 4"), ref) == "numbers"
     assert check_error(ref.replace("13 vs 25", "13 vs 26"), ref) == "compare"
     assert verdict_follows(ref + " \\boxed{No}", "No") and not verdict_follows(ref, "Yes")
     assert verdict_follows("uses 9; given 9. 7 not given. 25 vs 25: same.", "no")  # a broken rule -> No
+    assert verdict_follows("uses 9 4; given 9 4 5. 27 vs 18: 2 vs 1, differ.", "No")  # digit-wise format
+    assert verdict_follows("uses 9 4; given 9 4 5. 27 vs 18: 2 vs 2, same.", "Yes")
     assert verdict_follows("no comparison", "Yes") is None
     assert copy_verdict("9+4=25. \\boxed{9+4}", ANS) == "Yes"  # trusts the false step
     assert copy_verdict("9-4=5. 5*5=25. \\boxed{(9-4)*5}", ANS) == "Yes"
