@@ -63,6 +63,21 @@ def test_members_decode_exactly_as_single_results() -> None:
     assert decode_arrays(one)[0] == RESULT, "a batch of one is a plain result message"
 
 
+def test_large_members_are_joined_off_the_thread_pool_exactly_as_small_ones() -> None:
+    # 2 x 20,000 tokens per member: 40,000 elements, past the size where torch.cat would copy with
+    # its thread pool (a ~10 ms stall per message on a busy host), so numpy joins them
+    from spark_mcore.transport.batch import _SERIAL_ELEMENTS
+
+    big, small = _result("big", 20_000, -0.25), _result("s", 4)
+    assert 2 * 20_000 > _SERIAL_ELEMENTS
+    for results in ([big, small], [small, big, small]):
+        frames = _bytes(encode_results([_part(r) for r in results]))
+        _, meta, arrays = decode_arrays(frames)
+        assert [m.to_result() for m in decode_results(meta, arrays)] == results
+        joined = np.concatenate([result_tensors(r)["token_ids"].numpy() for r in results])
+        assert np.array_equal(arrays["token_ids"][1], joined) and arrays["logprobs"][1].dtype == np.float32
+
+
 def test_encode_refuses_mixed_log_probs_and_oversized_batches() -> None:
     bare = _result("x")
     for c in bare.completions:
