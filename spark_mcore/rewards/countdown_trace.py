@@ -72,7 +72,7 @@ def compare_text(value: Fraction, target: int) -> str:
     if len(v) != len(t):
         return f"{head} {len(v)} digits vs {len(t)}, differ."
     pairs = []
-    for a, b in zip(v, t):
+    for a, b in zip(v, t, strict=True):
         pairs.append(f"{a} vs {b}")
         if a != b:
             return f"{head} {', '.join(pairs)}, differ."

@@ -67,7 +67,7 @@ def test_compare_drill_rows_write_the_checks_comparison() -> None:
 
     pairs = compare_pairs(400, random.Random(0))
     same = sum(v == t for v, t in pairs) / len(pairs)
-    near = sum(v != t and len(str(v)) == len(str(t)) and sum(a != b for a, b in zip(str(v), str(t))) == 1
+    near = sum(v != t and len(str(v)) == len(str(t)) and sum(a != b for a, b in zip(str(v), str(t), strict=True)) == 1
                for v, t in pairs) / len(pairs)
     assert 0.4 < same < 0.65 and near > 0.2 and all(1 <= t <= 99 and 0 <= v <= 99 for v, t in pairs)
     rows = compare_examples(20, seed=1, writer=compare_text)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import random
+from fractions import Fraction
 
 import pytest
 
 from spark_mcore.data.countdown import countdown_problems, right_solution, worked_solution, wrong_solution
 from spark_mcore.rewards.countdown import countdown_verifier
-from fractions import Fraction
-
 from spark_mcore.rewards.countdown_trace import check_trace, compare_text, pairwise_trace, upgrade_check
 from spark_mcore.spark.own_judge import load_rows, own_judge_rows, save_rows
 from spark_mcore.types import Completion, Prompt, Rollout, RolloutGroup
