@@ -7,6 +7,8 @@ every one-step fact of the level's value range makes steps right, so that wrong 
 search errors (a value that misses the target, a number not given), which a check can catch.
 
     Compute: 7*3, 21-5, 9/3.   ->   "7*3=21. 21-5=16. 9/3=3."
+    Compare: 27 vs 18, 18 vs 18.   ->   "27 vs 18: 2 vs 1, differ. 18 vs 18: 1 vs 1, 8 vs 8, same."
+                                       (`warmstart.drill_compare`, issue 15 round nine)
 
 Facts: every `a op b` with a in 1..bound and b in 1..small, or a in 1..small and b in 1..bound
 (`op` in + - * /), whose value is an integer in 0..bound (exact divisions only), written in the
@@ -16,6 +18,7 @@ step format of worked solutions. Deterministic by seed.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from fractions import Fraction
 
 from spark_mcore.types import Prompt
@@ -55,4 +58,42 @@ def drill_examples(count: int, seed: int, bound: int = 30, small: int = 9, per_r
     return out
 
 
-__all__ = ["drill_examples", "drill_facts"]
+def compare_pairs(count: int, rng: random.Random, bound: int = 99) -> list[tuple[int, int]]:
+    """`count` (value, target) pairs, target in 1..bound: half equal, a quarter of the same
+    digit count with one digit changed (the near misses a copying judge calls `same`), a
+    quarter any value in 0..bound."""
+    out = []
+    for _ in range(count):
+        target, kind = rng.randint(1, bound), rng.random()
+        value = target
+        if kind >= 0.5 and kind < 0.75:
+            digits = list(str(target))
+            i = rng.randrange(len(digits))
+            choices = [d for d in "0123456789" if d != digits[i] and not (i == 0 and d == "0" and len(digits) > 1)]
+            digits[i] = rng.choice(choices)
+            value = int("".join(digits))
+        elif kind >= 0.75:
+            value = rng.randint(0, bound)
+        out.append((value, target))
+    return out
+
+
+def compare_examples(count: int, seed: int, writer: Callable[[Fraction, int], str], bound: int = 99,
+                     per_row: int = 3) -> list[tuple[Prompt, str]]:
+    """`count` comparison drill rows: `Compare: 27 vs 18, 18 vs 18.` -> each pair's comparison
+    as the written check has it (`writer`, e.g. `countdown_trace.compare_text`:
+    `27 vs 18: 2 vs 1, differ. 18 vs 18: 1 vs 1, 8 vs 8, same.`), so that the decision is
+    trained on the digits alone, apart from any response that claims a value."""
+    rng = random.Random(f"compare-drill:{seed}")
+    out = []
+    for i in range(count):
+        pairs = compare_pairs(per_row, rng, bound)
+        question = "Compare: " + ", ".join(f"{v} vs {t}" for v, t in pairs) + "."
+        answer = " ".join(writer(Fraction(v), t) for v, t in pairs)
+        prompt = Prompt(id=f"compare-drill-{seed}-{i:06d}", messages=[{"role": "user", "content": question}],
+                        answer="", task=DRILL_TASK, meta={"source": "drill"})
+        out.append((prompt, answer))
+    return out
+
+
+__all__ = ["compare_examples", "compare_pairs", "drill_examples", "drill_facts"]

@@ -15,7 +15,7 @@ Two pure classifiers for the diagnosis of round seven (`tools/diagnose_countdown
 text before its verdict box) that differs from the reference check (`countdown_trace`):
   "steps"    the recomputed arithmetic of the box (`9-4=5.`);
   "numbers"  `uses ...; given ...` and the broken-rule sentences (`4 not given.`);
-  "compare"  `v vs T: same|differ.`;
+  "compare"  `v vs T: ..., same|differ.`;
   "none"     every component as in the reference.
 `copy_verdict(response, answer)`: the verdict of a judge that trusts the response's own last
 step (Yes when it claims the target); it is right on true steps and wrong on false ones.
@@ -35,7 +35,8 @@ from spark_mcore.rewards.judge_check import check_steps_of
 ANSWER_KINDS = ("right", "unparseable", "foreign_number", "false_step", "box_mismatch", "misses_target")
 CHECK_PARTS = ("steps", "numbers", "compare")
 _STEP = re.compile(r"(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(-?\d+)")
-_COMPARE = re.compile(r"vs\s+-?\d+\s*:\s*(same|differ)")
+# `v vs T: same.` (rounds 1-8) or `v vs T: 2 vs 1, differ.` (digit-wise, countdown_trace.compare_text)
+_COMPARE = re.compile(r"vs\s+-?\d+\s*:[^.\\]*?\b(same|differ)\b")
 
 
 def written_steps(text: str) -> list[tuple[int, str, int, int]]:

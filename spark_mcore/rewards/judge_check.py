@@ -9,7 +9,7 @@ lets a recycled judge task carry the reference check of the response it shows, a
   check writers   per source task, `(response, answer) -> (written check, verdict)`, registered
                   with `@register_check_writer("countdown")` (countdown_trace's `check_steps`);
   the answer      `judge_check_answer(label, check, weight)` -> JSON
-                  `{"label": "No", "check": "7+7=14. ... 14 vs 15: differ.", "weight": 0.5}`;
+                  `{"label": "No", "check": "7+7=14. ... 14 vs 15: 1 vs 1, 4 vs 5, differ.", "weight": 0.5}`;
   the verifier    `judge_check` (registered): reward = (1 - weight) * verdict + weight * steps,
                   verdict = the `judge` verifier on the label (0/1), steps = 2 * LCS / (n_ref +
                   n_written) over the sentences (`... .` steps) of the check written before the

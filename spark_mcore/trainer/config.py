@@ -110,6 +110,10 @@ class WarmStartConfig:
         one-step fact with values up to `drill_bound`, so that a small model's steps are right
         and its wrong answers are search errors a judge can catch. 0 = none.
     drill_bound: the largest operand and value of a drill fact (countdown levels 1-2: 30).
+    drill_compare: share of the drill rows that compare a value with a target digit by digit
+        in the written check's format (`Compare: 27 vs 18.` -> `27 vs 18: 2 vs 1, differ.`,
+        `spark_mcore.data.drill.compare_examples`), so a judge learns the decision from the
+        digits, not from the response it checks. 0 = none (needs drill_share > 0).
     """
 
     steps: int = 0
@@ -121,6 +125,7 @@ class WarmStartConfig:
     judge_file_share: float = 0.5
     drill_share: float = 0.0
     drill_bound: int = 30
+    drill_compare: float = 0.0
 
     def __post_init__(self) -> None:
         check_ranges("warmstart", self, {"lr": "> 0", "warmup_steps": ">= 0"})
@@ -136,6 +141,9 @@ class WarmStartConfig:
         if not 0.0 <= self.drill_share < 1.0 or self.drill_bound < 1:
             raise ConfigError(f"warmstart.drill_share must be in [0, 1) and warmstart.drill_bound >= 1, got "
                               f"{self.drill_share} and {self.drill_bound}")
+        if not 0.0 <= self.drill_compare <= 1.0 or (self.drill_compare > 0 and self.drill_share <= 0):
+            raise ConfigError(f"warmstart.drill_compare must be in [0, 1] and needs warmstart.drill_share > 0, got "
+                              f"{self.drill_compare} with drill_share {self.drill_share}")
         if self.judge_file and self.judge_fraction <= 0:
             raise ConfigError("warmstart.judge_file needs warmstart.judge_fraction > 0 (the share of judge "
                               "batches its rows go into); set judge_fraction or clear judge_file")

@@ -9,7 +9,7 @@ import pytest
 from spark_mcore.config.loader import ConfigError
 from spark_mcore.data.arith import arith_problems
 from spark_mcore.data.chat import encode_prompt
-from spark_mcore.data.drill import drill_examples, drill_facts
+from spark_mcore.data.drill import compare_examples, compare_pairs, drill_examples, drill_facts
 from spark_mcore.data.tokenizer import build_tokenizer
 from spark_mcore.eval.countdown_errors import (
     answer_error,
@@ -19,7 +19,7 @@ from spark_mcore.eval.countdown_errors import (
     verdict_follows,
     written_steps,
 )
-from spark_mcore.rewards.countdown_trace import check_steps
+from spark_mcore.rewards.countdown_trace import check_steps, compare_text
 from spark_mcore.spark.templates import corpus_texts
 from spark_mcore.trainer.config import WarmStartConfig
 from spark_mcore.trainer.warmstart import sft_batches
@@ -62,6 +62,34 @@ def test_drill_share_replaces_that_share_of_solution_rows() -> None:
     assert WarmStartConfig(drill_share=0.3).drill_bound == 30
 
 
+def test_compare_drill_rows_write_the_checks_comparison() -> None:
+    import random
+
+    pairs = compare_pairs(400, random.Random(0))
+    same = sum(v == t for v, t in pairs) / len(pairs)
+    near = sum(v != t and len(str(v)) == len(str(t)) and sum(a != b for a, b in zip(str(v), str(t), strict=True)) == 1
+               for v, t in pairs) / len(pairs)
+    assert 0.4 < same < 0.65 and near > 0.2 and all(1 <= t <= 99 and 0 <= v <= 99 for v, t in pairs)
+    rows = compare_examples(20, seed=1, writer=compare_text)
+    assert rows == compare_examples(20, seed=1, writer=compare_text)
+    prompt, target = rows[0]
+    asked = prompt.messages[0]["content"].removeprefix("Compare: ").rstrip(".").split(", ")
+    assert target == " ".join(compare_text(Fraction(int(a.split(" vs ")[0])), int(a.split(" vs ")[1])) for a in asked)
+
+
+def test_drill_compare_mixes_comparison_rows_into_the_drill() -> None:
+    tok = build_tokenizer(None, corpus_texts())
+    prompts = arith_problems([1], "train", 40, seed=0)
+    batches = sft_batches(prompts, tok, lambda p: encode_prompt(tok, p), batch_size=50, seed=0,
+                          drill_share=0.5, drill_compare=0.5)
+    compare_ids = encode_prompt(tok, compare_examples(1, 0, compare_text)[0][0])[:6]  # the prefix + "Compare"
+    rows = [r for _ in range(4) for r in next(batches).tokens.tolist()]
+    assert 0.15 < sum(r[:6] == compare_ids for r in rows) / len(rows) < 0.35
+    with pytest.raises(ConfigError, match="drill_compare"):
+        WarmStartConfig(drill_compare=0.5)  # needs drill_share
+    assert WarmStartConfig(drill_share=0.3, drill_compare=0.5).drill_compare == 0.5
+
+
 def test_answer_error_names_the_first_cause() -> None:
     assert answer_error("9-4=5. 5*5=25. \\boxed{(9-4)*5}", ANS) == "right"
     assert answer_error("9-4=6. 6*5=25. \\boxed{(9-4)*5}", ANS) == "right"  # the box decides
@@ -75,14 +103,16 @@ def test_answer_error_names_the_first_cause() -> None:
 
 
 def test_check_components_and_the_trusting_judge() -> None:
-    ref, _ = check_steps("9+4=15. \\boxed{9+4}", ANS)  # "9+4=13. uses 9 4; given 9 4 5. 13 vs 25: differ."
-    assert split_check(ref)["compare"] == ["13 vs 25: differ."]
+    ref, _ = check_steps("9+4=15. \\boxed{9+4}", ANS)  # "9+4=13. uses 9 4; given 9 4 5. 13 vs 25: 1 vs 2, differ."
+    assert split_check(ref)["compare"] == ["13 vs 25: 1 vs 2, differ."]
     assert check_error(ref + " \\boxed{No}", ref) == "none"
     assert check_error(ref.replace("9+4=13", "9+4=15"), ref) == "steps"
     assert check_error(ref.replace("given 9 4 5", "given 9 4 4"), ref) == "numbers"
     assert check_error(ref.replace("13 vs 25", "13 vs 26"), ref) == "compare"
     assert verdict_follows(ref + " \\boxed{No}", "No") and not verdict_follows(ref, "Yes")
     assert verdict_follows("uses 9; given 9. 7 not given. 25 vs 25: same.", "no")  # a broken rule -> No
+    assert verdict_follows("uses 9 4; given 9 4 5. 27 vs 18: 2 vs 1, differ.", "No")  # digit-wise format
+    assert verdict_follows("uses 9 4; given 9 4 5. 27 vs 18: 2 vs 2, same.", "Yes")
     assert verdict_follows("no comparison", "Yes") is None
     assert copy_verdict("9+4=25. \\boxed{9+4}", ANS) == "Yes"  # trusts the false step
     assert copy_verdict("9-4=5. 5*5=25. \\boxed{(9-4)*5}", ANS) == "Yes"

@@ -30,8 +30,8 @@ PROBLEM = '{"numbers": [6, 7, 9], "target": 15}'
 RIGHT = "6+9=15. \\boxed{6+9}"
 WRONG = "7+7=14. \\boxed{7+7}"
 # check_steps(WRONG, PROBLEM), written out by hand from the format in countdown_trace
-WRONG_CHECK = "7+7=14. uses 7 7; given 6 7 9. 7 used twice. 14 vs 15: differ."
-RIGHT_CHECK = "6+9=15. uses 6 9; given 6 7 9. 15 vs 15: same."
+WRONG_CHECK = "7+7=14. uses 7 7; given 6 7 9. 7 used twice. 14 vs 15: 1 vs 1, 4 vs 5, differ."
+RIGHT_CHECK = "6+9=15. uses 6 9; given 6 7 9. 15 vs 15: 1 vs 1, 5 vs 5, same."
 VERIFY = get_verifier("judge_check")
 
 
@@ -53,7 +53,7 @@ def test_countdown_check_writer_is_registered_and_typed() -> None:
         ("7+7=14. uses 7 7; given 6 7 9. 7 used twice. 14 vs 14: same. \\boxed{No}", 0.5 + 0.5 * 0.75),
         # one extra step: LCS 4 of 4 reference + 5 written -> 8/9
         (f"{WRONG_CHECK} So. \\boxed{{No}}", 0.5 + 0.5 * 8 / 9),
-        ("7+7=14.   uses 7 7;  given 6 7 9.\n7 used twice. 14 vs 15: differ. \\boxed{\\text{no}.}", 1.0),
+        ("7+7=14.   uses 7 7;  given 6 7 9.\n7 used twice. 14 vs 15: 1 vs 1, 4 vs 5, differ. \\boxed{\\text{no}.}", 1.0),
         ("", 0.0),
         (f"{WRONG_CHECK}", 0.5),  # no verdict box: the whole text is the check
     ],
