@@ -66,7 +66,7 @@ def compare_pairs(count: int, rng: random.Random, bound: int = 99) -> list[tuple
     for _ in range(count):
         target, kind = rng.randint(1, bound), rng.random()
         value = target
-        if kind >= 0.5 and kind < 0.75:
+        if 0.5 <= kind < 0.75:
             digits = list(str(target))
             i = rng.randrange(len(digits))
             choices = [d for d in "0123456789" if d != digits[i] and not (i == 0 and d == "0" and len(digits) > 1)]

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from spark_mcore.data.chat import encode_response
 from spark_mcore.data.dataset import sft_examples
 from spark_mcore.data.drill import compare_examples, drill_examples
+from spark_mcore.rewards.countdown_trace import compare_text
 from spark_mcore.trainer.actor import MegatronActor
 from spark_mcore.trainer.batching import dp_slice, pack_sequences
 from spark_mcore.trainer.config import WarmStartConfig
@@ -51,8 +52,6 @@ def _with_drill(solutions: Iterator[Example], share: float, bound: int, seed: in
     written check's format (`countdown_trace.compare_text`); share 0 returns `solutions` itself."""
     if share <= 0:
         return solutions
-    from spark_mcore.rewards.countdown_trace import compare_text
-
     pick = random.Random(f"drill-mix:{seed}")
     rows = drill_examples(DRILL_POOL, seed, bound=bound)
     if compare > 0:  # the pool's mix is the share (a seeded subset replaced)
