@@ -134,13 +134,14 @@ def dp_gather_rows(run: Run, batch: TrainBatch, local: torch.Tensor) -> torch.Te
 
 
 def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool = False,
-           lr_scale: float = 1.0, filter_zero_variance: bool | None = None) -> None:
+           lr_scale: float = 1.0, filter_zero_variance: bool | None = None, kl_coef: float | None = None) -> None:
     """One GRPO update of the actor on `groups`, then the new weights go to the engine.
     `off_policy`: the groups may be older than the actor (async), so the policy term is
     corrected by truncated importance sampling against the engine's log-probs. Every rank
     builds the same global batch and update split and trains on its DP slice of each update
     (the actor normalises the loss over DP ranks). `lr_scale`: times the scheduled lr.
-    `filter_zero_variance`: drop groups of equal rewards (None = `algo.filter_zero_variance`)."""
+    `filter_zero_variance`: drop groups of equal rewards (None = `algo.filter_zero_variance`);
+    `kl_coef`: the KL coefficient of this update (None = `algo.kl_coef`)."""
     algo, log, ps = run.cfg.algo, run.logger, run.pstate
     flat = algo.filter_zero_variance if filter_zero_variance is None else filter_zero_variance
     batch, stats = groups_to_batch(groups, algo.adv_eps, algo.normalize_std, flat,
@@ -165,7 +166,8 @@ def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool 
                 log.update(keep_prefix_advantages(batch, entropy, run.cfg.rollout.prefix.entropy_keep), "train/")
             # several optimizer steps per rollout batch: later ones are off-policy w.r.t. the
             # old log-probs above, which is what the PPO clip is for
-            steps = [run.actor.train_step(dp_slice(mini, ps.dp_rank, ps.dp_size), lr_scale=lr_scale) for mini in
+            steps = [run.actor.train_step(dp_slice(mini, ps.dp_rank, ps.dp_size), lr_scale=lr_scale, kl_coef=kl_coef)
+                     for mini in
                      split_for_updates(batch, run.cfg.trainer.updates_per_step, seed=version)]
             keys = dict.fromkeys(k for s in steps for k in s)  # the step head's only where it had steps
             means = {k: sum(s[k] for s in steps if k in s) / sum(k in s for s in steps) for k in keys}
@@ -260,7 +262,8 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
                 run.logger.update({"spark/check_demos": float(demos)})
             update(run, groups, version=it + 1, off_policy=step.off_policy,
                    lr_scale=1.0 if plan.kind == "policy" else cfg.spark.reward_lr_scale,
-                   filter_zero_variance=cfg.spark.drops_flat_groups(plan.kind, cfg.algo.filter_zero_variance))
+                   filter_zero_variance=cfg.spark.drops_flat_groups(plan.kind, cfg.algo.filter_zero_variance),
+                   kl_coef=cfg.spark.kl_coef(plan.kind, cfg.algo.kl_coef))
             policy_steps, it = policy_steps + (plan.kind == "policy"), it + 1
             bar.update(plan.kind == "policy")
             run.logger.flush(it, f"[{plan.kind} step {it}, policy {policy_steps}/{cfg.trainer.steps}]",

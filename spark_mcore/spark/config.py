@@ -57,6 +57,11 @@ class SparkConfig:
         with a spread of rewards (a judge right 85 % of the time gets all 8 of 8 right on ~27 %
         of tasks, all 16 of 16 on ~7 %) from the same cached tasks; policy steps, and so the
         policy's rollout budget, are unchanged. Not with "mixed" (one batch, one n).
+    reward_kl_coef: the KL coefficient of a reward step's GRPO loss (None = algo.kl_coef, as in
+        policy steps). The KL is to the frozen warm start, so a larger value anchors the judge
+        and reflection outputs that reward steps sample to the warm start's, pulling back the
+        drift that policy steps cause in them; policy steps keep algo.kl_coef. A DEVIATION from
+        the paper (one loss for both kinds of step). Needs algo.kl_coef > 0 (the reference).
     """
 
     enabled: bool = False
@@ -77,6 +82,7 @@ class SparkConfig:
     reward_lr_scale: float = 1.0
     reward_filter_zero_variance: bool = False
     reward_n: int = 0
+    reward_kl_coef: float | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in ("alternate", "mixed"):
@@ -107,6 +113,9 @@ class SparkConfig:
         if self.reward_n < 0 or self.reward_n == 1:
             raise ConfigError(f"spark.reward_n must be 0 (= rollout.n) or >= 2 (a group needs two samples to "
                               f"have an advantage), got {self.reward_n}")
+        if self.reward_kl_coef is not None and not 0.0 <= self.reward_kl_coef <= 10.0:
+            raise ConfigError(f"spark.reward_kl_coef must be in [0, 10], or null for algo.kl_coef; "
+                              f"got {self.reward_kl_coef}")
         if self.reward_n and self.schedule == "mixed":
             raise ConfigError("spark.reward_n needs spark.schedule: alternate (a mixed step samples its policy and "
                               "reward prompts in one batch with rollout.n); set spark.reward_n: 0")
@@ -133,6 +142,11 @@ class SparkConfig:
         `algo.filter_zero_variance` (`algo_filter`) in every step, plus
         `reward_filter_zero_variance` in reward steps."""
         return algo_filter or (kind == "reward" and self.reward_filter_zero_variance)
+
+    def kl_coef(self, kind: str, algo_kl_coef: float) -> float:
+        """The KL coefficient of a step of `kind`: `reward_kl_coef` in a reward step when set,
+        else `algo_kl_coef`."""
+        return self.reward_kl_coef if kind == "reward" and self.reward_kl_coef is not None else algo_kl_coef
 
     def caps(self, num_groups: int) -> tuple[int, int]:
         """(max judge samples, max reflection samples) for a step with `num_groups` groups."""

@@ -156,3 +156,19 @@ def test_reward_n_and_reward_filter_apply_to_reward_steps_only() -> None:
 def test_reward_n_is_validated(fields: dict, msg: str) -> None:
     with pytest.raises(ConfigError, match=msg):
         SparkConfig(enabled=True, **fields)
+
+
+def test_reward_kl_coef_applies_to_reward_steps_only() -> None:
+    assert SparkConfig(enabled=True).kl_coef("reward", 0.001) == 0.001  # None: algo.kl_coef
+    cfg = SparkConfig(enabled=True, reward_kl_coef=0.2)
+    assert cfg.kl_coef("reward", 0.001) == 0.2 and cfg.kl_coef("policy", 0.001) == 0.001
+    with pytest.raises(ConfigError, match="spark.reward_kl_coef must be in"):
+        SparkConfig(enabled=True, reward_kl_coef=-1.0)
+
+
+def test_reward_kl_coef_needs_the_reference() -> None:
+    from spark_mcore.config.run import load_run_config
+
+    with pytest.raises(ConfigError, match="algo.kl_coef > 0"):
+        load_run_config(None, ["spark.enabled=true", "spark.reward_kl_coef=0.1", "algo.kl_coef=0"])
+    assert load_run_config(None, ["spark.enabled=true", "spark.reward_kl_coef=0.1"]).spark.reward_kl_coef == 0.1
