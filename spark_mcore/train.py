@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -133,14 +134,17 @@ def dp_gather_rows(run: Run, batch: TrainBatch, local: torch.Tensor) -> torch.Te
 
 
 def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool = False,
-           lr_scale: float = 1.0) -> None:
+           lr_scale: float = 1.0, filter_zero_variance: bool | None = None, kl_coef: float | None = None) -> None:
     """One GRPO update of the actor on `groups`, then the new weights go to the engine.
     `off_policy`: the groups may be older than the actor (async), so the policy term is
     corrected by truncated importance sampling against the engine's log-probs. Every rank
     builds the same global batch and update split and trains on its DP slice of each update
-    (the actor normalises the loss over DP ranks). `lr_scale`: times the scheduled lr."""
+    (the actor normalises the loss over DP ranks). `lr_scale`: times the scheduled lr.
+    `filter_zero_variance`: drop groups of equal rewards (None = `algo.filter_zero_variance`);
+    `kl_coef`: the KL coefficient of this update (None = `algo.kl_coef`)."""
     algo, log, ps = run.cfg.algo, run.logger, run.pstate
-    batch, stats = groups_to_batch(groups, algo.adv_eps, algo.normalize_std, algo.filter_zero_variance,
+    flat = algo.filter_zero_variance if filter_zero_variance is None else filter_zero_variance
+    batch, stats = groups_to_batch(groups, algo.adv_eps, algo.normalize_std, flat,
                                    pad_id=run.tokenizer.pad_token_id or 0,
                                    images_of=getattr(run.encode, "images", None), prefix=run.cfg.rollout.prefix.enabled,
                                    steps_of=run.step_finder)
@@ -162,7 +166,8 @@ def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool 
                 log.update(keep_prefix_advantages(batch, entropy, run.cfg.rollout.prefix.entropy_keep), "train/")
             # several optimizer steps per rollout batch: later ones are off-policy w.r.t. the
             # old log-probs above, which is what the PPO clip is for
-            steps = [run.actor.train_step(dp_slice(mini, ps.dp_rank, ps.dp_size), lr_scale=lr_scale) for mini in
+            steps = [run.actor.train_step(dp_slice(mini, ps.dp_rank, ps.dp_size), lr_scale=lr_scale, kl_coef=kl_coef)
+                     for mini in
                      split_for_updates(batch, run.cfg.trainer.updates_per_step, seed=version)]
             keys = dict.fromkeys(k for s in steps for k in s)  # the step head's only where it had steps
             means = {k: sum(s[k] for s in steps if k in s) / sum(k in s for s in steps) for k in keys}
@@ -246,7 +251,9 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
                                   f" after policy step {policy_steps}/{cfg.trainer.steps}")
             plan, reward_prompts = spark.plan()
             params.seed = cfg.trainer.seed * 100003 + it  # sampling is a function of the iteration
-            step = rollout(run, StepRequest(it, policy_steps, plan.kind == "policy", reward_prompts, params))
+            n = cfg.spark.samples_per_task(plan.kind, cfg.rollout.n)  # spark.reward_n in reward steps
+            step = rollout(run, StepRequest(it, policy_steps, plan.kind == "policy", reward_prompts,
+                                            params if n == params.n else replace(params, n=n)))
             run.logger.update(spark.after_step(plan, step.groups, policy_steps, step.candidates))
             run.source.prefetch(*spark.peek())  # async sources start on the next step's prompts now
             groups = step.groups
@@ -254,7 +261,9 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
                 groups, demos = with_check_demos(groups, lambda text: encode_response(run.tokenizer, text))
                 run.logger.update({"spark/check_demos": float(demos)})
             update(run, groups, version=it + 1, off_policy=step.off_policy,
-                   lr_scale=1.0 if plan.kind == "policy" else cfg.spark.reward_lr_scale)
+                   lr_scale=1.0 if plan.kind == "policy" else cfg.spark.reward_lr_scale,
+                   filter_zero_variance=cfg.spark.drops_flat_groups(plan.kind, cfg.algo.filter_zero_variance),
+                   kl_coef=cfg.spark.kl_coef(plan.kind, cfg.algo.kl_coef))
             policy_steps, it = policy_steps + (plan.kind == "policy"), it + 1
             bar.update(plan.kind == "policy")
             run.logger.flush(it, f"[{plan.kind} step {it}, policy {policy_steps}/{cfg.trainer.steps}]",

@@ -51,6 +51,9 @@ class RunConfig:
                               f"{self.parallel.cp} splits. Fix: parallel.cp=1, or model.step_head=false")
         check_gpu_features(self.model, self.trainer, self.parallel)
         # checks across sections, before any work (each section checks its own fields)
+        if self.spark.reward_kl_coef and self.algo.kl_coef <= 0:
+            raise ConfigError(f"spark.reward_kl_coef={self.spark.reward_kl_coef} needs the frozen reference, which "
+                              "algo.kl_coef=0 leaves out. Fix: algo.kl_coef > 0 (e.g. 0.001), or spark.reward_kl_coef=null")
         ws, source = self.warmstart, self.data.source
         if ws.steps and ws.judge_fraction > 0 and source not in ("builtin:arith", "builtin:countdown"):
             raise ConfigError(

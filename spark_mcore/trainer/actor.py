@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -381,10 +382,19 @@ class MegatronActor:
             metrics = dict(zip(keys, values.cpu().tolist(), strict=False))
         return metrics
 
-    def train_step(self, batch: TrainBatch, lr_scale: float = 1.0) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, lr_scale: float = 1.0, kl_coef: float | None = None) -> dict[str, float]:
         """One optimizer step of GRPO on `batch` (old/ref log-probs already filled in), at
-        `lr_scale` times the scheduled learning rate (SPARK's `spark.reward_lr_scale`)."""
-        return self._optimize(batch, self._grpo_loss_fn, head=True, lr_scale=lr_scale)
+        `lr_scale` times the scheduled learning rate (SPARK's `spark.reward_lr_scale`), with
+        `kl_coef` in place of algo.kl_coef for this step when given (`spark.reward_kl_coef`)."""
+        if kl_coef is None or kl_coef == self.algo.kl_coef:
+            return self._optimize(batch, self._grpo_loss_fn, head=True, lr_scale=lr_scale)
+        if kl_coef > 0 and self.ref_chunks is None:
+            raise RuntimeError("no reference model: call snapshot_reference() with algo.kl_coef > 0")
+        algo, self.algo = self.algo, replace(self.algo, kl_coef=kl_coef)
+        try:
+            return self._optimize(batch, self._grpo_loss_fn, head=True, lr_scale=lr_scale)
+        finally:
+            self.algo = algo
 
     def sft_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step of next-token likelihood on the masked (response) tokens."""

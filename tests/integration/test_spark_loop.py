@@ -10,6 +10,7 @@ import spark_mcore.train as train_module
 from spark_mcore.config.run import load_run_config
 from spark_mcore.rewards import get_verifier
 from spark_mcore.train import train
+from spark_mcore.trainer.actor import MegatronActor
 from spark_mcore.types import prompt_kind
 
 MICRO = [
@@ -125,9 +126,9 @@ def test_judge_check_demos_and_reward_lr_scale_reach_the_reward_step(tmp_path: P
     updates: list = []
     update = train_module.update
 
-    def spy(run, groups, version, off_policy=False, lr_scale=1.0):  # type: ignore[no-untyped-def]
+    def spy(run, groups, version, off_policy=False, lr_scale=1.0, **kw):  # type: ignore[no-untyped-def]
         updates.append((groups, lr_scale))
-        return update(run, groups, version, off_policy, lr_scale)
+        return update(run, groups, version, off_policy, lr_scale, **kw)
 
     monkeypatch.setattr(train_module, "update", spy)
     train(cfg)
@@ -140,3 +141,52 @@ def test_judge_check_demos_and_reward_lr_scale_reach_the_reward_step(tmp_path: P
         demo = g.rollouts[-1]
         assert demo.reward == 1.0 and demo.completion.text.endswith(f"\\boxed{{{json.loads(g.prompt.answer)['label']}}}")
     assert steps[1]["spark/check_demos"] == len(reward_groups) and "rollout/judge_verdict_accuracy" in steps[1]
+
+
+def test_reward_n_and_reward_filter_zero_variance_reach_the_reward_step(tmp_path: Path, monkeypatch) -> None:
+    """spark.reward_n samples that many responses per reward task (policy steps keep rollout.n);
+    spark.reward_filter_zero_variance drops the reward step's groups of equal rewards from its
+    GRPO batch and leaves the policy steps' batches whole."""
+    cfg = load_run_config(None, [*MICRO, f"checkpoint.dir={tmp_path}", "spark.reward_n=6",
+                                 "spark.reward_filter_zero_variance=true", "spark.reward_kl_coef=0.5"])
+    batches: list = []
+    to_batch = train_module.groups_to_batch
+    kl_coefs: list = []
+    train_step = MegatronActor.train_step
+
+    def step_spy(actor, batch, lr_scale=1.0, kl_coef=None):  # type: ignore[no-untyped-def]
+        kl_coefs.append((kl_coef, actor.algo.kl_coef))
+        out = train_step(actor, batch, lr_scale, kl_coef)
+        assert actor.algo.kl_coef == cfg.algo.kl_coef  # the override lasts one step
+        return out
+
+    monkeypatch.setattr(MegatronActor, "train_step", step_spy)
+    update_kl: list = []
+    update = train_module.update
+
+    def update_spy(*args, **kw):  # type: ignore[no-untyped-def]
+        update_kl.append(kw["kl_coef"])
+        return update(*args, **kw)
+
+    monkeypatch.setattr(train_module, "update", update_spy)
+
+    def spy(groups, *args, **kw):  # type: ignore[no-untyped-def]
+        batch, stats = to_batch(groups, *args, **kw)
+        batches.append((groups, batch, stats, args[2]))
+        return batch, stats
+
+    monkeypatch.setattr(train_module, "groups_to_batch", spy)
+    train(cfg)
+    assert [flag for *_, flag in batches] == [False, True, False]  # filter_zero_variance per step
+    # spark.reward_kl_coef in the reward step (when it has a batch left), algo.kl_coef elsewhere
+    assert update_kl == [cfg.algo.kl_coef, 0.5, cfg.algo.kl_coef]
+    assert {k for k, _ in kl_coefs} <= {cfg.algo.kl_coef, 0.5} and kl_coefs[0] == (cfg.algo.kl_coef, cfg.algo.kl_coef)
+    assert all(len(g.rollouts) == 4 for i in (0, 2) for g in batches[i][0])  # policy steps: rollout.n
+    groups, batch, stats, _ = batches[1]
+    assert groups and all(len(g.rollouts) == 6 for g in groups)  # the reward step: spark.reward_n
+    informative = [g for g in groups if len({r.reward for r in g.rollouts}) > 1]
+    assert stats["zero_variance_groups"] == len(groups) - len(informative)
+    rows = 0 if batch is None else batch.num_sequences
+    assert rows == 6 * len(informative)  # only groups with a spread of rewards are trained on
+    if batches[0][2]["zero_variance_groups"]:  # a policy step keeps its flat groups
+        assert batches[0][1].num_sequences == 4 * len(batches[0][0])

@@ -133,3 +133,42 @@ def test_schedule_mixed() -> None:
     assert s.next_step(100, "policy") == StepPlan("policy", 8)
     tiny = SparkSchedule(SparkConfig(enabled=True, schedule="mixed", mixed_ratio=0.1), prompts_per_step=2)
     assert tiny.next_step(3, "policy") == StepPlan("policy", 1)  # at least one when available
+
+
+def test_reward_step_settings_default_to_the_policy_step_ones() -> None:
+    cfg = SparkConfig(enabled=True)
+    assert cfg.samples_per_task("reward", 8) == cfg.samples_per_task("policy", 8) == 8
+    assert not cfg.drops_flat_groups("reward", False) and not cfg.drops_flat_groups("policy", False)
+    assert cfg.drops_flat_groups("reward", True) and cfg.drops_flat_groups("policy", True)  # algo's switch
+
+
+def test_reward_n_and_reward_filter_apply_to_reward_steps_only() -> None:
+    cfg = SparkConfig(enabled=True, reward_n=16, reward_filter_zero_variance=True)
+    assert cfg.samples_per_task("reward", 8) == 16 and cfg.samples_per_task("policy", 8) == 8
+    assert cfg.drops_flat_groups("reward", False) and not cfg.drops_flat_groups("policy", False)
+
+
+@pytest.mark.parametrize("fields, msg", [
+    ({"reward_n": 1}, "spark.reward_n must be 0"),
+    ({"reward_n": -2}, "spark.reward_n must be 0"),
+    ({"reward_n": 8, "schedule": "mixed"}, "spark.reward_n needs spark.schedule: alternate"),
+])
+def test_reward_n_is_validated(fields: dict, msg: str) -> None:
+    with pytest.raises(ConfigError, match=msg):
+        SparkConfig(enabled=True, **fields)
+
+
+def test_reward_kl_coef_applies_to_reward_steps_only() -> None:
+    assert SparkConfig(enabled=True).kl_coef("reward", 0.001) == 0.001  # None: algo.kl_coef
+    cfg = SparkConfig(enabled=True, reward_kl_coef=0.2)
+    assert cfg.kl_coef("reward", 0.001) == 0.2 and cfg.kl_coef("policy", 0.001) == 0.001
+    with pytest.raises(ConfigError, match="spark.reward_kl_coef must be in"):
+        SparkConfig(enabled=True, reward_kl_coef=-1.0)
+
+
+def test_reward_kl_coef_needs_the_reference() -> None:
+    from spark_mcore.config.run import load_run_config
+
+    with pytest.raises(ConfigError, match="algo.kl_coef > 0"):
+        load_run_config(None, ["spark.enabled=true", "spark.reward_kl_coef=0.1", "algo.kl_coef=0"])
+    assert load_run_config(None, ["spark.enabled=true", "spark.reward_kl_coef=0.1"]).spark.reward_kl_coef == 0.1
