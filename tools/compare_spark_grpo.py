@@ -484,7 +484,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the shared warm start's training seed, and the sampling seed of the shared judge set")
     p.add_argument("--per-seed-judge-set", action="store_true",
                    help="with --shared-warm-start: each seed builds its own judge set from the warm start's samples "
-                        "with its own sampling seed (rounds 1-5 of the README) instead of the one shared set")
+                        "with its own sampling seed (rounds 1-5 in docs/spark_in_miniature.md) instead of the one shared set")
     p.add_argument("--rescore", action="store_true",
                    help="train nothing: re-evaluate every seed's existing exports (warm start and arms) and rewrite "
                         "its seed_results.json, keeping the recorded train times (first numbers kept in "

@@ -13,7 +13,11 @@
      config's `spark.*`: judge_check, balance, content mode) from the model's own answers on
      `--train-prompts` training prompts, sampled n = rollout.n at the rollout temperature and
      scored like the reward step (`judge_check` verifier, `judge_verdict_accuracy`), split by
-     kind and label, with the unparsable and truncated shares, and the same tasks greedy.
+     kind and label, with the unparsable and truncated shares, and the same tasks greedy;
+  d. reflection tasks: the reflection tasks the recycler makes from the same answers as (c),
+     sampled n = rollout.n at the rollout temperature and scored by the source task's verifier
+     (as in a reward step), with the share of responses that end in a judge verdict
+     (`\\boxed{Yes|No|A|B}`) instead of an answer.
 Prints one JSON summary (and writes it to `--out`).
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from dataclasses import replace
@@ -125,15 +130,30 @@ def _answer_of(question: str) -> str:
     return json.dumps({"numbers": [int(x) for x in m.group(1).split()], "target": int(m.group(2))})
 
 
-def recycled_tasks(groups: list[Any], spark_cfg: Any, per_step: int) -> list[Any]:
-    """The judge tasks SPARK's recycler makes from `groups`, `per_step` groups per policy step."""
+def recycled_tasks(groups: list[Any], spark_cfg: Any, per_step: int, reflection: bool = False) -> list[Any]:
+    """The judge tasks (or, with `reflection`, the reflection tasks) SPARK's recycler makes from
+    `groups`, `per_step` groups per policy step."""
     from spark_mcore.spark.recycler import Recycler
 
     recycler = Recycler(replace(spark_cfg, enabled=True))
     out = []
     for step, i in enumerate(range(0, len(groups), per_step), start=1):
-        out += [s for s in recycler.recycle(groups[i:i + per_step], step) if s.kind != "reflection"]
+        out += [s for s in recycler.recycle(groups[i:i + per_step], step) if (s.kind == "reflection") == reflection]
     return out
+
+
+_VERDICT_END = re.compile(r"\\boxed\{\s*(yes|no|a|b)\s*\}\s*$", re.IGNORECASE)
+
+
+def reflection_stats(groups: list[Any]) -> dict[str, Any]:
+    """(d): reward of sampled reflection responses and the share that end in a judge verdict
+    (a model that answers "correct the previous attempt" as a judge task earns 0 every time)."""
+    rewards = [r.reward for g in groups for r in g.rollouts]
+    verdicts = sum(bool(_VERDICT_END.search(r.completion.text)) for g in groups for r in g.rollouts)
+    n = max(len(rewards), 1)
+    return {"tasks": len(groups), "responses": len(rewards), "reward_mean": round(sum(rewards) / n, 3),
+            "solved_tasks": sum(any(r.reward > 0 for r in g.rollouts) for g in groups),
+            "ends_in_verdict": round(verdicts / n, 3)}
 
 
 def verdict_stats(groups: list[Any], max_new: int) -> dict[str, Any]:
@@ -179,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--train-prompts", type=int, default=160)
     ap.add_argument("--judge-max-new", type=int, default=0, help="max new tokens of judge tasks (0: the config's)")
-    ap.add_argument("--parts", default="abc")
+    ap.add_argument("--parts", default="abcd", help="any of a, b, c, d (see above)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     from spark_mcore.config.run import load_run_config
@@ -200,9 +220,16 @@ def main(argv: list[str] | None = None) -> int:
         if "b" in args.parts and args.judge_set:
             report["b_judge_checks"] = judge_checks(model, args.judge_set, judge_max)
             print(json.dumps({k: v for k, v in report["b_judge_checks"].items() if k != "examples"}), flush=True)
-        if "c" in args.parts:
+        if "c" in args.parts or "d" in args.parts:
             train = load_prompts(cfg.data, "train")[: args.train_prompts]
             groups = sample(model, train, cfg.rollout.n, temp, max_new, 1)
+        if "d" in args.parts:
+            tasks = [s.prompt for s in recycled_tasks(groups, cfg.spark, cfg.data.prompts_per_step, reflection=True)]
+            sampled = sample(model, tasks, cfg.rollout.n, temp, max_new, 3)
+            report["d_reflection"] = {**reflection_stats(sampled),
+                                      "examples": [r.completion.text for g in sampled[:3] for r in g.rollouts[:2]]}
+            print(json.dumps({k: v for k, v in report["d_reflection"].items() if k != "examples"}), flush=True)
+        if "c" in args.parts:
             tasks = [s.prompt for s in recycled_tasks(groups, cfg.spark, cfg.data.prompts_per_step)]
             sampled = sample(model, tasks, cfg.rollout.n, temp, judge_max, 2)
             greedy = sample(model, tasks, 1, 0.0, judge_max, 2)

@@ -50,3 +50,17 @@ def test_recycled_tasks_carry_labels_that_match_their_reference_checks() -> None
 
 def test_answer_of_reads_the_rendered_question() -> None:
     assert json.loads(tool._answer_of(QUESTION)) == {"numbers": [9, 4, 5], "target": 13}
+
+
+def test_reflection_tasks_and_their_stats_count_verdict_answers_as_unsolved() -> None:
+    right, wrong = "9+4=13. \\boxed{9+4}", "9+5=13. \\boxed{9+5}"
+    groups = [_group(i, [right, wrong, wrong, right]) for i in range(4)] + [_group(5, [wrong] * 4)]
+    tasks = tool.recycled_tasks(groups, SparkConfig(content_mode="cot"), per_step=5, reflection=True)
+    assert tasks and all(t.kind == "reflection" and t.prompt.task == "countdown" for t in tasks)
+    # the first task answered with a corrected expression once, every other response a verdict
+    sampled = [_group(n, [right if n == 0 else "9+5=14. 14 vs 13: differ. \\boxed{No}", "\\boxed{ no }"], t.prompt)
+               for n, t in enumerate(tasks)]
+    stats = tool.reflection_stats(sampled)
+    n = 2 * len(tasks)
+    assert stats["tasks"] == len(tasks) and stats["responses"] == n and stats["solved_tasks"] == 1
+    assert stats["reward_mean"] == round(1 / n, 3) and stats["ends_in_verdict"] == round((n - 1) / n, 3)
