@@ -331,10 +331,10 @@ class MegatronActor:
             values.append(full * batch.loss_mask)
         return values[0], values[1] if entropy else None
 
-    def _grpo_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, entropy: Callable[[], torch.Tensor]
-                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _grpo_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, entropy: Callable[[], torch.Tensor],
+                      algo: AlgoConfig | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
-        return grpo_loss(logp, old, mb.ref_logprobs, mb.advantages, mb.loss_mask, self.algo, entropy=entropy(),
+        return grpo_loss(logp, old, mb.ref_logprobs, mb.advantages, mb.loss_mask, algo or self.algo, entropy=entropy(),
                          engine_logp=mb.engine_logprobs, prefix=mb.prefix_mask)
 
     def _sft_loss_fn(self, mb: TrainBatch, logp: torch.Tensor, entropy: Callable[[], torch.Tensor]
@@ -390,11 +390,9 @@ class MegatronActor:
             return self._optimize(batch, self._grpo_loss_fn, head=True, lr_scale=lr_scale)
         if kl_coef > 0 and self.ref_chunks is None:
             raise RuntimeError("no reference model: call snapshot_reference() with algo.kl_coef > 0")
-        algo, self.algo = self.algo, replace(self.algo, kl_coef=kl_coef)
-        try:
-            return self._optimize(batch, self._grpo_loss_fn, head=True, lr_scale=lr_scale)
-        finally:
-            self.algo = algo
+        # this step's loss alone sees the other coefficient; the actor's config is not touched
+        loss_fn = partial(self._grpo_loss_fn, algo=replace(self.algo, kl_coef=kl_coef))
+        return self._optimize(batch, loss_fn, head=True, lr_scale=lr_scale)
 
     def sft_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step of next-token likelihood on the masked (response) tokens."""
