@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -185,7 +186,7 @@ def prepare(run: Run, spark: SparkState, produce: DividedRollout) -> tuple[int, 
     ckpt = latest_checkpoint(run.run_dir) if cfg.checkpoint.resume else None
     if ckpt is None and cfg.warmstart.steps:
         start = time.perf_counter()
-        judge = judge_sft_examples
+        judge = partial(judge_sft_examples, kinds=tuple(cfg.warmstart.judge_kinds))
         if cfg.warmstart.judge_file:  # the model's own answers (an earlier stage's), mixed in
             try:
                 rows = load_rows(cfg.warmstart.judge_file)

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from spark_mcore.config.loader import ConfigError, check_ranges
+from spark_mcore.types import REWARD_KINDS
 
 
 @dataclass
@@ -114,6 +115,10 @@ class WarmStartConfig:
         in the written check's format (`Compare: 27 vs 18.` -> `27 vs 18: 2 vs 1, differ.`,
         `spark_mcore.data.drill.compare_examples`), so a judge learns the decision from the
         digits, not from the response it checks. 0 = none (needs drill_share > 0).
+    judge_kinds: which kinds of synthetic reward tasks fill the judge batches that `judge_file`
+        does not (a subset of pointwise, pairwise, reflection). Synthetic judge targets are bare
+        verdicts, so a stage that should keep an own-judge model's written checks lists only
+        ["reflection"]: it teaches "correct the previous solution" -> a worked solution.
     """
 
     steps: int = 0
@@ -126,8 +131,12 @@ class WarmStartConfig:
     drill_share: float = 0.0
     drill_bound: int = 30
     drill_compare: float = 0.0
+    judge_kinds: list[str] = field(default_factory=lambda: list(REWARD_KINDS))
 
     def __post_init__(self) -> None:
+        if not self.judge_kinds or any(k not in REWARD_KINDS for k in self.judge_kinds):
+            raise ConfigError(f"warmstart.judge_kinds must be a non-empty subset of {list(REWARD_KINDS)}, "
+                              f"got {self.judge_kinds}")
         check_ranges("warmstart", self, {"lr": "> 0", "warmup_steps": ">= 0"})
         if self.steps < 0 or self.batch_size < 1:
             raise ConfigError("warmstart.steps must be >= 0 and warmstart.batch_size >= 1")

@@ -117,3 +117,11 @@ def test_check_components_and_the_trusting_judge() -> None:
     assert copy_verdict("9+4=25. \\boxed{9+4}", ANS) == "Yes"  # trusts the false step
     assert copy_verdict("9-4=5. 5*5=25. \\boxed{(9-4)*5}", ANS) == "Yes"
     assert copy_verdict("\\boxed{9+4}", ANS) == "No"
+
+
+def test_warmstart_judge_kinds_selects_the_synthetic_reward_tasks() -> None:
+    assert WarmStartConfig().judge_kinds == ["pointwise", "pairwise", "reflection"]
+    assert WarmStartConfig(judge_kinds=["reflection"]).judge_kinds == ["reflection"]
+    for bad in ([], ["reflect"], ["pointwise", "judge"]):
+        with pytest.raises(ConfigError, match="warmstart.judge_kinds"):
+            WarmStartConfig(judge_kinds=bad)

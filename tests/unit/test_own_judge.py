@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from spark_mcore.config.loader import ConfigError
+from spark_mcore.data.arith import arith_problems
 from spark_mcore.spark.own_judge import file_judge_examples, load_rows, own_judge_rows, save_rows
+from spark_mcore.spark.warmstart_data import judge_sft_examples
 from spark_mcore.trainer.config import WarmStartConfig
 from spark_mcore.types import JUDGE_TASK, KIND_KEY, Completion, Prompt, Rollout, RolloutGroup
 
@@ -73,6 +76,17 @@ def test_file_examples_take_their_share_and_the_rest_is_synthetic() -> None:
     assert all(p.task == JUDGE_TASK and p.meta[KIND_KEY] in ("pointwise", "pairwise") for p, _ in own)
     assert {t for _, t in own} <= {"\\boxed{Yes}", "\\boxed{No}", "\\boxed{A}", "\\boxed{B}"}
     assert file_judge_examples(rows, 1.0, synthetic)([], 4, 0) and calls == [3]  # share 1: no synthetic call
+
+
+def test_own_rows_with_synthetic_reflection_only_keep_every_judge_target_an_own_row() -> None:
+    """warmstart.judge_kinds=[reflection] (how `train.prepare` builds the source): the synthetic
+    share adds only reflection rows, whose targets are worked solutions, never bare verdicts."""
+    rows = own_judge_rows([_group("p0", [RIGHT, WRONG], [True, False])])
+    source = file_judge_examples(rows, 0.5, partial(judge_sft_examples, kinds=("reflection",)))
+    out = source(arith_problems([1], "train", 20, seed=0), 8, 0)
+    synthetic = [(p, t) for p, t in out if not p.meta.get("own")]
+    assert len(out) == 8 and len(synthetic) == 4
+    assert all(p.meta[KIND_KEY] == "reflection" and "boxed{" in t and "Yes" not in t for p, t in synthetic)
 
 
 def test_the_config_field_is_validated() -> None:
