@@ -56,6 +56,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/compare_report.py, run as a script or loaded
 from compare_report import METRICS, MODELS, checks, mean_std, table  # noqa: E402,F401  (re-exported for tests)
 
+from spark_mcore.distributed.orphans import exit_with_parent  # noqa: E402  (stdlib only: no torch import)
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -136,7 +138,9 @@ def train_run(run_dir: Path, config: Path, overrides: list[str], reuse: bool) ->
         args += ["--set", item]
     start = time.perf_counter()
     with (run_dir / "train.log").open("w") as log:
-        proc = subprocess.run(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False, env=run_env())
+        # a stopped comparison stops its runs too (no orphaned trainers left on the machine)
+        proc = subprocess.run(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False, env=run_env(),
+                              preexec_fn=exit_with_parent)
     if proc.returncode != 0:
         tail = (run_dir / "train.log").read_text().splitlines()[-15:]
         raise RuntimeError(f"training run {run_dir} failed (exit {proc.returncode}):\n" + "\n".join(tail))

@@ -16,8 +16,10 @@ Linux the prelude does nothing. The verifier pool's workers set the same flag th
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing.spawn as mp_spawn
 import os
+import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
@@ -47,4 +49,15 @@ def die_with_parent() -> None:
         mp_spawn.get_command_line = _command_line
 
 
-__all__ = ["die_with_parent", "PR_SET_PDEATHSIG"]
+def exit_with_parent() -> None:
+    """A `subprocess` `preexec_fn`: the child gets SIGKILL when the parent thread that started it
+    dies; the flag survives `exec`. A child whose parent is already gone exits at once. SIGKILL,
+    not SIGTERM: a trainer finishes its warm start before it acts on SIGTERM, and the runs of a
+    stopped comparison are started afresh anyway."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:
+            os._exit(1)
+
+
+__all__ = ["die_with_parent", "exit_with_parent", "PR_SET_PDEATHSIG"]

@@ -161,3 +161,32 @@ def test_spawn_helpers_die_with_a_sigkilled_parent(tmp_path: Path, variant: str)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.stdout.close()
+
+
+RUNNER = textwrap.dedent("""
+    import subprocess, sys, time
+    from spark_mcore.distributed.orphans import exit_with_parent
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], preexec_fn=exit_with_parent)
+    print(child.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_run_started_with_exit_with_parent_stops_with_its_killed_parent(tmp_path: Path) -> None:
+    """How tools/compare_spark_grpo.py starts its training runs: stopping the tool stops them."""
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    child: set[int] = set()
+    try:
+        child = {int(proc.stdout.readline())}
+        proc.kill()
+        proc.wait(timeout=30)
+        _wait(lambda: not any(_alive(p) for p in child), None, "the run to exit", timeout=30)
+    finally:
+        _kill_all(child)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.stdout.close()
