@@ -56,8 +56,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/compare_report.py, run as a script or loaded
 from compare_report import METRICS, MODELS, checks, mean_std, table  # noqa: E402,F401  (re-exported for tests)
 
-from spark_mcore.distributed.orphans import exit_with_parent  # noqa: E402  (stdlib only: no torch import)
-
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -128,6 +126,7 @@ def check_arms(args: argparse.Namespace, spec: TaskSpec) -> None:
 
 def train_run(run_dir: Path, config: Path, overrides: list[str], reuse: bool) -> float:
     """Runs `spark-mcore train` into `run_dir` (log: run_dir/train.log); returns wall seconds."""
+    from spark_mcore.distributed.orphans import exit_with_parent
     if reuse and (run_dir / "hf" / "config.json").is_file():
         print(f"  reusing {run_dir}", flush=True)
         return 0.0
