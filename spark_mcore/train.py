@@ -178,9 +178,11 @@ def update(run: Run, groups: list[RolloutGroup], version: int, off_policy: bool 
         run.push_weights(version)
 
 
-def prepare(run: Run, spark: SparkState, produce: DividedRollout) -> tuple[int, int, dict[str, EvalResult]]:
+def prepare(run: Run, spark: SparkState, produce: DividedRollout, stop: StopOnSignal
+            ) -> tuple[int, int, dict[str, EvalResult]]:
     """Resumes from the newest checkpoint in the run directory, or warm-starts and evaluates.
-    Returns (iteration, policy steps done, results so far)."""
+    Returns (iteration, policy steps done, results so far). A stop signal during the warm start
+    ends it after the current SFT step with `Interrupted` (it keeps no checkpoint)."""
     cfg = run.cfg
     updates = spark.total_updates(cfg.trainer.steps) * cfg.trainer.updates_per_step
     ckpt = latest_checkpoint(run.run_dir) if cfg.checkpoint.resume else None
@@ -195,7 +197,11 @@ def prepare(run: Run, spark: SparkState, produce: DividedRollout) -> tuple[int, 
             judge = file_judge_examples(rows, cfg.warmstart.judge_file_share, judge_sft_examples)
         last = warm_start(run.actor, run.loader.prompts, run.tokenizer, run.encode, cfg.warmstart, cfg.data.seed,
                           cfg.logging.progress and run.pstate.rank == 0, judge_examples=judge,
-                          report=lambda msg: say(run, msg))
+                          report=lambda msg: say(run, msg), should_stop=stop.should_stop)
+        if "stopped_after" in last:
+            raise Interrupted(stop.requested or "signal", stop.signum, None,
+                              f" during the warm start, after SFT step {last['stopped_after']:.0f}/{cfg.warmstart.steps}"
+                              " (the warm start keeps no checkpoint: the same command starts it again)")
         run.logger.update({k: v for k, v in last.items() if k.startswith(("sft_loss", "rows_this_rank"))},
                           prefix="warmstart/")
         say(run, f"warm start: {cfg.warmstart.steps} SFT steps in {time.perf_counter() - start:.1f}s")
@@ -238,7 +244,7 @@ def train(cfg: RunConfig) -> dict[str, EvalResult]:
     try:
         spark = SparkState(cfg.spark, cfg.data.prompts_per_step)
         produce = divided_evaluation(run)
-        it, policy_steps, results = prepare(run, spark, produce)
+        it, policy_steps, results = prepare(run, spark, produce, stop)
         params = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=run.stop_ids)
         bar = tqdm(total=cfg.trainer.steps, initial=policy_steps, desc="RL policy steps",

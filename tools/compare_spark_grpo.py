@@ -126,7 +126,7 @@ def check_arms(args: argparse.Namespace, spec: TaskSpec) -> None:
 
 def train_run(run_dir: Path, config: Path, overrides: list[str], reuse: bool) -> float:
     """Runs `spark-mcore train` into `run_dir` (log: run_dir/train.log); returns wall seconds."""
-    from spark_mcore.distributed.orphans import exit_with_parent
+    from spark_mcore.distributed.orphans import dies_with_this_process
     if reuse and (run_dir / "hf" / "config.json").is_file():
         print(f"  reusing {run_dir}", flush=True)
         return 0.0
@@ -139,7 +139,7 @@ def train_run(run_dir: Path, config: Path, overrides: list[str], reuse: bool) ->
     with (run_dir / "train.log").open("w") as log:
         # a stopped comparison stops its runs too (no orphaned trainers left on the machine)
         proc = subprocess.run(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False, env=run_env(),
-                              preexec_fn=exit_with_parent)
+                              preexec_fn=dies_with_this_process())
     if proc.returncode != 0:
         tail = (run_dir / "train.log").read_text().splitlines()[-15:]
         raise RuntimeError(f"training run {run_dir} failed (exit {proc.returncode}):\n" + "\n".join(tail))

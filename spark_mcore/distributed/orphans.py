@@ -21,6 +21,7 @@ import multiprocessing.spawn as mp_spawn
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1
 _PRELUDE = (
@@ -49,15 +50,21 @@ def die_with_parent() -> None:
         mp_spawn.get_command_line = _command_line
 
 
-def exit_with_parent() -> None:
-    """A `subprocess` `preexec_fn`: the child gets SIGKILL when the parent thread that started it
-    dies; the flag survives `exec`. A child whose parent is already gone exits at once. SIGKILL,
-    not SIGTERM: a trainer finishes its warm start before it acts on SIGTERM, and the runs of a
-    stopped comparison are started afresh anyway."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:
-            os._exit(1)
+def dies_with_this_process() -> Callable[[], None]:
+    """A `subprocess` `preexec_fn`, made in the parent: the child gets SIGKILL when the parent
+    thread that started it dies (the flag survives `exec`). A child whose parent died before the
+    flag was set exits at once: its parent PID is then no longer this process's (init or a
+    subreaper adopted it), which is why the PID is taken here, not tested against 1. SIGKILL, not
+    SIGTERM: the runs of a stopped comparison are started afresh anyway."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    return preexec
 
 
-__all__ = ["die_with_parent", "exit_with_parent", "PR_SET_PDEATHSIG"]
+__all__ = ["die_with_parent", "dies_with_this_process", "PR_SET_PDEATHSIG"]

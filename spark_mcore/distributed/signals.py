@@ -63,8 +63,8 @@ class StopOnSignal:
             raise SignalExit(name, signum)
         self.requested, self.signum = name, signum
         if self.announce:
-            _say(f"{name} received: finishing the current step, then saving a checkpoint (send it "
-                 "again to stop at once without saving)\n")
+            _say(f"{name} received: finishing the current step, then saving a checkpoint (none in the warm start; "
+                 "send it again to stop at once without saving)\n")
 
     def __enter__(self) -> StopOnSignal:
         try:

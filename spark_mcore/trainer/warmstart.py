@@ -89,10 +89,13 @@ def sft_batches(prompts: list[Prompt], tokenizer: object, encode: object, batch_
 def warm_start(actor: MegatronActor, prompts: list[Prompt], tokenizer: object, encode: object,
                cfg: WarmStartConfig, seed: int, progress: bool = True,
                judge_examples: JudgeExamples | None = None,
-               report: Callable[[str], None] | None = None) -> dict[str, float]:
+               report: Callable[[str], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """Runs `cfg.steps` SFT steps; returns the last step's metrics (with `sft_loss_solution` and
     `sft_loss_judge`: running means over the last LOSS_WINDOW batches of each kind; `report`
-    gets them every 100 steps). `judge_examples` supplies the
+    gets them every 100 steps). `should_stop` is asked after every step (on every rank: it may
+    be collective); when it says yes the loop ends there and the metrics hold `stopped_after`,
+    the steps done. `judge_examples` supplies the
     reward-task batches when `cfg.judge_fraction` > 0. Every rank draws the same global batches
     of `cfg.batch_size` rows and trains on its DP slice of each (the loss is normalised over
     the DP ranks), so DP ranks share the work of one process."""
@@ -113,4 +116,8 @@ def warm_start(actor: MegatronActor, prompts: list[Prompt], tokenizer: object, e
         if report is not None and ((step + 1) % 100 == 0 or step + 1 == cfg.steps):  # the judge loss must fall too
             report(f"warm start step {step + 1}/{cfg.steps}: loss " +
                    ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in recent.items() if v))
+        if should_stop is not None and step + 1 < cfg.steps and should_stop():
+            metrics["stopped_after"] = float(step + 1)
+            break
+    bar.close()
     return metrics

@@ -4,14 +4,17 @@
    stderr holds no traceback and none of megatron's TE/Apex warnings.
 2. The same run resumed, then SIGKILLed after it saved: megatron's checkpoint writer helper
    and multiprocessing's resource tracker die with it (no orphans).
-3. The mechanism alone (no torch): a spawn-context Manager outlives a SIGKILLed parent unless
-   `die_with_parent()` was called, so test 2 can fail.
+3. SIGTERM during the SFT warm start: it stops after the current step too, saving nothing.
+4. The mechanism alone (no torch): a spawn-context Manager outlives a SIGKILLed parent unless
+   `die_with_parent()` was called, so test 2 can fail; and `dies_with_this_process()`, the same
+   for `subprocess` children.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,6 +128,30 @@ def test_sigterm_then_sigkill_from_outside(tmp_path: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+
+def test_sigterm_during_the_warm_start_stops_after_its_current_step(tmp_path: Path) -> None:
+    """A long SFT warm start acts on SIGTERM too (it used to train on to its last step): it stops
+    after the current step, exits 143 and says that no checkpoint was written."""
+    run_dir = tmp_path / "run"
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with out.open("w") as o, err.open("w") as e:
+        proc = subprocess.Popen(_cmd(run_dir, "warmstart.steps=100000", "warmstart.judge_fraction=0",
+                                     "warmstart.batch_size=4"), stdout=o, stderr=e, start_new_session=True)
+    try:
+        _wait(lambda: "warm start step 100/100000" in out.read_text(), proc, "warm-start step 100")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = [line for line in err.read_text().splitlines() if line.strip()]
+    assert lines[0].startswith("SIGTERM received: finishing the current step") and len(lines) == 2, lines
+    assert re.fullmatch(r"stopped by SIGTERM during the warm start, after SFT step (\d+)/100000 \(the warm start "
+                        r"keeps no checkpoint: the same command starts it again\): no checkpoint was written",
+                        lines[1]), lines
+    assert not list_checkpoints(run_dir) and "RL policy" not in out.read_text()
+
+
 PARENT = textwrap.dedent("""
     import multiprocessing as mp, os, sys, time
     if __name__ == "__main__":
@@ -165,15 +192,16 @@ def test_spawn_helpers_die_with_a_sigkilled_parent(tmp_path: Path, variant: str)
 
 RUNNER = textwrap.dedent("""
     import subprocess, sys, time
-    from spark_mcore.distributed.orphans import exit_with_parent
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], preexec_fn=exit_with_parent)
+    from spark_mcore.distributed.orphans import dies_with_this_process
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                             preexec_fn=dies_with_this_process())
     print(child.pid, flush=True)
     time.sleep(600)
 """)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
-def test_a_run_started_with_exit_with_parent_stops_with_its_killed_parent(tmp_path: Path) -> None:
+def test_a_run_started_with_dies_with_this_process_stops_with_its_killed_parent(tmp_path: Path) -> None:
     """How tools/compare_spark_grpo.py starts its training runs: stopping the tool stops them."""
     script = tmp_path / "runner.py"
     script.write_text(RUNNER)
@@ -190,3 +218,21 @@ def test_a_run_started_with_exit_with_parent_stops_with_its_killed_parent(tmp_pa
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.stdout.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_child_whose_maker_is_not_its_parent_exits_before_exec(monkeypatch) -> None:
+    """The race `dies_with_this_process` closes: the parent died between fork and prctl, so the
+    child was adopted (by init or a subreaper, whose PID need not be 1). Simulated by a maker PID
+    that is not the child's parent: the child must exit 1 without running its program."""
+    from spark_mcore.distributed import orphans
+
+    monkeypatch.setattr(orphans.os, "getpid", lambda: 1)  # read once, when the preexec_fn is made
+    preexec = orphans.dies_with_this_process()
+    monkeypatch.undo()
+    proc = subprocess.run([sys.executable, "-c", "print('ran')"], preexec_fn=preexec, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "ran" not in proc.stdout
+    ok = subprocess.run([sys.executable, "-c", "print('ran')"], preexec_fn=orphans.dies_with_this_process(),
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip() == "ran"

@@ -186,19 +186,23 @@ def test_judge_fraction_is_validated() -> None:
             WarmStartConfig(judge_fraction=bad)
 
 
+class FakeActor:  # loss 1.0 on judge batches, 0.2 on worked solutions; counts its steps
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.pstate = SimpleNamespace(dp_rank=0, dp_size=1)
+        self.steps = 0
+
+    def setup_optimizer(self, lr: float, steps: int, warmup: int) -> None:
+        pass
+
+    def sft_step(self, batch: object) -> dict[str, float]:
+        self.steps += 1
+        return {"sft_loss": 0.2 if set(batch.kinds) == {"policy"} else 1.0}  # type: ignore[attr-defined]
+
+
 def test_the_warm_start_reports_the_loss_of_solution_and_judge_batches_apart() -> None:
-    from types import SimpleNamespace
-
     from spark_mcore.trainer.warmstart import warm_start
-
-    class FakeActor:  # loss 1.0 on judge batches, 0.2 on worked solutions
-        pstate = SimpleNamespace(dp_rank=0, dp_size=1)
-
-        def setup_optimizer(self, lr: float, steps: int, warmup: int) -> None:
-            pass
-
-        def sft_step(self, batch: object) -> dict[str, float]:
-            return {"sft_loss": 0.2 if set(batch.kinds) == {"policy"} else 1.0}  # type: ignore[attr-defined]
 
     tok = build_tokenizer(None, corpus_texts())
     reports: list[str] = []
@@ -207,3 +211,24 @@ def test_the_warm_start_reports_the_loss_of_solution_and_judge_batches_apart() -
                      cfg, seed=0, progress=False, judge_examples=judge_sft_examples, report=reports.append)
     assert out["sft_loss_judge"] == pytest.approx(1.0) and out["sft_loss_solution"] == pytest.approx(0.2)
     assert reports == ["warm start step 8/8: loss solution 0.200, judge 1.000"]  # and every 100 steps
+
+
+def test_a_stop_request_ends_the_warm_start_after_the_current_step() -> None:
+    """A stop signal during a long warm start (checkpoint.save_on_signal) must not wait for its
+    last step: the loop asks after every step and says how many it did."""
+    from spark_mcore.trainer.warmstart import warm_start
+
+    tok = build_tokenizer(None, corpus_texts())
+    actor, asked = FakeActor(), []
+
+    def should_stop() -> bool:
+        asked.append(actor.steps)
+        return actor.steps == 3
+
+    out = warm_start(actor, arith_problems([1], "train", 20, seed=0), tok, lambda p: encode_prompt(tok, p),
+                     WarmStartConfig(steps=1000, batch_size=2), seed=0, progress=False, should_stop=should_stop)
+    assert actor.steps == 3 and asked == [1, 2, 3] and out["stopped_after"] == 3.0
+    actor, asked = FakeActor(), []
+    done = warm_start(actor, arith_problems([1], "train", 20, seed=0), tok, lambda p: encode_prompt(tok, p),
+                      WarmStartConfig(steps=3, batch_size=2), seed=0, progress=False, should_stop=should_stop)
+    assert asked == [1, 2] and "stopped_after" not in done  # after the last step RL's loop asks, and saves
