@@ -11,10 +11,10 @@
 #   ws9      +300 steps, the same mixture                   (round nine)
 #   ws9b     +300 steps, a half of the drill rows compare numbers digit by digit
 #   ws9c     +400 steps, judge batches 50 %, drill 70 %, comparison rows 80 %
-#   ws11b    +200 steps, 20 % of the judge batches are reflection tasks (round eleven)
+#   ws11b    +200 steps, a fifth of the judge-batch rows (a tenth of all rows) are reflection tasks
 # A stage whose export exists is kept, so a stopped chain resumes at the stage it was in.
 # About 90 min on an otherwise idle 2-core machine (one OpenMP thread per run, as the comparison).
-# It ends by printing the comparison command for the finished warm start.
+# examples/countdown_compare.sh runs the comparison from it (and runs this script first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${1:-runs/countdown_warm_start}")
@@ -64,11 +64,5 @@ stage ws9c "$OUT/ws9b" 400 warmstart.judge_fraction=0.5 warmstart.judge_file_sha
 stage ws11b "$OUT/ws9c" 200 warmstart.judge_fraction=0.5 warmstart.judge_file_share=0.8 warmstart.drill_share=0.7 \
     warmstart.drill_compare=0.8 'warmstart.judge_kinds=[reflection]'
 
-cat <<EOF
-== done ($(date +%H:%M:%S)): the warm start is $OUT/ws11b/hf
-The comparison of round eleven (seeds as parallel processes, then --report-only --seeds 0 1 2):
-python tools/compare_spark_grpo.py --task countdown --config $CONFIG --shared-warm-start --eval-prompts 0 \\
-    --sft-set warmstart.steps=0 --sft-set model.hf_path=$OUT/ws11b/hf --sft-set data.tokenizer=$TOKENIZER \\
-    --rl-set spark.judge_check_weight=0.8 --rl-set spark.reward_n=16 --rl-set spark.reward_kl_coef=0.5 \\
-    --out runs/compare_countdown --seeds S
-EOF
+echo "== done ($(date +%H:%M:%S)): the warm start is $OUT/ws11b/hf, its tokenizer $TOKENIZER"
+echo "GRPO-only vs SPARK from it: WARM_START=$OUT bash examples/countdown_compare.sh"
