@@ -84,20 +84,25 @@ def _kill_all(pids: set[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _sigterm_once(cmd: list[str], out: Path, err: Path, ready: str) -> int:
+    """Starts `cmd` (stdout -> out, stderr -> err), sends SIGTERM once `ready` is in its stdout,
+    returns its exit code; its process group is killed whatever happens."""
+    with out.open("w") as o, err.open("w") as e:
+        proc = subprocess.Popen(cmd, stdout=o, stderr=e, start_new_session=True)
+    try:
+        _wait(lambda: ready in out.read_text(), proc, repr(ready))
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_sigterm_then_sigkill_from_outside(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
-    with out.open("w") as o, err.open("w") as e:
-        proc = subprocess.Popen(_cmd(run_dir, "checkpoint.save_interval=0"), stdout=o, stderr=e,
-                                start_new_session=True)
-    try:
-        _wait(lambda: "[policy step 1," in out.read_text(), proc, "RL step 1")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=300) == 128 + signal.SIGTERM
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    assert _sigterm_once(_cmd(run_dir, "checkpoint.save_interval=0"), out, err, "[policy step 1,") == 128 + signal.SIGTERM
     stderr = err.read_text()
     assert "Traceback" not in stderr and "Warning" not in stderr, stderr
     saved = list_checkpoints(run_dir)
@@ -134,16 +139,8 @@ def test_sigterm_during_the_warm_start_stops_after_its_current_step(tmp_path: Pa
     after the current step, exits 143 and says that no checkpoint was written."""
     run_dir = tmp_path / "run"
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
-    with out.open("w") as o, err.open("w") as e:
-        proc = subprocess.Popen(_cmd(run_dir, "warmstart.steps=100000", "warmstart.judge_fraction=0",
-                                     "warmstart.batch_size=4"), stdout=o, stderr=e, start_new_session=True)
-    try:
-        _wait(lambda: "warm start step 100/100000" in out.read_text(), proc, "warm-start step 100")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    cmd = _cmd(run_dir, "warmstart.steps=100000", "warmstart.judge_fraction=0", "warmstart.batch_size=4")
+    assert _sigterm_once(cmd, out, err, "warm start step 100/100000") == 128 + signal.SIGTERM
     lines = [line for line in err.read_text().splitlines() if line.strip()]
     assert lines[0].startswith("SIGTERM received: finishing the current step") and len(lines) == 2, lines
     assert re.fullmatch(r"stopped by SIGTERM during the warm start, after SFT step (\d+)/100000 \(the warm start "
