@@ -84,6 +84,13 @@ def _kill_all(pids: set[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _kill_then_gone(proc: subprocess.Popen, pids: set[int], what: str) -> None:
+    """SIGKILLs `proc`, then waits (30 s at most) until none of `pids` is alive."""
+    proc.kill()
+    proc.wait(timeout=30)
+    _wait(lambda: not any(_alive(p) for p in pids), None, what, timeout=30)
+
+
 def _sigterm_once(cmd: list[str], out: Path, err: Path, ready: str) -> int:
     """Starts `cmd` (stdout -> out, stderr -> err), sends SIGTERM once `ready` is in its stdout,
     returns its exit code; its process group is killed whatever happens."""
@@ -124,9 +131,7 @@ def test_sigterm_then_sigkill_from_outside(tmp_path: Path) -> None:
         helpers = _descendants(proc.pid)
         cmdlines = [Path(f"/proc/{p}/cmdline").read_bytes() for p in helpers if _alive(p)]
         assert any(b"multiprocessing" in c for c in cmdlines), "megatron's writer helper was not seen"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        _wait(lambda: not any(_alive(p) for p in helpers), None, "the helpers to exit", timeout=30)
+        _kill_then_gone(proc, helpers, "the helpers to exit")
     finally:
         _kill_all(helpers)
         with contextlib.suppress(ProcessLookupError):
@@ -173,11 +178,11 @@ def test_spawn_helpers_die_with_a_sigkilled_parent(tmp_path: Path, variant: str)
     try:
         helper = int(proc.stdout.readline())
         helpers = _descendants(proc.pid) | {helper}
-        proc.kill()
-        proc.wait(timeout=30)
         if variant == "fixed":
-            _wait(lambda: not any(_alive(p) for p in helpers), None, "the helpers to exit", timeout=30)
+            _kill_then_gone(proc, helpers, "the helpers to exit")
         else:  # without the fix the manager is orphaned (re-parented, alive): what the fix is for
+            proc.kill()
+            proc.wait(timeout=30)
             _wait(lambda: not _alive(helper) or _ppid(helper) != proc.pid, None, "the re-parenting", timeout=30)
             assert _alive(helper), "the control did not reproduce the orphan"
     finally:
@@ -207,9 +212,7 @@ def test_a_run_started_with_dies_with_this_process_stops_with_its_killed_parent(
     child: set[int] = set()
     try:
         child = {int(proc.stdout.readline())}
-        proc.kill()
-        proc.wait(timeout=30)
-        _wait(lambda: not any(_alive(p) for p in child), None, "the run to exit", timeout=30)
+        _kill_then_gone(proc, child, "the run to exit")
     finally:
         _kill_all(child)
         with contextlib.suppress(ProcessLookupError):
