@@ -21,7 +21,7 @@ read -r -a SEED_LIST <<< "${SEEDS:-0 1 2}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 bash examples/countdown_warm_start.sh "$WARM_START"
-TOKENIZER=$(find "$WARM_START/d7" -maxdepth 2 -type d -name tokenizer -path '*/warmstart-*' ! -path '*-stage*' | head -n 1)
+TOKENIZER=$(realpath -m "$WARM_START/tokenizer")  # a link countdown_warm_start.sh makes; resolved: part of the cache key
 [[ -f $WARM_START/ws11b/hf/config.json && -d $TOKENIZER ]] || {
     echo "error: no warm start in $WARM_START (run examples/countdown_warm_start.sh and read its logs)" >&2; exit 1; }
 COMPARE=(python tools/compare_spark_grpo.py --task countdown --config examples/configs/compare_countdown_room.yaml

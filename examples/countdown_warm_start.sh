@@ -33,6 +33,7 @@ TOKENIZER=$D7/tokenizer
 for path in "$D7/hf/config.json" "$OWN" "$TOKENIZER"; do
     [[ -e $path ]] || { echo "error: the d7 stage left no $path; see the train.log files under $OUT/d7" >&2; exit 1; }
 done
+ln -sfn "$TOKENIZER" "$OUT/tokenizer"  # every later stage and the comparison load this one
 
 stage() {  # stage NAME FROM STEPS KEY=VALUE...: STEPS more SFT steps from $OUT/FROM's export into $OUT/NAME
     local name=$1 from=$2 steps=$3 item
