@@ -17,7 +17,14 @@
   d. reflection tasks: the reflection tasks the recycler makes from the same answers as (c),
      sampled n = rollout.n at the rollout temperature and scored by the source task's verifier
      (as in a reward step), with the share of responses that end in a judge verdict
-     (`\\boxed{Yes|No|A|B}`) instead of an answer.
+     (`\\boxed{Yes|No|A|B}`) instead of an answer;
+  e. drill comparisons: `--compare-rows` fresh comparison drill rows (`Compare: 27 vs 18, ...`,
+     targets up to `--compare-bound`,
+     `data.drill.compare_examples`, a seed no warm start uses), greedy; the share of comparison
+     sentences written exactly as the reference check writes them, split by the true outcome,
+     and the share whose digit pairs are right but whose word (`same`/`differ`) is wrong. This
+     is the skill whose absence made the rebuilt warm start's judge fail (round twelve);
+     `examples/countdown_warm_start.sh` repeats its comparison stage until it is learned.
 Prints one JSON summary (and writes it to `--out`).
 """
 
@@ -190,6 +197,34 @@ def verdict_stats(groups: list[Any], max_new: int) -> dict[str, Any]:
             "pointwise_label_matches_reference_check": dict(consistent)}
 
 
+def drill_compare(model: Any, rows: int, bound: int, max_new: int) -> dict[str, Any]:
+    """(e): greedy answers to fresh comparison drill rows, sentence by sentence against the reference."""
+    from spark_mcore.data.drill import compare_examples
+    from spark_mcore.rewards.countdown_trace import compare_text
+    from spark_mcore.spark.judging import generate_texts, greedy_params
+
+    examples = compare_examples(rows, _PROBE_SEED, compare_text, bound=bound)
+    outs = generate_texts(model.engine, model.encode, [p for p, _ in examples], greedy_params(model.params(max_new)))
+    right, total, word_only = Counter(), Counter(), 0
+    for (_, ref), out in zip(examples, outs, strict=True):
+        wrote = _SENTENCE.findall(out)
+        for n, want in enumerate(_SENTENCE.findall(ref)):
+            got = wrote[n] if n < len(wrote) else ""
+            truth = want.rsplit(" ", 1)[-1].rstrip(".")
+            total[truth] += 1
+            right[truth] += got == want
+            word_only += got != want and got.rsplit(",", 1)[0] == want.rsplit(",", 1)[0]
+    count = sum(total.values())
+    return {"rows": rows, "bound": bound, "comparisons": count, "right": round(sum(right.values()) / max(count, 1), 3),
+            "right_by_truth": {k: round(right[k] / v, 3) for k, v in total.items()},
+            "digits_right_word_wrong": round(word_only / max(count, 1), 3),
+            "examples": [{"ref": r, "out": o} for (_, r), o in list(zip(examples, outs, strict=True))[:4]]}
+
+
+_PROBE_SEED = 12345  # compare_examples' seed for (e); the warm start's drill rows use the run's seeds
+_SENTENCE = re.compile(r"\S+ vs \d+:[^.]*\.")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="an HF export directory (…/hf)")
@@ -199,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--train-prompts", type=int, default=160)
     ap.add_argument("--judge-max-new", type=int, default=0, help="max new tokens of judge tasks (0: the config's)")
-    ap.add_argument("--parts", default="abcd", help="any of a, b, c, d (see above)")
+    ap.add_argument("--compare-rows", type=int, default=60, help="comparison drill rows of part e (3 pairs each)")
+    ap.add_argument("--compare-bound", type=int, default=30,
+                    help="largest target of part e's pairs (30: countdown's targets; 99: rounds nine-eleven's drill)")
+    ap.add_argument("--parts", default="abcd", help="any of a, b, c, d, e (see above)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     from spark_mcore.config.run import load_run_config
@@ -240,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                                                               "samples": [r.completion.text for r in g.rollouts[:3]]}
                                                              for g in sampled[:4]]}
             print(json.dumps({k: v for k, v in report["c_reward_step_verdicts"].items() if k != "examples"}), flush=True)
+        if "e" in args.parts:
+            report["e_drill_compare"] = drill_compare(model, args.compare_rows, args.compare_bound, max_new)
+            print(json.dumps({k: v for k, v in report["e_drill_compare"].items() if k != "examples"}), flush=True)
     finally:
         model.engine.shutdown()
     if args.out:

@@ -115,6 +115,10 @@ class WarmStartConfig:
         in the written check's format (`Compare: 27 vs 18.` -> `27 vs 18: 2 vs 1, differ.`,
         `spark_mcore.data.drill.compare_examples`), so a judge learns the decision from the
         digits, not from the response it checks. 0 = none (needs drill_share > 0).
+    drill_compare_bound: the largest target of a comparison drill pair (values range over 0..it).
+        99 (rounds nine to eleven) makes 91 % of the pairs two-digit; countdown's checks compare
+        values with targets of 1..30, a third of them one digit, and a judge drilled at 99 wrote
+        `4 vs 6: 4 vs 6, same.` (round twelve). 30 drills that range.
     judge_kinds: which kinds of synthetic reward tasks fill the judge batches that `judge_file`
         does not (a subset of pointwise, pairwise, reflection). Synthetic judge targets are bare
         verdicts, so a stage that should keep an own-judge model's written checks lists only
@@ -131,6 +135,7 @@ class WarmStartConfig:
     drill_share: float = 0.0
     drill_bound: int = 30
     drill_compare: float = 0.0
+    drill_compare_bound: int = 99
     judge_kinds: list[str] = field(default_factory=lambda: list(REWARD_KINDS))
 
     def __post_init__(self) -> None:
@@ -153,6 +158,9 @@ class WarmStartConfig:
         if not 0.0 <= self.drill_compare <= 1.0 or (self.drill_compare > 0 and self.drill_share <= 0):
             raise ConfigError(f"warmstart.drill_compare must be in [0, 1] and needs warmstart.drill_share > 0, got "
                               f"{self.drill_compare} with drill_share {self.drill_share}")
+        if self.drill_compare_bound < 1:
+            raise ConfigError(f"warmstart.drill_compare_bound must be >= 1 (the largest target of a comparison "
+                              f"drill pair), got {self.drill_compare_bound}")
         if self.judge_file and self.judge_fraction <= 0:
             raise ConfigError("warmstart.judge_file needs warmstart.judge_fraction > 0 (the share of judge "
                               "batches its rows go into); set judge_fraction or clear judge_file")

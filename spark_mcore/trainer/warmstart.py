@@ -46,17 +46,18 @@ def _endless(examples: list[Example], rng: random.Random) -> Iterator[Example]:
 
 
 def _with_drill(solutions: Iterator[Example], share: float, bound: int, seed: int,
-                compare: float = 0.0) -> Iterator[Example]:
+                compare: float = 0.0, compare_bound: int = 99) -> Iterator[Example]:
     """`solutions` with each row replaced, with probability `share`, by an arithmetic drill row
     (`spark_mcore.data.drill`), a `compare` share of those a comparison drill row in the
-    written check's format (`countdown_trace.compare_text`); share 0 returns `solutions` itself."""
+    written check's format (`countdown_trace.compare_text`, targets up to `compare_bound`);
+    share 0 returns `solutions` itself."""
     if share <= 0:
         return solutions
     pick = random.Random(f"drill-mix:{seed}")
     rows = drill_examples(DRILL_POOL, seed, bound=bound)
     if compare > 0:  # the pool's mix is the share (a seeded subset replaced)
         n = round(compare * len(rows))
-        rows = rows[n:] + compare_examples(n, seed, compare_text)
+        rows = rows[n:] + compare_examples(n, seed, compare_text, bound=compare_bound)
     drill = _endless(rows, random.Random(f"drill-order:{seed}"))
     return (next(drill) if pick.random() < share else next(solutions) for _ in iter(int, 1))
 
@@ -64,7 +65,8 @@ def _with_drill(solutions: Iterator[Example], share: float, bound: int, seed: in
 def sft_batches(prompts: list[Prompt], tokenizer: object, encode: object, batch_size: int,
                 seed: int, judge_fraction: float = 0.0, steps: int = 0,
                 judge_examples: JudgeExamples | None = None, drill_share: float = 0.0,
-                drill_bound: int = 30, drill_compare: float = 0.0) -> Iterator[TrainBatch]:
+                drill_bound: int = 30, drill_compare: float = 0.0, compare_bound: int = 99
+                ) -> Iterator[TrainBatch]:
     """Endless shuffled batches of (prompt, target) with the loss on the target only: worked
     solutions (a `drill_share` of them replaced by arithmetic drill rows) and, with
     `judge_fraction` > 0, batches of reward tasks (`judge_batches` over `steps` planned
@@ -72,7 +74,8 @@ def sft_batches(prompts: list[Prompt], tokenizer: object, encode: object, batch_
     if judge_fraction > 0 and judge_examples is None:
         raise ValueError("sft_batches: judge_fraction > 0 needs judge_examples (the reward-task source)")
     rng = random.Random(seed)
-    solutions = _with_drill(_endless(sft_examples(prompts), rng), drill_share, drill_bound, seed, drill_compare)
+    solutions = _with_drill(_endless(sft_examples(prompts), rng), drill_share, drill_bound, seed, drill_compare,
+                            compare_bound)
     plan = judge_batches(max(steps, 1), judge_fraction) if judge_fraction > 0 else [False]
     tasks = judge_examples(prompts, sum(plan) * batch_size, seed) if any(plan) and judge_examples else []
     judge = _endless(tasks, rng) if tasks else None
@@ -101,7 +104,8 @@ def warm_start(actor: MegatronActor, prompts: list[Prompt], tokenizer: object, e
     the DP ranks), so DP ranks share the work of one process."""
     actor.setup_optimizer(cfg.lr, cfg.steps, cfg.warmup_steps)
     batches = sft_batches(prompts, tokenizer, encode, cfg.batch_size, seed, cfg.judge_fraction, cfg.steps,
-                          judge_examples, cfg.drill_share, cfg.drill_bound, cfg.drill_compare)
+                          judge_examples, cfg.drill_share, cfg.drill_bound, cfg.drill_compare,
+                          cfg.drill_compare_bound)
     metrics: dict[str, float] = {}
     recent: dict[str, list[float]] = {"solution": [], "judge": []}  # loss per batch kind (homogeneous)
     bar = tqdm(range(cfg.steps), desc="warm start (SFT)", disable=not progress, dynamic_ncols=True)

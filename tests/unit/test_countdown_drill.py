@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from fractions import Fraction
 
 import pytest
@@ -88,6 +89,24 @@ def test_drill_compare_mixes_comparison_rows_into_the_drill() -> None:
     with pytest.raises(ConfigError, match="drill_compare"):
         WarmStartConfig(drill_compare=0.5)  # needs drill_share
     assert WarmStartConfig(drill_share=0.3, drill_compare=0.5).drill_compare == 0.5
+
+
+def test_drill_compare_bound_sets_the_range_of_the_comparison_rows() -> None:
+    tok = build_tokenizer(None, corpus_texts())
+    prompts = arith_problems([1], "train", 40, seed=0)
+
+    def compared(**kw: int) -> list[tuple[int, int]]:
+        batches = sft_batches(prompts, tok, lambda p: encode_prompt(tok, p), batch_size=50, seed=0,
+                              drill_share=0.9, drill_compare=1.0, **kw)
+        texts = [tok.decode(r, skip_special_tokens=True) for _ in range(4) for r in next(batches).tokens.tolist()]
+        return [(int(v), int(t)) for text in texts for v, t in re.findall(r"(\d+) vs (\d+):", text)]
+
+    assert max(t for _, t in compared()) > 30  # the default keeps rounds nine-eleven's 1..99
+    small = compared(compare_bound=30)
+    assert len(small) > 100 and max(t for _, t in small) <= 30  # (a near miss may change a digit to 9)
+    assert sum(t < 10 for _, t in small) / len(small) > 0.2  # one-digit targets, as countdown's checks have
+    with pytest.raises(ConfigError, match="drill_compare_bound"):
+        WarmStartConfig(drill_share=0.3, drill_compare=0.5, drill_compare_bound=0)
 
 
 def test_answer_error_names_the_first_cause() -> None:
