@@ -25,6 +25,10 @@ Example = tuple[Prompt, str]
 # does not depend on how SPARK renders its tasks).
 JudgeExamples = Callable[[list[Prompt], int, int], list[Example]]
 DRILL_POOL = 20000  # drill rows drawn per run (more than a warm start uses; reshuffled after)
+# Reward-task examples built per run, at most: building is the slow part of a long warm start
+# (a 100k-step run would build ~1M before step 1); past the pool they repeat, reshuffled.
+# Every config in the repo plans fewer (<= ~16k), so their batches are unchanged by the cap.
+JUDGE_POOL = 20000
 LOSS_WINDOW = 50  # batches of each kind in the running means of the loss
 
 
@@ -70,14 +74,16 @@ def sft_batches(prompts: list[Prompt], tokenizer: object, encode: object, batch_
     """Endless shuffled batches of (prompt, target) with the loss on the target only: worked
     solutions (a `drill_share` of them replaced by arithmetic drill rows) and, with
     `judge_fraction` > 0, batches of reward tasks (`judge_batches` over `steps` planned
-    batches; batches after those repeat the plan), drawn from `judge_examples`."""
+    batches; batches after those repeat the plan), drawn from `judge_examples` (at most
+    JUDGE_POOL of them, reshuffled when used up)."""
     if judge_fraction > 0 and judge_examples is None:
         raise ValueError("sft_batches: judge_fraction > 0 needs judge_examples (the reward-task source)")
     rng = random.Random(seed)
     solutions = _with_drill(_endless(sft_examples(prompts), rng), drill_share, drill_bound, seed, drill_compare,
                             compare_bound)
     plan = judge_batches(max(steps, 1), judge_fraction) if judge_fraction > 0 else [False]
-    tasks = judge_examples(prompts, sum(plan) * batch_size, seed) if any(plan) and judge_examples else []
+    wanted = min(sum(plan) * batch_size, JUDGE_POOL)
+    tasks = judge_examples(prompts, wanted, seed) if any(plan) and judge_examples else []
     judge = _endless(tasks, rng) if tasks else None
     pad = getattr(tokenizer, "pad_token_id", 0) or 0
     for j in range(10**12):

@@ -17,7 +17,7 @@ from spark_mcore.spark.templates import corpus_texts, get_template
 from spark_mcore.spark.text import show_response
 from spark_mcore.spark.warmstart_data import KINDS, build_task, judge_sft_examples
 from spark_mcore.trainer.config import WarmStartConfig
-from spark_mcore.trainer.warmstart import judge_batches, sft_batches
+from spark_mcore.trainer.warmstart import JUDGE_POOL, judge_batches, sft_batches
 from spark_mcore.types import Prompt
 
 MATH = get_verifier("math")
@@ -177,6 +177,24 @@ def test_sft_batches_alternate_solution_and_task_batches_with_the_loss_on_target
             assert len(ids) < sum(t != (tok.pad_token_id or 0) for t in row)  # the prompt is not in the loss
             seen_judge += [text] if kind != "policy" else []
     assert sorted(seen_judge) == sorted(judge_targets)
+
+
+def test_a_long_warm_start_builds_at_most_the_pool_of_reward_tasks_and_reuses_them() -> None:
+    tok = build_tokenizer(None, corpus_texts())
+    prompts = arith_problems([1], "train", 40, seed=0)
+    asked: list[int] = []
+
+    def few(source: list, count: int, seed: int) -> list:
+        asked.append(count)
+        return judge_sft_examples(source, 6, seed)  # a pool smaller than one pass of the plan
+
+    batches = sft_batches(prompts, tok, lambda p: encode_prompt(tok, p), batch_size=4, seed=0,
+                          judge_fraction=0.5, steps=10**6, judge_examples=few)
+    rows = [next(batches) for _ in range(8)]
+    assert asked == [JUDGE_POOL]  # not 0.5 * 10**6 * 4 = 2M examples built before step 1
+    targets = [tok.decode(ids) for b in rows if b.kinds[0] != "policy"
+               for ids in (r[m > 0][:-1] for r, m in zip(b.tokens, b.loss_mask, strict=True))]
+    assert len(targets) == 16 and set(targets) == {t for _, t in judge_sft_examples(prompts, 6, 0)}
 
 
 def test_judge_fraction_is_validated() -> None:
