@@ -22,11 +22,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 bash examples/countdown_warm_start.sh "$WARM_START"
 TOKENIZER=$(realpath -m "$WARM_START/tokenizer")  # a link countdown_warm_start.sh makes; resolved: part of the cache key
-[[ -f $WARM_START/ws11b/hf/config.json && -d $TOKENIZER ]] || {
+[[ -f $WARM_START/ws13/hf/config.json && -d $TOKENIZER ]] || {
     echo "error: no warm start in $WARM_START (run examples/countdown_warm_start.sh and read its logs)" >&2; exit 1; }
 COMPARE=(python tools/compare_spark_grpo.py --task countdown --config examples/configs/compare_countdown_room.yaml
          --shared-warm-start --eval-prompts 0 --sft-set warmstart.steps=0
-         --sft-set "model.hf_path=$WARM_START/ws11b/hf" --sft-set "data.tokenizer=$TOKENIZER"
+         --sft-set "model.hf_path=$WARM_START/ws13/hf" --sft-set "data.tokenizer=$TOKENIZER"
          --rl-set spark.judge_check_weight=0.8 --rl-set spark.reward_n=16 --rl-set spark.reward_kl_coef=0.5
          --out "$OUT" "$@")
 mkdir -p "$OUT"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The countdown warm start that issue 15's comparison starts from (ws11b, docs/spark_in_miniature.md,
-# rounds seven to eleven), in one command, on a CPU:
+# The countdown warm start that issue 15's comparison starts from (ws13, docs/spark_in_miniature.md,
+# rounds seven to thirteen), in one command, on a CPU:
 #
 #   bash examples/countdown_warm_start.sh [OUT]        # OUT defaults to runs/countdown_warm_start
 #
@@ -11,9 +11,15 @@
 #   ws9      +300 steps, the same mixture                   (round nine)
 #   ws9b     +300 steps, a half of the drill rows compare numbers digit by digit
 #   ws9c     +400 steps, judge batches 50 %, drill 70 %, comparison rows 80 %
-#   ws11b    +200 steps, a fifth of the judge-batch rows (a tenth of all rows) are reflection tasks
+#   ws13a    +300 steps, as ws9c with the comparison rows over countdown's own range (targets 1..30)
+#   ws13b    +300 steps, every drill row a comparison over that range, drill 80 %
+#   ws13     +200 steps, a fifth of the judge-batch rows (a tenth of all rows) are reflection tasks
+# (Round eleven's last stage, ws11b, was ws13's 200 steps straight from ws9c, comparisons over
+# 1..99: its judge came out at 95 % in one chain and at 67 % when rebuilt, round twelve; ws13a and
+# ws13b drill the comparisons that a check of a countdown answer makes; see
+# `tools/diagnose_countdown.py --parts be`.)
 # A stage whose export exists is kept, so a stopped chain resumes at the stage it was in.
-# About 90 min on an otherwise idle 2-core machine (one OpenMP thread per run, as the comparison).
+# About 110 min on an otherwise idle 2-core machine (one OpenMP thread per run, as the comparison).
 # examples/countdown_compare.sh runs the comparison from it (and runs this script first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,8 +68,12 @@ stage ws9b "$OUT/ws9" 300 warmstart.judge_fraction=0.6 warmstart.judge_file_shar
     warmstart.drill_compare=0.5
 stage ws9c "$OUT/ws9b" 400 warmstart.judge_fraction=0.5 warmstart.judge_file_share=1.0 warmstart.drill_share=0.7 \
     warmstart.drill_compare=0.8
-stage ws11b "$OUT/ws9c" 200 warmstart.judge_fraction=0.5 warmstart.judge_file_share=0.8 warmstart.drill_share=0.7 \
-    warmstart.drill_compare=0.8 'warmstart.judge_kinds=[reflection]'
+stage ws13a "$OUT/ws9c" 300 warmstart.judge_fraction=0.5 warmstart.judge_file_share=1.0 warmstart.drill_share=0.7 \
+    warmstart.drill_compare=0.8 warmstart.drill_compare_bound=30
+stage ws13b "$OUT/ws13a" 300 warmstart.judge_fraction=0.5 warmstart.judge_file_share=1.0 warmstart.drill_share=0.8 \
+    warmstart.drill_compare=1.0 warmstart.drill_compare_bound=30
+stage ws13 "$OUT/ws13b" 200 warmstart.judge_fraction=0.5 warmstart.judge_file_share=0.8 warmstart.drill_share=0.7 \
+    warmstart.drill_compare=0.8 warmstart.drill_compare_bound=30 'warmstart.judge_kinds=[reflection]'
 
-echo "== done ($(date +%H:%M:%S)): the warm start is $OUT/ws11b/hf, its tokenizer $TOKENIZER"
+echo "== done ($(date +%H:%M:%S)): the warm start is $OUT/ws13/hf, its tokenizer $TOKENIZER"
 echo "GRPO-only vs SPARK from it: WARM_START=$OUT bash examples/countdown_compare.sh"

@@ -35,10 +35,12 @@ def stage_settings() -> dict[str, list[str]]:
 
 def test_every_stage_setting_is_a_valid_config_override() -> None:
     stages = stage_settings()
-    assert list(stages) == ["drill06", "ws9", "ws9b", "ws9c", "ws11b"]
+    assert list(stages) == ["drill06", "ws9", "ws9b", "ws9c", "ws13a", "ws13b", "ws13"]
     config = REPO / "examples" / "configs" / "compare_countdown_room.yaml"
     for name, sets in stages.items():
         cfg = load_run_config(config, [*sets, "warmstart.judge_file=own.jsonl"])
         assert cfg.warmstart.steps == int(sets[0].split("=")[1]), name
-    last = load_run_config(config, stages["ws11b"])
+    last = load_run_config(config, stages["ws13"])
     assert last.warmstart.judge_kinds == ["reflection"] and last.warmstart.judge_file_share == 0.8
+    # from ws13a on, the comparison drill covers countdown's targets (round thirteen)
+    assert all(load_run_config(config, stages[s]).warmstart.drill_compare_bound == 30 for s in ("ws13a", "ws13b", "ws13"))
