@@ -2,7 +2,8 @@
 
     python tools/diagnose_countdown.py --model DIR/hf --judge-set DIR/judgeset-KEY \
         [--config examples/configs/compare_countdown_room.yaml] [--set key=value ...] \
-        [--samples 8] [--train-prompts 160] [--out diag.json]
+        [--samples 8] [--train-prompts 160] [--parts abcde] [--compare-rows 60] [--compare-bound 30] \
+        [--out diag.json]
 
   a. policy errors: `--samples` answers per held-out prompt at the rollout temperature, each
      wrong one classified by cause (`spark_mcore.eval.countdown_errors.answer_error`);
