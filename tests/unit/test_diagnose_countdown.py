@@ -64,3 +64,39 @@ def test_reflection_tasks_and_their_stats_count_verdict_answers_as_unsolved() ->
     n = 2 * len(tasks)
     assert stats["tasks"] == len(tasks) and stats["responses"] == n and stats["solved_tasks"] == 1
     assert stats["reward_mean"] == round(1 / n, 3) and stats["ends_in_verdict"] == round((n - 1) / n, 3)
+
+
+def test_drill_compare_scores_each_comparison_sentence_against_the_reference(monkeypatch) -> None:
+    """Part e: a reply that flips the word of one `differ` comparison per row, and drops the
+    last sentence of every other row, is scored sentence by sentence."""
+    from types import SimpleNamespace
+
+    import spark_mcore.spark.judging as judging
+    from spark_mcore.data.drill import compare_examples
+    from spark_mcore.rewards.countdown_trace import compare_text
+
+    refs = [ref for _, ref in compare_examples(10, tool._PROBE_SEED, compare_text, bound=30)]
+
+    def reply(ref: str, n: int) -> str:
+        sentences = tool._SENTENCE.findall(ref)
+        flip = next((i for i, s in enumerate(sentences) if s.endswith("differ.") and "digits" not in s), None)
+        if flip is not None:
+            sentences[flip] = sentences[flip].removesuffix("differ.") + "same."
+        return " ".join(sentences if n % 2 else sentences[:-1])
+
+    monkeypatch.setattr(judging, "greedy_params", lambda params: params)
+    monkeypatch.setattr(judging, "generate_texts", lambda engine, encode, prompts, params: [
+        reply(r, n) for n, r in enumerate(refs)])
+    model = SimpleNamespace(engine=None, encode=None, params=lambda max_new: None)
+    got = tool.drill_compare(model, rows=10, bound=30, max_new=64)
+    sentences = [tool._SENTENCE.findall(r) for r in refs]
+    flipped = sum(any(s.endswith("differ.") and "digits" not in s for s in ss) for ss in sentences)
+    dropped = sum(1 for n, ss in enumerate(sentences) if n % 2 == 0)
+    flipped_last_dropped = sum(1 for n, ss in enumerate(sentences) if n % 2 == 0 and
+                               [i for i, s in enumerate(ss) if s.endswith("differ.") and "digits" not in s][:1] ==
+                               [len(ss) - 1])
+    wrong = flipped + dropped - flipped_last_dropped
+    assert got["comparisons"] == 30 and got["bound"] == 30
+    assert got["right"] == round((30 - wrong) / 30, 3)
+    assert got["digits_right_word_wrong"] == round((flipped - flipped_last_dropped) / 30, 3)
+    assert flipped > 0 and got["right_by_truth"]["differ"] < 1.0
