@@ -21,9 +21,9 @@
      (`\\boxed{Yes|No|A|B}`) instead of an answer;
   e. drill comparisons: `--compare-rows` fresh comparison drill rows (`Compare: 27 vs 18, ...`,
      targets up to `--compare-bound`, `data.drill.compare_examples` with a seed that no warm
-     start uses), greedy; the share of comparison
-     sentences written exactly as the reference check writes them, split by the true outcome,
-     and the share whose digit pairs are right but whose word (`same`/`differ`) is wrong. This
+     start uses), greedy; the share of comparison sentences written exactly as the reference
+     check writes them, split by the true outcome, and the share whose digit pairs are right
+     but whose word (`same`/`differ`) is wrong. This
      is the skill whose absence made the rebuilt warm start's judge fail (round twelve), and
      what `examples/countdown_warm_start.sh`'s stages ws13a and ws13b drill (round thirteen).
 Prints one JSON summary (and writes it to `--out`).

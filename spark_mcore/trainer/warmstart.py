@@ -27,7 +27,7 @@ JudgeExamples = Callable[[list[Prompt], int, int], list[Example]]
 DRILL_POOL = 20000  # drill rows drawn per run (more than a warm start uses; reshuffled after)
 # Reward-task examples built per run, at most: building is the slow part of a long warm start
 # (a 100k-step run would build ~1M before step 1); past the pool they repeat, reshuffled.
-# Every config in the repo plans fewer (<= ~16k), so their batches are unchanged by the cap.
+# Every config and script stage in the repo plans fewer (<= ~12k), so the cap leaves them unchanged.
 JUDGE_POOL = 20000
 LOSS_WINDOW = 50  # batches of each kind in the running means of the loss
 
