@@ -7,7 +7,8 @@
 #
 # 1. the warm start (examples/countdown_warm_start.sh: kept when it is there already);
 # 2. its evaluation and the shared judge set (`--warm-start-only`, one process);
-# 3. every seed as its own process, in parallel (their logs: OUT/seedS.log);
+# 3. every seed as its own process, in parallel (their logs: OUT/seedS.log), PARALLEL at a time
+#    (default: MemAvailable / 7 GB, at least 1);
 # 4. the table of all seeds (`--report-only`): OUT/results.md and OUT/results.json.
 # SPARK's settings are those of the eleventh round; options given after OUT come last and win
 # (e.g. --arms spark, --rl-set spark.reflection_per_prompt=1.0). Stopping this script (Ctrl-C,
@@ -34,20 +35,31 @@ echo "== the warm start's evaluation and judge set ($(date +%H:%M:%S)); log $OUT
 "${COMPARE[@]}" --seeds "${SEED_LIST[0]}" --warm-start-only > "$OUT/warm_start.log" 2>&1 || {
     tail -n 20 "$OUT/warm_start.log" >&2; exit 1; }
 
+# A SPARK trainer here holds 4-7 GB: in round twelve four of them beside the CI suite passed the
+# 24 GB and one was OOM-killed. So seeds run in waves of PARALLEL (default: what MemAvailable holds).
+PER_SEED_GB=7
+avail_gb=$(awk '/^MemAvailable:/ {print int($2 / 1048576)}' /proc/meminfo 2> /dev/null || echo 0)
+PARALLEL=${PARALLEL:-$(( avail_gb / PER_SEED_GB > 1 ? avail_gb / PER_SEED_GB : 1 ))}
+[[ $PARALLEL =~ ^[1-9][0-9]*$ ]] || { echo "error: PARALLEL must be a positive integer, got '$PARALLEL'" >&2; exit 1; }
 PIDS=()
 stop_seeds() { for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2> /dev/null || true; done; }
 trap 'stop_seeds; exit 130' INT TERM
-echo "== seeds ${SEED_LIST[*]} as parallel processes ($(date +%H:%M:%S)); logs $OUT/seed<S>.log"
-for seed in "${SEED_LIST[@]}"; do
-    "${COMPARE[@]}" --seeds "$seed" > "$OUT/seed$seed.log" 2>&1 &
-    PIDS+=($!)
-done
 failed=0
-for i in "${!PIDS[@]}"; do
-    if ! wait "${PIDS[$i]}"; then
-        echo "error: seed ${SEED_LIST[$i]} failed; its log is $OUT/seed${SEED_LIST[$i]}.log" >&2
-        failed=1
-    fi
+for (( first = 0; first < ${#SEED_LIST[@]}; first += PARALLEL )); do
+    WAVE=("${SEED_LIST[@]:first:PARALLEL}")
+    echo "== seeds ${WAVE[*]} as parallel processes, $PARALLEL at most (${avail_gb} GB available at the start;" \
+         "$(date +%H:%M:%S)); logs $OUT/seed<S>.log"
+    PIDS=()
+    for seed in "${WAVE[@]}"; do
+        "${COMPARE[@]}" --seeds "$seed" > "$OUT/seed$seed.log" 2>&1 &
+        PIDS+=($!)
+    done
+    for i in "${!PIDS[@]}"; do
+        if ! wait "${PIDS[$i]}"; then
+            echo "error: seed ${WAVE[$i]} failed; its log is $OUT/seed${WAVE[$i]}.log" >&2
+            failed=1
+        fi
+    done
 done
 trap - INT TERM
 (( failed == 0 )) || exit 1
