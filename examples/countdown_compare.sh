@@ -10,8 +10,9 @@
 # 3. every seed as its own process, in parallel (their logs: OUT/seedS.log), PARALLEL at a time
 #    (default: MemAvailable / 7 GB, at least 1);
 # 4. the table of all seeds (`--report-only`): OUT/results.md and OUT/results.json.
-# SPARK's settings are those of the eleventh round; options given after OUT come last and win
-# (e.g. --arms spark, --rl-set spark.reflection_per_prompt=1.0). Stopping this script (Ctrl-C,
+# SPARK's settings are those of the thirteenth round (round eleven's, with one reflection task per
+# policy group, spark.reflection_per_prompt=1.0); options given after OUT come last and win
+# (e.g. --arms spark, --rl-set spark.reward_n=8). Stopping this script (Ctrl-C,
 # SIGTERM) stops the seed processes it started, and their training runs with them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,7 @@ COMPARE=(python tools/compare_spark_grpo.py --task countdown --config examples/c
          --shared-warm-start --eval-prompts 0 --sft-set warmstart.steps=0
          --sft-set "model.hf_path=$WARM_START/ws13/hf" --sft-set "data.tokenizer=$TOKENIZER"
          --rl-set spark.judge_check_weight=0.8 --rl-set spark.reward_n=16 --rl-set spark.reward_kl_coef=0.5
+         --rl-set spark.reflection_per_prompt=1.0
          --out "$OUT" "$@")
 mkdir -p "$OUT"
 echo "== the warm start's evaluation and judge set ($(date +%H:%M:%S)); log $OUT/warm_start.log"
