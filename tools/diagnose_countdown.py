@@ -198,6 +198,10 @@ def verdict_stats(groups: list[Any], max_new: int) -> dict[str, Any]:
             "pointwise_label_matches_reference_check": dict(consistent)}
 
 
+_PROBE_SEED = 12345  # compare_examples' seed for (e); the warm start's drill rows use the run's seeds
+_SENTENCE = re.compile(r"\S+ vs \d+:[^.]*\.")
+
+
 def drill_compare(model: Any, rows: int, bound: int, max_new: int) -> dict[str, Any]:
     """(e): greedy answers to fresh comparison drill rows, sentence by sentence against the reference."""
     from spark_mcore.data.drill import compare_examples
@@ -220,10 +224,6 @@ def drill_compare(model: Any, rows: int, bound: int, max_new: int) -> dict[str, 
             "right_by_truth": {k: round(right[k] / v, 3) for k, v in total.items()},
             "digits_right_word_wrong": round(word_only / max(count, 1), 3),
             "examples": [{"ref": r, "out": o} for (_, r), o in list(zip(examples, outs, strict=True))[:4]]}
-
-
-_PROBE_SEED = 12345  # compare_examples' seed for (e); the warm start's drill rows use the run's seeds
-_SENTENCE = re.compile(r"\S+ vs \d+:[^.]*\.")
 
 
 def main(argv: list[str] | None = None) -> int:

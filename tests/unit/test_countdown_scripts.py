@@ -5,6 +5,8 @@ here in a second instead of an hour into the chain), and the comparison runs its
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import subprocess
@@ -77,16 +79,12 @@ def _fake_repo(tmp_path: Path) -> Path:
 
 
 def _run_compare(repo: Path, **env: str) -> subprocess.CompletedProcess:
-    import os
-
     return subprocess.run(["bash", str(repo / "examples" / "countdown_compare.sh"), str(repo / "out")],
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "WARM_START": str(repo / "ws"), **env})
 
 
 def test_the_comparison_runs_its_seeds_in_waves_of_parallel(tmp_path: Path) -> None:
-    import json
-
     repo = _fake_repo(tmp_path)
     done = _run_compare(repo, SEEDS="0 1 2 3 4", PARALLEL="2")
     assert done.returncode == 0, done.stderr
