@@ -130,7 +130,7 @@ def run_worker(connect: str, cfg: RunConfig, name: str | None = None, capacity: 
             signal.signal(sig, lambda *_: stop.set())
     client = WorkerClient(connect, name, capacity or cfg.transport.credits_per_worker, cfg.transport.heartbeat_s,
                           cfg.transport.curve_public_key, cfg.transport.high_water_mark, cfg.transport.max_message_bytes,
-                          cfg.transport.batch_max_results, cfg.transport.batch_max_bytes)
+                          cfg.transport.batch_max_results, cfg.transport.batch_max_bytes, cfg.transport.batch_alone_bytes)
     todo: queue.Queue[tuple[list[WorkItem], int] | None] = queue.Queue()
     done: queue.Queue[list[WorkResult] | BaseException] = queue.Queue()
     gen: list[_Generator] = []

@@ -10,8 +10,9 @@ is this process.
              credits, acknowledgements, re-send bookkeeping, and on the trainer side full
              validation of every result (`decode_arrays` + `decode_result(s)`) into arrays.
              The groups of one assignment are ready together, so the worker coalesces them
-             as it would in a run (transport defaults: up to 32 results and ~1 MiB per
-             `results` message: about 11 groups at 1k tokens, one at 8k).
+             as it would in a run (transport defaults: up to 32 results and ~4 MiB per
+             `results` message, a result of 512 KiB or more alone: 32 groups per message at
+             1k tokens, one at 8k).
   push/pull  the producer sends the same frames over PUSH; the consumer only receives them and
              drops them (as the stream's consumer drops each group once validated; the
              producer reports its send times itself, so no message is parsed or kept).
@@ -102,7 +103,7 @@ def produce_stream(endpoint: str, tokens: int, messages: int) -> tuple[None, flo
             res.sample_id, res.gen_s = item.sample_id, time.monotonic()  # gen_s: when the group was ready
             parts.append((item.sample_id, result_meta(res, client.incarnation), tensors))
         if parts:
-            client.send_parts(parts)  # (the transport's defaults: up to 32 results / ~1 MiB per message)
+            client.send_parts(parts)  # (with the transport's default batch caps)
     client.close()
     return None, time.process_time() - cpu0
 

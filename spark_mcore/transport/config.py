@@ -33,6 +33,11 @@ class StreamConfig:
         in one `results` message of at most this many results and (about) this many bytes; it
         never waits for more. 1 = one message per result. A message never exceeds
         max_message_bytes (a larger batch is split).
+    batch_alone_bytes: a result of at least this many bytes goes in a message of its own (its
+        frames zero-copy). Coalescing saves each message's fixed cost at both ends but copies
+        the members' arrays once, which pays only while results are small (tools/bench_stream.py:
+        8 x 1k-token groups, 91 kB, gain ~0.1x of the baseline with 32 per message against 11;
+        8 x 8k-token groups, 0.72 MB, lose ~0.2x when five share a message).
     high_water_mark: ZeroMQ queue bound in messages per peer.
     max_token_id: results with token ids at or above this are rejected (0 = no check).
     """
@@ -49,11 +54,13 @@ class StreamConfig:
     high_water_mark: int = 256
     max_token_id: int = 0
     batch_max_results: int = 32
-    batch_max_bytes: int = 1024 * 1024
+    batch_max_bytes: int = 4 * 1024 * 1024
+    batch_alone_bytes: int = 512 * 1024
 
     def __post_init__(self) -> None:
         check_bind_address(self.bind, self.allow_all_interfaces)
-        for name in ("credits_per_worker", "high_water_mark", "max_message_bytes", "batch_max_results", "batch_max_bytes"):
+        for name in ("credits_per_worker", "high_water_mark", "max_message_bytes", "batch_max_results", "batch_max_bytes",
+                     "batch_alone_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"transport.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("worker_timeout_s", "stall_timeout_s", "heartbeat_s"):

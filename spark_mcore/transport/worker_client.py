@@ -5,7 +5,8 @@ Delivery: a result stays in `unacked` until an `ack` names it. When the trainer 
 new session (it restarted) or the connection moved, every unacknowledged result is sent again;
 the trainer keeps the first copy of each sample id. Results handed over together (`send_results`,
 `send_parts`) go out in `results` messages of at most `batch_max_results` results and about
-`batch_max_bytes` (never more than `max_message_bytes`); nothing waits for a batch to fill. Heartbeats report what the worker holds, so
+`batch_max_bytes` (never more than `max_message_bytes`); one of `batch_alone_bytes` or more goes
+alone (see StreamConfig); nothing waits for a batch to fill. Heartbeats report what the worker holds, so
 the trainer can re-issue prompts whose assignment was lost with a connection.
 Not thread-safe: one thread calls `poll` / `send_result` (ZeroMQ sockets are single-threaded).
 """
@@ -22,6 +23,7 @@ from typing import Any
 import zmq
 
 from spark_mcore.transport.batch import encode_results
+from spark_mcore.transport.config import StreamConfig
 from spark_mcore.transport.protocol import (
     ACK,
     ASSIGN,
@@ -52,16 +54,20 @@ class WorkerClient:
 
     def __init__(self, connect: str, worker: str | None = None, capacity: int = 8, heartbeat_s: float = 1.0,
                  server_public_key: str = "", high_water_mark: int = 256, max_message_bytes: int = 64 << 20,
-                 batch_max_results: int = 32, batch_max_bytes: int = 1 << 20) -> None:
+                 batch_max_results: int = StreamConfig.batch_max_results,
+                 batch_max_bytes: int = StreamConfig.batch_max_bytes,
+                 batch_alone_bytes: int = StreamConfig.batch_alone_bytes) -> None:
         if not isinstance(connect, str) or not connect.startswith(("tcp://", "ipc://", "inproc://")):
             raise ValueError(f"--connect: expected the trainer's address like tcp://127.0.0.1:5555, got {connect!r}")
         if capacity < 1:
             raise ValueError(f"capacity: must be >= 1, got {capacity}")
-        if not 1 <= batch_max_results <= 256 or batch_max_bytes < 1:
-            raise ValueError(f"batch_max_results: 1..256, batch_max_bytes: >= 1; got {batch_max_results}, {batch_max_bytes}")
+        if not 1 <= batch_max_results <= 256 or batch_max_bytes < 1 or batch_alone_bytes < 1:
+            raise ValueError(f"batch_max_results: 1..256, batch_max_bytes and batch_alone_bytes: >= 1; got "
+                             f"{batch_max_results}, {batch_max_bytes}, {batch_alone_bytes}")
         self.connect = connect
         self.batch_max_results = batch_max_results
         self.batch_max_bytes = min(batch_max_bytes, max_message_bytes)
+        self.batch_alone_bytes = batch_alone_bytes
         self.max_message_bytes = max_message_bytes
         self.worker = worker or f"worker-{os.getpid()}"
         self.incarnation = uuid.uuid4().hex[:12]
@@ -197,10 +203,14 @@ class WorkerClient:
         sent, batch, size = 0, [], 0
         for meta, tensors in parts:
             nbytes = sum(t.nbytes for t in tensors.values()) + _META_BYTES
-            if batch and (len(batch) >= self.batch_max_results or size + nbytes > self.batch_max_bytes
+            alone = nbytes >= self.batch_alone_bytes
+            if batch and (alone or len(batch) >= self.batch_max_results or size + nbytes > self.batch_max_bytes
                           or tensors.keys() != batch[0][1].keys()):
                 sent += self._send_batch(batch)
                 batch, size = [], 0
+            if alone:
+                sent += self._send_batch([(meta, tensors)])
+                continue
             batch.append((meta, tensors))
             size += nbytes
         return sent + (self._send_batch(batch) if batch else 0)

@@ -266,6 +266,23 @@ def test_worker_coalesces_within_its_caps_and_every_result_arrives_once(router: 
         client.close()
 
 
+def test_a_result_of_batch_alone_bytes_goes_alone_and_the_order_holds(router: zmq.Socket) -> None:
+    # (joining a large result's arrays costs more than the message it saves: it travels zero-copy)
+    client = WorkerClient(router.getsockopt(zmq.LAST_ENDPOINT).decode(), "w", batch_max_results=8,
+                          batch_max_bytes=1 << 20, batch_alone_bytes=10_000, max_message_bytes=1 << 20)
+    try:
+        small = [_result(f"a{i}") for i in range(4)]
+        big = _result("b0", tokens=1000)  # ~16 kB of tensors
+        client.send_results(small[:2] + [big] + small[2:])
+        seen, sizes = _received_ids(router, 5)
+        assert seen == ["a0", "a1", "b0", "a2", "a3"], "in order, each once"
+        assert sizes == [2, 1, 2], "the small ones before and after it still share messages"
+    finally:
+        client.close()
+    with pytest.raises(ConfigError, match="batch_alone_bytes"):
+        StreamConfig(batch_alone_bytes=0)
+
+
 def test_a_batch_never_exceeds_max_message_bytes(router: zmq.Socket) -> None:
     # texts far longer than the estimate expects (4-byte characters): the encoded batch is split
     results = [_result(f"t{i}") for i in range(4)]
