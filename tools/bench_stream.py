@@ -11,21 +11,24 @@ is this process.
              validation of every result (`decode_arrays` + `decode_result(s)`) into arrays.
              The groups of one assignment are ready together, so the worker coalesces them
              as it would in a run (transport defaults: up to 32 results and ~4 MiB per
-             `results` message, a result of 512 KiB or more alone: 32 groups per message at
-             1k tokens, one at 8k).
+             `results` message: 32 groups per message at 1k tokens, 5 at 8k).
   push/pull  the producer sends the same frames over PUSH; the consumer only receives them and
              drops them (as the stream's consumer drops each group once validated; the
              producer reports its send times itself, so no message is parsed or kept).
-Both producers start from the group's arrays (the list -> array conversion of engine output
-and the consumer's tensor -> list conversion into records are reported separately: they cost
-the same whatever the transport). Latency is send -> accepted (CLOCK_MONOTONIC, system-wide),
-per message; the rate is groups over first send -> last arrival.
+Both producers start from arrays built once before the clock (the list -> array conversion of
+engine output and the consumer's tensor -> list conversion into records are reported
+separately: they cost the same whatever the transport): PUSH/PULL from one group's, the stream
+from a window of groups converted at once, as `WorkerClient.send_results` converts the groups
+that finished together (`protocol.results_tensors`: each column end to end, so a `results`
+message of them is sent without copying its members' arrays again). Latency is send ->
+accepted (CLOCK_MONOTONIC, system-wide), per message; the rate is groups over first send ->
+last arrival.
 Every process collects its garbage once before its clock starts: a fresh process's first full
 collection (~0.1 s with torch imported) comes after so many allocations that it would land in
 whichever side's run allocates more Python objects, a start-up cost a long-running worker or
 trainer pays once.
 Each row also gives the CPU ms per group of producer and consumer (all their threads; the
-producer's clock starts once its test group is built, which is not part of either stream): on a
+producer's clock starts once its test arrays are built, which is not part of either stream): on a
 shared machine the rate moves with other jobs, the CPU cost hardly does.
 Prints one row per run, a summary per size, and as the last line the median ratio
 (stream / push-pull groups per second) over all runs.
@@ -56,6 +59,7 @@ from spark_mcore.transport.protocol import (  # noqa: E402
     WorkResult,
     result_meta,
     result_tensors,
+    results_tensors,
 )
 from spark_mcore.transport.wire import encode  # noqa: E402
 from spark_mcore.types import Completion, Prompt  # noqa: E402
@@ -94,14 +98,16 @@ def produce_stream(endpoint: str, tokens: int, messages: int) -> tuple[None, flo
     from spark_mcore.transport.worker_client import WorkerClient
 
     res = group(tokens)
-    tensors = result_tensors(res)
+    # the arrays of a window of groups converted at once, as `WorkerClient.send_results` converts
+    # the groups that finished together (end to end: a `results` message of them needs no copy)
+    window = results_tensors([res] * WINDOW)
     cpu0 = _settled_cpu()
     client = WorkerClient(endpoint, "bench", capacity=WINDOW, heartbeat_s=1.0, max_message_bytes=1 << 30)
     while not client.trainer_done:
         parts = []
-        for item in client.poll(5):  # every assigned item is ready at once (no engine here)
+        for j, item in enumerate(client.poll(5)):  # every assigned item is ready at once (no engine here)
             res.sample_id, res.gen_s = item.sample_id, time.monotonic()  # gen_s: when the group was ready
-            parts.append((item.sample_id, result_meta(res, client.incarnation), tensors))
+            parts.append((item.sample_id, result_meta(res, client.incarnation), window[j % WINDOW]))
         if parts:
             client.send_parts(parts)  # (with the transport's default batch caps)
     client.close()

@@ -67,8 +67,26 @@ Part = tuple[dict[str, Any], dict[str, torch.Tensor]]
 _SERIAL_ELEMENTS = 32768
 
 
+def span(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The 1-D tensors as one view when they already lie end to end in one buffer, in this order
+    (`protocol.results_tensors` makes them so); None when joining them needs a copy."""
+    first = tensors[0]
+    storage, start = first.untyped_storage().data_ptr(), first.storage_offset()
+    offset = start
+    for t in tensors:
+        if (t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset or t.dim() != 1
+                or (t.numel() > 1 and t.stride(0) != 1)):
+            return None
+        offset += t.numel()
+    return first.as_strided((offset - start,), (1,), start)
+
+
 def _join(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The 1-D tensors end to end (`torch.cat`), never on torch's thread pool."""
+    """The 1-D tensors end to end: a view when they already are (`span`), else one copy
+    (`torch.cat`), never on torch's thread pool."""
+    joined = span(tensors)
+    if joined is not None:
+        return joined
     if max(t.numel() for t in tensors) <= _SERIAL_ELEMENTS:
         return torch.cat(tensors)
     out = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype)
@@ -79,7 +97,8 @@ def _join(tensors: list[torch.Tensor]) -> torch.Tensor:
 def encode_results(parts: list[Part]) -> list[Any]:
     """Frames of one message for results that are ready together: (`protocol.result_meta`,
     `protocol.result_tensors`) pairs of one worker incarnation. One pair is a plain `result`
-    message (zero-copy); more are a `results` message (one copy of the arrays)."""
+    message (zero-copy); more are a `results` message, zero-copy when the members' arrays lie end
+    to end (`protocol.results_tensors`), else with one copy of them."""
     if not parts:
         raise WireError("results: nothing to encode")
     if len(parts) == 1:
@@ -188,4 +207,4 @@ def _member(m: dict[str, Any], bulk: _Bulk, max_token_id: int, sound: bool, asci
     return _finish(m, bulk, ascii_only)
 
 
-__all__ = ["encode_results", "decode_results", "PER_RESULT", "PER_RESPONSE"]
+__all__ = ["encode_results", "decode_results", "span", "PER_RESULT", "PER_RESPONSE"]

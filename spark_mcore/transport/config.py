@@ -33,11 +33,12 @@ class StreamConfig:
         in one `results` message of at most this many results and (about) this many bytes; it
         never waits for more. 1 = one message per result. A message never exceeds
         max_message_bytes (a larger batch is split).
-    batch_alone_bytes: a result of at least this many bytes goes in a message of its own (its
-        frames zero-copy). Coalescing saves each message's fixed cost at both ends but copies
-        the members' arrays once, which pays only while results are small (tools/bench_stream.py:
-        8 x 1k-token groups, 91 kB, gain ~0.1x of the baseline with 32 per message against 11;
-        8 x 8k-token groups, 0.72 MB, lose ~0.2x when five share a message).
+    batch_alone_bytes: a result of at least this many bytes shares a message only when no copy is
+        needed to join it: its arrays lie end to end with the others' (`WorkerClient.send_results`
+        converts the results that are ready together that way); otherwise it goes alone. Joining
+        saves each message's fixed cost at both ends; copying pays for that only while results
+        are small (tools/bench_stream.py, 8 x 8k-token groups of 0.72 MB: five per message with
+        a copy lost ~0.2x of the baseline's rate, without one they gain).
     high_water_mark: ZeroMQ queue bound in messages per peer.
     max_token_id: results with token ids at or above this are rejected (0 = no check).
     """

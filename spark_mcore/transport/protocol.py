@@ -154,18 +154,52 @@ def wire_logprobs(lp: np.ndarray) -> np.ndarray:
     return lp
 
 
+def _flat(lists: list[list[Any]], dtype: type) -> np.ndarray:
+    return np.concatenate([np.asarray(x, dtype=dtype) for x in lists]) if lists else np.zeros(0, dtype=dtype)
+
+
+def _has_logprobs(res: WorkResult) -> bool:
+    return bool(res.completions) and all(c.logprobs is not None for c in res.completions)
+
+
+def _text_tensor(text: str) -> torch.Tensor:
+    buf = bytearray(text, "utf-8", _UTF8_ERRORS)  # (writable: no torch warning)
+    return torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.zeros(0, dtype=torch.uint8)
+
+
 def result_tensors(res: WorkResult) -> dict[str, torch.Tensor]:
     """The raw frames of a result: prompt ids, all responses' token ids, log-probs and texts, flat."""
-    def flat(lists: list[list[Any]], dtype: type) -> np.ndarray:
-        return np.concatenate([np.asarray(x, dtype=dtype) for x in lists]) if lists else np.zeros(0, dtype=dtype)
-
     tensors = {"prompt_ids": torch.from_numpy(np.asarray(res.prompt_ids, dtype=np.int32)),
-               "token_ids": torch.from_numpy(flat([c.token_ids for c in res.completions], np.int32))}
-    if res.completions and all(c.logprobs is not None for c in res.completions):
-        tensors["logprobs"] = torch.from_numpy(wire_logprobs(flat([c.logprobs for c in res.completions], np.float32)))
-    text = bytearray("".join(c.text for c in res.completions), "utf-8", _UTF8_ERRORS)  # (writable: no torch warning)
-    tensors["texts"] = torch.frombuffer(text, dtype=torch.uint8) if text else torch.zeros(0, dtype=torch.uint8)
+               "token_ids": torch.from_numpy(_flat([c.token_ids for c in res.completions], np.int32))}
+    if _has_logprobs(res):
+        tensors["logprobs"] = torch.from_numpy(wire_logprobs(_flat([c.logprobs for c in res.completions], np.float32)))
+    tensors["texts"] = _text_tensor("".join(c.text for c in res.completions))
     return tensors
+
+
+def results_tensors(results: list[WorkResult]) -> list[dict[str, torch.Tensor]]:
+    """`result_tensors` of results that are ready together, each column converted once for all of
+    them: every result's tensors are views of one buffer per column, end to end in this order, so
+    that `batch.encode_results` sends any run of them without copying their arrays again.
+    Results that differ in carrying log-probs are converted one by one."""
+    if len(results) < 2 or len({_has_logprobs(r) for r in results}) > 1:
+        return [result_tensors(r) for r in results]
+    comps = [c for r in results for c in r.completions]
+    tokens = [sum(len(c.token_ids) for c in r.completions) for r in results]
+    texts = ["".join(c.text for c in r.completions) for r in results]
+    columns = {"prompt_ids": (torch.from_numpy(_flat([r.prompt_ids for r in results], np.int32)),
+                              [len(r.prompt_ids) for r in results]),
+               "token_ids": (torch.from_numpy(_flat([c.token_ids for c in comps], np.int32)), tokens)}
+    if _has_logprobs(results[0]):
+        columns["logprobs"] = (torch.from_numpy(wire_logprobs(_flat([c.logprobs for c in comps], np.float32))), tokens)
+    columns["texts"] = (_text_tensor("".join(texts)), [_utf8_len(t) for t in texts])
+    out: list[dict[str, torch.Tensor]] = [{} for _ in results]
+    for name, (column, sizes) in columns.items():
+        start = 0
+        for tensors, size in zip(out, sizes, strict=True):
+            tensors[name] = column[start:start + size]
+            start += size
+    return out
 
 
 def _utf8_len(text: str) -> int:

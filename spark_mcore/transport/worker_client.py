@@ -5,8 +5,10 @@ Delivery: a result stays in `unacked` until an `ack` names it. When the trainer 
 new session (it restarted) or the connection moved, every unacknowledged result is sent again;
 the trainer keeps the first copy of each sample id. Results handed over together (`send_results`,
 `send_parts`) go out in `results` messages of at most `batch_max_results` results and about
-`batch_max_bytes` (never more than `max_message_bytes`); one of `batch_alone_bytes` or more goes
-alone (see StreamConfig); nothing waits for a batch to fill. Heartbeats report what the worker holds, so
+`batch_max_bytes` (never more than `max_message_bytes`); nothing waits for a batch to fill.
+`send_results` converts the results' arrays at once, end to end (`protocol.results_tensors`), so a
+batch of them is sent without another copy; results of `batch_alone_bytes` or more share a
+message only that way (see StreamConfig). Heartbeats report what the worker holds, so
 the trainer can re-issue prompts whose assignment was lost with a connection.
 Not thread-safe: one thread calls `poll` / `send_result` (ZeroMQ sockets are single-threaded).
 """
@@ -36,7 +38,7 @@ from spark_mcore.transport.protocol import (
     WorkResult,
     item_from_wire,
     result_meta,
-    result_tensors,
+    results_tensors,
 )
 from spark_mcore.transport.records import _int, _str
 from spark_mcore.transport.wire import WireError, decode, encode, readable, recv_frames, send_frames
@@ -44,6 +46,13 @@ from spark_mcore.transport.wire import WireError, decode, encode, readable, recv
 logger = logging.getLogger(__name__)
 _MAX_DRAIN = 1024  # messages handled per readiness check in `poll`
 _META_BYTES = 512  # a result's header (its texts are a tensor frame), for the batch size estimate
+
+
+def _follows(prev: dict[str, Any], cur: dict[str, Any]) -> bool:
+    """`cur`'s token ids start where `prev`'s end (`results_tensors`): then the batch's join is
+    most likely a view (`batch.span` checks every tensor and copies otherwise)."""
+    a, b = prev["token_ids"], cur["token_ids"]
+    return b.data_ptr() == a.data_ptr() + a.nbytes
 
 Part = tuple[dict[str, Any], dict[str, Any]]  # (result_meta, result_tensors) of one result
 
@@ -187,7 +196,8 @@ class WorkerClient:
     def send_results(self, results: list[WorkResult]) -> None:
         """`send_result` for results that are all ready now: they share messages (see the module
         docstring)."""
-        self.send_parts([(r.sample_id, result_meta(r, self.incarnation), result_tensors(r)) for r in results])
+        self.send_parts([(r.sample_id, result_meta(r, self.incarnation), t)
+                         for r, t in zip(results, results_tensors(results), strict=True)])
 
     def send_parts(self, parts: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> None:
         """`send_results` for results already split into (sample_id, `protocol.result_meta` with
@@ -201,18 +211,21 @@ class WorkerClient:
         """Sends `parts` in order, in as few messages as the caps allow; returns how many of the
         results went out (a full queue drops a message: the re-send after a reconnect covers it)."""
         sent, batch, size = 0, [], 0
+        large = chain = False  # the batch holds a result of batch_alone_bytes; its arrays lie end to end
         for meta, tensors in parts:
             nbytes = sum(t.nbytes for t in tensors.values()) + _META_BYTES
-            alone = nbytes >= self.batch_alone_bytes
-            if batch and (alone or len(batch) >= self.batch_max_results or size + nbytes > self.batch_max_bytes
-                          or tensors.keys() != batch[0][1].keys()):
-                sent += self._send_batch(batch)
-                batch, size = [], 0
-            if alone:
-                sent += self._send_batch([(meta, tensors)])
-                continue
+            big = nbytes >= self.batch_alone_bytes
+            if batch:
+                chain = chain and _follows(batch[-1][1], tensors)
+                if (len(batch) >= self.batch_max_results or size + nbytes > self.batch_max_bytes
+                        or tensors.keys() != batch[0][1].keys() or ((large or big) and not chain)):
+                    sent += self._send_batch(batch)
+                    batch, size, large = [], 0, False
+            if not batch:
+                chain = True
             batch.append((meta, tensors))
             size += nbytes
+            large = large or big
         return sent + (self._send_batch(batch) if batch else 0)
 
     def _send_batch(self, batch: list[Part]) -> int:

@@ -11,10 +11,11 @@ from collections.abc import Iterator
 import msgpack
 import numpy as np
 import pytest
+import torch
 import zmq
 
 from spark_mcore.config.loader import ConfigError
-from spark_mcore.transport.batch import decode_results, encode_results
+from spark_mcore.transport.batch import decode_results, encode_results, span
 from spark_mcore.transport.config import StreamConfig
 from spark_mcore.transport.endpoint import StreamEndpoint
 from spark_mcore.transport.protocol import (
@@ -26,6 +27,7 @@ from spark_mcore.transport.protocol import (
     decode_result,
     result_meta,
     result_tensors,
+    results_tensors,
 )
 from spark_mcore.transport.wire import WireError, decode_arrays
 from spark_mcore.transport.worker_client import WorkerClient
@@ -266,21 +268,45 @@ def test_worker_coalesces_within_its_caps_and_every_result_arrives_once(router: 
         client.close()
 
 
-def test_a_result_of_batch_alone_bytes_goes_alone_and_the_order_holds(router: zmq.Socket) -> None:
-    # (joining a large result's arrays costs more than the message it saves: it travels zero-copy)
+def test_a_large_result_shares_a_message_only_when_its_arrays_need_no_copy(router: zmq.Socket) -> None:
+    # joining a large result's arrays would cost more than the message it saves: it goes alone,
+    # unless `send_results` converted the batch end to end (then the join is a view)
     client = WorkerClient(router.getsockopt(zmq.LAST_ENDPOINT).decode(), "w", batch_max_results=8,
                           batch_max_bytes=1 << 20, batch_alone_bytes=10_000, max_message_bytes=1 << 20)
     try:
-        small = [_result(f"a{i}") for i in range(4)]
-        big = _result("b0", tokens=1000)  # ~16 kB of tensors
-        client.send_results(small[:2] + [big] + small[2:])
+        rs = [_result("a0"), _result("a1"), _result("b0", tokens=1000), _result("a2"), _result("a3")]  # b0: ~16 kB
+        client.send_parts([(r.sample_id, result_meta(r, client.incarnation), result_tensors(r)) for r in rs])
         seen, sizes = _received_ids(router, 5)
         assert seen == ["a0", "a1", "b0", "a2", "a3"], "in order, each once"
-        assert sizes == [2, 1, 2], "the small ones before and after it still share messages"
+        assert sizes == [2, 1, 2], "separate arrays: the small ones before and after it still share messages"
+        for r in rs:
+            r.sample_id += "'"
+        client.send_results(rs)
+        seen, sizes = _received_ids(router, 5)
+        assert seen == [r.sample_id for r in rs] and sizes == [5], "end to end: one message"
     finally:
         client.close()
     with pytest.raises(ConfigError, match="batch_alone_bytes"):
         StreamConfig(batch_alone_bytes=0)
+
+
+def test_results_tensors_are_views_end_to_end_and_equal_to_one_by_one() -> None:
+    rs = [_result("a0"), _result("b0", tokens=300), _result("a1")]
+    rs[1].completions[0].text = "\u00e9t\u00e9 \U0001F600"  # multi-byte UTF-8 in the middle
+    rs[2].completions[0].token_ids = []  # an empty response
+    rs[2].completions[0].logprobs = []
+    joined, alone = results_tensors(rs), [result_tensors(r) for r in rs]
+    for a, b in zip(joined, alone, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in joined[0]:
+        column = span([t[name] for t in joined])
+        assert column is not None, name
+        assert column.data_ptr() == joined[0][name].data_ptr()
+        assert torch.equal(column, torch.cat([t[name] for t in alone]))
+    assert span([alone[0]["token_ids"], alone[1]["token_ids"]]) is None, "separate arrays are copied"
+    parts = [(result_meta(r, "inc"), t) for r, t in zip(rs, joined, strict=True)]
+    copied = [(result_meta(r, "inc"), t) for r, t in zip(rs, alone, strict=True)]
+    assert [bytes(memoryview(f)) for f in encode_results(parts)] == [bytes(memoryview(f)) for f in encode_results(copied)]
 
 
 def test_a_batch_never_exceeds_max_message_bytes(router: zmq.Socket) -> None:
