@@ -25,7 +25,8 @@ A `results` message (`transport.batch`) is validated member by member exactly li
 count outside 2..MAX_BATCH) rejects the whole message; a member that fails its own checks is
 rejected alone and the others are taken. Workers coalesce only results already finished
 (never wait for more), up to transport.batch_max_results and about transport.batch_max_bytes; a
-result of transport.batch_alone_bytes or more travels alone.
+result of transport.batch_alone_bytes or more shares a message only if that needs no copy of its
+arrays (`results_tensors`).
 A result carries no prompt: the trainer rebuilds the group from its own record of the
 assignment, so a worker cannot change what it was asked. Token ids, log-probs and texts travel as
 raw tensor frames (one per message), so a group costs one copy, not a Python object per token, and
