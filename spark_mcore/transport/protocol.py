@@ -170,12 +170,7 @@ def _text_tensor(text: str) -> torch.Tensor:
 
 def result_tensors(res: WorkResult) -> dict[str, torch.Tensor]:
     """The raw frames of a result: prompt ids, all responses' token ids, log-probs and texts, flat."""
-    tensors = {"prompt_ids": torch.from_numpy(np.asarray(res.prompt_ids, dtype=np.int32)),
-               "token_ids": torch.from_numpy(_flat([c.token_ids for c in res.completions], np.int32))}
-    if _has_logprobs(res):
-        tensors["logprobs"] = torch.from_numpy(wire_logprobs(_flat([c.logprobs for c in res.completions], np.float32)))
-    tensors["texts"] = _text_tensor("".join(c.text for c in res.completions))
-    return tensors
+    return results_tensors([res])[0]
 
 
 def results_tensors(results: list[WorkResult]) -> list[dict[str, torch.Tensor]]:
@@ -183,7 +178,9 @@ def results_tensors(results: list[WorkResult]) -> list[dict[str, torch.Tensor]]:
     them: every result's tensors are views of one buffer per column, end to end in this order, so
     that `batch.encode_results` sends any run of them without copying their arrays again.
     Results that differ in carrying log-probs are converted one by one."""
-    if len(results) < 2 or len({_has_logprobs(r) for r in results}) > 1:
+    if not results:
+        return []
+    if len({_has_logprobs(r) for r in results}) > 1:
         return [result_tensors(r) for r in results]
     comps = [c for r in results for c in r.completions]
     tokens = [sum(len(c.token_ids) for c in r.completions) for r in results]
