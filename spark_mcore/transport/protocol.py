@@ -180,7 +180,8 @@ def results_tensors(results: list[WorkResult]) -> list[dict[str, torch.Tensor]]:
     Results that differ in carrying log-probs are converted one by one."""
     if not results:
         return []
-    if len({_has_logprobs(r) for r in results}) > 1:
+    logprobs = {_has_logprobs(r) for r in results}
+    if len(logprobs) > 1:
         return [result_tensors(r) for r in results]
     comps = [c for r in results for c in r.completions]
     tokens = [sum(len(c.token_ids) for c in r.completions) for r in results]
@@ -188,7 +189,7 @@ def results_tensors(results: list[WorkResult]) -> list[dict[str, torch.Tensor]]:
     columns = {"prompt_ids": (torch.from_numpy(_flat([r.prompt_ids for r in results], np.int32)),
                               [len(r.prompt_ids) for r in results]),
                "token_ids": (torch.from_numpy(_flat([c.token_ids for c in comps], np.int32)), tokens)}
-    if _has_logprobs(results[0]):
+    if logprobs.pop():
         columns["logprobs"] = (torch.from_numpy(wire_logprobs(_flat([c.logprobs for c in comps], np.float32))), tokens)
     columns["texts"] = (_text_tensor("".join(texts)), [_utf8_len(t) for t in texts])
     out: list[dict[str, torch.Tensor]] = [{} for _ in results]

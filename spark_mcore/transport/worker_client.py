@@ -24,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from spark_mcore.transport.batch import encode_results
+from spark_mcore.transport.batch import encode_results, span
 from spark_mcore.transport.config import StreamConfig
 from spark_mcore.transport.protocol import (
     ACK,
@@ -46,13 +46,6 @@ from spark_mcore.transport.wire import WireError, decode, encode, readable, recv
 logger = logging.getLogger(__name__)
 _MAX_DRAIN = 1024  # messages handled per readiness check in `poll`
 _META_BYTES = 512  # a result's header (its texts are a tensor frame), for the batch size estimate
-
-
-def _follows(prev: dict[str, Any], cur: dict[str, Any]) -> bool:
-    """`cur`'s token ids start where `prev`'s end (`results_tensors`): then the batch's join is
-    most likely a view (`batch.span` checks every tensor and copies otherwise)."""
-    a, b = prev["token_ids"], cur["token_ids"]
-    return b.data_ptr() == a.data_ptr() + a.nbytes
 
 Part = tuple[dict[str, Any], dict[str, Any]]  # (result_meta, result_tensors) of one result
 
@@ -211,18 +204,18 @@ class WorkerClient:
         """Sends `parts` in order, in as few messages as the caps allow; returns how many of the
         results went out (a full queue drops a message: the re-send after a reconnect covers it)."""
         sent, batch, size = 0, [], 0
-        large = chain = False  # the batch holds a result of batch_alone_bytes; its arrays lie end to end
+        # large: the batch holds a result of batch_alone_bytes; chain: its token ids lie end to end
+        # (the predictor of a copy-free join; `encode_results` checks every tensor)
+        large, chain = False, True
         for meta, tensors in parts:
             nbytes = sum(t.nbytes for t in tensors.values()) + _META_BYTES
             big = nbytes >= self.batch_alone_bytes
             if batch:
-                chain = chain and _follows(batch[-1][1], tensors)
+                chain = chain and span([batch[-1][1]["token_ids"], tensors["token_ids"]]) is not None
                 if (len(batch) >= self.batch_max_results or size + nbytes > self.batch_max_bytes
                         or tensors.keys() != batch[0][1].keys() or ((large or big) and not chain)):
                     sent += self._send_batch(batch)
-                    batch, size, large = [], 0, False
-            if not batch:
-                chain = True
+                    batch, size, large, chain = [], 0, False, True
             batch.append((meta, tensors))
             size += nbytes
             large = large or big
