@@ -74,7 +74,7 @@ class _Worker:
     returned: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class Accepted:
     """A result taken into the trainer: its work item and validated frames."""
 
@@ -308,16 +308,17 @@ class StreamEndpoint:
                 self._bad(identity, f"results[{i}]: {e}")
 
     def _on_result(self, identity: bytes, frames: ResultFrames, out: list[Accepted]) -> None:
-        sid, m = frames.meta["sample_id"], frames.meta
+        m = frames.meta
+        sid, now = m["sample_id"], time.monotonic()
         name = self._by_identity.get(identity)
         if name is not None:
-            self.workers[name].last_seen = time.monotonic()
+            self.workers[name].last_seen = now
         item = self.items.get(sid)
         n = None if item is None else item.params.get("n")
         if n is not None and len(m["lengths"]) != n:
             raise WireError(f"result '{sid}': {len(m['lengths'])} responses, the assignment asked for n={n}")
         if not self._acks:
-            self._acks_since = time.monotonic()
+            self._acks_since = now
         self._acks.setdefault(identity, []).append(sid)  # taken or not wanted: the worker may forget it
         if item is None:
             self.stats.duplicates += 1
@@ -339,10 +340,11 @@ class StreamEndpoint:
         if owner is not None:
             owner.in_flight.pop(sid, None)
             owner.returned += 1
-            self._topup_due = self._topup_due or (bool(self.pending) and self._wants_topup(owner))
-        self.staleness[max(age, 0)] += 1
+            if not self._topup_due and self.pending:
+                self._topup_due = self._wants_topup(owner)
+        self.staleness[age if age > 0 else 0] += 1
         self.stats.results += 1
-        out.append(Accepted(item=item, frames=frames, received_at=time.monotonic()))
+        out.append(Accepted(item, frames, now))
 
     # --- assignment -------------------------------------------------------------------------------
 

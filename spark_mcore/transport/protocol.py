@@ -220,7 +220,7 @@ def encode_result(res: WorkResult, incarnation: str) -> list[Any]:
     return encode(RESULT, result_meta(res, incarnation), result_tensors(res))
 
 
-@dataclass
+@dataclass(slots=True)
 class ResultFrames:
     """A `result` message validated down to its arrays (read-only use: numpy views of the received
     frames, before any per-token Python objects exist); `to_result` builds the records."""

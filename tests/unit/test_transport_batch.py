@@ -31,7 +31,7 @@ from spark_mcore.transport.protocol import (
 )
 from spark_mcore.transport.wire import WireError, decode_arrays
 from spark_mcore.transport.worker_client import WorkerClient
-from spark_mcore.types import Completion, Prompt
+from spark_mcore.types import Completion, Prompt, RewardSample
 
 
 def _result(sid: str, tokens: int = 3, lp: float = -0.5) -> WorkResult:
@@ -49,6 +49,9 @@ def _bytes(frames: list) -> list[bytes]:
 
 def test_members_decode_exactly_as_single_results() -> None:
     results = [_result("a", 3), _result("bb", 0), _result("c", 5)]
+    # a member with a SPARK reward task takes the checked path, its neighbours the direct one
+    results[1].candidates = [RewardSample("pointwise", Prompt("j", [{"role": "user", "content": "ok?"}], "Yes",
+                                                              task="judge"), source_prompt_id="bb", label="Yes")]
     frames = _bytes(encode_results([_part(r) for r in results]))
     assert len(frames) == 5, "one header + prompt ids, token ids, log-probs, texts end to end"
     msg_type, meta, arrays = decode_arrays(frames)
@@ -61,6 +64,9 @@ def test_members_decode_exactly_as_single_results() -> None:
         _, m1, a1 = decode_arrays(_bytes(encode_results([_part(res)])))
         single = decode_result(m1, a1)
         assert got.to_result() == single.to_result() == res
+        assert got.meta == single.meta and type(got.texts) is type(single.texts), "same frames, not only same records"
+        for name in ("prompt_ids", "token_ids", "logprobs", "texts"):
+            assert np.array_equal(getattr(got, name), getattr(single, name)), name
     one = _bytes(encode_results([_part(results[0])]))
     assert decode_arrays(one)[0] == RESULT, "a batch of one is a plain result message"
 
