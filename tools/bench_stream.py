@@ -41,6 +41,7 @@ Prints one row per run, a summary per size, and as the last line the median rati
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -215,6 +216,7 @@ def run_pushpull(tokens: int, messages: int) -> dict:
     return {**_summary(recv, sent, _message_bytes(tokens)), **_cpu_ms(out, cpu, messages)}
 
 
+@functools.cache  # (every run asks; building a random 8k group takes ~0.2 s)
 def _message_bytes(tokens: int) -> int:
     res = group(tokens)
     return sum(len(memoryview(f)) for f in encode(RESULT, result_meta(res, "bench"), result_tensors(res)))

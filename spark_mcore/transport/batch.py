@@ -193,12 +193,11 @@ def decode_results(meta: Any, arrays: dict[str, Any], max_token_id: int = 0) -> 
               "policy_version": m["policy_versions"][i], "lengths": m["lengths"][a:b],
               "text_lens": m["text_lens"][a:b], "finish": m["finish"][a:b], "rewards": m["rewards"][a:b],
               "reward_samples": m["reward_samples"][i], "gen_s": m["gen_s"][i]}
-        t0, t1 = tok[a], tok[b]
+        p, t, x = slice(prm[i], prm[i + 1]), slice(tok[a], tok[b]), slice(txt[a], txt[b])
         if fast and mm["reward_samples"] == []:
-            out.append(ResultFrames(mm, pid[prm[i]:prm[i + 1]], tid[t0:t1], None if lp is None else lp[t0:t1],
-                                    texts[txt[a]:txt[b]]))
+            out.append(ResultFrames(mm, pid[p], tid[t], None if lp is None else lp[t], texts[x]))
             continue
-        part = bulk.member(slice(prm[i], prm[i + 1]), slice(t0, t1), slice(txt[a], txt[b]))
+        part = bulk.member(p, t, x)
         try:
             out.append(_member(mm, part, max_token_id, sound, ascii_only))
         except WireError as e:
