@@ -18,6 +18,10 @@ message (several results that were ready together) with broken framing is droppe
 member of a sound one is dropped alone (logged as `results[i]`), the others are taken.
 ZeroMQ refuses frames over transport.max_message_bytes, and the endpoint drops a message whose
 frames add up to more. Nothing is unpickled.
+Full queues: a message to a worker whose queue is full (transport.high_water_mark) is not sent
+and not lost: the ROUTER is mandatory (it refuses instead of silently dropping), an assignment's
+prompts go back to `pending`, acks stay queued, and a worker that missed a policy version hears
+it again; all are retried on the next `poll`.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class _Worker:
     last_seen: float
     in_flight: dict[str, int] = field(default_factory=dict)  # sample_id -> seq of the assign that sent it
     seq: int = -1  # last assign seq sent to this incarnation
+    version: int = -1  # last policy version this worker was sent (welcome, assign or version)
     silent: bool = False
     returned: int = 0
 
@@ -90,6 +95,7 @@ class EndpointStats:
     stale: int = 0
     malformed: int = 0
     reassigned: int = 0
+    deferred: int = 0  # messages to workers that a full queue refused (sent again later)
     bytes_in: int = 0
     last_error: str = ""
     bad_by_sender: Counter = field(default_factory=Counter)
@@ -134,6 +140,9 @@ class StreamEndpoint:
     def _socket(self, cfg: StreamConfig) -> zmq.Socket:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        # refuse (zmq.Again) instead of silently dropping a message to a worker whose queue is full:
+        # a dropped assignment would leave its prompts held by a live worker that never got them
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.RCVHWM, cfg.high_water_mark)
         sock.setsockopt(zmq.SNDHWM, cfg.high_water_mark)
         sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
@@ -177,8 +186,14 @@ class StreamEndpoint:
     def set_version(self, version: int) -> None:
         """The engines now serve policy `version`; workers tag later groups with it."""
         self.policy_version = version
+        self._send_versions()
+
+    def _send_versions(self) -> None:
+        """Tells each worker that has not heard it the current policy version."""
         for w in self.workers.values():
-            self._send(w.identity, VERSION, {"session": self.session, "policy_version": version})
+            if w.version != self.policy_version and not w.silent and self._send(
+                    w.identity, VERSION, {"session": self.session, "policy_version": self.policy_version}):
+                w.version = self.policy_version
 
     def outstanding(self) -> list[str]:
         return list(self.items)
@@ -214,6 +229,7 @@ class StreamEndpoint:
         self._check_silent()
         self._assign()
         self._flush_acks(force=time.monotonic() - self._acks_since >= ACK_DELAY_S)
+        self._send_versions()  # (only to a worker whose queue was full when the version changed)
         if out:
             self.last_progress = time.monotonic()
         return out
@@ -287,8 +303,10 @@ class StreamEndpoint:
         lost = [sid for sid, seq in w.in_flight.items() if sid not in rep.held and (moved or seq <= seen)]
         if lost:
             self._requeue(w, lost, "reconnected without them" if moved else "does not hold them")
-        if hello or rep.session != self.session:
-            self._send(identity, WELCOME, {"session": self.session, "policy_version": self.policy_version})
+        # (a welcome refused by a full queue is sent again on this worker's next report)
+        if (hello or rep.session != self.session) and self._send(
+                identity, WELCOME, {"session": self.session, "policy_version": self.policy_version}):
+            w.version = self.policy_version
 
     def _on_bye(self, identity: bytes) -> None:
         name = self._by_identity.pop(identity, None)
@@ -394,37 +412,54 @@ class StreamEndpoint:
                         continue
                     batches.setdefault(w.name, []).append(self.items[sid])
                     progress = True
+        sent = False
         for name, items in batches.items():
             w = self.workers[name]
-            w.seq += 1
+            if w.identity in self._acks and self._send(w.identity, ACK, {"session": self.session,
+                                                                         "ids": self._acks[w.identity]}):
+                del self._acks[w.identity]
+            if not self._send(w.identity, ASSIGN, {"session": self.session, "seq": w.seq + 1,
+                                                   "policy_version": self.policy_version,
+                                                   "items": [item_to_wire(i) for i in items]}):
+                self.pending.extendleft(reversed([i.sample_id for i in items]))  # queue full: next poll
+                continue
+            w.seq, w.version, sent = w.seq + 1, self.policy_version, True
             for item in items:
                 w.in_flight[item.sample_id] = w.seq
                 self.owner[item.sample_id] = name
-            if w.identity in self._acks:
-                self._send(w.identity, ACK, {"session": self.session, "ids": self._acks.pop(w.identity)})
-            self._send(w.identity, ASSIGN, {"session": self.session, "seq": w.seq, "policy_version": self.policy_version,
-                                            "items": [item_to_wire(i) for i in items]})
-        return bool(batches)
+        return sent
 
     def _flush_acks(self, force: bool) -> None:
         """Acknowledges per worker once a batch is due (or every pending id when `force`)."""
         for identity in [i for i, ids in self._acks.items() if force or len(ids) >= self._ack_batch]:
-            self._send(identity, ACK, {"session": self.session, "ids": self._acks.pop(identity)})
+            if self._send(identity, ACK, {"session": self.session, "ids": self._acks[identity]}):
+                del self._acks[identity]  # (else that worker's queue is full: kept for the next poll)
         if force or not self._acks:
             self._acks_since = time.monotonic()
 
-    def _send(self, identity: bytes, msg_type: str, meta: dict[str, Any]) -> None:
+    def _send(self, identity: bytes, msg_type: str, meta: dict[str, Any]) -> bool:
+        """False when the worker's queue is full (nothing was queued: the caller retries later).
+        True when queued, or when that connection is gone: then the worker's reconnect (or its
+        silence) re-issues what it held, as for anything lost with a connection."""
         try:
             send_frames(self._sock, [identity, *encode(msg_type, meta)])
-        except zmq.Again:  # that worker's queue is full: it will be re-synced by its next report
-            logger.warning("rollout stream: queue to %s is full; dropped a %s message", self._sender(identity), msg_type)
+        except zmq.Again:
+            self.stats.deferred += 1
+            logger.debug("rollout stream: queue to %s is full; %s deferred", self._sender(identity), msg_type)
+            return False
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            logger.debug("rollout stream: %s is not connected; %s not sent", self._sender(identity), msg_type)
+        return True
 
     def metrics(self) -> dict[str, float]:
         """Scalars for the step summary (prefix `stream/`)."""
         out = {"queue_depth": float(len(self.pending)), "outstanding": float(len(self.items)),
                "workers": float(sum(not w.silent for w in self.workers.values())),
                "duplicates": float(self.stats.duplicates), "stale_dropped": float(self.stats.stale),
-               "malformed": float(self.stats.malformed), "reassigned": float(self.stats.reassigned)}
+               "malformed": float(self.stats.malformed), "reassigned": float(self.stats.reassigned),
+               "deferred": float(self.stats.deferred)}
         for name, w in self.workers.items():
             out[f"in_flight/{name}"] = float(len(w.in_flight))
         total = sum(self.staleness.values())

@@ -8,7 +8,9 @@ the trainer keeps the first copy of each sample id. Results handed over together
 `batch_max_bytes` (never more than `max_message_bytes`); nothing waits for a batch to fill.
 `send_results` converts the results' arrays at once, end to end (`protocol.results_tensors`), so a
 batch of them is sent without another copy; results of `batch_alone_bytes` or more share a
-message only that way (see StreamConfig). Heartbeats report what the worker holds, so
+message only that way (see StreamConfig). A message refused because the queue to the trainer
+is full (high_water_mark) waits in `backlog` and goes out on a later `poll`, in order: a
+result is never left unsent on a live connection. Heartbeats report what the worker holds, so
 the trainer can re-issue prompts whose assignment was lost with a connection.
 Not thread-safe: one thread calls `poll` / `send_result` (ZeroMQ sockets are single-threaded).
 """
@@ -80,7 +82,9 @@ class WorkerClient:
         self.seen_seq = -1
         self.working: set[str] = set()
         self.unacked: dict[str, Part] = {}
+        self.backlog: list[Part] = []  # results whose message the full queue refused, in order
         self.resent = 0
+        self.deferred = 0  # result messages that a full queue refused (sent again from `backlog`)
         self.trainer_done = False  # the trainer said goodbye (its run ended)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
@@ -98,6 +102,8 @@ class WorkerClient:
         self._sock.connect(connect)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
+        self._poller_out = zmq.Poller()  # (while a backlog waits: also wakes when the queue has room)
+        self._poller_out.register(self._sock, zmq.POLLIN | zmq.POLLOUT)
         self._last_report = 0.0
         self._closed = False
         self._report(HELLO)
@@ -128,11 +134,19 @@ class WorkerClient:
             if now - self._last_report >= self.heartbeat_s:
                 self._report(HEARTBEAT)
             self._drain(new)
+            if self.backlog:
+                self._send_backlog()
             if new or now >= deadline:
                 return new
             # rounded up: a zero wait would spin through the last millisecond before the deadline
             wait = max(1, min(math.ceil((deadline - now) * 1000), math.ceil(self.heartbeat_s * 1000)))
-            self._poller.poll(wait)  # (a persistent poller: Socket.poll builds one per call)
+            # (persistent pollers: Socket.poll builds one per call)
+            (self._poller_out if self.backlog else self._poller).poll(wait)
+
+    def _send_backlog(self) -> None:
+        """Sends what a full queue refused (still unacknowledged: a re-send may have delivered it)."""
+        parts, self.backlog = self.backlog, []
+        self._send_batched([p for p in parts if p[0]["sample_id"] in self.unacked])
 
     def _drain(self, new: list[WorkItem]) -> None:
         """Handles every queued message without waiting (ZMQ_EVENTS, not a poll, says whether
@@ -154,7 +168,7 @@ class WorkerClient:
                 if self.session:
                     logger.warning("rollout worker %s: trainer session changed (%s -> %s): re-sending %d result(s)",
                                    self.worker, self.session, session, len(self.unacked))
-                self.session, self.seen_seq = session, -1
+                self.session, self.seen_seq, self.backlog = session, -1, []  # (all unacked go again)
                 self.resent += self._send_batched(list(self.unacked.values()))
         elif msg_type == ASSIGN:
             seq = _int(meta.get("seq"), "assign.seq")
@@ -202,7 +216,7 @@ class WorkerClient:
 
     def _send_batched(self, parts: list[Part]) -> int:
         """Sends `parts` in order, in as few messages as the caps allow; returns how many of the
-        results went out (a full queue drops a message: the re-send after a reconnect covers it)."""
+        results went out (those of a message that the full queue refused join `backlog`)."""
         sent, batch, size = 0, [], 0
         # large: the batch holds a result of batch_alone_bytes; chain: its token ids lie end to end
         # (the predictor of a copy-free join; `encode_results` checks every tensor)
@@ -226,7 +240,11 @@ class WorkerClient:
         if len(batch) > 1 and sum(memoryview(f).nbytes for f in frames) > self.max_message_bytes:
             half = len(batch) // 2  # the estimate was short (long reward-task prompts in the header)
             return self._send_batch(batch[:half]) + self._send_batch(batch[half:])
-        return len(batch) if self._send(frames) else 0
+        if self.backlog or not self._send(frames):  # (behind a backlog: keeps the order)
+            self.deferred += 1
+            self.backlog += batch
+            return 0
+        return len(batch)
 
     def close(self) -> None:
         if self._closed:

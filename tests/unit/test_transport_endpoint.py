@@ -117,6 +117,34 @@ def test_acks_go_in_batches_but_never_wait_longer_than_the_ack_delay() -> None:
         ep.close()
 
 
+def test_full_queues_defer_messages_but_lose_none() -> None:
+    """A queue bound of one message each way: back-to-back sends (an ack and an assignment, the
+    versions of several steps, one result after another) find the queue full. Before, the
+    trainer's ROUTER dropped them silently (a live worker then held prompts it never got: the run
+    hung) and the worker dropped results until a reconnect that never came."""
+    ep = StreamEndpoint(StreamConfig(credits_per_worker=4, high_water_mark=1, heartbeat_s=0.05, worker_timeout_s=30.0))
+    client = WorkerClient(ep.endpoint, "w", capacity=4, heartbeat_s=0.05, high_water_mark=1, batch_max_results=1)
+    try:
+        ep.submit(_items(40))
+        got, deadline, i = [], time.monotonic() + 20, 0
+        while len(got) < 40:
+            assert time.monotonic() < deadline, f"stuck with {len(got)} of 40: {ep.describe_workers()}"
+            i += 1
+            if i % 3:  # now and then one side does not look for a while
+                got += ep.poll(5)
+                ep.set_version(ep.policy_version + 1)
+            if i % 5:
+                _answer(client)
+        assert sorted(a.item.sample_id for a in got) == sorted(f"s{i}" for i in range(40))
+        assert ep.stats.deferred > 0 and client.deferred > 0  # both sides met a full queue
+        assert ep.stats.reassigned == 0  # nothing was recovered by a timeout: nothing was lost
+        _pump(ep, [client], lambda g: client.policy_version == ep.policy_version, answer=False)
+        assert ep.metrics()["deferred"] == ep.stats.deferred
+    finally:
+        client.close()
+        ep.close()
+
+
 def test_an_idle_worker_waits_in_its_poller_instead_of_spinning() -> None:
     ep = StreamEndpoint(StreamConfig(**FAST))
     client = WorkerClient(ep.endpoint, "w", capacity=4, heartbeat_s=5.0)
