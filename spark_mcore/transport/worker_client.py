@@ -84,7 +84,7 @@ class WorkerClient:
         self.unacked: dict[str, Part] = {}
         self.backlog: list[Part] = []  # results whose message the full queue refused, in order
         self.resent = 0
-        self.deferred = 0  # result messages that a full queue refused (sent again from `backlog`)
+        self.deferred = 0  # result messages that a full queue refused (their results wait in `backlog`)
         self.trainer_done = False  # the trainer said goodbye (its run ended)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
@@ -236,11 +236,14 @@ class WorkerClient:
         return sent + (self._send_batch(batch) if batch else 0)
 
     def _send_batch(self, batch: list[Part]) -> int:
+        if self.backlog:  # behind results that wait for room: they go first (the order is kept)
+            self.backlog += batch
+            return 0
         frames = encode_results(batch)
         if len(batch) > 1 and sum(memoryview(f).nbytes for f in frames) > self.max_message_bytes:
             half = len(batch) // 2  # the estimate was short (long reward-task prompts in the header)
             return self._send_batch(batch[:half]) + self._send_batch(batch[half:])
-        if self.backlog or not self._send(frames):  # (behind a backlog: keeps the order)
+        if not self._send(frames):
             self.deferred += 1
             self.backlog += batch
             return 0
