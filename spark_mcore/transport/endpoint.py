@@ -35,6 +35,7 @@ from typing import Any
 
 import zmq
 
+from spark_mcore.errors import UserError
 from spark_mcore.transport.batch import decode_results
 from spark_mcore.transport.config import StreamConfig, check_bind_address
 from spark_mcore.transport.protocol import (
@@ -61,8 +62,9 @@ _LOG_FIRST_BAD = 5  # per sender, then every _LOG_EVERY_BAD-th
 ACK_DELAY_S = 0.02  # the longest an accepted result waits for its ack (see `_flush_acks`)
 
 
-class StreamStalled(RuntimeError):
-    """No result arrived for transport.stall_timeout_s while the trainer waited; names the workers."""
+class StreamStalled(UserError):
+    """No result arrived for transport.stall_timeout_s while the trainer waited; names the workers
+    and the fix (a user-side failure: workers missing, dead or misconfigured; exit code 2)."""
 
 
 @dataclass
@@ -121,6 +123,7 @@ class StreamEndpoint:
         self.owner: dict[str, str] = {}
         self.done: set[str] = set()
         self.workers: dict[str, _Worker] = {}
+        self.left: list[str] = []  # workers that said goodbye, in order (named when the stream stalls)
         self._by_identity: dict[bytes, str] = {}
         self._acks: dict[bytes, list[str]] = {}
         self._acks_since = 0.0  # when the oldest unsent ack was queued
@@ -237,6 +240,8 @@ class StreamEndpoint:
     def describe_workers(self) -> str:
         now = time.monotonic()
         if not self.workers:
+            if self.left:
+                return f"no worker is connected; {', '.join(repr(n) for n in self.left[-5:])} said goodbye (see their logs)"
             return "no worker has connected"
         return "; ".join(f"'{w.name}' last heard {now - w.last_seen:.1f}s ago, holds {len(w.in_flight)}"
                          + (" (silent)" if w.silent else "") for w in self.workers.values())
@@ -313,6 +318,7 @@ class StreamEndpoint:
         w = self.workers.pop(name, None) if name else None
         if w is not None:
             self._requeue(w, list(w.in_flight), "said goodbye")
+            self.left = [n for n in self.left if n != w.name][-99:] + [w.name]
 
     def _on_results(self, identity: bytes, members: list[ResultFrames | WireError], out: list[Accepted]) -> None:
         """Each member of a `results` message as if it had come alone: a bad one is rejected (and

@@ -26,6 +26,7 @@ from typing import Any
 
 import zmq
 
+from spark_mcore.errors import UserError
 from spark_mcore.transport.batch import encode_results, span
 from spark_mcore.transport.config import StreamConfig
 from spark_mcore.transport.protocol import (
@@ -50,6 +51,12 @@ _MAX_DRAIN = 1024  # messages handled per readiness check in `poll`
 _META_BYTES = 512  # a result's header (its texts are a tensor frame), for the batch size estimate
 
 Part = tuple[dict[str, Any], dict[str, Any]]  # (result_meta, result_tensors) of one result
+
+
+class ResultTooLarge(UserError):
+    """One result is over max_message_bytes: the trainer could never take it (ZeroMQ drops the
+    connection of a peer that sends a larger frame, the endpoint drops a larger message), so the
+    worker fails loudly instead of sending it again and again while the trainer waits."""
 
 
 class WorkerClient:
@@ -240,7 +247,13 @@ class WorkerClient:
             self.backlog += batch
             return 0
         frames = encode_results(batch)
-        if len(batch) > 1 and sum(memoryview(f).nbytes for f in frames) > self.max_message_bytes:
+        size = sum(memoryview(f).nbytes for f in frames)
+        if size > self.max_message_bytes:
+            if len(batch) == 1:
+                raise ResultTooLarge(
+                    f"result '{batch[0][0]['sample_id']}' is {size} bytes, over transport.max_message_bytes="
+                    f"{self.max_message_bytes}: the trainer would drop it. Fix: raise transport.max_message_bytes "
+                    "(trainer and workers) or lower rollout.max_new_tokens")
             half = len(batch) // 2  # the estimate was short (long reward-task prompts in the header)
             return self._send_batch(batch[:half]) + self._send_batch(batch[half:])
         if not self._send(frames):
@@ -258,4 +271,4 @@ class WorkerClient:
         self._ctx.term()
 
 
-__all__ = ["WorkerClient"]
+__all__ = ["WorkerClient", "ResultTooLarge"]

@@ -330,6 +330,22 @@ def test_a_batch_never_exceeds_max_message_bytes(router: zmq.Socket) -> None:
         client.close()
 
 
+def test_a_result_over_max_message_bytes_fails_loudly_at_the_worker(router: zmq.Socket) -> None:
+    """One result over the limit can never be taken: before, ZeroMQ dropped the worker's
+    connection, the worker reconnected still holding it, and the trainer waited for it until its
+    stall timeout. Now the worker refuses to send it and names the setting to change; the results
+    before it in the same hand-over still go out."""
+    from spark_mcore.transport.worker_client import ResultTooLarge
+
+    client = WorkerClient(router.getsockopt(zmq.LAST_ENDPOINT).decode(), "w", max_message_bytes=30_000)
+    try:
+        with pytest.raises(ResultTooLarge, match=r"'big' is \d+ bytes, over transport.max_message_bytes=30000"):
+            client.send_results([_result("small"), _result("big", tokens=3000)])
+        assert _received_ids(router, 1, max_bytes=30_000)[0] == ["small"]
+    finally:
+        client.close()
+
+
 def test_batch_caps_are_checked_in_the_config() -> None:
     with pytest.raises(ConfigError, match="batch_max_bytes"):
         StreamConfig(batch_max_bytes=0)

@@ -145,6 +145,19 @@ def test_full_queues_defer_messages_but_lose_none() -> None:
         ep.close()
 
 
+def test_a_stall_after_every_worker_left_names_them() -> None:
+    ep = StreamEndpoint(StreamConfig(**FAST))
+    client = WorkerClient(ep.endpoint, "w0", capacity=2, heartbeat_s=0.05)
+    try:
+        assert ep.describe_workers() == "no worker has connected"
+        _pump(ep, [client], lambda g: "w0" in ep.workers, answer=False)
+        client.close()  # says goodbye (a worker does on any exit it survives, errors included)
+        _pump(ep, [], lambda g: not ep.workers)
+        assert ep.describe_workers() == "no worker is connected; 'w0' said goodbye (see their logs)"
+    finally:
+        ep.close()
+
+
 def test_an_idle_worker_waits_in_its_poller_instead_of_spinning() -> None:
     ep = StreamEndpoint(StreamConfig(**FAST))
     client = WorkerClient(ep.endpoint, "w", capacity=4, heartbeat_s=5.0)
