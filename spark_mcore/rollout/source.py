@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from spark_mcore.errors import UserError
 from spark_mcore.rollout.base import RolloutEngine, SamplingParams
 from spark_mcore.rollout.divide import DividedRollout
 from spark_mcore.rollout.groups import generate_groups, score_groups
@@ -300,6 +301,8 @@ class StreamSource:
         with self._arrived:
             self._last_result = max(self._last_result, time.monotonic())  # the clock starts with this wait
             while not ids <= self._results.keys():
+                if isinstance(self._error, UserError):  # (its message names the setting and the fix)
+                    raise self._error
                 if self._error is not None:
                     raise RuntimeError(f"rollout stream failed: {self._error}") from self._error
                 if time.monotonic() - self._last_result > stall:

@@ -14,8 +14,8 @@ _EXPORTS = {
     "BackPressureTimeout": "stream", "ConsumerStats": "stream", "RolloutConsumer": "stream",
     "RolloutProducer": "stream", "StreamBatch": "stream",
     "SCHEMA_VERSION": "wire", "WireError": "wire", "decode": "wire", "encode": "wire",
-    "StreamConfig": "config", "StreamEndpoint": "endpoint", "StreamStalled": "endpoint",
-    "WorkerClient": "worker_client", "WorkItem": "protocol", "WorkResult": "protocol",
+    "StreamConfig": "config", "StreamEndpoint": "endpoint", "StreamStalled": "endpoint", "PromptTooLarge": "endpoint",
+    "WorkerClient": "worker_client", "ResultTooLarge": "worker_client", "WorkItem": "protocol", "WorkResult": "protocol",
 }
 __all__ = sorted(_EXPORTS)
 

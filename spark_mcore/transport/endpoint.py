@@ -62,6 +62,11 @@ _LOG_FIRST_BAD = 5  # per sender, then every _LOG_EVERY_BAD-th
 ACK_DELAY_S = 0.02  # the longest an accepted result waits for its ack (see `_flush_acks`)
 
 
+class PromptTooLarge(UserError):
+    """One work item is over transport.max_message_bytes on the wire: no worker could take it
+    (ZeroMQ drops the connection of a peer that sends a larger frame, and the worker reconnects)."""
+
+
 class StreamStalled(UserError):
     """No result arrived for transport.stall_timeout_s while the trainer waited; names the workers
     and the fix (a user-side failure: workers missing, dead or misconfigured; exit code 2)."""
@@ -424,16 +429,31 @@ class StreamEndpoint:
             if w.identity in self._acks and self._send(w.identity, ACK, {"session": self.session,
                                                                          "ids": self._acks[w.identity]}):
                 del self._acks[w.identity]
-            if not self._send(w.identity, ASSIGN, {"session": self.session, "seq": w.seq + 1,
-                                                   "policy_version": self.policy_version,
-                                                   "items": [item_to_wire(i) for i in items]}):
-                self.pending.extendleft(reversed([i.sample_id for i in items]))  # queue full: next poll
-                continue
-            w.seq, w.version, sent = w.seq + 1, self.policy_version, True
-            for item in items:
-                w.in_flight[item.sample_id] = w.seq
-                self.owner[item.sample_id] = name
+            refused = self._send_assign(w, items)
+            self.pending.extendleft(reversed([i.sample_id for i in refused]))  # queue full: next poll
+            sent = sent or len(refused) < len(items)
         return sent
+
+    def _send_assign(self, w: _Worker, items: list[WorkItem]) -> list[WorkItem]:
+        """Assigns `items` to `w` in as few messages as transport.max_message_bytes allows (the
+        worker's socket refuses a larger one); returns those a full queue refused."""
+        frames = encode(ASSIGN, {"session": self.session, "seq": w.seq + 1, "policy_version": self.policy_version,
+                                 "items": [item_to_wire(i) for i in items]})
+        if memoryview(frames[0]).nbytes > self.cfg.max_message_bytes:
+            if len(items) == 1:
+                raise PromptTooLarge(
+                    f"prompt '{items[0].prompt.id}' is {memoryview(frames[0]).nbytes} bytes on the wire, over "
+                    f"transport.max_message_bytes={self.cfg.max_message_bytes}: no worker could take it. Fix: raise "
+                    "transport.max_message_bytes (trainer and workers)")
+            half = len(items) // 2
+            return self._send_assign(w, items[:half]) + self._send_assign(w, items[half:])
+        if not self._send_frames(w.identity, ASSIGN, frames):
+            return items
+        w.seq, w.version = w.seq + 1, self.policy_version
+        for item in items:
+            w.in_flight[item.sample_id] = w.seq
+            self.owner[item.sample_id] = w.name
+        return []
 
     def _flush_acks(self, force: bool) -> None:
         """Acknowledges per worker once a batch is due (or every pending id when `force`)."""
@@ -447,8 +467,12 @@ class StreamEndpoint:
         """False when the worker's queue is full (nothing was queued: the caller retries later).
         True when queued, or when that connection is gone: then the worker's reconnect (or its
         silence) re-issues what it held, as for anything lost with a connection."""
+        return self._send_frames(identity, msg_type, encode(msg_type, meta))
+
+    def _send_frames(self, identity: bytes, msg_type: str, frames: list[Any]) -> bool:
+        """`_send` for a message already encoded."""
         try:
-            send_frames(self._sock, [identity, *encode(msg_type, meta)])
+            send_frames(self._sock, [identity, *frames])
         except zmq.Again:
             self.stats.deferred += 1
             logger.debug("rollout stream: queue to %s is full; %s deferred", self._sender(identity), msg_type)
@@ -491,4 +515,4 @@ class StreamEndpoint:
         self.close()
 
 
-__all__ = ["StreamEndpoint", "StreamStalled", "Accepted", "EndpointStats"]
+__all__ = ["StreamEndpoint", "StreamStalled", "PromptTooLarge", "Accepted", "EndpointStats"]

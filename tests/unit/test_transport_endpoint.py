@@ -158,6 +158,27 @@ def test_a_stall_after_every_worker_left_names_them() -> None:
         ep.close()
 
 
+def test_assignments_split_to_fit_max_message_bytes_and_a_prompt_too_large_fails_loudly() -> None:
+    """Before, an assignment over the limit made the worker's ZeroMQ drop the connection; the
+    worker reconnected and the trainer sent it again: the run waited until its stall timeout."""
+    from spark_mcore.transport.endpoint import PromptTooLarge
+
+    ep = StreamEndpoint(StreamConfig(credits_per_worker=8, max_message_bytes=2000, **FAST))
+    client = WorkerClient(ep.endpoint, "w", capacity=8, heartbeat_s=0.05, max_message_bytes=2000)
+    try:
+        ep.submit([WorkItem(f"s{i}", Prompt(f"p{i}", [{"role": "user", "content": "q" * 300}], "1"), {"n": 1})
+                   for i in range(8)])  # ~2.9 KB as one assignment
+        got = _pump(ep, [client], lambda g: len(g) == 8)
+        assert sorted(a.item.sample_id for a in got) == sorted(f"s{i}" for i in range(8))
+        assert ep.workers["w"].seq >= 1  # several assign messages
+        ep.submit([WorkItem("huge", Prompt("big", [{"role": "user", "content": "q" * 5000}], "1"), {"n": 1})])
+        with pytest.raises(PromptTooLarge, match=r"prompt 'big' is \d+ bytes on the wire, over transport.max_message_bytes=2000"):
+            _pump(ep, [client], lambda g: False, timeout=5)
+    finally:
+        client.close()
+        ep.close()
+
+
 def test_an_idle_worker_waits_in_its_poller_instead_of_spinning() -> None:
     ep = StreamEndpoint(StreamConfig(**FAST))
     client = WorkerClient(ep.endpoint, "w", capacity=4, heartbeat_s=5.0)
