@@ -435,8 +435,9 @@ class StreamEndpoint:
         return sent
 
     def _send_assign(self, w: _Worker, items: list[WorkItem]) -> list[WorkItem]:
-        """Assigns `items` to `w` in as few messages as transport.max_message_bytes allows (the
-        worker's socket refuses a larger one); returns those a full queue refused."""
+        """Assigns `items` to `w` in one message, or in halves until each is under
+        transport.max_message_bytes (the worker's socket refuses a larger one); returns the items
+        that a full queue refused."""
         frames = encode(ASSIGN, {"session": self.session, "seq": w.seq + 1, "policy_version": self.policy_version,
                                  "items": [item_to_wire(i) for i in items]})
         if memoryview(frames[0]).nbytes > self.cfg.max_message_bytes:
