@@ -17,7 +17,8 @@ with its sender (rate-limited per sender) and dropped, and the stream goes on. A
 message (several results that were ready together) with broken framing is dropped whole; a bad
 member of a sound one is dropped alone (logged as `results[i]`), the others are taken.
 ZeroMQ refuses frames over transport.max_message_bytes, and the endpoint drops a message whose
-frames add up to more. Nothing is unpickled.
+frames add up to more; an assignment is split to fit that limit (a worker's socket has the same
+one), and a prompt over it alone stops the run (PromptTooLarge). Nothing is unpickled.
 Full queues: a message to a worker whose queue is full (transport.high_water_mark) is not sent
 and not lost: the ROUTER is mandatory (it refuses instead of silently dropping), an assignment's
 prompts go back to `pending`, acks stay queued, and a worker that missed a policy version hears
@@ -407,7 +408,8 @@ class StreamEndpoint:
         return not w.silent and window - len(w.in_flight) >= min(len(self.pending), max(1, window // 2))
 
     def _assign(self) -> bool:
-        """Round-robin over live workers with credit, one message per worker; True if any was sent."""
+        """Round-robin over live workers with credit, one assignment per worker (split only to fit
+        transport.max_message_bytes); True if any was sent."""
         self._topup_due = False
         live = [w for w in self.workers.values() if self._wants_topup(w)]
         batches: dict[str, list[WorkItem]] = {}

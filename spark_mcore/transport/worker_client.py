@@ -5,7 +5,8 @@ Delivery: a result stays in `unacked` until an `ack` names it. When the trainer 
 new session (it restarted) or the connection moved, every unacknowledged result is sent again;
 the trainer keeps the first copy of each sample id. Results handed over together (`send_results`,
 `send_parts`) go out in `results` messages of at most `batch_max_results` results and about
-`batch_max_bytes` (never more than `max_message_bytes`); nothing waits for a batch to fill.
+`batch_max_bytes` (never more than `max_message_bytes`: one result over it raises ResultTooLarge);
+nothing waits for a batch to fill.
 `send_results` converts the results' arrays at once, end to end (`protocol.results_tensors`), so a
 batch of them is sent without another copy; results of `batch_alone_bytes` or more share a
 message only that way (see StreamConfig). A message refused because the queue to the trainer
