@@ -34,6 +34,7 @@ from spark_mcore.rollout.base import RolloutEngine, SamplingParams
 from spark_mcore.rollout.groups import generate_groups, score_groups
 from spark_mcore.spark.recycler import Recycler
 from spark_mcore.spark.templates import corpus_texts
+from spark_mcore.transport.malloc import keep_freed_memory
 from spark_mcore.transport.protocol import WorkItem, WorkResult
 from spark_mcore.transport.worker_client import WorkerClient
 
@@ -128,6 +129,7 @@ def run_worker(connect: str, cfg: RunConfig, name: str | None = None, capacity: 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+    keep_freed_memory(cfg.transport.malloc_keep_mb)  # (process-wide; see transport/malloc.py)
     client = WorkerClient(connect, name, capacity or cfg.transport.credits_per_worker, cfg.transport.heartbeat_s,
                           cfg.transport.curve_public_key, cfg.transport.high_water_mark, cfg.transport.max_message_bytes,
                           cfg.transport.batch_max_results, cfg.transport.batch_max_bytes, cfg.transport.batch_alone_bytes)

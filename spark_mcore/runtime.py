@@ -206,6 +206,7 @@ def build_source(cfg: RunConfig, run_dir: Path, pstate: ParallelState, inprocess
     if cfg.rollout.source == "inprocess":
         return inprocess
     from spark_mcore.transport.endpoint import StreamEndpoint
+    from spark_mcore.transport.malloc import keep_freed_memory
 
     if pstate.world_size > 1:  # one endpoint per run, on rank 0; every rank gets the step's groups
         inner = build_source(cfg, run_dir, dataclasses.replace(pstate, world_size=1), inprocess) \
@@ -213,6 +214,7 @@ def build_source(cfg: RunConfig, run_dir: Path, pstate: ParallelState, inprocess
         return RankZeroSource(inner, pstate.rank, pstate.device)
 
     async_ = cfg.rollout.mode == "async"
+    keep_freed_memory(cfg.transport.malloc_keep_mb)  # (process-wide: ZeroMQ's receive buffers stay warm)
     endpoint = StreamEndpoint(cfg.transport, max_staleness=cfg.rollout.max_staleness if async_ else 0)
     (run_dir / "stream_endpoint").write_text(endpoint.endpoint + "\n")
     print(f"rollout stream: trainer endpoint {endpoint.endpoint} ({cfg.rollout.mode} mode); start workers with "

@@ -1,6 +1,6 @@
 """Throughput and latency of the rollout stream against plain pyzmq PUSH/PULL of the same bytes.
 
-    python tools/bench_stream.py [--reps 6] [--warmup 1] [--sizes 1024,8192] [--messages-mb 800]
+    python tools/bench_stream.py [--reps 6] [--warmup 1] [--sizes 1024,8192] [--messages-mb 800] [--malloc-keep-mb 128]
 
 A message is one verified group: 8 responses x L tokens with per-token log-probs and texts
 (the frames `protocol.encode_result` makes: token ids, log-probs and texts as raw frames). Runs alternate A B A B (stream, then PUSH/PULL)
@@ -31,6 +31,11 @@ Every process collects its garbage once before its clock starts: a fresh process
 collection (~0.1 s with torch imported) comes after so many allocations that it would land in
 whichever side's run allocates more Python objects, a start-up cost a long-running worker or
 trainer pays once.
+Every process of both runs (consumer and producers) uses the allocator settings the trainer and
+the rollout workers use (`transport.malloc_keep_mb`, spark_mcore/transport/malloc.py): glibc's
+defaults fault fresh pages in for the receive buffers of every message, which costs both sides,
+and the stream's larger window more (0.35 against 0.2 ms per 8k group of consumer CPU in faults
+on 2026-12-01, when the ratio was ~0.83 without the settings and ~0.91 with them).
 Each row also gives the CPU ms per group of producer and consumer (all their threads; the
 producer's clock starts once its test arrays are built, which is not part of either stream): on a
 shared machine the rate moves with other jobs, the CPU cost hardly does.
@@ -58,6 +63,7 @@ import zmq  # noqa: E402
 
 from spark_mcore.transport.config import StreamConfig  # noqa: E402
 from spark_mcore.transport.endpoint import StreamEndpoint  # noqa: E402
+from spark_mcore.transport.malloc import keep_freed_memory  # noqa: E402
 from spark_mcore.transport.protocol import (  # noqa: E402
     RESULT,
     WorkItem,
@@ -73,6 +79,7 @@ N_RESPONSES = 8
 # Groups that may be between producer and consumer: the stream's credits; PUSH/PULL gets the same
 # count as SNDHWM + RCVHWM (plus the kernel's socket buffers, which only the baseline uses).
 WINDOW = 64
+KEEP_MB = StreamConfig().malloc_keep_mb  # the transport's default (module docstring)
 
 
 def group(tokens: int, seed: int = 0) -> WorkResult:
@@ -146,9 +153,9 @@ def produce_pushpull(endpoint: str, tokens: int, messages: int) -> tuple[list[fl
 # --- consumers (this process) ----------------------------------------------------------------------
 
 
-def _spawn(kind: str, endpoint: str, tokens: int, messages: int) -> subprocess.Popen:
+def _spawn(kind: str, endpoint: str, tokens: int, messages: int, keep_mb: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, __file__, "--produce", kind, "--endpoint", endpoint,
-                             "--tokens", str(tokens), "--messages", str(messages)],
+                             "--tokens", str(tokens), "--messages", str(messages), "--malloc-keep-mb", str(keep_mb)],
                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
 
 
@@ -170,12 +177,12 @@ def _summary(recv: list[float], sent: list[float], nbytes: int) -> dict:
             "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))]}
 
 
-def run_stream(tokens: int, messages: int) -> dict:
+def run_stream(tokens: int, messages: int, keep_mb: int = KEEP_MB) -> dict:
     ep = StreamEndpoint(StreamConfig(credits_per_worker=WINDOW, max_message_bytes=1 << 30, heartbeat_s=1.0,
                                      worker_timeout_s=60.0, high_water_mark=2 * WINDOW))
     ep.submit([WorkItem(f"s{i}", Prompt(f"p{i}", [{"role": "user", "content": "q"}], "1"), {"n": N_RESPONSES})
                for i in range(messages)])
-    proc = _spawn("stream", ep.endpoint, tokens, messages)
+    proc = _spawn("stream", ep.endpoint, tokens, messages, keep_mb)
     gc.collect()
     cpu0 = time.process_time()
     recv, sent = [], []
@@ -193,13 +200,13 @@ def run_stream(tokens: int, messages: int) -> dict:
     return {**_summary(recv, sent, _message_bytes(tokens)), **_cpu_ms(out, cpu, messages)}
 
 
-def run_pushpull(tokens: int, messages: int) -> dict:
+def run_pushpull(tokens: int, messages: int, keep_mb: int = KEEP_MB) -> dict:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, WINDOW // 2)
     sock.bind("tcp://127.0.0.1:0")
     endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-    proc = _spawn("pushpull", endpoint, tokens, messages)
+    proc = _spawn("pushpull", endpoint, tokens, messages, keep_mb)
     gc.collect()
     cpu0 = time.process_time()
     recv = []
@@ -249,11 +256,14 @@ def main() -> None:
     # 800 MB: runs of 0.3-1 s on the 2-core machine; at 200 MB an 8k run lasted ~0.1 s, and start-up
     # (connection, first allocations, the producer's first sends) weighed on the rate
     ap.add_argument("--messages-mb", type=float, default=800.0, help="MB sent per run (sets the message count)")
+    ap.add_argument("--malloc-keep-mb", type=int, default=KEEP_MB,
+                    help="transport.malloc_keep_mb for every process of both runs (0: glibc's defaults)")
     ap.add_argument("--produce", choices=["stream", "pushpull"], help=argparse.SUPPRESS)
     ap.add_argument("--endpoint", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--messages", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    keep_freed_memory(args.malloc_keep_mb)  # every process, both runs: as trainer and workers set it
     if args.produce:
         sent, cpu = (produce_stream if args.produce == "stream" else produce_pushpull)(args.endpoint, args.tokens, args.messages)
         print(json.dumps(sent), flush=True)  # send times (push/pull), read by run_pushpull
@@ -267,11 +277,11 @@ def main() -> None:
               f"{json.dumps({k: round(v, 2) for k, v in side_costs(tokens).items()})}", flush=True)
         per_size, cpu_ratio = [], []
         for _ in range(args.warmup):  # not measured: the first runs of a process also pay its start-up
-            run_stream(tokens, max(20, messages // 4))
-            run_pushpull(tokens, max(20, messages // 4))
+            run_stream(tokens, max(20, messages // 4), args.malloc_keep_mb)
+            run_pushpull(tokens, max(20, messages // 4), args.malloc_keep_mb)
         for rep in range(args.reps):
-            a = run_stream(tokens, messages)
-            b = run_pushpull(tokens, messages)
+            a = run_stream(tokens, messages, args.malloc_keep_mb)
+            b = run_pushpull(tokens, messages, args.malloc_keep_mb)
             per_size.append(a["groups_s"] / b["groups_s"])
             cpu_ratio.append((b["cpu_prod_ms"] + b["cpu_cons_ms"]) / (a["cpu_prod_ms"] + a["cpu_cons_ms"]))
             for name, r in (("stream", a), ("push/pull", b)):

@@ -41,6 +41,10 @@ class StreamConfig:
         a copy lost ~0.2x of the baseline's rate, without one they gain).
     high_water_mark: ZeroMQ queue bound in messages per peer.
     max_token_id: results with token ids at or above this are rejected (0 = no check).
+    malloc_keep_mb: the trainer and rollout workers keep up to this many MiB of freed memory
+        (glibc; at most 2047) so that ZeroMQ's receive buffers reuse warm pages instead of
+        faulting in new ones for every message (`spark_mcore/transport/malloc.py`); 0 leaves
+        glibc's defaults, as do MALLOC_*_ variables set by the user.
     """
 
     bind: str = "tcp://127.0.0.1:0"
@@ -57,6 +61,7 @@ class StreamConfig:
     batch_max_results: int = 32
     batch_max_bytes: int = 4 * 1024 * 1024
     batch_alone_bytes: int = 512 * 1024
+    malloc_keep_mb: int = 128
 
     def __post_init__(self) -> None:
         check_bind_address(self.bind, self.allow_all_interfaces)
@@ -64,6 +69,9 @@ class StreamConfig:
                      "batch_alone_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"transport.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.malloc_keep_mb < 2048:
+            raise ConfigError(f"transport.malloc_keep_mb must be in [0, 2047] (MiB; 0 = glibc's defaults), "
+                              f"got {self.malloc_keep_mb}")
         for name in ("worker_timeout_s", "stall_timeout_s", "heartbeat_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"transport.{name} must be > 0, got {getattr(self, name)}")
