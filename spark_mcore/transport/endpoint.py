@@ -85,6 +85,7 @@ class _Worker:
     version: int = -1  # last policy version this worker was sent (welcome, assign or version)
     silent: bool = False
     returned: int = 0
+    max_message_bytes: int = 0  # the largest message it takes (its hello); below ours: assigned nothing
 
 
 @dataclass(slots=True)
@@ -304,7 +305,9 @@ class StreamEndpoint:
             w = self.workers[rep.worker] = _Worker(rep.worker, rep.incarnation, identity, rep.capacity, now)
             logger.info("rollout stream: worker '%s' joined (capacity %d)", rep.worker, rep.capacity)
         self._by_identity.pop(w.identity, None)
-        w.identity, w.capacity, w.last_seen = identity, rep.capacity, now
+        if rep.max_message_bytes != w.max_message_bytes:  # (a new worker's is 0)
+            self._check_limit(rep)
+        w.identity, w.capacity, w.last_seen, w.max_message_bytes = identity, rep.capacity, now, rep.max_message_bytes
         self._by_identity[identity] = w.name
         if w.silent:
             logger.info("rollout stream: worker '%s' is back", w.name)
@@ -315,9 +318,19 @@ class StreamEndpoint:
         if lost:
             self._requeue(w, lost, "reconnected without them" if moved else "does not hold them")
         # (a welcome refused by a full queue is sent again on this worker's next report)
-        if (hello or rep.session != self.session) and self._send(
-                identity, WELCOME, {"session": self.session, "policy_version": self.policy_version}):
+        if (hello or rep.session != self.session) and self._send(identity, WELCOME, {
+                "session": self.session, "policy_version": self.policy_version,
+                "max_message_bytes": self.cfg.max_message_bytes}):
             w.version = self.policy_version
+
+    def _check_limit(self, rep: PeerReport) -> None:
+        """Logs a worker whose receive limit is below ours: an assignment we size to our limit could
+        be dropped by its socket, so it gets none (and stops itself once welcomed)."""
+        if rep.max_message_bytes < self.cfg.max_message_bytes:
+            logger.warning("rollout stream: worker '%s' takes messages of at most %d bytes, below the trainer's "
+                           "transport.max_message_bytes=%d: it is assigned nothing. Fix: start it with the "
+                           "trainer's transport settings", rep.worker, rep.max_message_bytes,
+                           self.cfg.max_message_bytes)
 
     def _on_bye(self, identity: bytes) -> None:
         name = self._by_identity.pop(identity, None)
@@ -404,7 +417,7 @@ class StreamEndpoint:
         """A worker is topped up once half of its window is free (or the queue is short): fewer,
         larger assign messages for the same window (each message to a worker can cost a context
         switch on a busy host), while it still holds half a window of work."""
-        window = min(w.capacity, self.cfg.credits_per_worker)
+        window = min(w.capacity, self.cfg.credits_per_worker) if w.max_message_bytes >= self.cfg.max_message_bytes else 0
         return not w.silent and window - len(w.in_flight) >= min(len(self.pending), max(1, window // 2))
 
     def _assign(self) -> bool:

@@ -1,10 +1,11 @@
 """Messages between the trainer's stream endpoint and rollout workers (pickle-free, see `wire`).
 
   worker -> trainer
-    hello      {worker, incarnation, capacity, held, session, seen_seq}   registers (or re-registers)
-    heartbeat  {worker, incarnation, capacity, held, session, seen_seq}   every transport.heartbeat_s
+    hello      {worker, incarnation, capacity, held, session, seen_seq, max_message_bytes}   registers
+    heartbeat  (the same fields)                                     every transport.heartbeat_s
                held: sample ids the worker holds (queued, generating or unacked); seen_seq: the
-               highest `assign.seq` it received from trainer `session` (-1 = none)
+               highest `assign.seq` it received from trainer `session` (-1 = none);
+               max_message_bytes: the largest message the worker takes (its transport setting)
     result     {worker, incarnation, sample_id, policy_version, lengths, text_lens, finish, rewards,
                 reward_samples, gen_s}  + tensors prompt_ids int32 [P], token_ids int32 [sum(lengths)],
                                           logprobs float32 [sum(lengths)] (absent without engine log-probs),
@@ -15,7 +16,7 @@
                 arrays end to end; all members have log-probs or none (`transport.batch`)
     bye        {worker, incarnation}
   trainer -> worker
-    welcome    {session, policy_version}                                  answers hello / heartbeat
+    welcome    {session, policy_version, max_message_bytes}               answers hello / heartbeat
     assign     {session, seq, policy_version, items: [{sample_id, prompt, params, step, index, recycle}]}
     ack        {session, ids: [sample_id]}                                 results taken (or not wanted)
     version    {session, policy_version}                                   new weights on the engines
@@ -27,6 +28,9 @@ rejected alone and the others are taken. Workers coalesce only results already f
 (never wait for more), up to transport.batch_max_results and about transport.batch_max_bytes; a
 result of transport.batch_alone_bytes or more shares a message only if that needs no copy of its
 arrays (`results_tensors`).
+Both ends advertise their transport.max_message_bytes (hello, welcome): a worker sends results
+sized to the smaller of the two, and one whose own limit is below the trainer's (assignments it
+would drop) stops with an error that names both, while the trainer assigns it nothing.
 A result carries no prompt: the trainer rebuilds the group from its own record of the
 assignment, so a worker cannot change what it was asked. Token ids, log-probs and texts travel as
 raw tensor frames (one per message), so a group costs one copy, not a Python object per token, and
@@ -399,11 +403,13 @@ class PeerReport:
     held: set[str]
     session: str
     seen_seq: int
+    max_message_bytes: int
 
 
 def check_peer(meta: dict[str, Any], kind: str) -> PeerReport:
     """Validates a hello / heartbeat."""
-    m = _expect_map(meta, f"{kind}.meta", {"worker", "incarnation", "capacity", "held", "session", "seen_seq"})
+    m = _expect_map(meta, f"{kind}.meta", {"worker", "incarnation", "capacity", "held", "session", "seen_seq",
+                                           "max_message_bytes"})
     worker, inc = _str(m["worker"], f"{kind}.meta.worker"), _str(m["incarnation"], f"{kind}.meta.incarnation")
     if not 0 < len(worker) <= MAX_ID_CHARS or not 0 < len(inc) <= MAX_ID_CHARS:
         raise WireError(f"{kind}.meta.worker/incarnation: 1..{MAX_ID_CHARS} characters")
@@ -413,8 +419,11 @@ def check_peer(meta: dict[str, Any], kind: str) -> PeerReport:
     held = m["held"]
     if not isinstance(held, list) or len(held) > MAX_HELD or not all(isinstance(x, str) for x in held):
         raise WireError(f"{kind}.meta.held: expected a list of sample id strings")
+    limit = _int(m["max_message_bytes"], f"{kind}.meta.max_message_bytes")
+    if limit < 1:
+        raise WireError(f"{kind}.meta.max_message_bytes: must be >= 1, got {limit}")
     return PeerReport(worker, inc, capacity, set(held), _str(m["session"], f"{kind}.meta.session"),
-                      _int(m["seen_seq"], f"{kind}.meta.seen_seq"))
+                      _int(m["seen_seq"], f"{kind}.meta.seen_seq"), limit)
 
 
 __all__ = ["WorkItem", "WorkResult", "ResultFrames", "item_to_wire", "item_from_wire", "encode_result",

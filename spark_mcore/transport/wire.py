@@ -21,7 +21,9 @@ import numpy as np
 import torch
 import zmq
 
-SCHEMA_VERSION = 3  # 2: result texts travel as a uint8 frame (protocol.result_tensors); 3: `results` column-wise
+# 2: result texts travel as a uint8 frame (protocol.result_tensors); 3: `results` column-wise;
+# 4: hello / heartbeat / welcome carry max_message_bytes
+SCHEMA_VERSION = 4
 
 # wire name -> (torch dtype, little-endian numpy dtype used for the bytes)
 _DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {

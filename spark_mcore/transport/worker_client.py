@@ -60,6 +60,11 @@ class ResultTooLarge(UserError):
     worker fails loudly instead of sending it again and again while the trainer waits."""
 
 
+class LimitMismatch(UserError):
+    """The worker takes smaller messages than the trainer may send it (transport.max_message_bytes
+    differs between them): its socket would drop assignments, so it stops instead of idling."""
+
+
 class WorkerClient:
     """connect: the trainer's `tcp://HOST:PORT`; capacity: prompts this worker wants at once.
     server_public_key: the trainer's CURVE public key when it uses CURVE (Z85, 40 chars)."""
@@ -80,7 +85,8 @@ class WorkerClient:
         self.batch_max_results = batch_max_results
         self.batch_max_bytes = min(batch_max_bytes, max_message_bytes)
         self.batch_alone_bytes = batch_alone_bytes
-        self.max_message_bytes = max_message_bytes
+        self.max_message_bytes = max_message_bytes  # what this worker takes
+        self.send_limit = max_message_bytes  # what the trainer takes, once its welcome says (never more than ours)
         self.worker = worker or f"worker-{os.getpid()}"
         self.incarnation = uuid.uuid4().hex[:12]
         self.capacity = capacity
@@ -122,7 +128,8 @@ class WorkerClient:
 
     def _report(self, kind: str) -> None:
         self._send(encode(kind, {"worker": self.worker, "incarnation": self.incarnation, "capacity": self.capacity,
-                                 "held": sorted(self.held), "session": self.session, "seen_seq": self.seen_seq}))
+                                 "held": sorted(self.held), "session": self.session, "seen_seq": self.seen_seq,
+                                 "max_message_bytes": self.max_message_bytes}))
         self._last_report = time.monotonic()
 
     def _send(self, frames: list[Any]) -> bool:
@@ -172,6 +179,7 @@ class WorkerClient:
         if msg_type == WELCOME:
             session = _str(meta.get("session"), "welcome.session")
             self.policy_version = _int(meta.get("policy_version"), "welcome.policy_version")
+            self._adopt_limit(_int(meta.get("max_message_bytes"), "welcome.max_message_bytes"))
             if session != self.session:
                 if self.session:
                     logger.warning("rollout worker %s: trainer session changed (%s -> %s): re-sending %d result(s)",
@@ -203,6 +211,22 @@ class WorkerClient:
             self.policy_version = max(self.policy_version, _int(meta.get("policy_version"), "version.policy_version"))
         else:
             raise WireError(f"header.type: unexpected message type {msg_type!r} from the trainer")
+
+    def _adopt_limit(self, trainer_limit: int) -> None:
+        """Sends no message larger than the trainer takes; fails if the trainer may send us larger
+        ones than we take (it sizes assignments to its own limit)."""
+        if trainer_limit < 1:
+            raise WireError(f"welcome.max_message_bytes: must be >= 1, got {trainer_limit}")
+        if trainer_limit > self.max_message_bytes:
+            raise LimitMismatch(
+                f"worker {self.worker}: transport.max_message_bytes={self.max_message_bytes} is below the trainer's "
+                f"({trainer_limit}): assignments up to the trainer's size would be dropped by this worker. Fix: "
+                "start the worker with the trainer's transport settings (the same RUN.yaml and overrides)")
+        if trainer_limit != self.send_limit:
+            logger.info("rollout worker %s: the trainer takes messages of at most %d bytes; results are sized to it",
+                        self.worker, trainer_limit)
+        self.send_limit = trainer_limit
+        self.batch_max_bytes = min(self.batch_max_bytes, trainer_limit)
 
     def send_result(self, result: WorkResult) -> None:
         """Sends a verified group; it is kept (and re-sent after a trainer restart) until acked."""
@@ -249,11 +273,11 @@ class WorkerClient:
             return 0
         frames = encode_results(batch)
         size = sum(memoryview(f).nbytes for f in frames)
-        if size > self.max_message_bytes:
+        if size > self.send_limit:
             if len(batch) == 1:
                 raise ResultTooLarge(
-                    f"result '{batch[0][0]['sample_id']}' is {size} bytes, over transport.max_message_bytes="
-                    f"{self.max_message_bytes}: the trainer would drop it. Fix: raise transport.max_message_bytes "
+                    f"result '{batch[0][0]['sample_id']}' is {size} bytes, over the trainer's transport.max_message_bytes="
+                    f"{self.send_limit}: the trainer would drop it. Fix: raise transport.max_message_bytes "
                     "(trainer and workers) or lower rollout.max_new_tokens")
             half = len(batch) // 2  # the estimate was short (long reward-task prompts in the header)
             return self._send_batch(batch[:half]) + self._send_batch(batch[half:])
@@ -272,4 +296,4 @@ class WorkerClient:
         self._ctx.term()
 
 
-__all__ = ["WorkerClient", "ResultTooLarge"]
+__all__ = ["WorkerClient", "ResultTooLarge", "LimitMismatch"]

@@ -339,7 +339,7 @@ def test_a_result_over_max_message_bytes_fails_loudly_at_the_worker(router: zmq.
 
     client = WorkerClient(router.getsockopt(zmq.LAST_ENDPOINT).decode(), "w", max_message_bytes=30_000)
     try:
-        with pytest.raises(ResultTooLarge, match=r"'big' is \d+ bytes, over transport.max_message_bytes=30000"):
+        with pytest.raises(ResultTooLarge, match=r"'big' is \d+ bytes, over the trainer.s transport.max_message_bytes=30000"):
             client.send_results([_result("small"), _result("big", tokens=3000)])
         assert _received_ids(router, 1, max_bytes=30_000)[0] == ["small"]
     finally:

@@ -179,6 +179,55 @@ def test_assignments_split_to_fit_max_message_bytes_and_a_prompt_too_large_fails
         ep.close()
 
 
+def test_a_worker_that_takes_smaller_messages_than_the_trainer_stops_and_is_assigned_nothing(caplog) -> None:
+    """transport.max_message_bytes set lower on a worker than on the trainer: before, the trainer
+    sized assignments to its own limit and the worker's socket dropped the larger ones (the run
+    waited until its stall timeout). Now each end advertises its limit and the mismatch is named."""
+    from spark_mcore.transport.worker_client import LimitMismatch
+
+    ep = StreamEndpoint(StreamConfig(credits_per_worker=4, max_message_bytes=1 << 20, **FAST))
+    client = WorkerClient(ep.endpoint, "w", capacity=4, heartbeat_s=0.05, max_message_bytes=64 << 10)
+    try:
+        ep.submit(_items(4))
+        with caplog.at_level("WARNING"), pytest.raises(
+                LimitMismatch, match=r"max_message_bytes=65536 is below the trainer's \(1048576\)"):
+            _pump(ep, [client], lambda g: False, timeout=5)
+        assert not ep.workers["w"].in_flight and len(ep.pending) == 4  # nothing was assigned to it
+        assert "takes messages of at most 65536 bytes" in caplog.text
+    finally:
+        client.close()
+        ep.close()
+
+
+def test_a_worker_with_a_larger_limit_sizes_its_results_to_the_trainers() -> None:
+    """Before, a worker whose transport.max_message_bytes was larger than the trainer's joined
+    results into messages the trainer's socket refused (dropping the connection, again after
+    every reconnect)."""
+    from spark_mcore.transport.worker_client import ResultTooLarge
+
+    def result(sid: str, tokens: int) -> WorkResult:  # ~9.5 bytes per token on the wire
+        return WorkResult(sid, "w", 0, [1], [Completion([2] * tokens, "t" * tokens, [-0.1] * tokens)], [1.0])
+
+    ep = StreamEndpoint(StreamConfig(credits_per_worker=4, max_message_bytes=30_000, **FAST))
+    client = WorkerClient(ep.endpoint, "w", capacity=4, heartbeat_s=0.05, max_message_bytes=1 << 20)
+    try:
+        ep.submit(_items(4))
+        items, deadline = [], time.monotonic() + 10
+        while len(items) < 4:
+            assert time.monotonic() < deadline, ep.describe_workers()
+            ep.poll(10)
+            items += client.poll(10)
+        client.send_results([result(i.sample_id, 1000) for i in items])  # ~38 KB together
+        got = _pump(ep, [client], lambda g: len(g) == 4, answer=False)
+        assert client.send_limit == 30_000
+        assert sorted(a.item.sample_id for a in got) == sorted(i.sample_id for i in items)
+        with pytest.raises(ResultTooLarge, match=r"over the trainer's transport.max_message_bytes=30000"):
+            client.send_results([result("big", 5000)])
+    finally:
+        client.close()
+        ep.close()
+
+
 def test_an_idle_worker_waits_in_its_poller_instead_of_spinning() -> None:
     ep = StreamEndpoint(StreamConfig(**FAST))
     client = WorkerClient(ep.endpoint, "w", capacity=4, heartbeat_s=5.0)
