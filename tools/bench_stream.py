@@ -34,8 +34,9 @@ trainer pays once.
 Every process of both runs (consumer and producers) uses the allocator settings the trainer and
 the rollout workers use (`transport.malloc_keep_mb`, spark_mcore/transport/malloc.py): glibc's
 defaults fault fresh pages in for the receive buffers of every message, which costs both sides,
-and the stream's larger window more (0.35 against 0.2 ms per 8k group of consumer CPU in faults
-on 2026-12-01, when the ratio was ~0.83 without the settings and ~0.91 with them).
+and the stream more (2026-12-01, 8k: 35 against 17-23 minor faults per group in the consumer; its
+CPU per group 0.243 -> 0.167 ms with the settings, the baseline's 0.154 -> 0.117; the median
+ratio of four interleaved runs each 0.84 without them, 0.95 with them: `--malloc-keep-mb 0`).
 Each row also gives the CPU ms per group of producer and consumer (all their threads; the
 producer's clock starts once its test arrays are built, which is not part of either stream): on a
 shared machine the rate moves with other jobs, the CPU cost hardly does.
