@@ -44,8 +44,10 @@ def test_kept_memory_removes_the_page_faults_of_reallocated_buffers() -> None:
     changed, kept = _faults(128)
     unchanged, default = _faults(0)
     assert (changed, unchanged) == ("True", "False")
-    assert default > 20 * 2048 // 2, default  # the default trims and faults each round back in
-    assert kept < default // 20, (kept, default)
+    # the default trims and faults each round back in (~2048 faults per round with 4 KiB pages,
+    # fewer with transparent huge pages, but never none); kept memory is reused without faults
+    assert default >= 20, default
+    assert kept <= default // 20, (kept, default)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
