@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,32 @@ def _batches(items: list[WorkItem]) -> list[list[WorkItem]]:
     return list(by_params.values())
 
 
+@dataclass
+class _TrainerWatch:
+    """Says when the worker first hears from a trainer (and from a restarted one), and until the
+    first word, that it is still waiting and what to check: a worker started before its trainer,
+    or pointed at a wrong address or key, would otherwise wait without a word (ZeroMQ retries the
+    connection silently)."""
+
+    connect: str
+    started: float
+    notice_after_s: float = 10.0  # then 30, 90, 150, ... s: every minute at most
+    session: str = ""
+
+    def update(self, client: WorkerClient, now: float) -> None:
+        if client.session and client.session != self.session:
+            what = "connected to the trainer" if not self.session else "the trainer restarted"
+            print(f"rollout worker {client.worker}: {what} (session {client.session}, policy version "
+                  f"{client.policy_version})", flush=True)
+            self.session = client.session
+        elif not client.session and now - self.started >= self.notice_after_s:
+            print(f"rollout worker {client.worker}: no answer from a trainer at {self.connect} for "
+                  f"{now - self.started:.0f}s; still trying. Check that `spark-mcore train` runs with "
+                  "rollout.source: stream at that address (it writes it to <checkpoint.dir>/stream_endpoint) "
+                  "and, with CURVE, that transport.curve_public_key is the trainer's", flush=True)
+            self.notice_after_s += min(60.0, 2 * self.notice_after_s)
+
+
 def run_worker(connect: str, cfg: RunConfig, name: str | None = None, capacity: int | None = None,
                stop: threading.Event | None = None) -> int:
     """Serves the trainer at `connect` until `stop` is set (SIGTERM / SIGINT set it too)."""
@@ -150,9 +177,11 @@ def run_worker(connect: str, cfg: RunConfig, name: str | None = None, capacity: 
     thread = threading.Thread(target=generate_loop, name="generate", daemon=True)
     thread.start()
     print(f"rollout worker {client.worker} connecting to {connect}", flush=True)
+    watch = _TrainerWatch(connect, time.monotonic())
     try:
         while not stop.is_set() and not client.trainer_done:
             items = client.poll(50)
+            watch.update(client, time.monotonic())
             for batch in _batches(items):
                 todo.put((batch, client.policy_version))
             ready: list[WorkResult] = []
