@@ -97,8 +97,10 @@ import json, sys
 from pathlib import Path
 # idle = waiting for the step's groups (time/trainer_idle); + push: also waiting for the servers to
 # take the new weights (time/sync: a CPU twin finishes its running batch first)
-print("\n| mode | steps | trainer idle per step, s (mean) | idle per step, each | idle + weight push per step, s | rollout / train / weight push per step, s | load average start -> end |")
-print("|---|---|---|---|---|---|---|")
+# worker idle = a worker's generation waiting for work (stream/worker_idle, mean over workers,
+# at heartbeat resolution)
+print("\n| mode | steps | trainer idle per step, s (mean) | idle per step, each | idle + weight push per step, s | worker idle per step, s (mean) | rollout / train / weight push per step, s | load average start -> end |")
+print("|---|---|---|---|---|---|---|---|")
 for mode in sys.argv[1:]:
     run = Path(f"runs/tiny_disaggregated_{mode}")
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -109,7 +111,7 @@ for mode in sys.argv[1:]:
     load = " -> ".join((run / f).read_text().strip() for f in ("loadavg_start", "loadavg_end") if (run / f).exists())
     each = " ".join(f"{r['time/trainer_idle']:.2f}" for r in steps)
     print(f"| {mode} | {len(steps)} (first excluded) | {mean('time/trainer_idle'):.2f} | {each} | "
-          f"{mean('time/trainer_idle') + mean('time/sync'):.2f} | "
+          f"{mean('time/trainer_idle') + mean('time/sync'):.2f} | {mean('stream/worker_idle'):.2f} | "
           f"{mean('time/rollout'):.2f} / {mean('time/train'):.2f} / {mean('time/sync'):.2f} | {load} |")
 EOF
 }

@@ -123,6 +123,26 @@ def _batches(items: list[WorkItem]) -> list[list[WorkItem]]:
     return list(by_params.values())
 
 
+class _IdleClock:
+    """Seconds the generation thread has waited for work (read by the main thread for heartbeats)."""
+
+    def __init__(self) -> None:
+        self._done = 0.0
+        self._since: float | None = None
+
+    def wait(self) -> None:
+        self._since = time.monotonic()
+
+    def work(self) -> None:
+        since, self._since = self._since, None
+        if since is not None:
+            self._done += time.monotonic() - since
+
+    def total(self) -> float:
+        since = self._since  # (one read: the generation thread may clear it meanwhile)
+        return self._done + (time.monotonic() - since if since is not None else 0.0)
+
+
 @dataclass
 class _TrainerWatch:
     """Says when the worker first hears from a trainer (and from a restarted one), and until the
@@ -164,8 +184,15 @@ def run_worker(connect: str, cfg: RunConfig, name: str | None = None, capacity: 
     done: queue.Queue[list[WorkResult] | BaseException] = queue.Queue()
     gen: list[_Generator] = []
 
+    idle = _IdleClock()
+
     def generate_loop() -> None:
-        while (job := todo.get()) is not None:
+        while True:
+            idle.wait()
+            job = todo.get()
+            idle.work()
+            if job is None:
+                return
             try:
                 if not gen:
                     gen.append(_Generator(cfg, client.worker))
@@ -180,6 +207,7 @@ def run_worker(connect: str, cfg: RunConfig, name: str | None = None, capacity: 
     watch = _TrainerWatch(connect, time.monotonic())
     try:
         while not stop.is_set() and not client.trainer_done:
+            client.idle_s = round(idle.total(), 3)
             items = client.poll(50)
             watch.update(client, time.monotonic())
             for batch in _batches(items):

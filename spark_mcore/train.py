@@ -60,7 +60,8 @@ from spark_mcore.weights.gather import actor_hf_weights
 
 SUMMARY_KEYS = ["rollout/reward_mean", "rollout/accuracy", "rollout/judge_accuracy", "rollout/reflection_success",
                 "rollout/response_len", "train/pg_loss", "train/kl", "train/entropy", "train/grad_norm",
-                "spark/cache_size", "rollout/tokens_per_s", "time/rollout", "time/train", "time/trainer_idle", "rollout/logprob_mismatch"]
+                "spark/cache_size", "rollout/tokens_per_s", "time/rollout", "time/train", "time/trainer_idle",
+                "stream/worker_idle", "rollout/logprob_mismatch"]
 
 
 def say(run: Run, text: str) -> None:

@@ -86,6 +86,8 @@ class _Worker:
     silent: bool = False
     returned: int = 0
     max_message_bytes: int = 0  # the largest message it takes (its hello); below ours: assigned nothing
+    idle_s: float = 0.0  # its generation's wait for work so far (its last report)
+    idle_mark: float = 0.0  # idle_s at the last `metrics` (its idle since then is the step's)
 
 
 @dataclass(slots=True)
@@ -303,11 +305,13 @@ class StreamEndpoint:
         moved = w is not None and w.identity != identity
         if w is None:
             w = self.workers[rep.worker] = _Worker(rep.worker, rep.incarnation, identity, rep.capacity, now)
+            w.idle_s = w.idle_mark = rep.idle_s  # (its wait before it joined is no step's)
             logger.info("rollout stream: worker '%s' joined (capacity %d)", rep.worker, rep.capacity)
         self._by_identity.pop(w.identity, None)
         if rep.max_message_bytes != w.max_message_bytes:  # (a new worker's is 0)
             self._check_limit(rep)
         w.identity, w.capacity, w.last_seen, w.max_message_bytes = identity, rep.capacity, now, rep.max_message_bytes
+        w.idle_s = rep.idle_s
         self._by_identity[identity] = w.name
         if w.silent:
             logger.info("rollout stream: worker '%s' is back", w.name)
@@ -506,8 +510,13 @@ class StreamEndpoint:
                "duplicates": float(self.stats.duplicates), "stale_dropped": float(self.stats.stale),
                "malformed": float(self.stats.malformed), "reassigned": float(self.stats.reassigned),
                "deferred": float(self.stats.deferred)}
+        idle = []
         for name, w in self.workers.items():
             out[f"in_flight/{name}"] = float(len(w.in_flight))
+            idle.append(w.idle_s - w.idle_mark)
+            out[f"worker_idle/{name}"], w.idle_mark = idle[-1], w.idle_s
+        if idle:  # seconds each worker's generation waited for work since the last call (heartbeat resolution)
+            out["worker_idle"] = sum(idle) / len(idle)
         total = sum(self.staleness.values())
         for age, count in sorted(self.staleness.items()):
             out[f"staleness/{age}"] = count / total

@@ -1,11 +1,12 @@
 """Messages between the trainer's stream endpoint and rollout workers (pickle-free, see `wire`).
 
   worker -> trainer
-    hello      {worker, incarnation, capacity, held, session, seen_seq, max_message_bytes}   registers
+    hello      {worker, incarnation, capacity, held, session, seen_seq, max_message_bytes, idle_s}  registers
     heartbeat  (the same fields)                                     every transport.heartbeat_s
                held: sample ids the worker holds (queued, generating or unacked); seen_seq: the
                highest `assign.seq` it received from trainer `session` (-1 = none);
-               max_message_bytes: the largest message the worker takes (its transport setting)
+               max_message_bytes: the largest message the worker takes (its transport setting);
+               idle_s: seconds its generation has waited for work since the worker started
     result     {worker, incarnation, sample_id, policy_version, lengths, text_lens, finish, rewards,
                 reward_samples, gen_s}  + tensors prompt_ids int32 [P], token_ids int32 [sum(lengths)],
                                           logprobs float32 [sum(lengths)] (absent without engine log-probs),
@@ -404,12 +405,13 @@ class PeerReport:
     session: str
     seen_seq: int
     max_message_bytes: int
+    idle_s: float
 
 
 def check_peer(meta: dict[str, Any], kind: str) -> PeerReport:
     """Validates a hello / heartbeat."""
     m = _expect_map(meta, f"{kind}.meta", {"worker", "incarnation", "capacity", "held", "session", "seen_seq",
-                                           "max_message_bytes"})
+                                           "max_message_bytes", "idle_s"})
     worker, inc = _str(m["worker"], f"{kind}.meta.worker"), _str(m["incarnation"], f"{kind}.meta.incarnation")
     if not 0 < len(worker) <= MAX_ID_CHARS or not 0 < len(inc) <= MAX_ID_CHARS:
         raise WireError(f"{kind}.meta.worker/incarnation: 1..{MAX_ID_CHARS} characters")
@@ -422,8 +424,11 @@ def check_peer(meta: dict[str, Any], kind: str) -> PeerReport:
     limit = _int(m["max_message_bytes"], f"{kind}.meta.max_message_bytes")
     if limit < 1:
         raise WireError(f"{kind}.meta.max_message_bytes: must be >= 1, got {limit}")
+    idle = _float(m["idle_s"], f"{kind}.meta.idle_s")
+    if not 0.0 <= idle < math.inf:
+        raise WireError(f"{kind}.meta.idle_s: must be a finite number >= 0, got {idle}")
     return PeerReport(worker, inc, capacity, set(held), _str(m["session"], f"{kind}.meta.session"),
-                      _int(m["seen_seq"], f"{kind}.meta.seen_seq"), limit)
+                      _int(m["seen_seq"], f"{kind}.meta.seen_seq"), limit, float(idle))
 
 
 __all__ = ["WorkItem", "WorkResult", "ResultFrames", "item_to_wire", "item_from_wire", "encode_result",

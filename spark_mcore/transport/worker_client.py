@@ -97,6 +97,7 @@ class WorkerClient:
         self.working: set[str] = set()
         self.unacked: dict[str, Part] = {}
         self.backlog: list[Part] = []  # results whose message the full queue refused, in order
+        self.idle_s = 0.0  # the owner's generation time waiting for work so far (reported in heartbeats)
         self.resent = 0
         self.deferred = 0  # result messages that a full queue refused (their results wait in `backlog`)
         self.trainer_done = False  # the trainer said goodbye (its run ended)
@@ -129,7 +130,7 @@ class WorkerClient:
     def _report(self, kind: str) -> None:
         self._send(encode(kind, {"worker": self.worker, "incarnation": self.incarnation, "capacity": self.capacity,
                                  "held": sorted(self.held), "session": self.session, "seen_seq": self.seen_seq,
-                                 "max_message_bytes": self.max_message_bytes}))
+                                 "max_message_bytes": self.max_message_bytes, "idle_s": self.idle_s}))
         self._last_report = time.monotonic()
 
     def _send(self, frames: list[Any]) -> bool:

@@ -1,10 +1,12 @@
-"""A rollout worker says when it first hears from a trainer and, until then, that it waits."""
+"""A rollout worker says when it first hears from a trainer and, until then, that it waits; it
+counts the time its generation waits for work (reported in heartbeats)."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
-from spark_mcore.rollout_worker import _TrainerWatch
+from spark_mcore.rollout_worker import _IdleClock, _TrainerWatch
 
 
 def test_the_worker_says_it_waits_until_a_trainer_answers_then_that_it_connected(capsys) -> None:
@@ -27,3 +29,17 @@ def test_the_worker_says_it_waits_until_a_trainer_answers_then_that_it_connected
     client.session = "def"
     watch.update(client, 401.0)
     assert "the trainer restarted (session def" in capsys.readouterr().out
+
+
+def test_the_idle_clock_counts_waits_and_not_work() -> None:
+    clock = _IdleClock()
+    assert clock.total() == 0.0
+    clock.wait()
+    time.sleep(0.05)
+    assert clock.total() >= 0.05  # an ongoing wait counts
+    clock.work()
+    done = clock.total()
+    time.sleep(0.02)
+    assert clock.total() == done  # working time does not
+    clock.work()  # (a second `work` without a wait adds nothing)
+    assert clock.total() == done

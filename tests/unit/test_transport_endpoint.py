@@ -228,6 +228,35 @@ def test_a_worker_with_a_larger_limit_sizes_its_results_to_the_trainers() -> Non
         ep.close()
 
 
+def test_worker_idle_time_reaches_the_step_metrics_as_the_time_since_the_last_step() -> None:
+    ep = StreamEndpoint(StreamConfig(**FAST))
+    client = WorkerClient(ep.endpoint, "w", capacity=4, heartbeat_s=0.05)
+    try:
+        _pump(ep, [client], lambda g: "w" in ep.workers)
+        assert ep.metrics()["worker_idle/w"] == 0.0
+        client.idle_s = 2.5  # (run_worker sets it from its generation thread's clock)
+        _pump(ep, [client], lambda g: ep.workers["w"].idle_s == 2.5)
+        m = ep.metrics()
+        assert m["worker_idle/w"] == m["worker_idle"] == 2.5
+        assert ep.metrics()["worker_idle"] == 0.0  # nothing more since the last call
+    finally:
+        client.close()
+        ep.close()
+
+
+@pytest.mark.parametrize(("field", "value"), [("idle_s", -1.0), ("idle_s", float("nan")), ("idle_s", "x"),
+                                              ("max_message_bytes", 0), ("max_message_bytes", 1.5)])
+def test_worker_reports_are_validated(field: str, value: object) -> None:
+    from spark_mcore.transport.protocol import check_peer
+    from spark_mcore.transport.wire import WireError
+
+    meta = {"worker": "w", "incarnation": "i", "capacity": 1, "held": [], "session": "", "seen_seq": -1,
+            "max_message_bytes": 1 << 20, "idle_s": 0.0}
+    assert check_peer(meta, "hello").idle_s == 0.0
+    with pytest.raises(WireError, match=f"hello.meta.{field}"):
+        check_peer({**meta, field: value}, "hello")
+
+
 def test_an_idle_worker_waits_in_its_poller_instead_of_spinning() -> None:
     ep = StreamEndpoint(StreamConfig(**FAST))
     client = WorkerClient(ep.endpoint, "w", capacity=4, heartbeat_s=5.0)
