@@ -45,6 +45,7 @@ from spark_mcore.transport.protocol import (
     BYE,
     HEARTBEAT,
     HELLO,
+    REFUSE,
     RESULT,
     RESULTS,
     VERSION,
@@ -134,6 +135,8 @@ class StreamEndpoint:
         self.workers: dict[str, _Worker] = {}
         self.left: list[str] = []  # workers that said goodbye, in order (named when the stream stalls)
         self._by_identity: dict[bytes, str] = {}
+        self._replaced: dict[str, float] = {}  # incarnation -> when a newer one of its name replaced it
+        self._refused: set[str] = set()  # incarnations told to stop (a second live worker with a name)
         self._acks: dict[bytes, list[str]] = {}
         self._acks_since = 0.0  # when the oldest unsent ack was queued
         # Acks only free a worker's re-send copies (credits come back at acceptance), so they go in
@@ -300,6 +303,13 @@ class StreamEndpoint:
         now = time.monotonic()
         w = self.workers.get(rep.worker)
         if w is not None and w.incarnation != rep.incarnation:
+            if rep.incarnation in self._replaced:
+                self._from_replaced(identity, rep, w, now)
+                return
+            self._replaced[w.incarnation] = now
+            while len(self._replaced) > 1000:  # (bounded: the oldest go first)
+                del self._replaced[next(iter(self._replaced))]
+            self._by_identity.pop(w.identity, None)  # (a goodbye on the old connection is not the new one's)
             self._requeue(w, list(w.in_flight), f"restarted (incarnation {w.incarnation} -> {rep.incarnation})")
             w = None
         moved = w is not None and w.identity != identity
@@ -326,6 +336,22 @@ class StreamEndpoint:
                 "session": self.session, "policy_version": self.policy_version,
                 "max_message_bytes": self.cfg.max_message_bytes}):
             w.version = self.policy_version
+
+    def _from_replaced(self, identity: bytes, rep: PeerReport, w: _Worker, now: float) -> None:
+        """A report from an incarnation that a newer one of the same name replaced. Just after the
+        replacement it is a restarted worker's last message (dropped); later, the old one is alive:
+        two workers share the name, and the old one is told to stop (its prompts went to the new
+        one when it was replaced). Before, each report flipped the name between them and took the
+        other's prompts away."""
+        if now - self._replaced[rep.incarnation] < max(1.0, 2 * self.cfg.heartbeat_s):
+            return
+        reason = (f"another live worker is called '{rep.worker}' (incarnation {w.incarnation}), and it replaced "
+                  f"this one ({rep.incarnation}). Fix: start each worker with its own --name")
+        if self._send(identity, REFUSE, {"reason": reason}) and rep.incarnation not in self._refused:
+            self._refused.add(rep.incarnation)
+            logger.error("rollout stream: two live workers are called '%s' (incarnations %s and %s): told the "
+                         "older one to stop. Fix: start each worker with its own --name", rep.worker,
+                         rep.incarnation, w.incarnation)
 
     def _check_limit(self, rep: PeerReport) -> None:
         """Logs a worker whose receive limit is below ours: an assignment we size to our limit could

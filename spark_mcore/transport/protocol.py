@@ -21,6 +21,7 @@
     assign     {session, seq, policy_version, items: [{sample_id, prompt, params, step, index, recycle}]}
     ack        {session, ids: [sample_id]}                                 results taken (or not wanted)
     version    {session, policy_version}                                   new weights on the engines
+    refuse     {reason}                  the worker must stop (a second live worker with its name)
 
 A `results` message (`transport.batch`) is validated member by member exactly like a single
 `result`: broken framing (header, counts and lengths that do not add up to the frames, a member
@@ -70,7 +71,7 @@ from spark_mcore.transport.wire import _TORCH_TO_WIRE, WireError, encode
 from spark_mcore.types import Completion, Prompt, RewardSample, Rollout, RolloutGroup
 
 HELLO, HEARTBEAT, RESULT, RESULTS, BYE = "hello", "heartbeat", "result", "results", "bye"
-WELCOME, ASSIGN, ACK, VERSION = "welcome", "assign", "ack", "version"
+WELCOME, ASSIGN, ACK, VERSION, REFUSE = "welcome", "assign", "ack", "version", "refuse"
 _PARAM_KEYS = {"n", "temperature", "top_p", "max_new_tokens", "seed", "stop_token_ids"}
 MAX_ID_CHARS = 200
 MAX_HELD = 100_000
@@ -433,4 +434,4 @@ def check_peer(meta: dict[str, Any], kind: str) -> PeerReport:
 
 __all__ = ["WorkItem", "WorkResult", "ResultFrames", "item_to_wire", "item_from_wire", "encode_result",
            "result_meta", "result_tensors", "decode_result", "check_peer", "PeerReport", "HELLO",
-           "HEARTBEAT", "RESULT", "RESULTS", "BYE", "WELCOME", "ASSIGN", "ACK", "VERSION", "MAX_BATCH"]
+           "HEARTBEAT", "RESULT", "RESULTS", "BYE", "WELCOME", "ASSIGN", "ACK", "VERSION", "REFUSE", "MAX_BATCH"]

@@ -36,6 +36,7 @@ from spark_mcore.transport.protocol import (
     BYE,
     HEARTBEAT,
     HELLO,
+    REFUSE,
     VERSION,
     WELCOME,
     WorkItem,
@@ -63,6 +64,10 @@ class ResultTooLarge(UserError):
 class LimitMismatch(UserError):
     """The worker takes smaller messages than the trainer may send it (transport.max_message_bytes
     differs between them): its socket would drop assignments, so it stops instead of idling."""
+
+
+class WorkerRefused(UserError):
+    """The trainer told this worker to stop (another live worker has its name)."""
 
 
 class WorkerClient:
@@ -208,6 +213,9 @@ class WorkerClient:
                 self.unacked.pop(sid, None) if isinstance(sid, str) else None
         elif msg_type == BYE:
             self.trainer_done = True
+        elif msg_type == REFUSE:
+            reason = _str(meta.get("reason"), "refuse.reason")[:1000]
+            raise WorkerRefused(f"worker {self.worker}: the trainer refused it: {reason}")
         elif msg_type == VERSION:
             self.policy_version = max(self.policy_version, _int(meta.get("policy_version"), "version.policy_version"))
         else:
@@ -297,4 +305,4 @@ class WorkerClient:
         self._ctx.term()
 
 
-__all__ = ["WorkerClient", "ResultTooLarge", "LimitMismatch"]
+__all__ = ["WorkerClient", "ResultTooLarge", "LimitMismatch", "WorkerRefused"]

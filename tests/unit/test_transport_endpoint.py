@@ -257,6 +257,41 @@ def test_worker_reports_are_validated(field: str, value: object) -> None:
         check_peer({**meta, field: value}, "hello")
 
 
+def test_two_live_workers_with_one_name_the_older_is_told_to_stop(caplog) -> None:
+    """Before, each report flipped the name between the two and re-assigned the other's prompts
+    ("restarted"), on every heartbeat, for the whole run."""
+    from spark_mcore.transport.worker_client import WorkerRefused
+
+    ep = StreamEndpoint(StreamConfig(credits_per_worker=4, **FAST))
+    old = WorkerClient(ep.endpoint, "same", capacity=4, heartbeat_s=0.05)
+    _pump(ep, [old], lambda g: "same" in ep.workers)
+    new = WorkerClient(ep.endpoint, "same", capacity=4, heartbeat_s=0.05)
+    live, refused, got = [old, new], [], []
+    try:
+        ep.submit(_items(40))
+        deadline = time.monotonic() + 15
+        while len(got) < 40 or not refused:
+            assert time.monotonic() < deadline, (len(got), refused, ep.describe_workers())
+            got += ep.poll(10)
+            for c in list(live):
+                try:
+                    _answer(c)
+                except WorkerRefused as e:
+                    refused.append(str(e))
+                    live.remove(c)
+                    c.close()  # (its goodbye must not remove the other, which holds the name now)
+        assert live == [new] and "another live worker is called 'same'" in refused[0]
+        assert sorted(a.item.sample_id for a in got) == sorted(f"s{i}" for i in range(40))
+        assert ep.workers["same"].incarnation == new.incarnation
+        assert caplog.text.count("restarted (incarnation") <= 1  # (once, when the second one came)
+        _pump(ep, [new], lambda g: ep.workers["same"].last_seen > time.monotonic() - 0.02)
+        assert "same" in ep.workers  # the refused one's goodbye removed nothing
+    finally:
+        for c in live:
+            c.close()
+        ep.close()
+
+
 def test_an_idle_worker_waits_in_its_poller_instead_of_spinning() -> None:
     ep = StreamEndpoint(StreamConfig(**FAST))
     client = WorkerClient(ep.endpoint, "w", capacity=4, heartbeat_s=5.0)
