@@ -180,7 +180,7 @@ def build_run(cfg: RunConfig) -> Run:
             logger=MetricsLogger(cfg.logging, run_dir, enabled=main),
             loader=loader, test_prompts=test_prompts,
             source=build_source(cfg, run_dir, pstate, InProcessSource(engine, encode, pool, loader, pstate,
-                                                                      prefix=prefix_rollouts(cfg, tokenizer))),
+                                                                      prefix=prefix_rollouts(cfg, tokenizer)), vocab),
             step_finder=StepFinder(tokenizer, cfg.step_head.delimiter, cfg.step_head.score_last)
             if cfg.model.step_head else None,
         )
@@ -200,22 +200,27 @@ def prefix_rollouts(cfg: RunConfig, tokenizer: Any) -> PrefixRollouts | None:
                           decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
 
 
-def build_source(cfg: RunConfig, run_dir: Path, pstate: ParallelState, inprocess: InProcessSource) -> RolloutSource:
+def build_source(cfg: RunConfig, run_dir: Path, pstate: ParallelState, inprocess: InProcessSource,
+                 vocab: int) -> RolloutSource:
     """`rollout.source`: the in-process source, or the stream endpoint that rollout workers
-    connect to (bound on global rank 0; its address goes to <run_dir>/stream_endpoint)."""
+    connect to (bound on global rank 0; its address goes to <run_dir>/stream_endpoint). The
+    endpoint rejects token ids at or above the model's `vocab` (or a lower transport.max_token_id):
+    one from a worker whose servers run another model would fail the embedding lookup (on a GPU,
+    a device-side assert that ends the job)."""
     if cfg.rollout.source == "inprocess":
         return inprocess
     from spark_mcore.transport.endpoint import StreamEndpoint
     from spark_mcore.transport.malloc import keep_freed_memory
 
     if pstate.world_size > 1:  # one endpoint per run, on rank 0; every rank gets the step's groups
-        inner = build_source(cfg, run_dir, dataclasses.replace(pstate, world_size=1), inprocess) \
+        inner = build_source(cfg, run_dir, dataclasses.replace(pstate, world_size=1), inprocess, vocab) \
             if pstate.rank == 0 else None
         return RankZeroSource(inner, pstate.rank, pstate.device)
 
     async_ = cfg.rollout.mode == "async"
     keep_freed_memory(cfg.transport.malloc_keep_mb)  # (process-wide: ZeroMQ's receive buffers stay warm)
-    endpoint = StreamEndpoint(cfg.transport, max_staleness=cfg.rollout.max_staleness if async_ else 0)
+    transport = dataclasses.replace(cfg.transport, max_token_id=min(cfg.transport.max_token_id or vocab, vocab))
+    endpoint = StreamEndpoint(transport, max_staleness=cfg.rollout.max_staleness if async_ else 0)
     (run_dir / "stream_endpoint").write_text(endpoint.endpoint + "\n")
     print(f"rollout stream: trainer endpoint {endpoint.endpoint} ({cfg.rollout.mode} mode); start workers with "
           f"`spark-mcore rollout-worker --connect {endpoint.endpoint} --config RUN.yaml`", flush=True)

@@ -40,7 +40,8 @@ class StreamConfig:
         are small (tools/bench_stream.py, 8 x 8k-token groups of 0.72 MB: five per message with
         a copy lost ~0.2x of the baseline's rate, without one they gain).
     high_water_mark: ZeroMQ queue bound in messages per peer.
-    max_token_id: results with token ids at or above this are rejected (0 = no check).
+    max_token_id: results with token ids at or above this are rejected; `spark-mcore train` uses
+        the model's vocabulary size when this is 0 or larger (0 elsewhere = no check).
     malloc_keep_mb: the trainer and rollout workers keep up to this many MiB of freed memory
         (glibc; at most 2047) so that ZeroMQ's receive buffers reuse warm pages instead of
         faulting in new ones for every message (`spark_mcore/transport/malloc.py`); 0 leaves

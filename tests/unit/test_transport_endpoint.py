@@ -448,3 +448,22 @@ def test_async_groups_too_old_for_the_training_step_are_generated_again() -> Non
         assert [g.prompt.id for g in out.groups] == ["p2", "p3"]
         assert {r.policy_version for g in out.groups for r in g.rollouts} == {2}, "generated again"
         assert out.metrics["stream/max_staleness_seen"] == 0
+
+
+@pytest.mark.parametrize(("configured", "expected"), [(0, 300), (100, 100), (10**6, 300)])
+def test_the_trainer_rejects_token_ids_outside_its_vocabulary(tmp_path, configured: int, expected: int) -> None:
+    """A worker whose servers run another model (a larger vocabulary) would send ids that fail
+    the trainer's embedding lookup: the endpoint `spark-mcore train` builds checks them against
+    the model's vocabulary (or a lower transport.max_token_id)."""
+    from types import SimpleNamespace
+
+    from spark_mcore.config.run import load_run_config
+    from spark_mcore.runtime import build_source
+
+    cfg = load_run_config(None, ["rollout.source=stream", f"transport.max_token_id={configured}"])
+    src = build_source(cfg, tmp_path, SimpleNamespace(world_size=1), SimpleNamespace(loader=iter([])), vocab=300)
+    try:
+        assert src.endpoint.cfg.max_token_id == expected
+        assert cfg.transport.max_token_id == configured  # (the run's own config is left as given)
+    finally:
+        src.close()
